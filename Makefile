@@ -1,0 +1,25 @@
+# Every target bootstraps ./.venv on first use (.ci/setup), so a fresh clone needs nothing else.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint docs bench setup
+
+setup:
+	@bash .ci/setup
+
+demo: setup
+	.venv/bin/fnllm demo
+
+test: setup
+	$(PY) -m ruff check fnllm tests benchmarks
+	$(PY) -m pytest --doctest-modules fnllm tests $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check fnllm tests benchmarks
+	$(PY) -m ruff format --check fnllm tests benchmarks
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
+
+bench: setup
+	$(PY) -m benchmarks.random --quick

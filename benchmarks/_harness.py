@@ -1,0 +1,143 @@
+"""A small timing harness shared by every benchmark.
+
+- :func:`time_fn` warms a callable up, times ``runs`` calls and returns median/min/max.
+- :func:`compare` interleaves two callables (A, B, A, B, ...) in one process so that machine
+  noise hits both alike, and reports each one's median plus the median of the paired ratios.
+- :func:`print_table` prints one aligned table: workload, fnllm, peer, ratio.
+
+Times are in milliseconds. Call ``sync`` (e.g. ``torch.cuda.synchronize``) inside the timed
+callable's wrapper when timing asynchronous devices; :func:`time_fn` and :func:`compare` take a
+``sync`` argument for that.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Comparison", "Stats", "compare", "load_average", "print_table", "time_fn"]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Timing summary of one callable, in milliseconds."""
+
+    median: float
+    min: float
+    max: float
+    runs: int
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} ms (min {self.min:.3f}, max {self.max:.3f}, n={self.runs})"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Interleaved A/B timing: each side's stats and the median of the paired ratios A/B."""
+
+    a: Stats
+    b: Stats
+    ratio: float  # median over runs of time_a / time_b (paired: same moment, same noise)
+
+
+def _noop() -> None:
+    return None
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], Any]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _stats(times: Sequence[float]) -> Stats:
+    return Stats(statistics.median(times), min(times), max(times), len(times))
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    runs: int = 10,
+    sync: Callable[[], Any] = _noop,
+) -> Stats:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``runs`` timed ones.
+
+    Example:
+        >>> s = time_fn(lambda: sum(range(1000)), warmup=1, runs=3)
+        >>> s.runs
+        3
+    """
+    for _ in range(warmup):
+        fn()
+    return _stats([_timed(fn, sync) for _ in range(runs)])
+
+
+def compare(
+    a: Callable[[], Any],
+    b: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    runs: int = 10,
+    sync: Callable[[], Any] = _noop,
+) -> Comparison:
+    """Time two callables interleaved (A, B, A, B, ...) and pair their ratios.
+
+    The order alternates each round (AB, BA, AB, ...) so neither side always runs second.
+
+    Example:
+        >>> c = compare(lambda: sum(range(2000)), lambda: sum(range(1000)), warmup=1, runs=5)
+        >>> c.ratio > 0
+        True
+    """
+    for _ in range(warmup):
+        a()
+        b()
+    ta: list[float] = []
+    tb: list[float] = []
+    for i in range(runs):
+        if i % 2 == 0:
+            ta.append(_timed(a, sync))
+            tb.append(_timed(b, sync))
+        else:
+            tb.append(_timed(b, sync))
+            ta.append(_timed(a, sync))
+    ratio = statistics.median(x / y for x, y in zip(ta, tb))
+    return Comparison(_stats(ta), _stats(tb), ratio)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, for the benchmark's header line."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        return "n/a"
+
+
+def print_table(
+    rows: Sequence[Sequence[Any]],
+    header: Sequence[str] = ("workload", "fnllm ms", "peer ms", "ratio"),
+    title: str | None = None,
+) -> None:
+    """Print rows as one aligned plain-text table (markdown-compatible)."""
+    cells = [[_fmt(c) for c in header], *[[_fmt(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    if title:
+        print(f"\n{title}  (load average {load_average()})")
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print(line(r))
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.3f}" if abs(x) < 100 else f"{x:.1f}"
+    return str(x)
