@@ -1,0 +1,521 @@
+"""BERT as a pure function: a frozen config, ``init(key) -> params``, ``apply(params, tokens)``.
+
+The architecture is Hugging Face's ``BertModel``: word + position + token-type embeddings
+followed by a layer norm, then ``n_layer`` post-LN blocks (``ln_1(x + attn(x))``, then
+``ln_2(x + mlp(x))`` with exact GELU), a pooler (``tanh(dense(h[:, 0]))``), an MLM head whose
+decoder is tied to the word embeddings, and a 2-way sentence-order / next-sentence head.
+Parameter paths:
+
+    embed.tokens.weight [V, D]   embed.positions.weight [max_len, D]
+    embed.token_types.weight [type_vocab_size, D]   embed.ln.{weight,bias} [D]
+    blocks.i.attn.qkv.{weight,bias} [3D, D], [3D]   (rows: query; key; value)
+    blocks.i.attn.proj.{weight,bias} [D, D], [D]    blocks.i.ln_1.{weight,bias} [D]
+    blocks.i.mlp.fc.{weight,bias} [F, D], [F]       blocks.i.mlp.proj.{weight,bias} [D, F], [D]
+    blocks.i.ln_2.{weight,bias} [D]
+    pooler.{weight,bias} [D, D], [D]                          (pooler=True)
+    mlm.transform.{weight,bias} [D, D], [D]  mlm.ln.{weight,bias} [D]  mlm.bias [V]
+                                                              (mlm_head=True)
+    sop.{weight,bias} [2, D], [2]                             (sop_head=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fnllm import nn
+from fnllm import random as jr
+from fnllm.models.gpt import _check_inputs, _check_params, _from_config
+
+__all__ = ["BERT", "BertOutput", "BertPretrainOutput"]
+
+Params = dict[str, Any]
+
+
+class BertOutput(NamedTuple):
+    """What :meth:`BERT.apply` returns.
+
+    Attributes:
+        last_hidden_state: ``[B, T, D]`` output of the last block.
+        pooled: ``[B, D]`` ``tanh(dense(last_hidden_state[:, 0]))``, or ``None`` without
+            a pooler.
+        hidden_states: ``n_layer + 1`` tensors ``[B, T, D]`` (embeddings, then each
+            block's output) when requested, else ``None``.
+    """
+
+    last_hidden_state: Tensor
+    pooled: Tensor | None
+    hidden_states: tuple[Tensor, ...] | None
+
+
+class BertPretrainOutput(NamedTuple):
+    """What :meth:`BERT.pretrain_apply` returns.
+
+    Attributes:
+        mlm_logits: ``[B, T, V]`` masked-LM logits.
+        sop_logits: ``[B, 2]`` sentence-order (or next-sentence) logits.
+    """
+
+    mlm_logits: Tensor
+    sop_logits: Tensor
+
+
+@dataclass(frozen=True)
+class BERT:
+    """BERT configuration; ``init`` makes parameters and ``apply`` runs the encoder.
+
+    The config is hashable and holds no tensors. The defaults are BERT-base.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import random
+        >>> from fnllm.models import BERT
+        >>> bert = BERT(vocab_size=100, n_layer=2, n_head=2, d_model=16, d_ff=32, max_len=32)
+        >>> params = bert.init(random.key(0))
+        >>> out = bert.apply(params, torch.tensor([[2, 5, 6, 3]]))
+        >>> out.last_hidden_state.shape, out.pooled.shape
+        (torch.Size([1, 4, 16]), torch.Size([1, 16]))
+
+    Args:
+        vocab_size: number of token ids.
+        n_layer: number of transformer blocks.
+        n_head: attention heads per block; must divide ``d_model``.
+        d_model: hidden width.
+        d_ff: MLP hidden width (Hugging Face's ``intermediate_size``).
+        max_len: number of learned positions.
+        type_vocab_size: number of token types (segments).
+        ln_eps: layer-norm epsilon.
+        dropout: dropout rate on embeddings, attention probabilities and residual branches
+            (active only when ``apply`` gets a key).
+        pooler: include the pooler (``pooler`` leaves, ``BertOutput.pooled``).
+        mlm_head: include the masked-LM head (``mlm`` leaves).
+        sop_head: include the 2-way sentence-order / next-sentence head (``sop`` leaves);
+            it reads the pooled output, so it needs ``pooler=True``.
+    """
+
+    vocab_size: int = 30522
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    d_ff: int = 3072
+    max_len: int = 512
+    type_vocab_size: int = 2
+    ln_eps: float = 1e-12
+    dropout: float = 0.0
+    pooler: bool = True
+    mlm_head: bool = True
+    sop_head: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "n_layer",
+            "n_head",
+            "d_model",
+            "d_ff",
+            "max_len",
+            "type_vocab_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"BERT: {name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"BERT: d_model {self.d_model} is not divisible by n_head {self.n_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"BERT: dropout must be in [0, 1), got {self.dropout}")
+        if not self.ln_eps > 0:
+            raise ValueError(f"BERT: ln_eps must be positive, got {self.ln_eps}")
+        if self.sop_head and not self.pooler:
+            raise ValueError("BERT: sop_head=True needs pooler=True (it reads the pooled output)")
+
+    # ------------------------------------------------------------------ parameters
+
+    def init(self, key: Tensor) -> Params:
+        """Draw BERT-initialised parameters: N(0, 0.02) weights, zero biases, LN ones/zeros.
+
+        Example:
+            >>> from fnllm import random
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(vocab_size=10, n_layer=2, n_head=2, d_model=8, d_ff=16, max_len=8)
+            >>> sorted(bert.init(random.key(0)))
+            ['blocks', 'embed', 'mlm', 'pooler', 'sop']
+
+        Args:
+            key: a ``fnllm.random`` key; the parameters are float32 on its device.
+
+        Returns:
+            The parameter tree (see the module docstring for its layout).
+        """
+        D = self.d_model
+        k_tok, k_pos, k_type, k_blocks, k_pool, k_mlm, k_sop = jr.split(key, 7)
+        params: Params = {
+            "embed": {
+                "tokens": nn.init_embedding(k_tok, self.vocab_size, D),
+                "positions": nn.init_embedding(k_pos, self.max_len, D),
+                "token_types": nn.init_embedding(k_type, self.type_vocab_size, D),
+                "ln": nn.init_layer_norm(key, D),
+            },
+            "blocks": [],
+        }
+        for k in jr.split(k_blocks, self.n_layer):
+            k_attn, k_mlp = jr.split(k)
+            params["blocks"].append(
+                {
+                    "attn": nn.init_attention(k_attn, D),
+                    "ln_1": nn.init_layer_norm(key, D),
+                    "mlp": nn.init_mlp(k_mlp, D, self.d_ff),
+                    "ln_2": nn.init_layer_norm(key, D),
+                }
+            )
+        if self.pooler:
+            params["pooler"] = nn.init_linear(k_pool, D, D)
+        if self.mlm_head:
+            params["mlm"] = {
+                "transform": nn.init_linear(k_mlm, D, D),
+                "ln": nn.init_layer_norm(key, D),
+                "bias": torch.zeros(self.vocab_size, device=key.device),
+            }
+        if self.sop_head:
+            params["sop"] = nn.init_linear(k_sop, D, 2)
+        return params
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The expected ``{path: shape}`` of every parameter leaf.
+
+        Example:
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(vocab_size=10, n_layer=2, n_head=2, d_model=8, d_ff=16, max_len=8)
+            >>> shapes = bert.param_shapes()
+            >>> shapes["blocks.0.attn.qkv.weight"], shapes["mlm.bias"], len(shapes)
+            ((24, 8), (10,), 38)
+
+        Returns:
+            A dict from dotted path to shape tuple, in layer order.
+        """
+        V, D, F_ = self.vocab_size, self.d_model, self.d_ff
+        shapes: dict[str, tuple[int, ...]] = {
+            "embed.tokens.weight": (V, D),
+            "embed.positions.weight": (self.max_len, D),
+            "embed.token_types.weight": (self.type_vocab_size, D),
+            "embed.ln.weight": (D,),
+            "embed.ln.bias": (D,),
+        }
+        for i in range(self.n_layer):
+            b = f"blocks.{i}."
+            shapes.update(
+                {
+                    b + "attn.qkv.weight": (3 * D, D),
+                    b + "attn.qkv.bias": (3 * D,),
+                    b + "attn.proj.weight": (D, D),
+                    b + "attn.proj.bias": (D,),
+                    b + "ln_1.weight": (D,),
+                    b + "ln_1.bias": (D,),
+                    b + "mlp.fc.weight": (F_, D),
+                    b + "mlp.fc.bias": (F_,),
+                    b + "mlp.proj.weight": (D, F_),
+                    b + "mlp.proj.bias": (D,),
+                    b + "ln_2.weight": (D,),
+                    b + "ln_2.bias": (D,),
+                }
+            )
+        if self.pooler:
+            shapes.update({"pooler.weight": (D, D), "pooler.bias": (D,)})
+        if self.mlm_head:
+            shapes.update(
+                {
+                    "mlm.transform.weight": (D, D),
+                    "mlm.transform.bias": (D,),
+                    "mlm.ln.weight": (D,),
+                    "mlm.ln.bias": (D,),
+                    "mlm.bias": (V,),
+                }
+            )
+        if self.sop_head:
+            shapes.update({"sop.weight": (2, D), "sop.bias": (2,)})
+        return shapes
+
+    def check_params(self, params: Params) -> None:
+        """Raise unless ``params`` has exactly this model's leaves and shapes.
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(vocab_size=10, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=8)
+            >>> params = bert.init(random.key(0))
+            >>> params["blocks"][0]["ln_2"]["bias"] = torch.zeros(9)
+            >>> bert.check_params(params)
+            Traceback (most recent call last):
+            ...
+            ValueError: params: blocks.0.ln_2.bias has shape (9,), expected (8,)
+
+        Args:
+            params: a candidate parameter tree.
+
+        Raises:
+            KeyError: a leaf is missing or unexpected (named by path).
+            ValueError: a leaf has the wrong shape (named by path).
+        """
+        _check_params(self, params)
+
+    # ------------------------------------------------------------------ forward
+
+    def apply(
+        self,
+        params: Params,
+        tokens: Tensor,
+        *,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        key: Tensor | None = None,
+        output_hidden_states: bool = False,
+        impl: nn.Impl = "auto",
+    ) -> BertOutput:
+        """Run the encoder: token ids to hidden states (and the pooled output).
+
+        In eager mode the inputs and the parameter tree are checked first; under
+        ``torch.compile`` and inside ``vmap`` the data-dependent checks are skipped.
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(vocab_size=100, n_layer=2, n_head=2, d_model=16, d_ff=32, max_len=32)
+            >>> params = bert.init(random.key(0))
+            >>> tokens = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
+            >>> out = bert.apply(params, tokens, attention_mask=(tokens != 0),
+            ...                  output_hidden_states=True)
+            >>> out.last_hidden_state.shape, len(out.hidden_states)
+            (torch.Size([2, 4, 16]), 3)
+
+        Args:
+            params: the parameter tree from :meth:`init` (or a checkpoint).
+            tokens: int64/int32 ids ``[B, T]``, or ``[T]`` for one unbatched sequence.
+            token_type_ids: segment ids like ``tokens`` in ``[0, type_vocab_size)``;
+                ``None`` means all zeros.
+            attention_mask: like ``tokens``, 1/``True`` for real tokens, 0/``False`` for
+                padding (padded keys are ignored by every query).
+            key: a ``fnllm.random`` key to enable dropout (training); ``None`` = eval.
+            output_hidden_states: also return every layer's hidden states.
+            impl: attention implementation, ``"auto"``, ``"sdpa"`` or ``"math"``.
+
+        Returns:
+            A :class:`BertOutput` (leading batch dimension dropped for unbatched input).
+            ``torch.func.vmap`` refuses ``None`` outputs, so a function mapped with it
+            should return the fields it needs rather than the whole tuple.
+        """
+        tokens, attention_mask = _check_inputs(self, params, tokens, attention_mask)
+        if token_type_ids is not None:
+            token_type_ids = nn.check_ids(
+                token_type_ids, self.type_vocab_size, name="token_type_ids"
+            )
+            if token_type_ids.shape != tokens.shape:
+                raise ValueError(
+                    f"token_type_ids: shape {tuple(token_type_ids.shape)} != tokens shape "
+                    f"{tuple(tokens.shape)}"
+                )
+        unbatched = tokens.ndim == 1
+        if unbatched:
+            tokens = tokens[None]
+            attention_mask = None if attention_mask is None else attention_mask[None]
+            token_type_ids = None if token_type_ids is None else token_type_ids[None]
+
+        drop = self.dropout if key is not None else 0.0
+        keys: list[Tensor | None] = [None] * (self.n_layer + 1)
+        if drop > 0.0:
+            keys = list(jr.split(key, self.n_layer + 1))
+
+        T = tokens.shape[-1]
+        embed = params["embed"]
+        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
+        if token_type_ids is None:
+            x = x + embed["token_types"]["weight"][0]
+        else:
+            x = x + nn.embedding(embed["token_types"], token_type_ids)
+        x = nn.dropout(keys[-1], nn.layer_norm(embed["ln"], x, eps=self.ln_eps), drop)
+        hidden = [x]
+        for block, k in zip(params["blocks"], keys):
+            x = self._block(block, x, attention_mask, k, drop, impl)
+            hidden.append(x)
+
+        pooled = None
+        if self.pooler:
+            pooled = torch.tanh(nn.linear(params["pooler"], x[:, 0]))
+        if unbatched:
+            x = x[0]
+            hidden = [h[0] for h in hidden]
+            pooled = None if pooled is None else pooled[0]
+        return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)
+
+    def _block(
+        self,
+        p: Params,
+        x: Tensor,
+        attention_mask: Tensor | None,
+        key: Tensor | None,
+        drop: float,
+        impl: nn.Impl,
+    ) -> Tensor:
+        """One post-LN block: ``ln_1(x + attn(x))``, then ``ln_2(x + mlp(x))``."""
+        k_attn = k_res1 = k_res2 = None
+        if key is not None:
+            k_attn, k_res1, k_res2 = jr.split(key, 3)
+        h = nn.attention(
+            p["attn"],
+            x,
+            n_head=self.n_head,
+            attention_mask=attention_mask,
+            key=k_attn,
+            dropout=drop,
+            impl=impl,
+        )
+        x = nn.layer_norm(p["ln_1"], x + nn.dropout(k_res1, h, drop), eps=self.ln_eps)
+        h = nn.dropout(k_res2, nn.mlp(p["mlp"], x), drop)
+        return nn.layer_norm(p["ln_2"], x + h, eps=self.ln_eps)
+
+    # ------------------------------------------------------------------ heads
+
+    def mlm_logits(self, params: Params, hidden: Tensor) -> Tensor:
+        """Masked-LM logits: dense, GELU, layer norm, then the tied word-embedding decoder.
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(vocab_size=100, n_layer=1, n_head=2, d_model=16, d_ff=32, max_len=8)
+            >>> params = bert.init(random.key(0))
+            >>> h = bert.apply(params, torch.tensor([[2, 5, 3]])).last_hidden_state
+            >>> bert.mlm_logits(params, h).shape
+            torch.Size([1, 3, 100])
+
+        Args:
+            params: the parameter tree (needs ``mlm`` and ``embed.tokens``).
+            hidden: ``[..., D]`` hidden states, usually ``last_hidden_state``.
+
+        Returns:
+            ``[..., V]`` logits.
+        """
+        if "mlm" not in params:
+            raise KeyError("params: missing mlm (the model has no MLM head; mlm_head=False?)")
+        p = params["mlm"]
+        h = nn.gelu(nn.linear(p["transform"], hidden))
+        h = nn.layer_norm(p["ln"], h, eps=self.ln_eps)
+        return F.linear(h, params["embed"]["tokens"]["weight"], p["bias"])
+
+    def sop_logits(self, params: Params, pooled: Tensor) -> Tensor:
+        """Sentence-order / next-sentence logits from the pooled output (HF ``seq_relationship``).
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(vocab_size=100, n_layer=1, n_head=2, d_model=16, d_ff=32, max_len=8)
+            >>> params = bert.init(random.key(0))
+            >>> pooled = bert.apply(params, torch.tensor([[2, 5, 3]])).pooled
+            >>> bert.sop_logits(params, pooled).shape
+            torch.Size([1, 2])
+
+        Args:
+            params: the parameter tree (needs ``sop``).
+            pooled: ``[..., D]`` pooled output.
+
+        Returns:
+            ``[..., 2]`` logits.
+        """
+        if "sop" not in params:
+            raise KeyError("params: missing sop (the model has no SOP head; sop_head=False?)")
+        return nn.linear(params["sop"], pooled)
+
+    def pretrain_apply(
+        self,
+        params: Params,
+        tokens: Tensor,
+        *,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        key: Tensor | None = None,
+        impl: nn.Impl = "auto",
+    ) -> BertPretrainOutput:
+        """Encoder plus both pretraining heads (like ``BertForPreTraining``).
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(vocab_size=100, n_layer=1, n_head=2, d_model=16, d_ff=32, max_len=8)
+            >>> params = bert.init(random.key(0))
+            >>> mlm, sop = bert.pretrain_apply(params, torch.tensor([[2, 5, 3]]))
+            >>> mlm.shape, sop.shape
+            (torch.Size([1, 3, 100]), torch.Size([1, 2]))
+
+        Args:
+            params: the parameter tree (needs the ``mlm`` and ``sop`` heads).
+            tokens: ids ``[B, T]`` (or ``[T]``).
+            token_type_ids: segment ids like ``tokens``, or ``None``.
+            attention_mask: 1/0 keep-mask like ``tokens``, or ``None``.
+            key: a ``fnllm.random`` key to enable dropout; ``None`` = eval.
+            impl: attention implementation.
+
+        Returns:
+            A :class:`BertPretrainOutput` ``(mlm_logits [B, T, V], sop_logits [B, 2])``.
+        """
+        if not (self.mlm_head and self.sop_head):
+            raise ValueError("BERT.pretrain_apply needs mlm_head=True and sop_head=True")
+        out = self.apply(
+            params,
+            tokens,
+            token_type_ids=token_type_ids,
+            attention_mask=attention_mask,
+            key=key,
+            impl=impl,
+        )
+        assert out.pooled is not None  # sop_head implies pooler
+        return BertPretrainOutput(
+            self.mlm_logits(params, out.last_hidden_state), self.sop_logits(params, out.pooled)
+        )
+
+    # ------------------------------------------------------------------ config
+
+    def to_config(self) -> dict[str, Any]:
+        """A plain-JSON dict of the config, tagged ``"type": "bert"``.
+
+        Example:
+            >>> from fnllm.models import BERT
+            >>> cfg = BERT(n_layer=6, d_model=384, d_ff=1536).to_config()
+            >>> cfg["type"], cfg["n_layer"], cfg["ln_eps"]
+            ('bert', 6, 1e-12)
+
+        Returns:
+            ``{"type": "bert", field: value, ...}``; :meth:`from_config` inverts it.
+        """
+        return {"type": "bert", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> BERT:
+        """Rebuild a config from :meth:`to_config`'s dict.
+
+        Example:
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(n_layer=2, pooler=False, sop_head=False)
+            >>> BERT.from_config(bert.to_config()) == bert
+            True
+
+        Args:
+            config: a mapping of field names to values; an optional ``"type"`` must be
+                ``"bert"``.
+
+        Returns:
+            The :class:`BERT` config.
+
+        Raises:
+            ValueError: wrong ``"type"`` or unknown fields.
+        """
+        return _from_config(cls, "bert", config)

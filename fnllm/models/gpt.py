@@ -1,0 +1,432 @@
+"""GPT-2 as a pure function: a frozen config, ``init(key) -> params``, ``apply(params, tokens)``.
+
+The architecture is GPT-2's: learned token and position embeddings, ``n_layer`` pre-LN
+blocks (``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))`` with GELU-tanh), a final layer norm
+and a language-model head tied to the token embedding (or a separate ``head`` matrix with
+``tie_head=False``). Parameter paths read like ``blocks.3.attn.qkv.weight``:
+
+    embed.tokens.weight        [V, D]        blocks.i.ln_1.{weight,bias}   [D]
+    embed.positions.weight     [max_len, D]  blocks.i.attn.qkv.weight      [3D, D]  (rows q;k;v)
+    ln_f.{weight,bias}         [D]           blocks.i.attn.qkv.bias        [3D]
+    head.weight                [V, D]        blocks.i.attn.proj.{weight,bias}  [D, D], [D]
+      (only when tie_head=False)             blocks.i.ln_2.{weight,bias}   [D]
+                                             blocks.i.mlp.fc.{weight,bias} [F, D], [F]
+                                             blocks.i.mlp.proj.{weight,bias}   [D, F], [D]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import optree
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fnllm import nn, tree
+from fnllm import random as jr
+
+__all__ = ["GPT", "GPTOutput"]
+
+Params = dict[str, Any]
+
+
+class GPTOutput(NamedTuple):
+    """What :meth:`GPT.apply` returns with ``output_hidden_states=True``.
+
+    Attributes:
+        logits: ``[B, T, V]`` next-token logits.
+        hidden_states: ``n_layer + 1`` tensors ``[B, T, D]``: the embeddings, the output of
+            every block but the last, and the last block's output after ``ln_f`` (the
+            Hugging Face ``output_hidden_states`` convention).
+    """
+
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class GPT:
+    """GPT-2 configuration; ``init`` makes parameters and ``apply`` runs the model.
+
+    The config is hashable and holds no tensors, so ``torch.compile`` specialises on it.
+    The defaults are GPT-2 small (124M parameters).
+
+    Example:
+        >>> import torch
+        >>> from fnllm import random
+        >>> from fnllm.models import GPT
+        >>> gpt = GPT(vocab_size=100, n_layer=2, n_head=2, d_model=16, max_len=32)
+        >>> params = gpt.init(random.key(0))
+        >>> gpt.apply(params, torch.tensor([[1, 2, 3]])).shape
+        torch.Size([1, 3, 100])
+
+    Args:
+        vocab_size: number of token ids.
+        n_layer: number of transformer blocks.
+        n_head: attention heads per block; must divide ``d_model``.
+        d_model: residual stream width.
+        max_len: number of learned positions (longest sequence).
+        d_ff: MLP hidden width; ``None`` means ``4 * d_model`` (resolved at construction).
+        tie_head: use the token embedding as the output matrix (GPT-2); ``False`` adds
+            a ``head`` leaf.
+        ln_eps: layer-norm epsilon.
+        dropout: dropout rate on embeddings, attention probabilities and residual branches
+            (active only when ``apply`` gets a key).
+    """
+
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    max_len: int = 1024
+    d_ff: int | None = None
+    tie_head: bool = True
+    ln_eps: float = 1e-5
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_len", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPT: {name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"GPT: d_model {self.d_model} is not divisible by n_head {self.n_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPT: dropout must be in [0, 1), got {self.dropout}")
+        if not self.ln_eps > 0:
+            raise ValueError(f"GPT: ln_eps must be positive, got {self.ln_eps}")
+
+    # ------------------------------------------------------------------ parameters
+
+    def init(self, key: Tensor) -> Params:
+        """Draw GPT-2-initialised parameters.
+
+        Weights and embeddings are N(0, 0.02), biases zero, layer norms ones/zeros, and the
+        residual projections (``attn.proj``, ``mlp.proj``) N(0, 0.02 / sqrt(2 * n_layer)).
+
+        Example:
+            >>> from fnllm import random
+            >>> from fnllm.models import GPT
+            >>> params = GPT(vocab_size=10, n_layer=2, n_head=2, d_model=8).init(random.key(0))
+            >>> sorted(params), len(params["blocks"])
+            (['blocks', 'embed', 'ln_f'], 2)
+
+        Args:
+            key: a ``fnllm.random`` key; the parameters are float32 on its device.
+
+        Returns:
+            The parameter tree (see the module docstring for its layout).
+        """
+        std, proj_std = 0.02, 0.02 / math.sqrt(2 * self.n_layer)
+        k_tok, k_pos, k_head, k_blocks = jr.split(key, 4)
+        params: Params = {
+            "embed": {
+                "tokens": nn.init_embedding(k_tok, self.vocab_size, self.d_model, std=std),
+                "positions": nn.init_embedding(k_pos, self.max_len, self.d_model, std=std),
+            },
+            "blocks": [],
+            "ln_f": nn.init_layer_norm(key, self.d_model),
+        }
+        for k in jr.split(k_blocks, self.n_layer):
+            k_attn, k_mlp = jr.split(k)
+            params["blocks"].append(
+                {
+                    "ln_1": nn.init_layer_norm(key, self.d_model),
+                    "attn": nn.init_attention(k_attn, self.d_model, std=std, proj_std=proj_std),
+                    "ln_2": nn.init_layer_norm(key, self.d_model),
+                    "mlp": nn.init_mlp(k_mlp, self.d_model, self.d_ff, std=std, proj_std=proj_std),
+                }
+            )
+        if not self.tie_head:
+            params["head"] = nn.init_linear(k_head, self.d_model, self.vocab_size, bias=False)
+        return params
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The expected ``{path: shape}`` of every parameter leaf.
+
+        Example:
+            >>> from fnllm.models import GPT
+            >>> shapes = GPT(vocab_size=10, n_layer=2, n_head=2, d_model=8).param_shapes()
+            >>> shapes["blocks.1.attn.qkv.weight"], len(shapes)
+            ((24, 8), 28)
+
+        Returns:
+            A dict from dotted path to shape tuple, in layer order.
+        """
+        V, D, F_, L = self.vocab_size, self.d_model, self.d_ff, self.max_len
+        shapes: dict[str, tuple[int, ...]] = {
+            "embed.tokens.weight": (V, D),
+            "embed.positions.weight": (L, D),
+        }
+        for i in range(self.n_layer):
+            b = f"blocks.{i}."
+            shapes.update(
+                {
+                    b + "ln_1.weight": (D,),
+                    b + "ln_1.bias": (D,),
+                    b + "attn.qkv.weight": (3 * D, D),
+                    b + "attn.qkv.bias": (3 * D,),
+                    b + "attn.proj.weight": (D, D),
+                    b + "attn.proj.bias": (D,),
+                    b + "ln_2.weight": (D,),
+                    b + "ln_2.bias": (D,),
+                    b + "mlp.fc.weight": (F_, D),
+                    b + "mlp.fc.bias": (F_,),
+                    b + "mlp.proj.weight": (D, F_),
+                    b + "mlp.proj.bias": (D,),
+                }
+            )
+        shapes["ln_f.weight"] = (D,)
+        shapes["ln_f.bias"] = (D,)
+        if not self.tie_head:
+            shapes["head.weight"] = (V, D)
+        return shapes
+
+    def check_params(self, params: Params) -> None:
+        """Raise unless ``params`` has exactly this model's leaves and shapes.
+
+        Example:
+            >>> from fnllm import random
+            >>> from fnllm.models import GPT
+            >>> gpt = GPT(vocab_size=10, n_layer=1, n_head=2, d_model=8)
+            >>> params = gpt.init(random.key(0))
+            >>> gpt.check_params(params)
+            >>> del params["ln_f"]["bias"]
+            >>> gpt.check_params(params)
+            Traceback (most recent call last):
+            ...
+            KeyError: 'params: missing ln_f.bias'
+
+        Args:
+            params: a candidate parameter tree.
+
+        Raises:
+            KeyError: a leaf is missing or unexpected (named by path).
+            ValueError: a leaf has the wrong shape (named by path).
+        """
+        _check_params(self, params)
+
+    # ------------------------------------------------------------------ forward
+
+    def apply(
+        self,
+        params: Params,
+        tokens: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        key: Tensor | None = None,
+        output_hidden_states: bool = False,
+        impl: nn.Impl = "auto",
+    ) -> Tensor | GPTOutput:
+        """Run the model: token ids to next-token logits.
+
+        In eager mode the inputs and the parameter tree are checked first (ids in range,
+        length, mask shape, every leaf's path and shape); under ``torch.compile`` and inside
+        ``vmap`` the data-dependent checks are skipped.
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import GPT
+            >>> gpt = GPT(vocab_size=100, n_layer=2, n_head=2, d_model=16, max_len=32)
+            >>> params = gpt.init(random.key(0))
+            >>> tokens = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+            >>> mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+            >>> out = gpt.apply(params, tokens, attention_mask=mask, output_hidden_states=True)
+            >>> out.logits.shape, len(out.hidden_states)
+            (torch.Size([2, 4, 100]), 3)
+
+        Args:
+            params: the parameter tree from :meth:`init` (or a checkpoint).
+            tokens: int64/int32 ids ``[B, T]``, or ``[T]`` for one unbatched sequence
+                (handy under ``vmap``), with ``T <= max_len``.
+            attention_mask: ``[B, T]`` (like ``tokens``), 1/``True`` for real tokens and
+                0/``False`` for padding. Positions are ``0..T-1`` whatever the padding,
+                as in Hugging Face's GPT-2 without ``position_ids``.
+            key: a ``fnllm.random`` key to enable dropout (training); ``None`` = eval.
+            output_hidden_states: also return every layer's hidden states.
+            impl: attention implementation, ``"auto"``, ``"sdpa"`` or ``"math"``.
+
+        Returns:
+            Float logits ``[B, T, V]`` (``[T, V]`` for unbatched input), or a
+            :class:`GPTOutput` when ``output_hidden_states`` is set.
+        """
+        tokens, attention_mask = _check_inputs(self, params, tokens, attention_mask)
+        unbatched = tokens.ndim == 1
+        if unbatched:
+            tokens = tokens[None]
+            attention_mask = None if attention_mask is None else attention_mask[None]
+
+        drop = self.dropout if key is not None else 0.0
+        keys: list[Tensor | None] = [None] * (self.n_layer + 1)
+        if drop > 0.0:
+            keys = list(jr.split(key, self.n_layer + 1))
+
+        T = tokens.shape[-1]
+        embed = params["embed"]
+        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
+        x = nn.dropout(keys[-1], x, drop)
+        hidden = [x]
+        for block, k in zip(params["blocks"], keys):
+            x = self._block(block, x, attention_mask, k, drop, impl)
+            hidden.append(x)
+        x = nn.layer_norm(params["ln_f"], x, eps=self.ln_eps)
+        head = embed["tokens"]["weight"] if self.tie_head else params["head"]["weight"]
+        logits = F.linear(x, head)
+
+        if unbatched:
+            logits = logits[0]
+            hidden = [h[0] for h in hidden]
+            x = x[0]
+        if not output_hidden_states:
+            return logits
+        return GPTOutput(logits, (*hidden[:-1], x))
+
+    def _block(
+        self,
+        p: Params,
+        x: Tensor,
+        attention_mask: Tensor | None,
+        key: Tensor | None,
+        drop: float,
+        impl: nn.Impl,
+    ) -> Tensor:
+        """One pre-LN block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+        k_attn = k_res1 = k_res2 = None
+        if key is not None:
+            k_attn, k_res1, k_res2 = jr.split(key, 3)
+        h = nn.layer_norm(p["ln_1"], x, eps=self.ln_eps)
+        h = nn.attention(
+            p["attn"],
+            h,
+            n_head=self.n_head,
+            causal=True,
+            attention_mask=attention_mask,
+            key=k_attn,
+            dropout=drop,
+            impl=impl,
+        )
+        x = x + nn.dropout(k_res1, h, drop)
+        h = nn.mlp(p["mlp"], nn.layer_norm(p["ln_2"], x, eps=self.ln_eps), approximate="tanh")
+        return x + nn.dropout(k_res2, h, drop)
+
+    # ------------------------------------------------------------------ config
+
+    def to_config(self) -> dict[str, Any]:
+        """A plain-JSON dict of the config, tagged ``"type": "gpt"``.
+
+        Example:
+            >>> from fnllm.models import GPT
+            >>> cfg = GPT(n_layer=2).to_config()
+            >>> cfg["type"], cfg["n_layer"], cfg["d_ff"]
+            ('gpt', 2, 3072)
+
+        Returns:
+            ``{"type": "gpt", field: value, ...}``; :meth:`from_config` inverts it.
+        """
+        return {"type": "gpt", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> GPT:
+        """Rebuild a config from :meth:`to_config`'s dict.
+
+        Example:
+            >>> from fnllm.models import GPT
+            >>> gpt = GPT(n_layer=2, tie_head=False)
+            >>> GPT.from_config(gpt.to_config()) == gpt
+            True
+
+        Args:
+            config: a mapping of field names to values; an optional ``"type"`` must be
+                ``"gpt"``.
+
+        Returns:
+            The :class:`GPT` config.
+
+        Raises:
+            ValueError: wrong ``"type"`` or unknown fields.
+        """
+        return _from_config(cls, "gpt", config)
+
+
+# ---------------------------------------------------------------- shared boundary helpers
+# (used by models.bert as well; private to the models package)
+
+
+def _check_inputs(
+    model: Any, params: Params, tokens: Any, attention_mask: Any
+) -> tuple[Tensor, Tensor | None]:
+    """Validate tokens and mask (and, in eager mode, the parameter tree) for ``apply``."""
+    tokens = nn.check_ids(tokens, model.vocab_size, name="tokens")
+    if tokens.ndim not in (1, 2):
+        raise ValueError(f"tokens: expected shape [B, T] or [T], got {tuple(tokens.shape)}")
+    if tokens.shape[-1] > model.max_len:
+        raise ValueError(f"tokens: sequence length {tokens.shape[-1]} > max_len {model.max_len}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(
+                f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}"
+            )
+        if attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask: shape {tuple(attention_mask.shape)} != tokens shape "
+                f"{tuple(tokens.shape)}"
+            )
+        if attention_mask.is_complex():
+            raise TypeError(f"attention_mask: unsupported dtype {attention_mask.dtype}")
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask != 0
+    if not torch.compiler.is_compiling():
+        model.check_params(params)
+    return tokens, attention_mask
+
+
+def _check_params(model: Any, params: Params) -> None:
+    """``nn.check_shapes`` against ``model.param_shapes()``, with a fast path for good trees.
+
+    A valid tree is recognised by comparing its optree structure and leaf shapes with a
+    layout cached per (hashable) config: a few hundred microseconds for GPT-2's ~150 leaves,
+    which keeps the eager check cheap next to the forward pass. Anything else takes the slow
+    path, which names the offending path.
+    """
+    leaves, spec = optree.tree_flatten(params, none_is_leaf=False)
+    want_spec, want_shapes = _layout(model)
+    if spec == want_spec and all(
+        isinstance(leaf, Tensor) and leaf.shape == shape for leaf, shape in zip(leaves, want_shapes)
+    ):
+        return
+    nn.check_shapes(params, model.param_shapes())
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(model: Any) -> tuple[Any, tuple[tuple[int, ...], ...]]:
+    """The expected tree structure and the leaf shapes in flattening order."""
+    shapes = model.param_shapes()
+    paths = list(shapes)
+    order, spec = optree.tree_flatten(
+        tree.unflatten({p: i for i, p in enumerate(paths)}), none_is_leaf=False
+    )
+    return spec, tuple(shapes[paths[i]] for i in order)
+
+
+def _from_config(cls: Any, kind: str, config: Mapping[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a dict, checking the ``"type"`` tag and field names."""
+    values = dict(config)
+    tag = values.pop("type", kind)
+    if tag != kind:
+        raise ValueError(f"{cls.__name__}.from_config: type is {tag!r}, expected {kind!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_config: unknown fields {unknown}")
+    return cls(**values)
