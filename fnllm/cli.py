@@ -1,10 +1,13 @@
-"""The ``fnllm`` command."""
+"""The ``fnllm`` command: ``fnllm demo`` pretrains a small GPT on the built-in corpus."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -12,11 +15,17 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fnllm`` command line.
 
+    ``fnllm demo`` trains a small GPT on the built-in corpus with a progress bar, checkpoints and
+    resumes it, continues a prompt greedily, and (when the MiniLM package is installed) compares
+    sentence embeddings of a real pretrained BERT.
+
     Example:
-        >>> main(["--help"])  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        SystemExit: 0
+        >>> import contextlib, io
+        >>> out = io.StringIO()
+        >>> with contextlib.redirect_stdout(out):
+        ...     status = main(["demo", "--steps", "2", "--no-progress", "--no-minilm"])
+        >>> status, "params" in out.getvalue()
+        (0, True)
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
@@ -24,24 +33,151 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit status.
     """
-    parser = argparse.ArgumentParser(prog="fnllm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fnllm", description="fnllm command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="init a small GPT, run it, print shapes and counts")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="pretrain a small GPT on the built-in corpus")
+    demo.add_argument("--seed", type=int, default=0, help="the run's key (default 0)")
+    demo.add_argument("--steps", type=int, default=200, help="train steps (default 200)")
+    demo.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: temp)")
+    demo.add_argument("--compile", action="store_true", help="torch.compile the train step")
+    demo.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: a tiny model)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--no-minilm", action="store_true", help="skip the MiniLM part")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args.seed)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    out = args.out
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="fnllm-demo-") as tmp:
+            return _demo(args, Path(tmp))
+    return _demo(args, out)
 
 
-def _demo(seed: int) -> int:
+def _demo(args: argparse.Namespace, out: Path) -> int:
     import torch
 
-    from fnllm import tree
+    from fnllm import data, io, losses, optim, random, train, tree
+    from fnllm.models import GPT
 
-    print(f"fnllm demo (torch {torch.__version__}, seed {seed})")
-    print("params:", tree.count({"w": torch.zeros(2)}))
+    torch.set_num_threads(max(1, args.threads))
+    progress = not args.no_progress
+    root = random.key(args.seed)
+    k_init, k_data, k_train = random.split(root, 3)
+
+    print(f"fnllm demo: torch {torch.__version__}, key {args.seed}, output in {out}")
+    corpus = data.Corpus(kind="bpe", vocab_size=384)
+    n_tokens = sum(len(d) for d in corpus.documents)
+    n_docs = len(corpus.documents)
+    print(f"corpus: {n_docs} documents, {n_tokens} tokens, BPE vocab {corpus.vocab_size}")
+
+    gpt = GPT(vocab_size=corpus.vocab_size, n_layer=2, n_head=4, d_model=128, max_len=64)
+    params = gpt.init(k_init)
+    print(f"model: {gpt}")
+    print(f"params: {tree.count(params):,} in {len(tree.paths(params))} tensors")
+
+    block, batch_size = 32, 8
+    loaders: dict[int, Any] = {}
+
+    def batch_at(step: int) -> dict[str, torch.Tensor]:
+        # epoch e has its own shuffle; the batch of a step depends only on (key, step)
+        first = loaders.setdefault(
+            0, data.gpt_batches(corpus, k_data, batch_size=batch_size, block_size=block)
+        )
+        epoch, i = divmod(step, len(first))
+        if epoch not in loaders:
+            loaders[epoch] = data.gpt_batches(
+                corpus, k_data, batch_size=batch_size, block_size=block, epoch=epoch
+            )
+        return loaders[epoch].batch(i)
+
+    def loss_fn(trainable: Any, frozen: Any, batch: dict[str, torch.Tensor], key: Any) -> Any:
+        logits = gpt.apply(tree.combine(trainable, frozen), batch["input_ids"])
+        return losses.cross_entropy(logits, batch["targets"])
+
+    # Freezing is a partition: here everything trains; "blocks.1.*" would train one block only.
+    trainable, frozen = tree.partition(params, "*")
+    opt = optim.adamw(optim.warmup_cosine(3e-3, 10, args.steps), weight_decay=0.01)
+    ckpt = out / "checkpoints"
+    first_half = max(1, args.steps // 2)
+    print(f"\ntraining {first_half} steps, checkpoint, then resuming to {args.steps}:")
+    common = dict(
+        key=k_train,
+        compile=args.compile,
+        checkpoint_dir=ckpt,
+        checkpoint_every=max(1, args.steps // 4),
+        model=gpt,
+        progress=progress,
+    )
+    part1 = train.fit(loss_fn, opt, trainable, frozen, batch_at, steps=first_half, **common)
+    # a fresh call resumes from the newest checkpoint in `ckpt`, as after a crash
+    result = train.fit(loss_fn, opt, trainable, frozen, batch_at, steps=args.steps, **common)
+    losses_seen = [h["loss"] for h in part1.history + result.history]
+    print(f"loss: {losses_seen[0]:.3f} at step 1 -> {losses_seen[-1]:.3f} at step {result.step}")
+
+    trained = tree.combine(result.trainable, frozen)
+    model_file = out / "gpt.safetensors"
+    io.save_model(model_file, gpt, trained, meta={"steps": result.step})
+    gpt2, reloaded = io.load_model(model_file)
+    probe = batch_at(0)["input_ids"][:2]
+    same = torch.equal(gpt.apply(trained, probe), gpt2.apply(reloaded, probe))
+    print(
+        f"saved {model_file.name} ({model_file.stat().st_size / 1e6:.1f} MB); reload equal: {same}"
+    )
+
+    prompt = "The river"
+    print(f"\ngreedy continuation of {prompt!r}:")
+    print("  " + _greedy(gpt, trained, corpus, prompt, 24))
+
+    if not args.no_minilm:
+        _minilm()
     return 0
+
+
+def _greedy(gpt: Any, params: Any, corpus: Any, prompt: str, n: int) -> str:
+    import torch
+
+    ids = torch.tensor([corpus.encode(prompt)])
+    for _ in range(n):
+        logits = gpt.apply(params, ids[:, -gpt.max_len :])
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return corpus.decode(ids[0])
+
+
+def _minilm() -> None:
+    import torch
+
+    from fnllm import io
+
+    try:
+        directory = io.pretrained_dir("all-MiniLM-L6-v2")
+    except (FileNotFoundError, ImportError, ValueError) as err:
+        print(f"\n(MiniLM part skipped: {err})")
+        return
+    from tokenizers import Tokenizer
+
+    bert, params = io.from_hf(directory)
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    sentences = [
+        "Toast is a simple yet delicious food.",
+        "It's often served with butter, jam, or honey.",
+        "The curious kitten deftly climbed the bookshelf.",
+    ]
+    enc = [tok.encode(s).ids for s in sentences]
+    width = max(len(e) for e in enc)
+    ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+    mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+    with torch.no_grad():
+        hidden = bert.apply(params, ids, attention_mask=mask).last_hidden_state
+        emb = torch.nn.functional.normalize(io.mean_pool(hidden, mask), dim=-1)
+    sim = emb @ emb.T
+    print("\nall-MiniLM-L6-v2 (pretrained BERT, loaded with fnllm.io.from_hf): cosine similarity")
+    for i, s in enumerate(sentences):
+        row = " ".join(f"{sim[i, j]:5.2f}" for j in range(len(sentences)))
+        print(f"  {row}  {s}")
 
 
 if __name__ == "__main__":  # pragma: no cover

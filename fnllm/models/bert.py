@@ -41,6 +41,15 @@ Params = dict[str, Any]
 class BertOutput(NamedTuple):
     """What :meth:`BERT.apply` returns.
 
+    Example:
+        >>> import torch
+        >>> from fnllm import random
+        >>> from fnllm.models import BERT
+        >>> bert = BERT(vocab_size=16, n_layer=2, n_head=2, d_model=8, d_ff=16, max_len=8)
+        >>> out = bert.apply(bert.init(random.key(0)), torch.zeros(1, 4, dtype=torch.long))
+        >>> out.last_hidden_state.shape, out.pooled.shape, out.hidden_states
+        (torch.Size([1, 4, 8]), torch.Size([1, 8]), None)
+
     Attributes:
         last_hidden_state: ``[B, T, D]`` output of the last block.
         pooled: ``[B, D]`` ``tanh(dense(last_hidden_state[:, 0]))``, or ``None`` without
@@ -56,6 +65,15 @@ class BertOutput(NamedTuple):
 
 class BertPretrainOutput(NamedTuple):
     """What :meth:`BERT.pretrain_apply` returns.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import random
+        >>> from fnllm.models import BERT
+        >>> bert = BERT(vocab_size=16, n_layer=2, n_head=2, d_model=8, d_ff=16, max_len=8)
+        >>> out = bert.pretrain_apply(bert.init(random.key(0)), torch.zeros(1, 4, dtype=torch.long))
+        >>> out.mlm_logits.shape, out.sop_logits.shape
+        (torch.Size([1, 4, 16]), torch.Size([1, 2]))
 
     Attributes:
         mlm_logits: ``[B, T, V]`` masked-LM logits.

@@ -39,6 +39,16 @@ Params = dict[str, Any]
 class GPTOutput(NamedTuple):
     """What :meth:`GPT.apply` returns with ``output_hidden_states=True``.
 
+    Example:
+        >>> import torch
+        >>> from fnllm import random
+        >>> from fnllm.models import GPT
+        >>> gpt = GPT(vocab_size=16, n_layer=2, n_head=2, d_model=8, max_len=8)
+        >>> out = gpt.apply(gpt.init(random.key(0)), torch.zeros(1, 4, dtype=torch.long),
+        ...                 output_hidden_states=True)
+        >>> out.logits.shape, len(out.hidden_states)
+        (torch.Size([1, 4, 16]), 3)
+
     Attributes:
         logits: ``[B, T, V]`` next-token logits.
         hidden_states: ``n_layer + 1`` tensors ``[B, T, D]``: the embeddings, the output of
