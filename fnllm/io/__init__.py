@@ -1,0 +1,27 @@
+"""Checkpoints and interop: safetensors trees and models, Hugging Face import/export.
+
+- :func:`save` / :func:`load` / :func:`load_meta`: any parameter tree (or optimizer state) in
+  one safetensors file, written atomically, loaded back exactly.
+- :func:`save_model` / :func:`load_model`: a model's config travels in the file's metadata, so
+  the file alone rebuilds ``(model, params)``.
+- :func:`from_hf` / :func:`to_hf`: GPT-2 and BERT checkpoints in `transformers` layout.
+- :func:`pretrained_dir`: the bundled all-MiniLM-L6-v2 sentence encoder;
+  :func:`mean_pool` turns its token vectors into sentence embeddings.
+"""
+
+from fnllm.io.checkpoint import load, load_meta, load_model, save, save_model
+from fnllm.io.hf import from_hf, hf_config, mean_pool, pretrained_dir, to_hf, to_hf_state_dict
+
+__all__ = [
+    "from_hf",
+    "hf_config",
+    "load",
+    "load_meta",
+    "load_model",
+    "mean_pool",
+    "pretrained_dir",
+    "save",
+    "save_model",
+    "to_hf",
+    "to_hf_state_dict",
+]
