@@ -24,6 +24,16 @@ def test_readme_python_example_runs():
         assert torch.isfinite(g).all()
 
 
+def test_readme_data_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    scope: dict = {}
+    exec(compile(blocks[0] + blocks[1], str(README), "exec"), scope)
+    batch = scope["batch"]
+    assert set(batch) >= {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].shape == (2, 12)
+    assert (batch["input_ids"][:, 0] == 2).all()  # [CLS] first
+
+
 def test_readme_opens_with_the_two_commands():
     lines = [x for x in README.read_text().splitlines() if x.strip()]
     assert lines[1] == "```bash"

@@ -1,0 +1,49 @@
+"""Pretraining data as composable transforms: MLM masking, sentence pairs, causal targets.
+
+Every transform is a pure function of its inputs and (where it samples) an explicit
+``fnllm.random`` key, so batches are reproducible, vmappable and compilable:
+
+- :func:`mlm_mask`: BERT's 80/10/10 masked-language-model corruption.
+- :func:`sentence_pairs`: ``[CLS] A [SEP] B [SEP]`` with a next-sentence (nsp) or
+  sentence-order (sop) label; :func:`truncate_lengths`, :func:`pad_sequences`.
+- :func:`causal_targets`, :func:`instruction_targets`, :func:`pack`: causal-LM targets
+  (aligned with the logits) and document packing.
+- :class:`Corpus`, :func:`train_tokenizer`, :func:`load_tokenizer`, :func:`gpt_batches`,
+  :func:`bert_batches`, :func:`bert_pretraining_batch`: from text to deterministic,
+  resumable batches.
+"""
+
+from fnllm.data.causal import causal_targets, instruction_targets, pack
+from fnllm.data.corpus import (
+    Batches,
+    Corpus,
+    bert_batches,
+    bert_pretraining_batch,
+    gpt_batches,
+    load_tokenizer,
+    split_sentences,
+    train_tokenizer,
+)
+from fnllm.data.corpus_text import DEFAULT_DOCUMENTS, default_documents
+from fnllm.data.masking import mlm_mask
+from fnllm.data.pairs import pad_sequences, sentence_pairs, truncate_lengths
+
+__all__ = [
+    "DEFAULT_DOCUMENTS",
+    "Batches",
+    "Corpus",
+    "bert_batches",
+    "bert_pretraining_batch",
+    "causal_targets",
+    "default_documents",
+    "gpt_batches",
+    "instruction_targets",
+    "load_tokenizer",
+    "mlm_mask",
+    "pack",
+    "pad_sequences",
+    "sentence_pairs",
+    "split_sentences",
+    "train_tokenizer",
+    "truncate_lengths",
+]
