@@ -50,6 +50,7 @@ __all__ = [
     "init_mlp",
     "layer_norm",
     "linear",
+    "make_attention_mask",
     "merge_heads",
     "mlp",
 ]
@@ -342,6 +343,7 @@ def attention(
     n_head: int,
     causal: bool = False,
     attention_mask: Tensor | None = None,
+    mask: Tensor | None = None,
     key: Tensor | None = None,
     dropout: float = 0.0,
     impl: Impl = "auto",
@@ -369,6 +371,10 @@ def attention(
         n_head: number of heads; must divide ``d_model``.
         causal: mask future positions (query ``i`` sees keys ``<= i``).
         attention_mask: key-padding mask ``[..., T]``, 1/``True`` = keep, 0/``False`` = pad.
+        mask: instead of ``attention_mask``, a mask already made by
+            :func:`make_attention_mask` (with ``causal`` folded in), used as is. A model
+            makes it once and hands it to every layer; ``causal`` then only matters when
+            ``mask`` is ``None`` (the mask was dropped because it kept everything).
         key: a ``fnllm.random`` key for attention dropout, or ``None`` (no dropout).
         dropout: attention-probability dropout rate.
         impl: ``"sdpa"``, ``"math"`` or ``"auto"`` (see the module docstring).
@@ -376,16 +382,111 @@ def attention(
     Returns:
         ``[..., T, d_model]``. Query rows whose keys are all masked get finite values.
     """
-    q, k, v = attention_qkv(params, x, n_head=n_head)
-    mask = None
     if attention_mask is not None:
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask != 0
-        mask = attention_mask[..., None, None, :]
-    y = dot_product_attention(
-        q, k, v, causal=causal, mask=mask, key=key, dropout=dropout, impl=impl
-    )
+        if mask is not None:
+            raise ValueError("attention: pass attention_mask or a prepared mask, not both")
+        mask = make_attention_mask(attention_mask, causal=causal)
+    impl, drop = _resolve_impl(impl, key, dropout)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"attention: mask must be a bool tensor, got {mask.dtype}")
+        causal = False  # folded into the prepared mask
+    q, k, v = attention_qkv(params, x, n_head=n_head)
+    y = _attend(q, k, v, mask, causal, key if drop else None, dropout, impl)
     return linear(params["proj"], merge_heads(y))
+
+
+def make_attention_mask(
+    attention_mask: Tensor | None, *, causal: bool = False, drop_full: bool = True
+) -> Tensor | None:
+    """Turn a key-padding mask into the boolean mask self-attention uses, once per forward.
+
+    The result broadcasts against attention scores ``[..., H, T, T]``: ``[..., 1, 1, T]``
+    for a padding mask alone, ``[..., 1, T, T]`` with the causal triangle folded in. A query
+    row left with no key to attend to (a padding query under a causal mask, or an all-padding
+    sequence) attends to every key instead, so it gives finite values rather than NaN.
+
+    In eager mode (not while ``torch.compile`` traces, not inside ``vmap``) a mask that keeps
+    every position comes back as ``None`` when ``drop_full`` is set: attention then runs
+    unmasked (with ``causal=True`` for a causal model) on SDPA's fastest kernel, which gives
+    the same result. Checking costs one host synchronisation.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import nn
+        >>> nn.make_attention_mask(torch.tensor([[1, 1, 0]])).shape
+        torch.Size([1, 1, 1, 3])
+        >>> nn.make_attention_mask(torch.tensor([[0, 1, 1]]), causal=True)[0, 0].int()
+        tensor([[1, 1, 1],
+                [0, 1, 0],
+                [0, 1, 1]], dtype=torch.int32)
+        >>> nn.make_attention_mask(torch.ones(2, 3)) is None
+        True
+
+    Args:
+        attention_mask: key-padding mask ``[..., T]``, 1/``True`` = keep, 0/``False`` = pad,
+            or ``None``.
+        causal: fold in the causal mask (query ``i`` sees keys ``<= i``).
+        drop_full: return ``None`` for an all-keep mask where that can be checked.
+
+    Returns:
+        A bool tensor to pass as ``attention(..., mask=...)``, or ``None`` (no masking
+        beyond ``causal``).
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask != 0
+    if drop_full and checks_enabled() and bool(attention_mask.all()):
+        return None
+    mask = attention_mask[..., None, None, :]  # [..., 1, 1, T]
+    if causal:
+        T = attention_mask.shape[-1]
+        mask = mask & torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    return _fix_empty_rows(mask)
+
+
+def _fix_empty_rows(mask: Tensor) -> Tensor:
+    """Let query rows with nothing to attend to see all keys (avoids 0/0 in the softmax)."""
+    return mask | ~mask.any(-1, keepdim=True)
+
+
+def _resolve_impl(impl: str, key: Tensor | None, dropout: float) -> tuple[str, bool]:
+    """Validate ``impl`` and pick the path for ``"auto"``; also say whether dropout is on."""
+    if impl not in _IMPLS:
+        raise ValueError(f"attention: impl must be one of {_IMPLS}, got {impl!r}")
+    drop = key is not None and dropout > 0.0
+    if impl == "auto":
+        impl = "math" if drop or in_vmap() else "sdpa"
+    elif impl == "sdpa" and drop:
+        raise ValueError(
+            "attention: dropout with a key needs impl='math' or 'auto' "
+            "(SDPA would draw from the global RNG)"
+        )
+    return impl, drop
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    key: Tensor | None,
+    rate: float,
+    impl: str,
+) -> Tensor:
+    """Attention with a ready mask (row-fixed, causal folded in) or ``causal`` without one."""
+    if causal and (impl == "math" or q.shape[-2] != k.shape[-2]):
+        # An explicit lower-triangular mask, aligned to the last key.
+        L, S = q.shape[-2], k.shape[-2]
+        mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
+        if L > S:
+            mask = _fix_empty_rows(mask)
+        causal = False
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return _math_attention(q, k, v, mask, key, rate)
 
 
 def attention_qkv(params: Params, x: Tensor, *, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -474,30 +575,16 @@ def dot_product_attention(
     Returns:
         ``[..., H, L, hd_v]``.
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"attention: impl must be one of {_IMPLS}, got {impl!r}")
-    drop = key is not None and dropout > 0.0
-    if impl == "auto":
-        impl = "math" if drop or in_vmap() else "sdpa"
-    elif impl == "sdpa" and drop:
-        raise ValueError(
-            "attention: dropout with a key needs impl='math' or 'auto' "
-            "(SDPA would draw from the global RNG)"
-        )
-    if mask is not None and mask.dtype != torch.bool:
-        raise TypeError(f"attention: mask must be a bool tensor, got {mask.dtype}")
-    L, S = q.shape[-2], k.shape[-2]
-    if causal and (mask is not None or impl == "math" or L != S):
-        # An explicit lower-triangular mask, aligned to the last key.
-        tri = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
-        mask = tri if mask is None else mask & tri
-        causal = False
+    impl, drop = _resolve_impl(impl, key, dropout)
     if mask is not None:
-        # Rows with nothing to attend to would be 0/0 in the softmax: let them see all keys.
-        mask = mask | ~mask.any(-1, keepdim=True)
-    if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    return _math_attention(q, k, v, mask, key if drop else None, dropout)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"attention: mask must be a bool tensor, got {mask.dtype}")
+        if causal:
+            L, S = q.shape[-2], k.shape[-2]
+            mask = mask & torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
+            causal = False
+        mask = _fix_empty_rows(mask)
+    return _attend(q, k, v, mask, causal, key if drop else None, dropout, impl)
 
 
 def _math_attention(
@@ -599,8 +686,8 @@ def check_ids(ids: Any, size: int, *, name: str = "tokens") -> Tensor:
     if ids.dtype not in (torch.int64, torch.int32):
         ids = ids.long()
     if checks_enabled() and ids.numel() > 0:
-        low, high = torch.aminmax(ids)
-        if int(low) < 0 or int(high) >= size:
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
+        if low < 0 or high >= size:
             bad = (ids < 0) | (ids >= size)
             where = [int(i) for i in bad.nonzero()[0]]
             value = int(ids[tuple(where)])

@@ -426,6 +426,65 @@ def test_bert_compiles_without_graph_breaks() -> None:
     )
 
 
+# ------------------------------------------------------------------- attention masks
+
+
+def _record_sdpa(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor | None, bool]]:
+    """Record (attn_mask, is_causal) of every SDPA call."""
+    calls: list[tuple[torch.Tensor | None, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        calls.append((attn_mask, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("model", [_tiny_gpt(), _tiny_bert()], ids=["gpt", "bert"])
+def test_all_ones_mask_equals_no_mask_and_runs_unmasked(
+    model: GPT | BERT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = model.init(jr.key(0))
+    tokens, _ = _batch()
+    calls = _record_sdpa(monkeypatch)
+    out = model.apply(params, tokens, attention_mask=torch.ones_like(tokens))
+    causal = isinstance(model, GPT)
+    assert calls == [(None, causal)] * model.n_layer  # the fast unmasked kernel, every layer
+    ref = model.apply(params, tokens)
+    for a, b in zip(tree.leaves(tuple(out)), tree.leaves(tuple(ref))):
+        assert _max_diff(a, b) <= 1e-6
+    # The math path (what vmap uses) agrees with the fast path.
+    math = model.apply(params, tokens, attention_mask=torch.ones_like(tokens), impl="math")
+    for a, b in zip(tree.leaves(tuple(math)), tree.leaves(tuple(ref))):
+        assert _max_diff(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("model", [_tiny_gpt(), _tiny_bert()], ids=["gpt", "bert"])
+def test_padding_mask_is_prepared_once_for_all_layers(
+    model: GPT | BERT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = model.init(jr.key(0))
+    tokens, mask = _batch()
+    calls = _record_sdpa(monkeypatch)
+    model.apply(params, tokens, attention_mask=mask)
+    assert len(calls) == model.n_layer > 1
+    first = calls[0][0]
+    assert first is not None and first.dtype == torch.bool
+    assert all(m is first and not c for m, c in calls)  # one tensor, causal folded in
+    B, T = tokens.shape
+    assert first.shape == ((B, 1, T, T) if isinstance(model, GPT) else (B, 1, 1, T))
+
+
+def test_param_shapes_is_cached_but_returns_a_fresh_dict() -> None:
+    gpt = _tiny_gpt()
+    shapes = gpt.param_shapes()
+    shapes["bogus"] = (1,)
+    assert "bogus" not in gpt.param_shapes()
+    assert gpt.param_shapes() == _tiny_gpt().param_shapes()
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -204,6 +204,57 @@ def test_sdpa_and_math_paths_agree_with_any_mask(L, extra, causal, seed) -> None
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    T=st.integers(1, 7),
+    causal=st.booleans(),
+    impl=st.sampled_from(["sdpa", "math"]),
+    seed=st.integers(0, 2**16),
+)
+def test_prepared_mask_equals_per_call_key_padding_mask(T, causal, impl, seed) -> None:
+    params = nn.init_attention(jr.key(seed), 8, std=0.3)
+    x = _randn(3, T, 8, seed=seed)
+    pad = torch.rand(3, T, generator=torch.Generator().manual_seed(seed)) < 0.6  # may be empty
+    mask = nn.make_attention_mask(pad, causal=causal, drop_full=False)
+    raw = pad[:, None, None, :]
+    q, k, v = nn.attention_qkv(params, x, n_head=2)
+    want = nn.linear(
+        params["proj"],
+        nn.merge_heads(nn.dot_product_attention(q, k, v, causal=causal, mask=raw, impl=impl)),
+    )
+    got = nn.attention(params, x, n_head=2, causal=causal, mask=mask, impl=impl)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    by_padding = nn.attention(params, x, n_head=2, causal=causal, attention_mask=pad, impl=impl)
+    torch.testing.assert_close(by_padding, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_keep_mask_is_dropped_in_eager_and_gives_the_same_output(causal) -> None:
+    ones = torch.ones(2, 5, dtype=torch.long)
+    assert nn.make_attention_mask(ones, causal=causal) is None
+    kept = nn.make_attention_mask(ones, causal=causal, drop_full=False)
+    assert kept is not None and kept.dtype == torch.bool
+    assert kept.shape == ((2, 1, 5, 5) if causal else (2, 1, 1, 5))
+    # Under vmap the values cannot be read, so the mask stays (and still batches).
+    per_example = torch.func.vmap(lambda m: nn.make_attention_mask(m, causal=causal))(ones)
+    assert per_example.shape == ((2, 1, 5, 5) if causal else (2, 1, 1, 5))
+    params = nn.init_attention(jr.key(0), 8)
+    x = _randn(2, 5, 8)
+    unmasked = nn.attention(params, x, n_head=2, causal=causal)
+    masked = nn.attention(params, x, n_head=2, causal=causal, mask=kept)
+    torch.testing.assert_close(masked, unmasked, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_rejects_both_masks_and_non_bool_prepared_mask() -> None:
+    params = nn.init_attention(jr.key(0), 8)
+    x = torch.zeros(1, 3, 8)
+    pad = torch.tensor([[1, 1, 0]])
+    with pytest.raises(ValueError, match="not both"):
+        nn.attention(params, x, n_head=2, attention_mask=pad, mask=nn.make_attention_mask(pad))
+    with pytest.raises(TypeError, match="bool"):
+        nn.attention(params, x, n_head=2, mask=torch.ones(1, 1, 1, 3))
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
 def test_fully_masked_rows_give_finite_values_and_grads(impl) -> None:
     params = nn.init_attention(jr.key(0), 8)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fnllm import nn
 from fnllm import random as jr
-from fnllm.models.gpt import _check_inputs, _check_params, _from_config
+from fnllm.models.gpt import _cached_shapes, _check_inputs, _check_params, _from_config
 
 __all__ = ["BERT", "BertOutput", "BertPretrainOutput"]
 
@@ -218,6 +218,10 @@ class BERT:
         Returns:
             A dict from dotted path to shape tuple, in layer order.
         """
+        return dict(_cached_shapes(self))
+
+    def _build_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Compute :meth:`param_shapes` (cached per config by ``_cached_shapes``)."""
         V, D, F_ = self.vocab_size, self.d_model, self.d_ff
         shapes: dict[str, tuple[int, ...]] = {
             "embed.tokens.weight": (V, D),
@@ -351,6 +355,8 @@ class BERT:
         if drop > 0.0:
             keys = list(jr.split(key, self.n_layer + 1))
 
+        # Once per forward, shared by every block; None when nothing is padded (eager).
+        mask = nn.make_attention_mask(attention_mask)
         T = tokens.shape[-1]
         embed = params["embed"]
         x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
@@ -361,7 +367,7 @@ class BERT:
         x = nn.dropout(keys[-1], nn.layer_norm(embed["ln"], x, eps=self.ln_eps), drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
-            x = self._block(block, x, attention_mask, k, drop, impl)
+            x = self._block(block, x, mask, k, drop, impl)
             hidden.append(x)
 
         pooled = None
@@ -377,12 +383,15 @@ class BERT:
         self,
         p: Params,
         x: Tensor,
-        attention_mask: Tensor | None,
+        mask: Tensor | None,
         key: Tensor | None,
         drop: float,
         impl: nn.Impl,
     ) -> Tensor:
-        """One post-LN block: ``ln_1(x + attn(x))``, then ``ln_2(x + mlp(x))``."""
+        """One post-LN block: ``ln_1(x + attn(x))``, then ``ln_2(x + mlp(x))``.
+
+        ``mask`` comes from :func:`fnllm.nn.make_attention_mask`, or is ``None`` (no padding).
+        """
         k_attn = k_res1 = k_res2 = None
         if key is not None:
             k_attn, k_res1, k_res2 = jr.split(key, 3)
@@ -390,7 +399,7 @@ class BERT:
             p["attn"],
             x,
             n_head=self.n_head,
-            attention_mask=attention_mask,
+            mask=mask,
             key=k_attn,
             dropout=drop,
             impl=impl,

@@ -173,6 +173,10 @@ class GPT:
         Returns:
             A dict from dotted path to shape tuple, in layer order.
         """
+        return dict(_cached_shapes(self))
+
+    def _build_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Compute :meth:`param_shapes` (cached per config by ``_cached_shapes``)."""
         V, D, F_, L = self.vocab_size, self.d_model, self.d_ff, self.max_len
         shapes: dict[str, tuple[int, ...]] = {
             "embed.tokens.weight": (V, D),
@@ -282,13 +286,15 @@ class GPT:
         if drop > 0.0:
             keys = list(jr.split(key, self.n_layer + 1))
 
+        # Once per forward, shared by every block; None when nothing is padded (eager).
+        mask = nn.make_attention_mask(attention_mask, causal=True)
         T = tokens.shape[-1]
         embed = params["embed"]
         x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
         x = nn.dropout(keys[-1], x, drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
-            x = self._block(block, x, attention_mask, k, drop, impl)
+            x = self._block(block, x, mask, k, drop, impl)
             hidden.append(x)
         x = nn.layer_norm(params["ln_f"], x, eps=self.ln_eps)
         head = embed["tokens"]["weight"] if self.tie_head else params["head"]["weight"]
@@ -306,12 +312,16 @@ class GPT:
         self,
         p: Params,
         x: Tensor,
-        attention_mask: Tensor | None,
+        mask: Tensor | None,
         key: Tensor | None,
         drop: float,
         impl: nn.Impl,
     ) -> Tensor:
-        """One pre-LN block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+        """One pre-LN block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``.
+
+        ``mask`` comes from :func:`fnllm.nn.make_attention_mask` (causal folded in), or is
+        ``None`` for plain causal attention.
+        """
         k_attn = k_res1 = k_res2 = None
         if key is not None:
             k_attn, k_res1, k_res2 = jr.split(key, 3)
@@ -321,7 +331,7 @@ class GPT:
             h,
             n_head=self.n_head,
             causal=True,
-            attention_mask=attention_mask,
+            mask=mask,
             key=k_attn,
             dropout=drop,
             impl=impl,
@@ -416,6 +426,12 @@ def _check_params(model: Any, params: Params) -> None:
     ):
         return
     nn.check_shapes(params, model.param_shapes())
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_shapes(model: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``model.param_shapes()`` as immutable pairs, computed once per (hashable) config."""
+    return tuple(model._build_param_shapes().items())
 
 
 @functools.lru_cache(maxsize=64)
