@@ -98,7 +98,8 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
 
     # Freezing is a partition: here everything trains; "blocks.1.*" would train one block only.
     trainable, frozen = tree.partition(params, "*")
-    opt = optim.adamw(optim.warmup_cosine(3e-3, 10, args.steps), weight_decay=0.01)
+    warmup = min(10, args.steps // 10)
+    opt = optim.adamw(optim.warmup_cosine(3e-3, warmup, args.steps + 1), weight_decay=0.01)
     ckpt = out / "checkpoints"
     first_half = max(1, args.steps // 2)
     print(f"\ntraining {first_half} steps, checkpoint, then resuming to {args.steps}:")
