@@ -12,7 +12,7 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check fnllm tests benchmarks
-	$(PY) -m pytest --doctest-modules fnllm tests $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --doctest-modules fnllm tests $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check fnllm tests benchmarks

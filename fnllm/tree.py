@@ -164,13 +164,10 @@ def map(fn: Callable[..., Any], tree: Tree, *rest: Tree, with_path: bool = False
     Raises:
         ValueError: a tree in ``rest`` differs in structure (the message names the path).
     """
-    for other in rest:
-        _check_same_structure(tree, other)
-    if not with_path:
-        return optree.tree_map(fn, tree, *rest, none_is_leaf=False)
-    accessor_paths = optree.tree_paths(tree, none_is_leaf=False)
-    path_iter = iter(".".join(str(p) for p in parts) for parts in accessor_paths)
-    return optree.tree_map(lambda *xs: fn(next(path_iter), *xs), tree, *rest, none_is_leaf=False)
+    if not torch.compiler.is_compiling():  # checked once, eagerly; traced code skips it
+        for other in rest:
+            _check_same_structure(tree, other)
+    return _map(fn, tree, rest, "" if with_path else None)
 
 
 def count(tree: Tree) -> int:
@@ -425,6 +422,25 @@ def _combine2(a: Any, b: Any, prefix: str) -> Any:
             f"tree.combine: structures differ at {where}: {type(a).__name__} vs {type(b).__name__}"
         )
     raise ValueError(f"tree.combine: both trees hold a leaf at {where}")
+
+
+def _map(fn: Callable[..., Any], node: Any, rest: tuple[Any, ...], path: str | None) -> Any:
+    # Plain recursion rather than optree.tree_map: torch.compile traces it without graph
+    # breaks (dynamo's optree support breaks on some dict trees in torch 2.13).
+    if node is None:
+        return None
+    if isinstance(node, dict):
+        return {
+            k: _map(fn, v, tuple(r[k] for r in rest), None if path is None else _join(path, k))
+            for k, v in node.items()
+        }
+    if isinstance(node, (list, tuple)):
+        items = [
+            _map(fn, v, tuple(r[i] for r in rest), None if path is None else _join(path, i))
+            for i, v in enumerate(node)
+        ]
+        return items if isinstance(node, list) else _rebuild(node, items)
+    return fn(node, *rest) if path is None else fn(path, node, *rest)
 
 
 def _listify(node: Any, prefix: str) -> Any:
