@@ -145,8 +145,8 @@ def load_meta(path: PathLike) -> dict[str, Any]:
         >>> from fnllm import io
         >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
         >>> io.save(path, {"w": torch.zeros(2)}, meta={"step": 10, "lr": [0.1, 0.01]})
-        >>> io.load_meta(path)
-        {'step': 10, 'lr': [0.1, 0.01]}
+        >>> io.load_meta(path)  # keys in sorted order
+        {'lr': [0.1, 0.01], 'step': 10}
 
     Args:
         path: a safetensors file.
@@ -448,10 +448,11 @@ def _encode_meta(meta: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def _decode_meta(metadata: Mapping[str, str]) -> dict[str, Any]:
+    # safetensors keeps metadata in a hash map: sort the keys so the result is deterministic
     if _STRUCTURE_KEY not in metadata:  # a foreign file: hand back the raw strings
-        return dict(metadata)
+        return dict(sorted(metadata.items()))
     out = {}
-    for k, v in metadata.items():
+    for k, v in sorted(metadata.items()):
         if k == _FORMAT_KEY or k.startswith(_RESERVED_PREFIX):
             continue
         try:
