@@ -155,7 +155,10 @@ def make_step(
             loss, aux = out if isinstance(out, tuple) else (out, {})
             return loss, (loss.detach(), aux)
 
-        grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(trainable)
+        if torch.compiler.is_compiling():
+            grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(trainable)
+        else:  # eager: plain autograd, ~2.5 ms less per step than func.grad on tiny models
+            grads, (loss, aux) = _autograd_grad(objective, trainable)
         grad_norm = torch.linalg.vector_norm(
             torch.stack([n.float() for n in torch._foreach_norm(_leaves(grads))])
         )
@@ -232,6 +235,21 @@ def _leaves(t: Any) -> list[Any]:
     fine.)
     """
     return [x for x in pytree.tree_leaves(t) if isinstance(x, torch.Tensor)]
+
+
+def _autograd_grad(objective: Callable[[Any], Any], trainable: Any) -> tuple[Any, Any]:
+    """``torch.func.grad(objective, has_aux=True)(trainable)`` with ``torch.autograd.grad``.
+
+    Same numbers (one autograd engine), less per-op overhead in eager mode; unused leaves get
+    zero gradients, as ``torch.func.grad`` gives them.
+    """
+    leaves, spec = optree.tree_flatten(trainable, none_is_leaf=False)
+    inputs = [x.detach().requires_grad_() for x in leaves]
+    with torch.enable_grad():
+        loss, aux = objective(optree.tree_unflatten(spec, inputs))
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    return optree.tree_unflatten(spec, grads), tree.map(_detach, aux)
 
 
 def _detach(x: Any) -> Any:
