@@ -12,6 +12,7 @@ callable's wrapper when timing asynchronous devices; :func:`time_fn` and :func:`
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -19,7 +20,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Comparison", "Stats", "compare", "load_average", "print_table", "time_fn"]
+__all__ = [
+    "Comparison",
+    "Stats",
+    "add_model_args",
+    "compare",
+    "load_average",
+    "print_table",
+    "time_fn",
+]
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,20 @@ def compare(
             ta.append(_timed(a, sync))
     ratio = statistics.median(x / y for x, y in zip(ta, tb))
     return Comparison(_stats(ta), _stats(tb), ratio)
+
+
+def add_model_args(
+    p: argparse.ArgumentParser, workloads: Sequence[str], dtypes: Sequence[str]
+) -> None:
+    """Add the flags the model benchmarks share (workloads, device, dtype, runs, compile)."""
+    p.add_argument("--workloads", default=",".join(workloads), help="comma-separated names")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(dtypes))
+    p.add_argument("--runs", type=int, default=0, help="timed runs per comparison")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--compile", dest="compile", action="store_true", default=None)
+    g.add_argument("--no-compile", dest="compile", action="store_false")
 
 
 def load_average() -> str:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import compare, print_table
+from benchmarks._harness import add_model_args, compare, print_table
 from benchmarks.train_step import (
     WORKLOADS,
     _device_name,
@@ -107,15 +107,8 @@ def main(argv: list[str] | None = None) -> None:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="GPT tiny only, eager, 3 runs")
-    p.add_argument("--workloads", default=",".join(NAMES), help="comma-separated names")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--runs", type=int, default=0, help="timed runs per comparison")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    add_model_args(p, NAMES, DTYPES)
     p.add_argument("--no-freeze", action="store_true", help="skip the freezing measurement")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--compile", dest="compile", action="store_true", default=None)
-    g.add_argument("--no-compile", dest="compile", action="store_false")
     return p.parse_args(argv)
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import compare, print_table, time_fn
+from benchmarks._harness import add_model_args, compare, print_table, time_fn
 from fnllm import io, tree
 from fnllm import random as jr
 from fnllm.models.bert import BERT
@@ -105,14 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="GPT tiny only, eager, 3 runs")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated names")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--runs", type=int, default=0, help="timed runs per comparison")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--compile", dest="compile", action="store_true", default=None)
-    g.add_argument("--no-compile", dest="compile", action="store_false")
+    add_model_args(p, WORKLOADS, DTYPES)
     return p.parse_args(argv)
 
 
