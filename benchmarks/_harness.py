@@ -4,6 +4,8 @@
 - :func:`compare` interleaves two callables (A, B, A, B, ...) in one process so that machine
   noise hits both alike, and reports each one's median plus the median of the paired ratios.
 - :func:`print_table` prints one aligned table: workload, fnllm, peer, ratio.
+- :func:`matmul_ms` profiles one call and returns the time its matrix multiplies took (the
+  floor no fusion can go below).
 
 Times are in milliseconds. Call ``sync`` (e.g. ``torch.cuda.synchronize``) inside the timed
 callable's wrapper when timing asynchronous devices; :func:`time_fn` and :func:`compare` take a
@@ -26,6 +28,7 @@ __all__ = [
     "add_model_args",
     "compare",
     "load_average",
+    "matmul_ms",
     "print_table",
     "time_fn",
 ]
@@ -83,6 +86,8 @@ def time_fn(
         >>> s.runs
         3
     """
+    if runs < 1:
+        raise ValueError(f"time_fn: runs must be >= 1, got {runs}")
     for _ in range(warmup):
         fn()
     return _stats([_timed(fn, sync) for _ in range(runs)])
@@ -105,6 +110,8 @@ def compare(
         >>> c.ratio > 0
         True
     """
+    if runs < 1:
+        raise ValueError(f"compare: runs must be >= 1, got {runs}")
     for _ in range(warmup):
         a()
         b()
@@ -133,6 +140,40 @@ def add_model_args(
     g = p.add_mutually_exclusive_group()
     g.add_argument("--compile", dest="compile", action="store_true", default=None)
     g.add_argument("--no-compile", dest="compile", action="store_false")
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+
+
+def matmul_ms(fn: Callable[[], Any], sync: Callable[[], Any] = _noop, runs: int = 3) -> float:
+    """Milliseconds one call of ``fn`` spends in matrix multiplies (median of ``runs`` calls).
+
+    Profiles each call with :mod:`torch.profiler` and sums the self time of the GEMM ops
+    (``MATMUL_OPS``): on CPU their CPU time, on CUDA their device time. Compiled code that calls
+    extern GEMMs (inductor's default) is counted too; fused attention kernels are not.
+
+    Example:
+        >>> import torch
+        >>> a = torch.ones(64, 64)
+        >>> matmul_ms(lambda: a @ a, runs=1) > 0, matmul_ms(lambda: a + a, runs=1)
+        (True, 0.0)
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    sync()
+    totals = []
+    for _ in range(runs):
+        with profile(activities=acts) as prof:
+            fn()
+            sync()
+        events = [e for e in prof.key_averages() if e.key in MATMUL_OPS]
+        attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+        totals.append(sum(getattr(e, attr) for e in events) / 1e3)
+    return statistics.median(totals)
 
 
 def load_average() -> str:

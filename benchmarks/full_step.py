@@ -1,8 +1,9 @@
 """Full train step (forward + backward + AdamW): fnllm ``train.make_step`` vs Hugging Face.
 
-fnllm: ``train.make_step(loss_fn, optim.adamw(...))``, the pure step
+fnllm: ``train.make_step(loss_fn, optim.adamw(...))``, the step
 ``(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, metrics)`` with its
-non-finite guard, eager and compiled (``torch.compile(fullgraph=True)``). Hugging Face:
+non-finite guard, eager and compiled (``torch.compile(fullgraph=True)``), called with
+``donate=True`` as ``train.fit`` calls it. Hugging Face:
 ``GPT2LMHeadModel`` holding the same weights (``fnllm.io.to_hf`` + ``from_pretrained``), the
 same float32 cross-entropy, ``loss.backward()`` and ``torch.optim.AdamW(fused=True)``, eager
 (the usual way to train it). Same hyper-parameters on both sides (lr 3e-4, betas 0.9/0.95,
@@ -18,6 +19,11 @@ their forward and backward under ``torch.autocast(bfloat16)`` with float32 param
 state (mixed precision). MFU = model matmul FLOPs (``benchmarks.train_step``'s count) per second
 over the peak of a 2048^3 matmul measured at start-up (and over the datasheet's dense peak on a
 known GPU).
+
+A last table profiles one step of each side and sums the time spent in GEMMs alone
+(``benchmarks._harness.matmul_ms``): fnllm's GEMM time over HF's whole step is the ratio a step
+that fused every other op away would reach. On CPU, where GEMMs are most of the step, that floor
+decides whether the 0.8x goal is reachable at all.
 
     .venv/bin/python -m benchmarks.full_step --quick        # GPT tiny, eager, seconds
     .venv/bin/python -m benchmarks.full_step                # both workloads, eager + compiled
@@ -35,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import add_model_args, compare, print_table
+from benchmarks._harness import add_model_args, compare, matmul_ms, print_table
 from benchmarks.train_step import (
     WORKLOADS,
     _device_name,
@@ -84,14 +90,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     step_rows: list[list[Any]] = []
     freeze_rows: list[list[Any]] = []
+    floor_rows: list[list[Any]] = []
     for n in names:
         w = WORKLOADS[n]
         runs = args.runs or (3 if args.quick else w.runs * (5 if device.type == "cuda" else 1))
         warmup = 1 if args.quick else 2
-        s, f = _run(w, device, autocast, sync, runs, warmup, compile_, peak, sheet,
-                    freeze=not args.no_freeze and (n == "gpt-tiny" or not args.quick))  # fmt: skip
+        freeze = not args.no_freeze and (n == "gpt-tiny" or not args.quick)
+        s, f, m = _run(w, device, autocast, sync, runs, warmup, compile_, peak, sheet,
+                       freeze=freeze)  # fmt: skip
         step_rows += s
         freeze_rows += f
+        floor_rows += m
     print_table(step_rows, header=("workload", "fnllm ms", "HF ms", "ratio", "fnllm MFU",
                                    "HF MFU"),
                 title=f"full train step fwd+bwd+AdamW vs HF + AdamW(fused) ({args.device}, "
@@ -102,6 +111,10 @@ def main(argv: list[str] | None = None) -> None:
                     title="freezing: last block + ln_f trainable (head/embedding frozen) vs "
                           "full step, fnllm")  # fmt: skip
         print("goal: frozen / full <= 0.65")
+    print_table(floor_rows, header=("workload", "fnllm GEMM ms", "HF GEMM ms", "HF step ms",
+                                    "fnllm GEMM / HF step"),
+                title="matrix-multiply floor (one profiled step each)")  # fmt: skip
+    print("fnllm GEMM / HF step is the best ratio fusing everything else away could reach")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -124,7 +137,7 @@ def _run(
     sheet: float | None,
     *,
     freeze: bool,
-) -> tuple[list[list[Any]], list[list[Any]]]:
+) -> tuple[list[list[Any]], list[list[Any]], list[list[Any]]]:
     model = w.model
     params = model.init(jr.key(0))
     hf = _hf_twin(model, params).to(device).train()
@@ -150,6 +163,7 @@ def _run(
     c = compare(full, hf_step, warmup=warmup, runs=runs, sync=sync)
     step_rows.append([f"{w.name} eager", c.a.median, c.b.median, c.ratio, mfu(c.a.median),
                       mfu(c.b.median)])  # fmt: skip
+    hf_ms = c.b.median
     full_c = None
     if compile_:
         t0 = time.perf_counter()
@@ -159,6 +173,10 @@ def _run(
         c = compare(full_c, hf_step, warmup=warmup, runs=runs, sync=sync)
         step_rows.append([f"{w.name} {label}", c.a.median, c.b.median, c.ratio,
                           mfu(c.a.median), mfu(c.b.median)])  # fmt: skip
+
+    best, label = (full_c, "compiled") if full_c is not None else (full, "eager")
+    fn_gemm, hf_gemm = matmul_ms(best, sync), matmul_ms(hf_step, sync)
+    floor_rows = [[f"{w.name} {label}", fn_gemm, hf_gemm, hf_ms, fn_gemm / hf_ms]]
 
     freeze_rows: list[list[Any]] = []
     if freeze:
@@ -170,7 +188,7 @@ def _run(
             part_c, label = _compiled(loss_fn, opt, trainable, frozen, tokens, autocast, w.name)
             c = compare(part_c, full_c, warmup=warmup, runs=runs, sync=sync)
             freeze_rows.append([f"{w.name} {label}", c.a.median, c.b.median, c.ratio])
-    return step_rows, freeze_rows
+    return step_rows, freeze_rows, floor_rows
 
 
 def _compiled(
@@ -204,11 +222,22 @@ def _fn_step(
     *,
     compile_: bool | dict[str, Any],
 ) -> Callable[[], Any]:
-    """One fnllm step on fixed inputs (the step is pure, so every call does the same work)."""
+    """One fnllm step, called as ``train.fit`` calls it; every call does the same work.
+
+    The step runs donated, as in ``fit``: the params and optimizer state (private copies here)
+    are updated in place from call to call.
+    """
     step = train.make_step(loss_fn, opt, compile=compile_, autocast=autocast)
-    state = opt.init(trainable)
     key = jr.key(2)
-    return lambda: step(trainable, frozen, state, tokens, key)
+    own = {"tr": tree.map(torch.clone, trainable)}
+    own["state"] = opt.init(own["tr"])
+
+    def donated() -> Any:
+        out = step(own["tr"], frozen, own["state"], tokens, key, donate=True)
+        own["tr"], own["state"] = out[0], out[1]
+        return out
+
+    return donated
 
 
 def _hf_step(

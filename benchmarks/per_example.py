@@ -10,7 +10,14 @@ causal-LM loss (each example's gradient is that of its own mean token loss). Met
   the same weights (written by ``fnllm.io.to_hf``), one ``loss.backward()`` (skipped with a
   message when opacus is not installed);
 - ``batched``: one ordinary batched backward (the floor a per-example method is compared to;
-  goal: fnllm <= 1.3x its time).
+  goal: fnllm <= 1.3x its time); with ``--compile`` also ``batched-compiled``, the same
+  backward through ``torch.compile``, so that compiled fnllm is also compared like for like.
+
+On Linux CPUs most of the eager gap is page faults: every fresh ``[16, 8192, 256]`` float32
+buffer (a per-example gradient of the tied embedding) costs about 50 ms of first-touch faults
+at 4 KiB pages. torch backs large CPU allocations with transparent huge pages when the process
+starts with ``THP_MEM_ALLOC_ENABLE=1`` (read once, at import); the header says which mode ran,
+and both sides always run under the same one.
 
 Times: interleaved A/B in one process (``benchmarks._harness.compare``), medians and the median
 of paired ratios. Peak memory: each method runs once in a fresh subprocess; on CPU the peak is
@@ -49,7 +56,15 @@ from fnllm.models.gpt import GPT
 
 FULL = (GPT(vocab_size=8192, n_layer=4, n_head=4, d_model=256, max_len=128), 16, 64)
 QUICK = (GPT(vocab_size=512, n_layer=2, n_head=2, d_model=64, max_len=32), 8, 16)
-METHODS = ("fnllm", "fnllm-chunked", "fnllm-compiled", "loop", "opacus", "batched")
+METHODS = (
+    "fnllm",
+    "fnllm-chunked",
+    "fnllm-compiled",
+    "loop",
+    "opacus",
+    "batched",
+    "batched-compiled",
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"per-example gradients, GPT {model.n_layer}x{model.d_model} vocab {model.vocab_size}, "
         f"batch {b} x {t}, device {device}, threads {torch.get_num_threads()}, "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}, "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}"
     )
     _check_parity(fns, model, b)
     runs = args.runs or (3 if args.quick else 10)
@@ -84,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             sync()
             print(f"fnllm-compiled: first call (compile) {time.perf_counter() - t0:.1f} s")
-        peers = ["batched", "loop", "opacus"] if fn_name == "fnllm" else ["batched"]
+        peers = {"fnllm": ["batched", "loop", "opacus"], "fnllm-chunked": ["batched"]}.get(
+            fn_name, ["batched", "batched-compiled"]
+        )
         for peer in peers:
             if peer not in fns:
                 continue
@@ -99,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
                     for m in ("batched", "loop", "opacus") if m in mem]  # fmt: skip
         mem_rows += [[f"{m} vs batched", mem[m], mem["batched"], _ratio(mem[m], mem["batched"])]
                      for m in ("fnllm-chunked", "fnllm-compiled") if m in mem]  # fmt: skip
+        if "opacus" in mem:
+            mem_rows += [[f"{m} vs opacus", mem[m], mem["opacus"], _ratio(mem[m], mem["opacus"])]
+                         for m in ("fnllm-chunked", "fnllm-compiled") if m in mem]  # fmt: skip
         print_table(
             mem_rows,
             header=("workload", "fnllm MB", "peer MB", "ratio"),
@@ -148,6 +169,8 @@ def _methods(
     if compile_:
         compiled = torch.compile(per_ex, fullgraph=True)
         fns["fnllm-compiled"] = lambda: compiled(params, {}, tokens)
+        compiled_grad = torch.compile(grad, fullgraph=True)
+        fns["batched-compiled"] = lambda: compiled_grad(params, {}, tokens)
     opacus_step = _opacus(model, params, tokens)
     if opacus_step is not None:
         fns["opacus"] = opacus_step
@@ -201,7 +224,7 @@ def _memory_of(method: str, args: argparse.Namespace) -> float:
     cmd = [sys.executable, "-m", "benchmarks.per_example", "--child", method,
            "--device", args.device, "--chunk", str(args.chunk)]  # fmt: skip
     cmd += ["--quick"] if args.quick else []
-    cmd += ["--compile"] if method == "fnllm-compiled" else []
+    cmd += ["--compile"] if method.endswith("-compiled") else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
@@ -214,9 +237,10 @@ def _memory_of(method: str, args: argparse.Namespace) -> float:
 def _child(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     model, b, t = QUICK if args.quick else FULL
-    fns = _methods(model, b, t, device, args.chunk, compile_=args.child == "fnllm-compiled")
+    compile_ = args.child.endswith("-compiled")
+    fns = _methods(model, b, t, device, args.chunk, compile_=compile_)
     fn = fns[args.child]
-    if args.child == "fnllm-compiled":
+    if compile_:
         fn()  # compile first: the compiler's own memory is not the method's
     import gc
 

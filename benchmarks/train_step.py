@@ -4,7 +4,8 @@ For each workload the fnllm model is initialised, written with ``fnllm.io.to_hf`
 into ``transformers`` with ``from_pretrained``, so both sides hold identical weights (the
 benchmark checks that their losses agree). One step is: forward, the same float32
 cross-entropy on both sides, backward to every parameter. fnllm takes gradients the way
-``fnllm.train`` does (``torch.func.grad_and_value`` of a pure loss); HF runs
+``fnllm.train.make_step`` does: ``torch.autograd.grad`` of the pure loss in eager mode,
+``torch.func.grad_and_value`` under ``torch.compile``; HF runs
 ``loss.backward()`` on its module. Both run eagerly and under ``torch.compile``
 (``fullgraph=True`` for fnllm; HF's module as ``torch.compile`` takes it).
 
@@ -229,7 +230,21 @@ def _steps(
             loss.backward()
             return loss.detach()
 
-    return torch.func.grad_and_value(fn_loss), hf_step
+    return _grad_and_value(fn_loss), hf_step
+
+
+def _grad_and_value(fn_loss: Callable[[Any], torch.Tensor]) -> Callable[[Any], Any]:
+    """``params -> (grads, loss)`` as ``train.make_step`` differentiates: autograd when eager."""
+    func = torch.func.grad_and_value(fn_loss)
+
+    def step(params: Any) -> tuple[Any, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return func(params)
+        inputs = tree.map(lambda x: x.detach().requires_grad_(), params)
+        loss = fn_loss(inputs)
+        return torch.autograd.grad(loss, tree.leaves(inputs)), loss.detach()
+
+    return step
 
 
 def _causal_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,10 @@ def per_example(
     dimension. With a frozen/trainable partition, pass only ``trainable`` as the differentiated
     argument: frozen leaves get no gradient and cost no backward work.
 
+    The result holds ``B`` times the differentiated parameters. Wrapped in ``torch.compile``
+    (it traces with ``fullgraph=True``) it runs close to one batched backward and needs the
+    least memory; in eager mode, ``chunk_size`` bounds the memory of the intermediates.
+
     Example:
         >>> import torch
         >>> from fnllm import grads

@@ -129,6 +129,73 @@ def test_step_is_pure_and_reports_metrics():
     assert not _equal_trees(new_tr, trainable)
 
 
+def test_donated_step_updates_in_place_and_matches_the_pure_step():
+    _model, params, loss_fn, batch_of = gpt_setup(n_layer=1)
+    trainable, frozen = tree.partition(params, "blocks.*")
+    opt = optim.adamw(1e-2, weight_decay=0.1)
+    step = train.make_step(loss_fn, opt, compile=False)
+    state = opt.init(trainable)
+    pure_tr, pure_state, _ = step(trainable, frozen, state, batch_of(0), jr.key(0))
+    frozen_before = tree.map(torch.clone, frozen)
+    tr, st = tree.map(torch.clone, trainable), tree.map(torch.clone, state)
+    ptrs = [x.data_ptr() for x in tree.leaves(tr)]
+    new_tr, new_state, _ = step(tr, frozen, st, batch_of(0), jr.key(0), donate=True)
+    assert _equal_trees(new_tr, pure_tr) and _equal_trees(new_state, pure_state)  # bit for bit
+    assert [x.data_ptr() for x in tree.leaves(new_tr)] == ptrs  # the donated buffers, reused
+    assert _equal_trees(frozen, frozen_before)  # frozen leaves are never donated
+
+
+def test_donated_nonfinite_step_leaves_its_inputs_untouched():
+    def loss_fn(trainable, frozen, batch, key):
+        return (trainable["w"] * batch).sum()
+
+    opt = optim.adamw(0.1)
+    tr = {"w": torch.ones(3)}
+    state = opt.init(tr)
+    step = train.make_step(loss_fn, opt, compile=False)
+    nan = torch.tensor([1.0, float("nan"), 1.0])
+    new_tr, new_state, metrics = step(tr, {}, state, nan, None, donate=True)
+    assert not bool(metrics["finite"])
+    assert torch.equal(tr["w"], torch.ones(3)) and new_tr["w"] is tr["w"]
+    assert _equal_trees(new_state, opt.init(tr))
+
+
+def test_compiled_donated_step_writes_into_the_donated_buffers():
+    """Compiled (aot_eager: the same graph capture as inductor, fast), bit for bit the pure step."""
+    _model, params, loss_fn, batch_of = gpt_setup(n_layer=1)
+    trainable, frozen = tree.partition(params, "blocks.*")
+    opt = optim.adamw(1e-2, weight_decay=0.1)
+    step = train.make_step(loss_fn, opt, compile={"backend": "aot_eager"})
+    state = opt.init(trainable)
+    pure_tr, pure_state, _ = step(trainable, frozen, state, batch_of(0), jr.key(0))
+    tr, st = tree.map(torch.clone, trainable), tree.map(torch.clone, state)
+    leaves = tree.leaves((tr, st))
+    new_tr, new_state, metrics = step(tr, frozen, st, batch_of(0), jr.key(0), donate=True)
+    assert bool(metrics["finite"])
+    assert all(a is b for a, b in zip(tree.leaves((new_tr, new_state)), leaves))
+    assert _equal_trees(new_tr, pure_tr) and _equal_trees(new_state, pure_state)
+
+
+def test_fit_donates_only_its_own_trees():
+    """fit updates its own copies in place; the caller's trees stay as they were."""
+    _model, params, loss_fn, batch_of = gpt_setup(n_layer=1)
+    trainable, frozen = tree.partition(params, "blocks.*")
+    opt = optim.adamw(1e-2)
+    state = opt.init(trainable)
+    before = tree.map(torch.clone, (trainable, state))
+    kw = dict(key=jr.key(3), steps=4, compile=False, progress=False, opt_state=state)
+    donated = train.fit(loss_fn, opt, trainable, frozen, batch_of, **kw)
+    pure = train.fit(loss_fn, opt, trainable, frozen, batch_of, donate=False, **kw)
+    assert _equal_trees((trainable, state), before)
+    assert _equal_trees(donated.trainable, pure.trainable)
+    assert _equal_trees(donated.opt_state, pure.opt_state)
+    # an eval_fn sees fit's own tree; a snapshot it copies keeps its values
+    seen = []
+    train.fit(loss_fn, opt, trainable, frozen, batch_of, eval_fn=lambda tr, fr: seen.append(
+        tree.map(torch.clone, tr)) or 0.0, eval_every=2, **kw)  # fmt: skip
+    assert len(seen) == 2 and not _equal_trees(seen[0], seen[1])
+
+
 def test_step_clip_bounds_the_gradient_norm():
     class Sgd:  # updates = -grads, so the update norm is the (clipped) gradient norm
         def init(self, params):

@@ -61,18 +61,42 @@ class TrainStep:
         inner: the pure step function.
         compiled: ``torch.compile(inner, fullgraph=True)``, or ``inner`` itself.
         guard: whether non-finite steps are skipped inside the step.
+        compiled_donated: the compiled step that writes its results into the donated
+            ``trainable`` and ``opt_state`` (None for an eager step, which donates through the
+            optimizer's fused kernel).
     """
 
     inner: Callable[..., Any]
     compiled: Callable[..., Any] = field(repr=False)
     guard: bool = True
+    compiled_donated: Callable[..., Any] | None = field(default=None, repr=False)
 
     def __call__(
-        self, trainable: Any, frozen: Any, opt_state: Any, batch: Any, key: Any
+        self,
+        trainable: Any,
+        frozen: Any,
+        opt_state: Any,
+        batch: Any,
+        key: Any,
+        *,
+        donate: bool = False,
     ) -> tuple[Any, Any, dict[str, Any]]:
-        """Run one step; see :func:`make_step`."""
+        """Run one step; see :func:`make_step`.
+
+        With ``donate=True`` you hand ``trainable`` and ``opt_state`` over, as with
+        ``donate_argnums`` in ``jax.jit``: an eager step may update their buffers in place and
+        return them (the fused AdamW kernel then works like ``torch.optim.AdamW(fused=True)``,
+        without writing fresh copies), so do not use the old trees afterwards. A compiled step
+        writes its results into the donated buffers (:attr:`compiled_donated`, compiled on its
+        first use) and returns those trees. A skipped (non-finite) step leaves the values as
+        they were. Donated leaves must not be views of one another.
+        """
         check_trainable(trainable, frozen)
-        return self.compiled(trainable, frozen, opt_state, batch, key)
+        if not donate:
+            return self.compiled(trainable, frozen, opt_state, batch, key)
+        if self.compiled_donated is None:  # eager
+            return self.inner(trainable, frozen, opt_state, batch, key, donate=True)
+        return self.compiled_donated(trainable, frozen, opt_state, batch, key)
 
 
 def make_step(
@@ -94,8 +118,11 @@ def make_step(
     step whose loss or gradient norm is NaN/inf returns the *old* params and optimizer state
     (branch-free, so it compiles) and reports ``metrics["finite"] == False``.
 
-    The step never modifies its inputs. The key is the step's own key (:func:`fit` passes
-    ``random.fold_in(key, step)``); ``loss_fn`` splits it further for dropout or masking.
+    The step never modifies its inputs, unless called with ``donate=True`` (eager only; see
+    :meth:`TrainStep.__call__`), which lets the fused optimizer update ``trainable`` and
+    ``opt_state`` in place as ``torch.optim`` does. The key is the step's own key
+    (:func:`fit` passes ``random.fold_in(key, step)``); ``loss_fn`` splits it further for
+    dropout or masking.
 
     Example:
         >>> import torch
@@ -140,7 +167,7 @@ def make_step(
         )
 
     def step(
-        trainable: Any, frozen: Any, opt_state: Any, batch: Any, key: Any
+        trainable: Any, frozen: Any, opt_state: Any, batch: Any, key: Any, donate: bool = False
     ) -> tuple[Any, Any, dict[str, Any]]:
         frozen = tree.map(_detach, frozen)
 
@@ -165,17 +192,19 @@ def make_step(
         if clip is not None:
             scale = (clip / (grad_norm + _CLIP_EPS)).clamp(max=1.0)
             grads = tree.map(lambda g: g * scale.to(g.dtype), grads)
+        finite = torch.isfinite(loss.float()) & torch.isfinite(grad_norm)
         if torch.compiler.is_compiling():  # inductor fuses update and add by itself
             updates, new_state = optimizer.update(grads, opt_state, trainable)
             new_trainable = tree.map(_add, trainable, updates)
-        else:  # eager: a fused kernel (torch._fused_adamw_) where the optimizer has one
-            new_trainable, new_state = optim.step(optimizer, grads, opt_state, trainable)
-        finite = torch.isfinite(loss.float()) & torch.isfinite(grad_norm)
-        if guard and torch.compiler.is_compiling():  # branch-free: fuses into the update
-            new_trainable = _select(finite, new_trainable, trainable)
-            new_state = _select(finite, new_state, opt_state)
-        elif guard and not bool(finite):  # eager: a plain branch, no pass over the params
+            if guard:  # branch-free: fuses into the update
+                new_trainable = _select(finite, new_trainable, trainable)
+                new_state = _select(finite, new_state, opt_state)
+        elif guard and not bool(finite):  # eager: a plain branch, decided before any update
             new_trainable, new_state = trainable, opt_state
+        else:  # eager: a fused kernel (torch._fused_adamw_) where the optimizer has one
+            new_trainable, new_state = optim.step(
+                optimizer, grads, opt_state, trainable, donate=donate
+            )
         metrics: dict[str, Any] = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
         if isinstance(aux, dict):
             metrics.update(aux)
@@ -183,11 +212,25 @@ def make_step(
             metrics["aux"] = aux
         return new_trainable, new_state, metrics
 
-    if isinstance(compile, Mapping):
-        compiled = torch.compile(step, **{"fullgraph": True, **compile})
-    else:
-        compiled = torch.compile(step, fullgraph=True) if compile else step
-    return TrainStep(inner=step, compiled=compiled, guard=guard)
+    def donating_step(
+        trainable: Any, frozen: Any, opt_state: Any, batch: Any, key: Any
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        """The step, writing the new trees into the donated ones (traced by torch.compile)."""
+        new_trainable, new_state, metrics = step(trainable, frozen, opt_state, batch, key)
+        with torch.no_grad():  # inductor turns these copies into in-place stores
+            _copy_into(trainable, new_trainable)
+            _copy_into(opt_state, new_state)
+        return trainable, opt_state, metrics
+
+    if not compile:
+        return TrainStep(inner=step, compiled=step, guard=guard)
+    options = {"fullgraph": True, **(compile if isinstance(compile, Mapping) else {})}
+    return TrainStep(
+        inner=step,
+        compiled=torch.compile(step, **options),
+        guard=guard,
+        compiled_donated=torch.compile(donating_step, **options),
+    )
 
 
 def check_trainable(trainable: Any, frozen: Any) -> None:
@@ -250,6 +293,16 @@ def _autograd_grad(objective: Callable[[Any], Any], trainable: Any) -> tuple[Any
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
     return optree.tree_unflatten(spec, grads), tree.map(_detach, aux)
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    """Copy every tensor leaf of ``src`` into the leaf at the same path of ``dst``."""
+
+    def copy(d: Any, x: Any) -> None:
+        if isinstance(d, torch.Tensor) and d is not x:
+            d.copy_(x)
+
+    optree.tree_map(copy, dst, src, none_is_leaf=False)
 
 
 def _detach(x: Any) -> Any:
