@@ -49,6 +49,12 @@ class TrainStep:
     :attr:`inner` when built with ``compile=False``). :attr:`inner` is the uncompiled pure
     function, e.g. for ``torch._dynamo.explain``.
 
+    ``step(..., donate=True)`` hands ``trainable`` and ``opt_state`` over, as ``donate_argnums``
+    does in ``jax.jit``: the new values are written into their buffers (eagerly by the fused
+    optimizer kernel, compiled by :attr:`compiled_donated`) and those trees are returned, with
+    the same numbers as the pure step. Do not use the old trees afterwards. :func:`fit`
+    donates its own copies.
+
     Example:
         >>> import torch
         >>> from fnllm import optim, train
@@ -119,7 +125,7 @@ def make_step(
     (branch-free, so it compiles) and reports ``metrics["finite"] == False``.
 
     The step never modifies its inputs, unless called with ``donate=True`` (eager only; see
-    :meth:`TrainStep.__call__`), which lets the fused optimizer update ``trainable`` and
+    :class:`TrainStep`), which lets the fused optimizer update ``trainable`` and
     ``opt_state`` in place as ``torch.optim`` does. The key is the step's own key
     (:func:`fit` passes ``random.fold_in(key, step)``); ``loss_fn`` splits it further for
     dropout or masking.
