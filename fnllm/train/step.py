@@ -124,9 +124,9 @@ def make_step(
     step whose loss or gradient norm is NaN/inf returns the *old* params and optimizer state
     (branch-free, so it compiles) and reports ``metrics["finite"] == False``.
 
-    The step never modifies its inputs, unless called with ``donate=True`` (eager only; see
-    :class:`TrainStep`), which lets the fused optimizer update ``trainable`` and
-    ``opt_state`` in place as ``torch.optim`` does. The key is the step's own key
+    The step never modifies its inputs, unless called with ``donate=True`` (see
+    :class:`TrainStep`), which writes the new ``trainable`` and ``opt_state`` into the old
+    buffers, as ``torch.optim`` updates params in place. The key is the step's own key
     (:func:`fit` passes ``random.fold_in(key, step)``); ``loss_fn`` splits it further for
     dropout or masking.
 
