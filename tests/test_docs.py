@@ -327,7 +327,9 @@ def _public_modules() -> list[str]:
 
     names = ["fnllm"]
     for info in pkgutil.walk_packages(fnllm.__path__, prefix="fnllm."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
+        # the command line's modules are documented by ``fnllm --help``, not the API reference
+        private = any(part.startswith("_") for part in info.name.split("."))
+        if not private and not info.name.startswith("fnllm.cli."):
             names.append(info.name)
     return sorted(names)
 

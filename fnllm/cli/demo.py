@@ -1,40 +1,28 @@
-"""The ``fnllm`` command: ``fnllm demo`` pretrains a small GPT on the built-in corpus."""
+"""``fnllm demo``: pretrains a small GPT on the built-in corpus, checkpoints, resumes, reloads."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["register"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``fnllm`` command line.
-
-    ``fnllm demo`` trains a small GPT on the built-in corpus with a progress bar, checkpoints and
-    resumes it, continues a prompt greedily, and (when the MiniLM package is installed) compares
-    sentence embeddings of a real pretrained BERT.
+def register(sub: Any) -> None:
+    """Add the ``demo`` command to the ``fnllm`` parser's subparsers.
 
     Example:
-        >>> import contextlib, io
-        >>> out = io.StringIO()
-        >>> with contextlib.redirect_stdout(out):
-        ...     status = main(["demo", "--steps", "2", "--no-progress", "--no-minilm"])
-        >>> status, "params" in out.getvalue()
-        (0, True)
+        >>> import argparse
+        >>> parser = argparse.ArgumentParser(prog="fnllm")
+        >>> register(parser.add_subparsers(dest="command"))
+        >>> parser.parse_args(["demo", "--steps", "3"]).steps
+        3
 
     Args:
-        argv: the arguments (default: ``sys.argv[1:]``).
-
-    Returns:
-        The process exit status.
+        sub: the object ``argparse.ArgumentParser.add_subparsers`` returned.
     """
-    parser = argparse.ArgumentParser(prog="fnllm", description="fnllm command line")
-    sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="pretrain a small GPT on the built-in corpus")
     demo.add_argument("--seed", type=int, default=0, help="the run's key (default 0)")
     demo.add_argument("--steps", type=int, default=200, help="train steps (default 200)")
@@ -45,14 +33,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--no-minilm", action="store_true", help="skip the MiniLM part")
-    args = parser.parse_args(argv)
+    demo.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
-    out = args.out
-    if out is None:
+    if args.out is None:
         with tempfile.TemporaryDirectory(prefix="fnllm-demo-") as tmp:
             return _demo(args, Path(tmp))
-    return _demo(args, out)
+    return _demo(args, args.out)
 
 
 def _demo(args: argparse.Namespace, out: Path) -> int:
@@ -179,7 +169,3 @@ def _minilm() -> None:
     for i, s in enumerate(sentences):
         row = " ".join(f"{sim[i, j]:5.2f}" for j in range(len(sentences)))
         print(f"  {row}  {s}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The ``fnllm`` command line: one module per command, each with ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+# Each name is a module ``fnllm.cli.<name>`` whose ``register(sub)`` adds its subcommand and
+# sets ``run(args, parser) -> int`` as the parser default. A new command is a module plus a name.
+_COMMANDS = ("demo",)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fnllm`` command line.
+
+    ``fnllm demo`` trains a small GPT on the built-in corpus with a progress bar, checkpoints and
+    resumes it, continues a prompt greedily, and (when the MiniLM package is installed) compares
+    sentence embeddings of a real pretrained BERT.
+
+    Example:
+        >>> import contextlib, io
+        >>> out = io.StringIO()
+        >>> with contextlib.redirect_stdout(out):
+        ...     status = main(["demo", "--steps", "2", "--no-progress", "--no-minilm"])
+        >>> status, "params" in out.getvalue()
+        (0, True)
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit status.
+    """
+    parser = argparse.ArgumentParser(prog="fnllm", description="fnllm command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in _COMMANDS:
+        importlib.import_module(f"fnllm.cli.{name}").register(sub)
+    args = parser.parse_args(argv)
+    return int(args.run(args, parser))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
