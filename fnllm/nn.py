@@ -11,24 +11,22 @@ or on a plain matmul-softmax-matmul path (``impl="math"``) that batches under ``
 ``impl="auto"`` picks the math path inside ``torch.func.vmap`` (SDPA has no batching rule on
 CPU) and when attention dropout needs a key, SDPA otherwise.
 
-The module ends with the boundary checks the models share: :func:`check_ids` and
+The boundary checks the models share are re-exported here: :func:`check_ids` and
 :func:`check_shapes`, plus :func:`in_vmap` and :func:`checks_enabled`, which say when a
-data-dependent check can run.
+data-dependent check can run (they live in the private ``fnllm._checks``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any, Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._functorch.pyfunctorch import TransformType, retrieve_current_functorch_interpreter
 
 from fnllm import random as jr
-from fnllm import tree
+from fnllm._checks import check_ids, check_shapes, checks_enabled, in_vmap
 
 __all__ = [
     "Impl",
@@ -597,151 +595,3 @@ def _math_attention(
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     probs = dropout(key, probs, rate)
     return probs @ v
-
-
-# ------------------------------------------------------------------------ boundary checks
-
-
-def in_vmap() -> bool:
-    """Whether the caller runs inside ``torch.func.vmap`` (at any level of nesting).
-
-    Works in eager mode and while ``torch.compile`` traces (the answer is a trace-time
-    constant, so it causes no graph break). ``torch.func.grad`` alone does not count.
-
-    Example:
-        >>> import torch
-        >>> from fnllm import nn
-        >>> nn.in_vmap()
-        False
-        >>> torch.func.vmap(lambda x: x + nn.in_vmap())(torch.zeros(2))
-        tensor([1., 1.])
-
-    Returns:
-        ``True`` when a vmap transform is active.
-    """
-    if not torch._C._are_functorch_transforms_active():
-        return False
-    if torch.compiler.is_compiling():
-        return _vmap_on_stack()
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    return any(level.key() == TransformType.Vmap for level in stack)
-
-
-def _vmap_on_stack() -> bool:
-    """Walk the functorch interpreter stack top-down (the form dynamo can trace)."""
-    if not torch._C._are_functorch_transforms_active():
-        return False
-    interpreter = retrieve_current_functorch_interpreter()
-    if interpreter.key() == TransformType.Vmap:
-        return True
-    with interpreter.lower():
-        return _vmap_on_stack()
-
-
-def checks_enabled() -> bool:
-    """Whether data-dependent input checks can run: eager mode and not inside ``vmap``.
-
-    Example:
-        >>> from fnllm import nn
-        >>> nn.checks_enabled()
-        True
-
-    Returns:
-        ``False`` while ``torch.compile`` traces or inside ``torch.func.vmap``.
-    """
-    return not torch.compiler.is_compiling() and not in_vmap()
-
-
-def check_ids(ids: Any, size: int, *, name: str = "tokens") -> Tensor:
-    """Validate integer ids for an embedding lookup of ``size`` rows.
-
-    The dtype check always runs; the range check (which reads the values) runs only when
-    :func:`checks_enabled`.
-
-    Example:
-        >>> import torch
-        >>> from fnllm import nn
-        >>> nn.check_ids(torch.tensor([[1, 2], [3, 9]]), 5)
-        Traceback (most recent call last):
-        ...
-        ValueError: tokens: id 9 at [1, 1] >= vocab_size 5
-
-    Args:
-        ids: the candidate ids.
-        size: the number of rows (ids must be in ``[0, size)``).
-        name: how the error message names ``ids`` (the bound is called ``vocab_size`` for
-            ``"tokens"`` and ``size`` otherwise).
-
-    Returns:
-        ``ids`` as an int64 or int32 tensor (other integer dtypes are widened to int64).
-
-    Raises:
-        TypeError: ``ids`` is not a tensor, or not of an integer dtype.
-        ValueError: an id is out of range; the message names the first one and its index.
-    """
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{name}: expected an integer torch.Tensor, got {type(ids).__name__}")
-    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise TypeError(f"{name}: expected an integer tensor, got dtype {ids.dtype}")
-    if ids.dtype not in (torch.int64, torch.int32):
-        ids = ids.long()
-    if checks_enabled() and ids.numel() > 0:
-        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
-        if low < 0 or high >= size:
-            bad = (ids < 0) | (ids >= size)
-            where = [int(i) for i in bad.nonzero()[0]]
-            value = int(ids[tuple(where)])
-            bound = "vocab_size" if name == "tokens" else "size"
-            relation = "< 0" if value < 0 else f">= {bound} {size}"
-            raise ValueError(f"{name}: id {value} at {where} {relation}")
-    return ids
-
-
-def check_shapes(
-    params: Any, expected: Mapping[str, tuple[int, ...]], *, name: str = "params"
-) -> None:
-    """Check that a tree has exactly the leaves ``expected`` names, with those shapes.
-
-    Example:
-        >>> import torch
-        >>> from fnllm import nn
-        >>> nn.check_shapes({"w": torch.zeros(2, 3)}, {"w": (2, 3)})
-        >>> nn.check_shapes({"w": torch.zeros(2, 3)}, {"w": (3, 2)})
-        Traceback (most recent call last):
-        ...
-        ValueError: params: w has shape (2, 3), expected (3, 2)
-
-    Args:
-        params: a nested dict/list tree of tensors.
-        expected: ``{dotted.path: shape}``.
-        name: how the error message names the tree.
-
-    Raises:
-        KeyError: a leaf is missing or unexpected (the message lists the paths).
-        TypeError: a leaf is not a tensor.
-        ValueError: a leaf has the wrong shape.
-    """
-    flat = tree.flatten(params)
-    missing = [p for p in expected if p not in flat]
-    extra = [p for p in flat if p not in expected]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {_few(missing)}")
-        if extra:
-            parts.append(f"unexpected {_few(extra)}")
-        raise KeyError(f"{name}: " + "; ".join(parts))
-    for path, shape in expected.items():
-        leaf = flat[path]
-        if not isinstance(leaf, Tensor):
-            raise TypeError(f"{name}: {path} is a {type(leaf).__name__}, expected a tensor")
-        if tuple(leaf.shape) != tuple(shape):
-            raise ValueError(
-                f"{name}: {path} has shape {tuple(leaf.shape)}, expected {tuple(shape)}"
-            )
-
-
-def _few(paths: list[str], limit: int = 5) -> str:
-    """Name up to ``limit`` paths, then say how many more."""
-    shown = ", ".join(paths[:limit])
-    return shown + (f" (+{len(paths) - limit} more)" if len(paths) > limit else "")

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fnllm import _checks
 from fnllm import random as jr
-from fnllm.data import _checks
 from fnllm.data.causal import pack
 from fnllm.data.corpus_text import default_documents
 from fnllm.data.masking import mlm_mask
@@ -620,7 +620,8 @@ def bert_pretraining_batch(
                 f"word_start_table: expected bool [{vocab_size}], got "
                 f"{word_start_table.dtype} {tuple(word_start_table.shape)}"
             )
-        _checks.check_ids_in_range("input_ids", ids, vocab_size)
+        if not _checks.tracing(ids):
+            _checks.check_id_range("input_ids", ids, vocab_size)
         whole_word = word_start_table.to(ids.device)[ids]
     inputs, labels = mlm_mask(
         k_mask,

@@ -27,6 +27,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from fnllm import _checks, _tree_ops
 from fnllm import models as _models
 from fnllm import tree as _tree
 
@@ -280,12 +281,12 @@ def _encode_tree(tree: Any) -> tuple[dict[str, torch.Tensor], Any, dict[str, str
                         f"save: dict key {k!r} at {path or '<root>'} must be a non-empty string "
                         "without dots (it becomes part of a dotted path)"
                     )
-                items.append([k, walk(v, _join(path, k))])
+                items.append([k, walk(v, _tree_ops.join(path, k))])
             return {"d": items}
         if type(node) is list:
-            return {"l": [walk(v, _join(path, str(i))) for i, v in enumerate(node)]}
+            return {"l": [walk(v, _tree_ops.join(path, str(i))) for i, v in enumerate(node)]}
         if type(node) is tuple:
-            return {"t": [walk(v, _join(path, str(i))) for i, v in enumerate(node)]}
+            return {"t": [walk(v, _tree_ops.join(path, str(i))) for i, v in enumerate(node)]}
         raise TypeError(
             f"save: leaf {path or '<root>'} has type {type(node).__name__}; expected a tensor, a "
             "dict/list/tuple container, or None/bool/int/float/str"
@@ -364,11 +365,11 @@ def _decode_tree(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dic
             if tag == "v":
                 return body
             if tag == "d":
-                return {k: walk(v, _join(p, k)) for k, v in body}
+                return {k: walk(v, _tree_ops.join(p, k)) for k, v in body}
             if tag == "l":
-                return [walk(v, _join(p, str(i))) for i, v in enumerate(body)]
+                return [walk(v, _tree_ops.join(p, str(i))) for i, v in enumerate(body)]
             if tag == "t":
-                return tuple(walk(v, _join(p, str(i))) for i, v in enumerate(body))
+                return tuple(walk(v, _tree_ops.join(p, str(i))) for i, v in enumerate(body))
         raise ValueError(f"{name}: corrupt fnllm structure metadata at {p or '<root>'!r}")
 
     out = walk(structure, "")
@@ -376,10 +377,6 @@ def _decode_tree(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dic
     if extra:
         raise ValueError(f"{name}: tensors not described by the structure metadata: {extra}")
     return out
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
 
 
 def _flat_tensors(params: Any, what: str) -> dict[str, torch.Tensor]:
@@ -396,13 +393,7 @@ def _check_params(model: Any, flat: Mapping[str, torch.Tensor], *, where: str) -
     missing = sorted(set(expected) - set(flat), key=_natural)
     unexpected = sorted(set(flat) - set(expected), key=_natural)
     desc = _describe(model)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_abbrev(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_abbrev(unexpected)}")
-        raise KeyError(f"{where} do not match {desc}: " + "; ".join(parts))
+    _checks.check_keys(f"{where} do not match {desc}: ", missing, unexpected)
     wrong = [
         f"{p} has shape {tuple(flat[p].shape)}, expected {expected[p]}"
         for p in expected  # model order: embeddings first, then layer by layer
@@ -419,11 +410,6 @@ def _describe(model: Any) -> str:
         return f"{type(model).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in cfg.items()) + ")"
     except Exception:  # pragma: no cover - only for odd user objects
         return repr(model)
-
-
-def _abbrev(items: list[str], n: int = 12) -> str:
-    shown = ", ".join(items[:n])
-    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)})"
 
 
 def _natural(path: str) -> list:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from fnllm import _checks
 from fnllm import tree as _tree
 from fnllm.io import checkpoint as _ckpt
 
@@ -691,16 +692,12 @@ def _apply_table(
     display = lambda n: names.get(n, n if n.startswith(("cls.", "lm_head.")) else prefix + n)
     missing = sorted(display(n) for n in wanted - set(state))
     unexpected = sorted(display(n).lstrip("\0") for n in set(state) - wanted)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_ckpt._abbrev(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_ckpt._abbrev(unexpected)}")
-        raise KeyError(
-            f"from_hf: {where}: weights do not match the {type(model).__name__} the config "
-            f"describes ({_ckpt._describe(model)}): " + "; ".join(parts)
-        )
+    _checks.check_keys(
+        f"from_hf: {where}: weights do not match the {type(model).__name__} the config "
+        f"describes ({_ckpt._describe(model)}): ",
+        missing,
+        unexpected,
+    )
     out: dict[str, torch.Tensor] = {}
     bad: list[str] = []
     for path, op, ns in table:

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import optree
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -414,12 +413,12 @@ def _check_inputs(
 def _check_params(model: Any, params: Params) -> None:
     """``nn.check_shapes`` against ``model.param_shapes()``, with a fast path for good trees.
 
-    A valid tree is recognised by comparing its optree structure and leaf shapes with a
+    A valid tree is recognised by comparing its tree structure and leaf shapes with a
     layout cached per (hashable) config: a few hundred microseconds for GPT-2's ~150 leaves,
     which keeps the eager check cheap next to the forward pass. Anything else takes the slow
     path, which names the offending path.
     """
-    leaves, spec = optree.tree_flatten(params, none_is_leaf=False)
+    leaves, spec = tree.flatten_spec(params)
     want_spec, want_shapes = _layout(model)
     if spec == want_spec and all(
         isinstance(leaf, Tensor) and leaf.shape == shape for leaf, shape in zip(leaves, want_shapes)
@@ -439,9 +438,7 @@ def _layout(model: Any) -> tuple[Any, tuple[tuple[int, ...], ...]]:
     """The expected tree structure and the leaf shapes in flattening order."""
     shapes = model.param_shapes()
     paths = list(shapes)
-    order, spec = optree.tree_flatten(
-        tree.unflatten({p: i for i, p in enumerate(paths)}), none_is_leaf=False
-    )
+    order, spec = tree.flatten_spec(tree.unflatten({p: i for i, p in enumerate(paths)}))
     return spec, tuple(shapes[paths[i]] for i in order)
 
 

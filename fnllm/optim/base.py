@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import optree
 import torch
 from torch import Tensor
 
-from fnllm import tree
+from fnllm import _checks, tree
 
 __all__ = [
     "GradientTransformation",
@@ -151,12 +150,12 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     ul = leaves_like("optim.apply_updates", "updates", updates, spec, params, "params")
     check_shapes("optim.apply_updates", "updates", ul, pl, spec, "params")
     if not pl:
-        return optree.tree_unflatten(spec, [])
+        return tree.unflatten_spec(spec, [])
     if all(p.dtype == u.dtype for p, u in zip(pl, ul)):
         new = list(torch._foreach_add(pl, ul))
     else:
         new = [(p + u).to(p.dtype) for p, u in zip(pl, ul)]
-    return optree.tree_unflatten(spec, new)
+    return tree.unflatten_spec(spec, new)
 
 
 def step(
@@ -210,13 +209,13 @@ def step(
 # Used by the transforms in this package; not part of the public API.
 
 
-def flatten(t: Tree) -> tuple[list[Any], optree.PyTreeSpec]:
+def flatten(t: Tree) -> tuple[list[Any], tree.TreeSpec]:
     """Leaves and structure of a tree (``None`` is an empty subtree, as in ``fnllm.tree``)."""
-    return optree.tree_flatten(t, none_is_leaf=False)
+    return tree.flatten_spec(t)
 
 
 def leaves_like(
-    where: str, name: str, t: Tree, spec: optree.PyTreeSpec, ref: Tree, ref_name: str
+    where: str, name: str, t: Tree, spec: tree.TreeSpec, ref: Tree, ref_name: str
 ) -> list[Any]:
     """The leaves of ``t``, after checking it has the structure ``spec`` of ``ref``.
 
@@ -242,7 +241,7 @@ def check_shapes(
     name: str,
     got: Sequence[Any],
     ref: Sequence[Any],
-    spec: optree.PyTreeSpec,
+    spec: tree.TreeSpec,
     ref_name: str,
 ) -> None:
     """Raise naming the first leaf whose shape differs from the reference's."""
@@ -272,7 +271,7 @@ def structure_message(where: str, name: str, got: Tree, ref_name: str, ref: Tree
     if only_got or only_ref:
         return (
             f"{where}: {name} does not match {ref_name}: paths only in {name}: "
-            f"{_few(only_got)}; only in {ref_name}: {_few(only_ref)}"
+            f"{_checks.few(only_got)}; only in {ref_name}: {_checks.few(only_ref)}"
         )
     return (
         f"{where}: {name} has the paths of {ref_name} but different containers "
@@ -281,7 +280,7 @@ def structure_message(where: str, name: str, got: Tree, ref_name: str, ref: Tree
 
 
 Mask = Any  # a tree.Filter (glob, list of globs, predicate), a tree of bools, or None
-MaskFn = Callable[[Tree, optree.PyTreeSpec, Sequence[Tensor]], tuple[bool, ...]]
+MaskFn = Callable[[Tree, tree.TreeSpec, Sequence[Tensor]], tuple[bool, ...]]
 
 
 def make_mask(where: str, mask: Mask) -> MaskFn:
@@ -310,9 +309,7 @@ def make_mask(where: str, mask: Mask) -> MaskFn:
         by_spec: dict[Any, tuple[bool, ...]] = {}
         by_metas: dict[Any, tuple[bool, ...]] = {}
 
-        def resolve(
-            ref: Tree, spec: optree.PyTreeSpec, leaves: Sequence[Tensor]
-        ) -> tuple[bool, ...]:
+        def resolve(ref: Tree, spec: tree.TreeSpec, leaves: Sequence[Tensor]) -> tuple[bool, ...]:
             if torch.compiler.is_compiling():
                 # Reuse what an eager call (``init`` makes one) resolved for these leaves;
                 # computing paths is not traceable on every torch version.
@@ -339,24 +336,12 @@ def make_mask(where: str, mask: Mask) -> MaskFn:
             )
     flags = tuple(mleaves)
 
-    def resolve_tree(
-        ref: Tree, spec: optree.PyTreeSpec, leaves: Sequence[Tensor]
-    ) -> tuple[bool, ...]:
+    def resolve_tree(ref: Tree, spec: tree.TreeSpec, leaves: Sequence[Tensor]) -> tuple[bool, ...]:
         if mspec != spec:
             raise ValueError(structure_message(where, "mask", mask, "params", ref))
         return flags
 
     return resolve_tree
-
-
-def tracing(*tensors: Any) -> bool:
-    """True under ``torch.compile`` tracing or when a tensor is a ``torch.func`` wrapper."""
-    if torch.compiler.is_compiling():
-        return True
-    return any(
-        isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
-        for t in tensors
-    )
 
 
 def new_count(leaves: Sequence[Any]) -> Tensor:
@@ -389,17 +374,8 @@ def _check_chain_state(state: object, n: int) -> None:
 
 
 def _paths(t: Tree) -> tuple[str, ...]:
-    return tuple(".".join(str(k) for k in p) for p in optree.tree_paths(t, none_is_leaf=False))
+    return tuple(tree.paths(t))
 
 
-def _path_at(spec: optree.PyTreeSpec, i: int) -> str:
-    paths = optree.tree_paths(
-        optree.tree_unflatten(spec, [0] * spec.num_leaves), none_is_leaf=False
-    )
-    return ".".join(str(p) for p in paths[i])
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(repr(x) for x in items[:n])
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return f"[{shown}{more}]"
+def _path_at(spec: tree.TreeSpec, i: int) -> str:
+    return tree.spec_paths(spec)[i]
