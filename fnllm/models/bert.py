@@ -20,7 +20,6 @@ Parameter paths:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from fnllm import nn
 from fnllm import random as jr
-from fnllm.models.gpt import _cached_shapes, _check_inputs, _check_params, _from_config
+from fnllm.models import _base
 
 __all__ = ["BERT", "BertOutput", "BertPretrainOutput"]
 
@@ -131,26 +130,10 @@ class BERT:
     sop_head: bool = True
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "n_layer",
-            "n_head",
-            "d_model",
-            "d_ff",
-            "max_len",
-            "type_vocab_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"BERT: {name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(
-                f"BERT: d_model {self.d_model} is not divisible by n_head {self.n_head}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"BERT: dropout must be in [0, 1), got {self.dropout}")
-        if not self.ln_eps > 0:
-            raise ValueError(f"BERT: ln_eps must be positive, got {self.ln_eps}")
+        _base.check_config(
+            self,
+            ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_len", "type_vocab_size"),
+        )
         if self.sop_head and not self.pooler:
             raise ValueError("BERT: sop_head=True needs pooler=True (it reads the pooled output)")
 
@@ -218,51 +201,7 @@ class BERT:
         Returns:
             A dict from dotted path to shape tuple, in layer order.
         """
-        return dict(_cached_shapes(self))
-
-    def _build_param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Compute :meth:`param_shapes` (cached per config by ``_cached_shapes``)."""
-        V, D, F_ = self.vocab_size, self.d_model, self.d_ff
-        shapes: dict[str, tuple[int, ...]] = {
-            "embed.tokens.weight": (V, D),
-            "embed.positions.weight": (self.max_len, D),
-            "embed.token_types.weight": (self.type_vocab_size, D),
-            "embed.ln.weight": (D,),
-            "embed.ln.bias": (D,),
-        }
-        for i in range(self.n_layer):
-            b = f"blocks.{i}."
-            shapes.update(
-                {
-                    b + "attn.qkv.weight": (3 * D, D),
-                    b + "attn.qkv.bias": (3 * D,),
-                    b + "attn.proj.weight": (D, D),
-                    b + "attn.proj.bias": (D,),
-                    b + "ln_1.weight": (D,),
-                    b + "ln_1.bias": (D,),
-                    b + "mlp.fc.weight": (F_, D),
-                    b + "mlp.fc.bias": (F_,),
-                    b + "mlp.proj.weight": (D, F_),
-                    b + "mlp.proj.bias": (D,),
-                    b + "ln_2.weight": (D,),
-                    b + "ln_2.bias": (D,),
-                }
-            )
-        if self.pooler:
-            shapes.update({"pooler.weight": (D, D), "pooler.bias": (D,)})
-        if self.mlm_head:
-            shapes.update(
-                {
-                    "mlm.transform.weight": (D, D),
-                    "mlm.transform.bias": (D,),
-                    "mlm.ln.weight": (D,),
-                    "mlm.ln.bias": (D,),
-                    "mlm.bias": (V,),
-                }
-            )
-        if self.sop_head:
-            shapes.update({"sop.weight": (2, D), "sop.bias": (2,)})
-        return shapes
+        return _base.param_shapes(self)
 
     def check_params(self, params: Params) -> None:
         """Raise unless ``params`` has exactly this model's leaves and shapes.
@@ -286,7 +225,7 @@ class BERT:
             KeyError: a leaf is missing or unexpected (named by path).
             ValueError: a leaf has the wrong shape (named by path).
         """
-        _check_params(self, params)
+        _base.check_params(self, params)
 
     # ------------------------------------------------------------------ forward
 
@@ -334,7 +273,7 @@ class BERT:
             ``torch.func.vmap`` refuses ``None`` outputs, so a function mapped with it
             should return the fields it needs rather than the whole tuple.
         """
-        tokens, attention_mask = _check_inputs(self, params, tokens, attention_mask)
+        tokens, attention_mask = _base.check_inputs(self, params, tokens, attention_mask)
         if token_type_ids is not None:
             token_type_ids = nn.check_ids(
                 token_type_ids, self.type_vocab_size, name="token_type_ids"
@@ -346,14 +285,10 @@ class BERT:
                 )
         unbatched = tokens.ndim == 1
         if unbatched:
-            tokens = tokens[None]
-            attention_mask = None if attention_mask is None else attention_mask[None]
-            token_type_ids = None if token_type_ids is None else token_type_ids[None]
-
-        drop = self.dropout if key is not None else 0.0
-        keys: list[Tensor | None] = [None] * (self.n_layer + 1)
-        if drop > 0.0:
-            keys = list(jr.split(key, self.n_layer + 1))
+            tokens, attention_mask, token_type_ids = _base.batched(
+                tokens, attention_mask, token_type_ids
+            )
+        drop, keys = _base.dropout_keys(self, key)
 
         # Once per forward, shared by every block; None when nothing is padded (eager).
         mask = nn.make_attention_mask(attention_mask)
@@ -392,9 +327,7 @@ class BERT:
 
         ``mask`` comes from :func:`fnllm.nn.make_attention_mask`, or is ``None`` (no padding).
         """
-        k_attn = k_res1 = k_res2 = None
-        if key is not None:
-            k_attn, k_res1, k_res2 = jr.split(key, 3)
+        k_attn, k_res1, k_res2 = _base.block_keys(key)
         h = nn.attention(
             p["attn"],
             x,
@@ -523,7 +456,7 @@ class BERT:
         Returns:
             ``{"type": "bert", field: value, ...}``; :meth:`from_config` inverts it.
         """
-        return {"type": "bert", **dataclasses.asdict(self)}
+        return _base.to_config(self, "bert")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> BERT:
@@ -545,4 +478,4 @@ class BERT:
         Raises:
             ValueError: wrong ``"type"`` or unknown fields.
         """
-        return _from_config(cls, "bert", config)
+        return _base.from_config(cls, "bert", config)
