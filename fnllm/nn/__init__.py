@@ -37,6 +37,7 @@ from fnllm.nn._layers import (
     init_mlp,
     layer_norm,
     linear,
+    mean_pool,
     mlp,
 )
 
@@ -61,6 +62,7 @@ __all__ = [
     "layer_norm",
     "linear",
     "make_attention_mask",
+    "mean_pool",
     "merge_heads",
     "mlp",
 ]

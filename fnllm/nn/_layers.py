@@ -258,3 +258,34 @@ def dropout(key: Tensor | None, x: Tensor, rate: float) -> Tensor:
         return x
     keep = jr.bernoulli(key, 1.0 - rate, tuple(x.shape))
     return torch.where(keep, x / (1.0 - rate), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Average token vectors over the real (unpadded) tokens: sentence embeddings.
+
+    This is the pooling all-MiniLM-L6-v2 and other sentence-transformers models use.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import io
+        >>> h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
+        >>> io.mean_pool(h, torch.tensor([[1, 1, 0]]))
+        tensor([[2., 3.]])
+
+    Args:
+        hidden: ``[..., T, D]`` token vectors.
+        attention_mask: ``[..., T]``, 1 (or True) for real tokens and 0 for padding.
+
+    Returns:
+        ``[..., D]`` means over the real tokens (zeros for a row with none).
+
+    Raises:
+        ValueError: the shapes do not line up.
+    """
+    if attention_mask.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"mean_pool: attention_mask shape {tuple(attention_mask.shape)} does not match "
+            f"hidden {tuple(hidden.shape)} without its last dimension"
+        )
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(-2) / m.sum(-2).clamp(min=1e-9)
