@@ -14,19 +14,13 @@ Every transform is a pure function of its inputs and (where it samples) an expli
 """
 
 from fnllm.data.causal import causal_targets, instruction_targets, pack
-from fnllm.data.corpus import (
-    Batches,
-    Corpus,
-    bert_batches,
-    bert_pretraining_batch,
-    gpt_batches,
-    load_tokenizer,
-    split_sentences,
-    train_tokenizer,
-)
+from fnllm.data.corpus import Corpus, split_sentences
 from fnllm.data.corpus_text import DEFAULT_DOCUMENTS, default_documents
+from fnllm.data.loaders import Batches, bert_batches, gpt_batches
 from fnllm.data.masking import mlm_mask
 from fnllm.data.pairs import pad_sequences, sentence_pairs, truncate_lengths
+from fnllm.data.pretraining import bert_pretraining_batch
+from fnllm.data.tokenizers import load_tokenizer, train_tokenizer
 
 __all__ = [
     "DEFAULT_DOCUMENTS",
