@@ -112,8 +112,10 @@ def make_step(
     autocast: torch.dtype | None = None,
     guard: bool = True,
 ) -> TrainStep:
-    """Build the pure train step ``(trainable, frozen, opt_state, batch, key) -> (trainable,
-    opt_state, metrics)``.
+    """Build the pure train step of a loss and an optimizer (compiled by default).
+
+    The step is ``step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state,
+    metrics)``.
 
     The step differentiates ``loss_fn`` with respect to ``trainable`` only (``frozen`` is
     detached), so no gradient, optimizer state or backward work exists for frozen leaves, and
