@@ -16,11 +16,9 @@ import torch
 from torch import Tensor
 
 from fnllm import _checks, tree
-from fnllm.optim.base import (
-    GradientTransformation,
+from fnllm.optim._helpers import (
     Mask,
     Tree,
-    apply_updates,
     check_count,
     check_shapes,
     check_state_keys,
@@ -29,6 +27,7 @@ from fnllm.optim.base import (
     make_mask,
     new_count,
 )
+from fnllm.optim.base import GradientTransformation, apply_updates
 from fnllm.optim.transforms import ScalarOrSchedule
 
 __all__ = ["NO_DECAY", "adam", "adamw", "decay_mask"]

@@ -14,11 +14,9 @@ import torch
 from torch import Tensor
 
 from fnllm import _checks, tree
-from fnllm.optim.base import (
-    GradientTransformation,
+from fnllm.optim._helpers import (
     Mask,
     Tree,
-    chain,
     check_count,
     check_shapes,
     check_state_keys,
@@ -27,6 +25,7 @@ from fnllm.optim.base import (
     make_mask,
     new_count,
 )
+from fnllm.optim.base import GradientTransformation, chain
 
 __all__ = [
     "add_decayed_weights",
