@@ -16,17 +16,8 @@ import torch
 from torch import Tensor
 
 from fnllm import _checks, tree
-from fnllm.optim._helpers import (
-    Mask,
-    Tree,
-    check_count,
-    check_shapes,
-    check_state_keys,
-    flatten,
-    leaves_like,
-    make_mask,
-    new_count,
-)
+from fnllm.optim import _helpers
+from fnllm.optim._helpers import Mask, Tree
 from fnllm.optim.base import GradientTransformation, apply_updates
 from fnllm.optim.transforms import ScalarOrSchedule
 
@@ -165,11 +156,11 @@ def _adam(
             raise ValueError(f"{where}: {name} must be in [0, 1), got {beta}")
     eps = _checks.check_number(f"{where}: eps", eps, nonnegative=True)
     wd = _checks.check_number(f"{where}: weight_decay", weight_decay, nonnegative=True)
-    resolve = make_mask(where, mask)
+    resolve = _helpers.make_mask(where, mask)
     hyper = _Hyper(float(b1), float(b2), eps, wd)
 
     def init(params: Tree) -> dict[str, Any]:
-        leaves, spec = flatten(params)
+        leaves, spec = _helpers.flatten(params)
         for i, p in enumerate(leaves):
             if not isinstance(p, Tensor) or not p.is_floating_point():
                 path = tree.paths(params)[i]
@@ -178,23 +169,27 @@ def _adam(
         if wd > 0.0 and leaves:
             resolve(params, spec, leaves)  # resolve the mask now, eagerly (see make_mask)
         zeros = lambda: tree.unflatten_spec(spec, [torch.zeros_like(p) for p in leaves])
-        return {"count": new_count(leaves), "mu": zeros(), "nu": zeros()}
+        return {"count": _helpers.new_count(leaves), "mu": zeros(), "nu": zeros()}
 
     def prepare(grads: Tree, state: Any, params: Tree | None, need_params: bool) -> _Step:
-        check_state_keys(where, state, ("count", "mu", "nu"))
-        count = check_count(where, state["count"])
-        ml, spec = flatten(state["mu"])
-        gl = leaves_like(where, "grads", grads, spec, state["mu"], "the optimizer state")
-        check_shapes(where, "grads", gl, ml, spec, "the optimizer state")
-        vl = leaves_like(where, "state['nu']", state["nu"], spec, state["mu"], "state['mu']")
-        check_shapes(where, "state['nu']", vl, ml, spec, "state['mu']")
+        _helpers.check_state_keys(where, state, ("count", "mu", "nu"))
+        count = _helpers.check_count(where, state["count"])
+        ml, spec = _helpers.flatten(state["mu"])
+        gl = _helpers.leaves_like(where, "grads", grads, spec, state["mu"], "the optimizer state")
+        _helpers.check_shapes(where, "grads", gl, ml, spec, "the optimizer state")
+        vl = _helpers.leaves_like(
+            where, "state['nu']", state["nu"], spec, state["mu"], "state['mu']"
+        )
+        _helpers.check_shapes(where, "state['nu']", vl, ml, spec, "state['mu']")
         pl: list[Tensor] | None = None
         flags: tuple[bool, ...] = (False,) * len(gl)
         if wd > 0.0 or need_params:
             if params is None:
                 raise ValueError(f"{where}: update needs params when weight_decay > 0")
-            pl = leaves_like(where, "params", params, spec, state["mu"], "the optimizer state")
-            check_shapes(where, "params", pl, ml, spec, "the optimizer state")
+            pl = _helpers.leaves_like(
+                where, "params", params, spec, state["mu"], "the optimizer state"
+            )
+            _helpers.check_shapes(where, "params", pl, ml, spec, "the optimizer state")
             if wd > 0.0:
                 flags = resolve(params, spec, pl)
         lr_t = lr(count) if callable(lr) else lr

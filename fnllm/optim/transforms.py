@@ -82,19 +82,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """
     max_norm = _checks.check_number("clip_by_global_norm: max_norm", max_norm, positive=True)
 
-    def init(params: Tree) -> dict[str, Any]:
-        del params
-        return {}
-
-    def update(updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
-        del params
-        leaves, spec = flatten(updates)
-        if not leaves:
-            return updates, state
-        coef = torch.clamp(max_norm / (_global_norm(leaves) + 1e-6), max=1.0)
-        return tree.unflatten_spec(spec, _scale_leaves(leaves, coef)), state
-
-    return GradientTransformation(init, update)
+    return _stateless_scale(
+        lambda leaves: torch.clamp(max_norm / (_global_norm(leaves) + 1e-6), max=1.0)
+    )
 
 
 def scale(factor: float) -> GradientTransformation:
@@ -115,18 +105,7 @@ def scale(factor: float) -> GradientTransformation:
     """
     factor = _checks.check_number("scale: factor", factor)
 
-    def init(params: Tree) -> dict[str, Any]:
-        del params
-        return {}
-
-    def update(updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
-        del params
-        leaves, spec = flatten(updates)
-        if not leaves:
-            return updates, state
-        return tree.unflatten_spec(spec, _scale_leaves(leaves, factor)), state
-
-    return GradientTransformation(init, update)
+    return _stateless_scale(lambda leaves: factor)
 
 
 def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransformation:
@@ -343,6 +322,23 @@ def sgd(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _stateless_scale(coef_of: Callable[[list[Tensor]], float | Tensor]) -> GradientTransformation:
+    """A stateless transformation multiplying the updates by ``coef_of(leaves)``."""
+
+    def init(params: Tree) -> dict[str, Any]:
+        del params
+        return {}
+
+    def update(updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
+        del params
+        leaves, spec = flatten(updates)
+        if not leaves:
+            return updates, state
+        return tree.unflatten_spec(spec, _scale_leaves(leaves, coef_of(leaves))), state
+
+    return GradientTransformation(init, update)
 
 
 def _global_norm(leaves: Sequence[Tensor]) -> Tensor:
