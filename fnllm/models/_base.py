@@ -131,7 +131,8 @@ def from_config(cls: Any, kind: str, config: Mapping[str, Any]) -> Any:
 @functools.lru_cache(maxsize=64)
 def _cached_shapes(model: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """``init`` on the meta device, read in insertion order (not sorted, as flatten is)."""
-    params = model.init(jr.key(0).to("meta"))
+    with torch._C._DisableFuncTorch():  # the first call may come from inside grad or vmap
+        params = model.init(jr.key(0).to("meta"))
     out: list[tuple[str, tuple[int, ...]]] = []
 
     def walk(node: Any, prefix: str) -> None:
