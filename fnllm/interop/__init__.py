@@ -8,6 +8,8 @@
   function that works under ``jax.grad``, ``jax.value_and_grad``, ``jax.jit`` and ``jax.vmap``.
 - :func:`as_torch`: a JAX function as a PyTorch function with autograd (also under
   ``torch.func.grad``).
+- :func:`train_optax`: train fnllm parameters from JAX with an ``optax`` optimizer;
+  :func:`plot_loss_curves` draws such runs side by side.
 
 JAX is an optional dependency (``pip install 'fnllm[jax]'``): this module imports without it
 and each function imports JAX when first called, raising an ``ImportError`` that names the
@@ -16,5 +18,16 @@ extra when it is missing.
 
 from fnllm.interop.arrays import from_jax, key_from_jax, key_to_jax, to_jax
 from fnllm.interop.functions import as_jax, as_torch
+from fnllm.interop.training import OptaxRun, plot_loss_curves, train_optax
 
-__all__ = ["as_jax", "as_torch", "from_jax", "key_from_jax", "key_to_jax", "to_jax"]
+__all__ = [
+    "OptaxRun",
+    "as_jax",
+    "as_torch",
+    "from_jax",
+    "key_from_jax",
+    "key_to_jax",
+    "plot_loss_curves",
+    "to_jax",
+    "train_optax",
+]
