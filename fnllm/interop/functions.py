@@ -335,7 +335,19 @@ def _to_torch(a: Any) -> Tensor:
 
 
 def _to_result(jax: Any, t: Tensor) -> Any:
-    return jax.dlpack.from_dlpack(t.detach().contiguous())
+    """A callback result as a numpy view of the tensor (JAX copies it into its own buffer)."""
+    t = t.detach().contiguous()
+    if t.dtype in _NUMPY_NATIVE:
+        return t.numpy()
+    # bfloat16 and float8: reinterpret the bytes with the ml_dtypes type JAX uses
+    bits = t.view(_SAME_WIDTH_INT[t.element_size()]).numpy()
+    return bits.view(jax.numpy.dtype(_common.DTYPES[t.dtype]))
+
+
+_NUMPY_NATIVE = frozenset(
+    d for d in _common.DTYPES if d not in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+)
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16}
 
 
 def _jax_dtype(jax: Any, dtype: torch.dtype) -> Any:
