@@ -170,6 +170,14 @@ def test_to_jax_refuses_to_narrow_64_bit_dtypes_without_x64(dtype: torch.dtype) 
         interop.to_jax({"tokens": torch.zeros(2, dtype=dtype)})
 
 
+def test_from_jax_takes_numpy_arrays_including_bfloat16_and_read_only_ones() -> None:
+    bf = np.asarray(jnp.array([1.5, -2.0], jnp.bfloat16))  # a read-only ml_dtypes view
+    writable = np.arange(3, dtype=np.uint32)
+    out = interop.from_jax({"bf": bf, "u": writable})
+    assert out["bf"].dtype == torch.bfloat16 and out["bf"].tolist() == [1.5, -2.0]
+    assert out["u"].dtype == torch.uint32 and out["u"].data_ptr() == writable.ctypes.data
+
+
 def test_from_jax_errors_name_the_leaf() -> None:
     with pytest.raises(TypeError, match=r"leaf 'a\.1' is a str"):
         interop.from_jax({"a": [jnp.zeros(1), "x"]})

@@ -166,6 +166,15 @@ def test_as_torch_tree_outputs_and_non_differentiable_integer_outputs() -> None:
     torch.testing.assert_close(w.grad, 2 * torch.cos(w.detach()) * torch.tensor([1.0, 2.0, 3.0]))
 
 
+def test_as_torch_integer_inputs_between_float_inputs_get_no_gradient() -> None:
+    f = interop.as_torch(lambda a, idx, b: jnp.sum(a[idx] * b))
+    a = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    b = torch.tensor([10.0, 20.0], requires_grad=True)
+    idx = torch.tensor([2, 0], dtype=torch.int32)
+    ga, gb = torch.autograd.grad(f(a, idx, b), (a, b))
+    assert ga.tolist() == [20.0, 0.0, 10.0] and gb.tolist() == [3.0, 1.0]
+
+
 def test_as_torch_errors() -> None:
     f = interop.as_torch(lambda w: jnp.sum(w**2), jit=False)
     with pytest.raises(TypeError, match=r"argument '0\.a' is a float, not a tensor"):

@@ -27,6 +27,7 @@ from fnllm.interop import _common
 __all__ = ["from_jax", "key_from_jax", "key_to_jax", "to_jax"]
 
 _MASK32 = 0xFFFFFFFF
+_ML_DTYPES = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2"})
 
 
 def to_jax(tree: Any) -> Any:
@@ -83,7 +84,8 @@ def from_jax(tree: Any) -> Any:
 
     Args:
         tree: a nested dict/list/tuple of concrete ``jax.Array`` or ``numpy.ndarray`` leaves
-            (not tracers: call it outside ``jit``/``grad``).
+            (not tracers: call it outside ``jit``/``grad``). Writable numpy arrays are shared,
+            read-only ones copied.
 
     Returns:
         The same structure with tensor leaves; ``from_jax(to_jax(t))`` is bit-identical to
@@ -103,8 +105,12 @@ def from_jax(tree: Any) -> Any:
                 "jit/grad/vmap (inside them use as_torch)"
             )
         if isinstance(x, np.ndarray):
-            _common.torch_dtype("from_jax", f"leaf {where!r}", x.dtype)
-            return torch.from_numpy(np.ascontiguousarray(x))
+            dtype = _common.torch_dtype("from_jax", f"leaf {where!r}", x.dtype)
+            # read-only arrays (numpy views of JAX arrays) are copied: torch assumes writable
+            x = np.array(x, copy=not x.flags.writeable, order="C")
+            if x.dtype.kind == "V" or x.dtype.name in _ML_DTYPES:  # bfloat16, float8
+                return torch.from_numpy(x.view(f"u{x.dtype.itemsize}")).view(dtype)
+            return torch.from_numpy(x)
         if not isinstance(x, jax.Array):
             raise TypeError(f"from_jax: leaf {where!r} is a {type(x).__name__}, not a jax.Array")
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):

@@ -233,7 +233,7 @@ def _build(
         return callback(run, out_avals, *leaves)
 
     def call_fwd(*leaves: Any) -> tuple[list[Any], Any]:
-        if scalar:
+        if scalar and diff:
             value, *grads = callback(run_value_and_grad, [out_avals[0], *diff_avals], *leaves)
             return [value], (True, grads, leaves)
         return callback(run, out_avals, *leaves), (False, None, leaves)
@@ -242,6 +242,8 @@ def _build(
         is_scalar, grads, leaves = res
         if is_scalar:
             grads = [(g * cts[0]).astype(g.dtype) for g in grads]
+        elif not diff:
+            grads = []
         else:
             grads = callback(run_vjp, diff_avals, *leaves, *(cts[k] for k in out_diff))
         out: list[Any] = [np.zeros(np.shape(x), dtype=jax.dtypes.float0) for x in leaves]
@@ -369,7 +371,7 @@ class _Box:
     def __init__(self, jax: Any, treedef: Any, forward: Callable, backward: Callable) -> None:
         self.jax, self.treedef, self.forward, self.backward = jax, treedef, forward, backward
         self.out_treedef: Any = None
-        self.out_float: list[bool] = []
+        self.outs: list[Tensor] = []  # meta tensors: the outputs' shapes and dtypes
 
 
 class _JaxFunction(torch.autograd.Function):
@@ -380,7 +382,7 @@ class _JaxFunction(torch.autograd.Function):
         out = box.forward(*args)
         outs, box.out_treedef = jax.tree_util.tree_flatten(out)
         tensors = tuple(from_jax(list(outs)))
-        box.out_float = [t.is_floating_point() for t in tensors]
+        box.outs = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors]
         # a fresh tensor per output: autograd must own what it returns
         return tuple(t.clone() for t in tensors)
 
@@ -406,25 +408,21 @@ class _JaxPullback(torch.autograd.Function):
         jax = box.jax
         leaves, cts = tensors[:n], tensors[n:]
         args = jax.tree_util.tree_unflatten(box.treedef, to_jax(list(leaves)))
-        outs = jax.eval_shape(lambda *a: jax.tree_util.tree_leaves(box.forward(*a)), *args)
         jcts = []
-        for ct, spec, is_float in zip(cts, outs, box.out_float):
-            if not is_float:
-                jcts.append(np.zeros(spec.shape, dtype=jax.dtypes.float0))
+        for ct, out in zip(cts, box.outs):
+            if not out.is_floating_point():
+                jcts.append(np.zeros(tuple(out.shape), dtype=jax.dtypes.float0))
             elif ct is None:
-                jcts.append(jax.numpy.zeros(spec.shape, spec.dtype))
+                jcts.append(to_jax(torch.zeros_like(out)))
             else:
-                jcts.append(to_jax(ct.to(_common.TORCH_DTYPES[str(spec.dtype)])))
+                jcts.append(to_jax(ct.to(out.dtype).contiguous()))
         grads = box.backward(tuple(args), jax.tree_util.tree_unflatten(box.out_treedef, jcts))
         flat = jax.tree_util.tree_leaves(grads)
         # float0 cotangents of integer inputs are dropped from the leaves; refill with None
-        it = iter(flat)
         out: list[Any] = []
-        for x in leaves:
-            g = next(it) if x.is_floating_point() else None
-            if g is not None and str(g.dtype) == "float0":
-                g = None
-            out.append(None if g is None else from_jax(g).clone())
+        for x, g in zip(leaves, flat):  # one cotangent per input leaf (float0 for integers)
+            keep = x.is_floating_point() and str(g.dtype) != "float0"
+            out.append(from_jax(g).clone() if keep else None)
         return tuple(out)
 
     @staticmethod
