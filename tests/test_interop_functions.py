@@ -10,6 +10,8 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from fnllm import interop, losses, optim, tree  # noqa: E402
 from fnllm import random as jr  # noqa: E402
@@ -95,6 +97,29 @@ def test_as_jax_under_vmap_gives_per_example_gradients(setup) -> None:
     )
     for i in range(tokens.shape[0]):
         assert abs(float(values[i]) - float(_loss(params, tokens[i : i + 1]))) < 1e-6
+
+
+def _mlp_loss(p, x):
+    return (torch.tanh(x @ p["w"] + p["b"]) ** 2).sum()
+
+
+_jax_mlp = interop.as_jax(_mlp_loss)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    m=st.integers(1, 4),
+    n=st.integers(1, 5),
+    k=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_as_jax_grad_equals_torch_grad_for_any_shapes(m: int, n: int, k: int, seed: int) -> None:
+    p = {"w": jr.normal(jr.key(seed), (n, k)), "b": jr.normal(jr.fold_in(jr.key(seed), 1), (k,))}
+    x = jr.normal(jr.fold_in(jr.key(seed), 2), (m, n))
+    expected = torch.func.grad(_mlp_loss, argnums=(0, 1))(p, x)
+    got = jax.grad(_jax_mlp, argnums=(0, 1))(*interop.to_jax((p, x)))
+    _close(got[0], expected[0])
+    np.testing.assert_allclose(np.asarray(got[1]), expected[1].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_as_jax_integer_inputs_get_float0_cotangents() -> None:
