@@ -122,6 +122,15 @@ def test_as_jax_grad_equals_torch_grad_for_any_shapes(m: int, n: int, k: int, se
     np.testing.assert_allclose(np.asarray(got[1]), expected[1].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_as_jax_takes_a_jax_key_for_fnllm_randomness() -> None:
+    def dropped(w, key):  # an fnllm sampler inside the wrapped function
+        return (w * jr.bernoulli(key, 0.5, w.shape)).sum()
+
+    key = jr.key(9)
+    g = jax.grad(interop.as_jax(dropped))(jnp.ones(16), interop.key_to_jax(key))
+    np.testing.assert_array_equal(np.asarray(g), jr.bernoulli(key, 0.5, (16,)).float().numpy())
+
+
 def test_as_jax_integer_inputs_get_float0_cotangents() -> None:
     f = interop.as_jax(lambda w, idx: w[idx.long()].sum())
     g_w, g_idx = jax.grad(f, argnums=(0, 1), allow_int=True)(jnp.ones(4), jnp.array([0, 0, 2]))
