@@ -136,6 +136,11 @@ def test_as_jax_integer_inputs_get_float0_cotangents() -> None:
     g_w, g_idx = jax.grad(f, argnums=(0, 1), allow_int=True)(jnp.ones(4), jnp.array([0, 0, 2]))
     assert np.asarray(g_w).tolist() == [2.0, 0.0, 1.0, 0.0]
     assert g_idx.dtype == jax.dtypes.float0
+    # only an integer output: the cotangent of the float input is zero
+    count = interop.as_jax(lambda w: (w > 0).sum().int())
+    _, pull = jax.vjp(count, jnp.ones(3))
+    (g,) = pull(np.zeros((), jax.dtypes.float0))
+    assert np.asarray(g).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_as_jax_errors_name_the_culprit() -> None:

@@ -242,8 +242,8 @@ def _build(
         is_scalar, grads, leaves = res
         if is_scalar:
             grads = [(g * cts[0]).astype(g.dtype) for g in grads]
-        elif not diff:
-            grads = []
+        elif not out_diff:  # only integer outputs: nothing flows back
+            grads = [jax.numpy.zeros(a.shape, a.dtype) for a in diff_avals]
         else:
             grads = callback(run_vjp, diff_avals, *leaves, *(cts[k] for k in out_diff))
         out: list[Any] = [np.zeros(np.shape(x), dtype=jax.dtypes.float0) for x in leaves]
