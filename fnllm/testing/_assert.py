@@ -74,11 +74,14 @@ def assert_trees_close(
     Example:
         >>> import torch
         >>> from fnllm import testing
-        >>> testing.assert_trees_close({"w": torch.tensor([1.0])}, {"w": torch.tensor([1.0 + 1e-7])})
+        >>> testing.assert_trees_close({"w": torch.tensor([1.0])}, {"w": torch.tensor([1.0001])},
+        ...                            rtol=1e-3)
         >>> testing.assert_trees_close({"w": torch.tensor([1.0, 2.0])},
         ...                            {"w": torch.tensor([1.0, 2.1])}, rtol=0, atol=0.05)
+        ... # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
-        AssertionError: trees differ at w: 1 of 2 elements not close (rtol=0, atol=0.05); worst at [1]: 2.0 vs 2.1 (abs diff 0.1)
+        AssertionError: trees differ at w: 1 of 2 elements not close (rtol=0, atol=0.05);
+            worst at [1]: 2.0 vs 2.1 (abs diff 0.1)
 
     Args:
         actual: the tree under test.
@@ -236,9 +239,9 @@ def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
 
 def _fmt(x: torch.Tensor) -> str:
     value = x.item()
-    if isinstance(value, float) and x.dtype != torch.float64 and value == value:
-        # the shortest decimal that rounds back to the same value in x's dtype (2.1, not
-        # 2.0999999046325684 for a float32)
+    if isinstance(value, float) and x.dtype == torch.float32 and value == value:
+        # the shortest decimal that rounds back to the same float32 (2.1, not
+        # 2.0999999046325684); float16/bfloat16 values print exactly in few digits anyway
         for digits in range(1, 10):
             short = float(f"{value:.{digits}g}")
             if torch.tensor(short, dtype=x.dtype).item() == value:

@@ -218,10 +218,13 @@ def mlm_args(
     @st.composite
     def _draw(draw: st.DrawFn) -> dict[str, Any]:
         vocab = draw(st.integers(4, max_vocab))
-        pad_id, mask_id = draw(st.lists(st.integers(0, vocab - 1), min_size=2, max_size=2,
-                                        unique=True))
+        pad_id, mask_id = draw(
+            st.lists(st.integers(0, vocab - 1), min_size=2, max_size=2, unique=True)
+        )
         others = [i for i in range(vocab) if i not in (pad_id, mask_id)]
-        extra = draw(st.lists(st.sampled_from(others), max_size=min(2, len(others) - 1), unique=True))
+        extra = draw(
+            st.lists(st.sampled_from(others), max_size=min(2, len(others) - 1), unique=True)
+        )
         special = tuple(sorted({pad_id, *extra}))
         batch = draw(token_batches(vocab, max_len, max_batch=max_batch, pad_id=pad_id))
         mask_frac = draw(st.sampled_from([0.0, 0.5, 0.8, 1.0]))
@@ -306,4 +309,3 @@ def _check_bounds(max_vocab: int, max_layers: int, max_heads: int, max_len: int)
     ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"config strategy: {name} must be an int >= {low}, got {value!r}")
-

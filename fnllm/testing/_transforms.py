@@ -38,8 +38,10 @@ def assert_per_example_grads(
         >>> testing.assert_per_example_grads(loss_fn, params, x)
         >>> testing.assert_per_example_grads(loss_fn, params, x,
         ...                                  per_example_grads={"w": torch.zeros(2, 2)})
+        ... # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
-        AssertionError: per-example gradient of example 0: trees differ at w: 1 of 2 elements not close (rtol=0.0001, atol=1e-05); worst at [0]: 0.0 vs 2.0 (abs diff 2)
+        AssertionError: per-example gradient of example 0: trees differ at w: 1 of 2 elements
+            not close (rtol=0.0001, atol=1e-05); worst at [0]: 0.0 vs 2.0 (abs diff 2)
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``, averaging over the batch.
@@ -85,8 +87,10 @@ def assert_deterministic(
         >>> from fnllm import random, testing
         >>> testing.assert_deterministic(lambda k, n: random.normal(k, (n,)), random.key(0), 3)
         >>> testing.assert_deterministic(lambda k, n: torch.zeros(n), random.key(0), 3)
+        ... # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
-        AssertionError: result does not change with the key: every leaf is equal for key [0, 0] and for key [928981903, 3453687069] (leaves: <root>)
+        AssertionError: result does not change with the key: every leaf is equal for key [0, 0]
+            and for key [928981903, 3453687069] (leaves: <root>)
 
     Args:
         fn: ``fn(key, *args, **kwargs) -> tree``.
@@ -117,9 +121,7 @@ def assert_deterministic(
         )
 
 
-def assert_compiles(
-    fn: Callable[..., Any], *calls: Sequence[Any], backend: str = "eager"
-) -> None:
+def assert_compiles(fn: Callable[..., Any], *calls: Sequence[Any], backend: str = "eager") -> None:
     """Assert ``fn`` compiles with zero graph breaks and does not recompile across calls.
 
     ``fn`` is traced by TorchDynamo (``torch._dynamo.explain``) on the first argument tuple,
@@ -148,14 +150,11 @@ def assert_compiles(
     if not calls:
         raise ValueError("assert_compiles: give at least one argument tuple")
     name = getattr(fn, "__name__", repr(fn))
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # fresh caches: earlier compiles of fn must not count
     explanation = torch._dynamo.explain(fn)(*calls[0])
     if explanation.graph_break_count:
         reasons = "; ".join(_reason(r) for r in explanation.break_reasons)
-        raise AssertionError(
-            f"{name}: {explanation.graph_break_count} graph break(s): {reasons}"
-        )
-    torch._dynamo.reset()
+        raise AssertionError(f"{name}: {explanation.graph_break_count} graph break(s): {reasons}")
     counter = _CompileCounter(backend)
     compiled = torch.compile(fn, backend=counter, fullgraph=True)
     for i, args in enumerate(calls):
@@ -166,13 +165,14 @@ def assert_compiles(
             raise AssertionError(
                 f"{name}: does not compile with fullgraph=True on call {i}: {summary}"
             ) from None
+        if counter.graphs == 0:
+            raise AssertionError(f"{name}: call {i} ran without compiling (recompile limit hit?)")
         if counter.graphs > 1:
             raise AssertionError(
                 f"{name}: recompiled on call {i} ({counter.graphs} graphs); shapes "
                 f"{_shapes(args)} vs first call {_shapes(calls[0])} "
                 "(TORCH_LOGS=recompiles shows the failing guard)"
             )
-    torch._dynamo.reset()
 
 
 def assert_transforms_agree(
@@ -195,7 +195,7 @@ def assert_transforms_agree(
         >>> testing.assert_transforms_agree(lambda x: x.softmax(-1), x)
         >>> testing.assert_transforms_agree(lambda x: x - x.mean(), x)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        AssertionError: vmap differs from eager: trees differ at <root>: 6 of 6 elements not close ...
+        AssertionError: vmap differs from eager: trees differ at <root>: 6 of 6 elements ...
 
     Args:
         fn: the function under test, returning a tree of tensors.
@@ -208,7 +208,7 @@ def assert_transforms_agree(
         AssertionError: naming the variant, the path and the values.
     """
     eager = fn(*args)
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # fresh caches: no recompile limit reached by earlier calls
     variants = {
         "compiled": lambda: torch.compile(fn, backend=backend, fullgraph=True)(*args),
         "vmap": lambda: torch.func.vmap(fn)(*args),
@@ -218,7 +218,6 @@ def assert_transforms_agree(
             assert_trees_close(run(), eager, rtol=rtol, atol=atol)
         except AssertionError as err:
             raise AssertionError(f"{name} differs from eager: {err}") from None
-    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- helpers

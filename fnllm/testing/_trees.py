@@ -105,9 +105,11 @@ def tensors(
         dt = draw(dtype_st)
         n = math.prod(s)
         values = draw(st.lists(_elements(dt, min_value, max_value), min_size=n, max_size=n))
-        return torch.tensor(values, dtype=torch.float64 if dt.is_floating_point else None).to(
-            dt
-        ).reshape(s)
+        return (
+            torch.tensor(values, dtype=torch.float64 if dt.is_floating_point else None)
+            .to(dt)
+            .reshape(s)
+        )
 
     return _draw()
 
@@ -193,9 +195,7 @@ def trees_like(
     )
 
 
-def filters(
-    params: Any, *, kind: str = "any", proper: bool = False
-) -> st.SearchStrategy[Any]:
+def filters(params: Any, *, kind: str = "any", proper: bool = False) -> st.SearchStrategy[Any]:
     """Draw a filter (a list of globs or a predicate) that selects at least one leaf of ``params``.
 
     Globs are built from real paths (a prefix, possibly with one part replaced by ``*``), so
@@ -308,8 +308,9 @@ def _dtype_strategy(dtype: DtypeLike) -> st.SearchStrategy:
         return st.just(dtype)
     options = list(dtype)
     if not options or not all(isinstance(d, torch.dtype) for d in options):
-        raise TypeError(f"tensors: dtype must be a torch.dtype, a list of them or a strategy, "
-                        f"got {dtype!r}")
+        raise TypeError(
+            f"tensors: dtype must be a torch.dtype, a list of them or a strategy, got {dtype!r}"
+        )
     return st.sampled_from(options)
 
 
