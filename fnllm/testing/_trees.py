@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -15,9 +16,9 @@ from fnllm import random, tree
 ShapeLike = Sequence[int] | st.SearchStrategy
 DtypeLike = torch.dtype | Sequence[torch.dtype] | st.SearchStrategy
 
-# Dict keys of drawn trees: short identifiers without dots (a dot would make paths ambiguous)
-# and never all digits (they would read like list indexes).
-_KEY_ALPHABET = "abcdefghijklmnopqrstuvwxyz_"
+# Dict keys of drawn trees: identifiers without dots (a dot would make paths ambiguous), never
+# digits (they would read like list indexes), drawn as a permutation (distinct, no retries).
+_KEY_POOL = ("w", "b", "weight", "bias", "embed", "blocks", "attn", "mlp", "ln_f", "head", "qkv")
 _WIDTH = {torch.float16: 16, torch.float32: 32, torch.float64: 64, torch.bfloat16: 32}
 
 
@@ -123,8 +124,10 @@ def trees(
 ) -> st.SearchStrategy[Any]:
     """Draw parameter trees: a dict at the root, nested dicts and lists, tensor leaves.
 
-    Dict keys are short lowercase identifiers (no dots, never digits), so every leaf has an
-    unambiguous dotted path as in :func:`fnllm.tree.paths`.
+    The tree is built around exactly the drawn leaves (no rejection sampling), so it shrinks
+    towards fewer leaves and shallower nesting. Dict keys are parameter-like names (no dots,
+    never digits), so every leaf has an unambiguous dotted path as in
+    :func:`fnllm.tree.paths`. A tree with no leaves is an empty dict.
 
     Example:
         >>> from hypothesis import given, settings
@@ -138,7 +141,7 @@ def trees(
     Args:
         leaves: strategy of leaves; default small float32 :func:`tensors`.
         max_leaves: most leaves in a tree.
-        min_leaves: fewest tensor leaves (empty containers may appear besides them).
+        min_leaves: fewest leaves.
         tuples: also draw tuple containers.
 
     Returns:
@@ -146,17 +149,15 @@ def trees(
     """
     _check_range("trees: leaves", min_leaves, max_leaves, low=0)
     leaf = tensors() if leaves is None else leaves
-    names = st.text(_KEY_ALPHABET, min_size=1, max_size=4)
+    kinds = ["dict", "list", "tuple"] if tuples else ["dict", "list"]
 
-    def extend(children: st.SearchStrategy) -> st.SearchStrategy:
-        options = [st.dictionaries(names, children, max_size=3), st.lists(children, max_size=3)]
-        if tuples:
-            options.append(st.lists(children, min_size=1, max_size=3).map(tuple))
-        return st.one_of(*options)
+    @st.composite
+    def _draw(draw: st.DrawFn) -> Any:
+        n = draw(st.integers(min_leaves, max_leaves))
+        drawn = draw(st.lists(leaf, min_size=n, max_size=n))
+        return _nest(draw, drawn, kinds, root=True)
 
-    nested = st.recursive(leaf, extend, max_leaves=max_leaves)
-    root = st.dictionaries(names, nested, min_size=1 if min_leaves else 0, max_size=4)
-    return root.filter(lambda t: min_leaves <= len(tree.leaves(t)) <= max_leaves)
+    return _draw()
 
 
 def trees_like(
@@ -229,19 +230,30 @@ def filters(params: Any, *, kind: str = "any", proper: bool = False) -> st.Searc
         raise ValueError(
             f"filters: params has {len(paths)} leaves, need {'2 for proper=True' if proper else 1}"
         )
-    chosen = st.lists(st.sampled_from(paths), min_size=1, max_size=3, unique=True)
-    globs = chosen.flatmap(lambda ps: st.tuples(*[_glob_for(p) for p in ps]).map(list))
-    predicates = chosen.map(_PathSet)
-    strategy = {"globs": globs, "predicate": predicates, "any": st.one_of(globs, predicates)}[kind]
-    if not proper:
-        return strategy
+
+    @st.composite
+    def _draw(draw: st.DrawFn) -> Any:
+        left_out = draw(st.sampled_from(paths)) if proper else None
+        candidates = [p for p in paths if p != left_out]
+        chosen = draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=3, unique=True))
+        if (
+            draw(st.sampled_from(["globs", "predicate"] if kind == "any" else [kind]))
+            == "predicate"
+        ):
+            return _PathSet(chosen)
+        globs = []
+        for p in chosen:
+            g = draw(_glob_for(p))
+            # a proper filter must miss ``left_out``: fall back to the exact path if g hits it
+            globs.append(p if left_out and tree.filter_fn(g)(left_out, None) else g)
+        return globs
 
     def _leaves_something_out(f: Any) -> Any:
         keep = tree.filter_fn(f)
         assume(not all(keep(p, x) for p, x in tree.flatten(params).items()))
         return f
 
-    return strategy.map(_leaves_something_out)
+    return _draw().map(_leaves_something_out) if proper else _draw()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -259,6 +271,32 @@ class _PathSet:
 
     def __repr__(self) -> str:
         return f"lambda path, leaf: path in {sorted(self.paths)!r}"
+
+
+def _nest(
+    draw: st.DrawFn, leaves: list[Any], kinds: list[str], *, root: bool = False, depth: int = 0
+) -> Any:
+    """Arrange ``leaves`` (in order) into a random nesting of dicts, lists and tuples."""
+    if len(leaves) == 1 and not root and (depth >= 4 or draw(st.booleans())):
+        return leaves[0]
+    if not leaves:
+        return {}
+    kind = "dict" if root else draw(st.sampled_from(kinds))
+    # below depth 2 a container splits its leaves, so nesting ends
+    fewest = 2 if depth >= 2 and len(leaves) > 1 else 1
+    k = draw(st.integers(fewest, min(len(leaves), 3)))
+    cuts: list[int] = []
+    if k > 1:
+        between = st.integers(1, len(leaves) - 1)
+        cuts = sorted(draw(st.sets(between, min_size=k - 1, max_size=k - 1)))
+    bounds = [0, *cuts, len(leaves)]
+    children = [
+        _nest(draw, leaves[a:b], kinds, depth=depth + 1) for a, b in itertools.pairwise(bounds)
+    ]
+    if kind == "dict":
+        names = draw(st.permutations(_KEY_POOL))
+        return dict(zip(names, children))
+    return children if kind == "list" else tuple(children)
 
 
 def _glob_for(path: str) -> st.SearchStrategy[str]:
