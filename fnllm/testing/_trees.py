@@ -236,10 +236,8 @@ def filters(params: Any, *, kind: str = "any", proper: bool = False) -> st.Searc
         left_out = draw(st.sampled_from(paths)) if proper else None
         candidates = [p for p in paths if p != left_out]
         chosen = draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=3, unique=True))
-        if (
-            draw(st.sampled_from(["globs", "predicate"] if kind == "any" else [kind]))
-            == "predicate"
-        ):
+        style = draw(st.sampled_from(["globs", "predicate"])) if kind == "any" else kind
+        if style == "predicate":
             return _PathSet(chosen)
         globs = []
         for p in chosen:
