@@ -473,3 +473,23 @@ def test_tiny_gpt_apply_compiles_once_and_agrees_across_transforms():
 
     testing.assert_compiles(logits, (tokens,), (tokens.flip(0),))
     testing.assert_transforms_agree(logits, tokens)
+
+
+def test_assert_trees_equal_bitwise_tells_signed_zeros_and_nan_payloads_apart():
+    zeros = {"w": [torch.tensor([0.0, 1.0], dtype=torch.bfloat16)]}
+    negative = {"w": [torch.tensor([-0.0, 1.0], dtype=torch.bfloat16)]}
+    testing.assert_trees_equal(negative, zeros)
+    with pytest.raises(
+        AssertionError, match=r"at w\.0: 1 of 2 elements differ; first at \[0\]: -0\.0 vs 0\.0"
+    ):
+        testing.assert_trees_equal(negative, zeros, bitwise=True)
+    nan = torch.tensor([float("nan")])
+    other_nan = nan.view(torch.int32).add(1).view(torch.float32)
+    testing.assert_trees_equal({"n": other_nan}, {"n": nan})
+    with pytest.raises(
+        AssertionError, match=r"at n: 1 of 1 elements differ; first at \[0\]: nan vs nan"
+    ):
+        testing.assert_trees_equal({"n": other_nan}, {"n": nan}, bitwise=True)
+    testing.assert_trees_equal(
+        {"b": torch.tensor([True])}, {"b": torch.tensor([True])}, bitwise=True
+    )

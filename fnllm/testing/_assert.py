@@ -39,8 +39,11 @@ def assert_same_structure(actual: Any, expected: Any, *, shapes: bool = True) ->
     _walk(actual, expected, "", shapes=shapes, leaf_check=None)
 
 
-def assert_trees_equal(actual: Any, expected: Any) -> None:
+def assert_trees_equal(actual: Any, expected: Any, *, bitwise: bool = False) -> None:
     """Assert two trees are equal: same structure, shapes, dtypes and values (NaN equals NaN).
+
+    With ``bitwise=True`` tensor elements must have the same bits (``-0.0`` differs from
+    ``0.0``, NaN payloads count), as a checkpoint round trip should give.
 
     Example:
         >>> import torch
@@ -55,11 +58,16 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
     Args:
         actual: the tree under test.
         expected: the reference tree.
+        bitwise: compare the bits of tensor elements rather than their values.
 
     Raises:
         AssertionError: naming the path, the first differing index and both values.
     """
-    _walk(actual, expected, "", shapes=True, leaf_check=_equal_leaf)
+
+    def check(path: str, a: Any, e: Any) -> None:
+        _equal_leaf(path, a, e, bitwise=bitwise)
+
+    _walk(actual, expected, "", shapes=True, leaf_check=check)
 
 
 def assert_trees_close(
@@ -181,9 +189,9 @@ def _walk(a: Any, e: Any, path: str, *, shapes: bool, leaf_check: Any) -> None:
         leaf_check(where, a, e)
 
 
-def _equal_leaf(path: str, a: Any, e: Any) -> None:
+def _equal_leaf(path: str, a: Any, e: Any, *, bitwise: bool = False) -> None:
     if isinstance(a, torch.Tensor):
-        problem = _difference(a, e)
+        problem = _difference(a, e, bitwise=bitwise)
         if problem:
             raise AssertionError(f"trees differ at {path}: {problem}")
     elif not (a == e or (a != a and e != e)):  # plain leaves; NaN equals NaN
@@ -212,13 +220,17 @@ def _close_leaf(path: str, a: Any, e: Any, rtol: float | None, atol: float | Non
     )
 
 
-def _difference(a: torch.Tensor, e: torch.Tensor) -> str:
+def _difference(a: torch.Tensor, e: torch.Tensor, *, bitwise: bool = False) -> str:
     """Describe how two same-shape tensors differ ('' when equal, NaN equal to NaN)."""
     if a.shape != e.shape or a.dtype != e.dtype:
         return f"{_kind(a)} vs {_kind(e)}"
     a, e = a.detach().cpu(), e.detach().cpu()
-    same = a == e
-    if a.is_floating_point() or a.is_complex():
+    if bitwise and a.dtype != torch.bool:
+        as_int = _INT_OF_SIZE[a.element_size()]
+        same = a.contiguous().view(as_int) == e.contiguous().view(as_int)
+    else:
+        same = a == e
+    if (a.is_floating_point() or a.is_complex()) and not bitwise:
         same = same | (a.isnan() & e.isnan())
     if bool(same.all()):
         return ""
@@ -227,6 +239,9 @@ def _difference(a: torch.Tensor, e: torch.Tensor) -> str:
         f"{int((~same).sum())} of {same.numel()} elements differ; "
         f"first at {list(first)}: {_fmt(a[first])} vs {_fmt(e[first])}"
     )
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
