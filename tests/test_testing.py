@@ -159,13 +159,18 @@ def test_every_drawn_bert_builds_and_runs_every_drawn_batch(data_, model_params)
     st.integers(1, 12),
     st.sampled_from(["right", "left", "none"]),
 )
-def test_token_batches_pad_with_pad_id_and_keep_a_real_token_per_row(data_, vocab, t, padding):
+def test_token_batches_pad_with_pad_id_and_keep_min_tokens_per_row(data_, vocab, t, padding):
     pad_id = data_.draw(st.integers(0, vocab - 1))
     exclude = tuple(data_.draw(st.lists(st.integers(0, vocab - 1), max_size=2)))
-    b = data_.draw(testing.token_batches(vocab, t, pad_id=pad_id, padding=padding, exclude=exclude))
+    least = data_.draw(st.integers(0, t))
+    b = data_.draw(
+        testing.token_batches(
+            vocab, t, pad_id=pad_id, padding=padding, exclude=exclude, min_tokens=least
+        )
+    )
     tokens, mask = b["tokens"], b["attention_mask"].bool()
     assert tokens.dtype == torch.int64 and tokens.shape == mask.shape and tokens.shape[1] <= t
-    assert bool(mask.any(dim=1).all())
+    assert bool((mask.sum(dim=1) >= least).all())
     assert bool((tokens[~mask] == pad_id).all())
     assert bool(((tokens >= 0) & (tokens < vocab)).all())
     allowed = [i for i in range(vocab) if i != pad_id and i not in exclude]
@@ -207,6 +212,7 @@ def test_sentence_pair_args_are_accepted_by_sentence_pairs(args):
         (lambda: testing.trees_like({"a": [1.0]}), "leaf a.0 is float"),
         (lambda: testing.token_batches(10, 4, pad_id=10), "pad_id 10 outside"),
         (lambda: testing.token_batches(10, 0), "max_len must be an int >= 1"),
+        (lambda: testing.token_batches(10, 4, min_tokens=5), "min_tokens 5 outside [0, max_len 4]"),
         (lambda: testing.token_batches(10, 4, padding="both"), "padding 'both'"),
         (lambda: testing.gpt_configs(max_heads=0), "max_heads must be an int >= 1"),
         (lambda: testing.mlm_args(max_vocab=3), "max_vocab must be >= 4"),

@@ -130,10 +130,12 @@ def token_batches(
     pad_id: int = 0,
     padding: str = "right",
     exclude: tuple[int, ...] = (),
+    min_tokens: int = 1,
 ) -> st.SearchStrategy[dict[str, torch.Tensor]]:
     """Draw padded token batches ``{"tokens": [B, T] int64, "attention_mask": [B, T] int64}``.
 
-    Every row has at least one real token; padded positions hold ``pad_id`` and mask 0. Real
+    Every row has at least ``min_tokens`` real tokens (one by default, so every row can be
+    attended to); padded positions hold ``pad_id`` and mask 0. Real
     tokens are ids in ``[0, vocab_size)`` other than ``pad_id`` and ``exclude`` (when any remain).
 
     Example:
@@ -153,6 +155,7 @@ def token_batches(
         pad_id: the id on padded positions.
         padding: ``"right"``, ``"left"`` or ``"none"`` (all rows full length, mask all ones).
         exclude: ids never drawn as real tokens (special ids).
+        min_tokens: fewest real tokens in a row (0 allows fully padded rows).
 
     Returns:
         A strategy of batches.
@@ -165,16 +168,18 @@ def token_batches(
         raise ValueError(f"token_batches: pad_id {pad_id} outside [0, vocab_size {vocab_size})")
     if padding not in ("right", "left", "none"):
         raise ValueError(f"token_batches: padding {padding!r} is not 'right', 'left' or 'none'")
+    if not isinstance(min_tokens, int) or not 0 <= min_tokens <= max_len:
+        raise ValueError(f"token_batches: min_tokens {min_tokens!r} outside [0, max_len {max_len}]")
     ids = [i for i in range(vocab_size) if i != pad_id and i not in exclude] or [pad_id]
     real = st.sampled_from(ids)
 
     @st.composite
     def _draw(draw: st.DrawFn) -> dict[str, torch.Tensor]:
         b = draw(st.integers(1, max_batch))
-        t = draw(st.integers(1, max_len))
+        t = draw(st.integers(max(1, min_tokens), max_len))
         rows, masks = [], []
         for _ in range(b):
-            n = t if padding == "none" else draw(st.integers(1, t))
+            n = t if padding == "none" else draw(st.integers(min_tokens, t))
             row = draw(st.lists(real, min_size=n, max_size=n))
             pad = [pad_id] * (t - n)
             rows.append(row + pad if padding != "left" else pad + row)
