@@ -100,21 +100,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="32x512 and dropout, eager only, few runs")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--eager-only", action="store_true", help="all shapes, no compiled rows")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = args.runs or (5 if args.quick else 31)
     shapes = SHAPES[:1] if args.quick else SHAPES
+    compiled = not (args.quick or args.eager_only)
+    warmup = 2 if args.quick else 5
     table: list[list[Any]] = []
     for shape in shapes:
-        table += run(shape, runs=runs, warmup=2 if args.quick else 5, compiled=not args.quick)
+        table += run(shape, runs=runs, warmup=warmup, compiled=compiled)
     print_table(
         table,
         header=("workload", "fnllm ms", "torch.rand ms", "ratio"),
         title=f"fnllm.random vs torch.rand (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads)",
     )
-    drop = run_dropout(runs=runs, warmup=2 if args.quick else 5, compiled=not args.quick)
+    drop = run_dropout(runs=runs, warmup=warmup, compiled=compiled)
     print_table(
         drop,
         header=("workload", "fnllm ms", "F.dropout ms", "ratio"),

@@ -270,16 +270,16 @@ def bits(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.int6
     Returns:
         A tensor of the given shape and dtype on the key's device.
     """
-    k0, k1 = _check_key("bits", key)
+    words = _key_words("bits", key)
     shape = _check_shape("bits: shape", shape)
     if dtype not in _BITS_DTYPES:
         raise ValueError(f"bits: dtype must be one of {_BITS_DTYPES}, got {dtype}")
     if dtype == torch.uint64:
-        x0, x1 = _threefry(k0, k1, *_counters(shape, key.device))
+        x0, x1 = _threefry(words[0], words[1], *_counters(shape, key.device))
         return ((x0 << 32) | x1).to(torch.uint64)
-    b = _fast_draw("bits", key, shape)
+    b = _fast_draw("bits", words, shape)
     if b is None:
-        b = _random_bits32(k0, k1, shape, key.device)
+        b = _random_bits32(words[0], words[1], shape, key.device)
     if dtype == torch.uint8:
         return (b & 0xFF).to(torch.uint8)
     if dtype == torch.uint16:
@@ -319,7 +319,7 @@ def uniform(
     Returns:
         A tensor of the given shape and dtype on the key's device.
     """
-    k0, k1 = _check_key("uniform", key)
+    words = _key_words("uniform", key)
     shape = _check_shape("uniform: shape", shape)
     if dtype not in _FLOATS:
         raise ValueError(f"uniform: dtype must be one of {_FLOATS}, got {dtype}")
@@ -331,10 +331,10 @@ def uniform(
         raise ValueError(f"uniform: maxval {maxval} < minval {minval}")
     plain = not isinstance(minval, Tensor) and not isinstance(maxval, Tensor)
     if plain and dtype == torch.float32 and minval == 0 and maxval == 1:
-        u = _fast_draw("unit", key, shape)
+        u = _fast_draw("unit", words, shape)
         if u is not None:
             return u
-    return _uniform(k0, k1, shape, dtype, minval, maxval, key.device)
+    return _uniform(words[0], words[1], shape, dtype, minval, maxval, key.device)
 
 
 def normal(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.float32) -> Tensor:
@@ -391,7 +391,7 @@ def bernoulli(key: Tensor, p: float | Tensor = 0.5, shape: Sequence[int] | None 
     Returns:
         A bool tensor.
     """
-    k0, k1 = _check_key("bernoulli", key)
+    words = _key_words("bernoulli", key)
     if isinstance(p, Tensor):
         if p.dtype not in _FLOATS:
             raise TypeError(f"bernoulli: p must be a float tensor, got dtype {p.dtype}")
@@ -412,10 +412,10 @@ def bernoulli(key: Tensor, p: float | Tensor = 0.5, shape: Sequence[int] | None 
     if not isinstance(p, Tensor):
         p = torch.tensor(float(p), dtype=dtype, device=key.device)
     if dtype == torch.float32 and p.dim() == 0 and p.device == key.device:
-        keep = _fast_draw("below", key, shape, p)
-        if keep is not None:
-            return keep
-    return _uniform(k0, k1, shape, dtype, 0.0, 1.0, key.device) < p
+        u = _fast_draw("unit", words, shape)  # a bool-output kernel is not vectorised
+        if u is not None:
+            return u < p
+    return _uniform(words[0], words[1], shape, dtype, 0.0, 1.0, key.device) < p
 
 
 def randint(
@@ -623,6 +623,12 @@ def _check_key_dtype(name: str, key: Any) -> None:
 
 def _check_key(name: str, key: Any) -> tuple[Tensor, Tensor]:
     """Validate a single key and return its two words as int64 scalars."""
+    key = _key_words(name, key)
+    return key[0], key[1]
+
+
+def _key_words(name: str, key: Any) -> Tensor:
+    """Validate a single key and return it as an int64 tensor of shape (2,)."""
     _check_key_dtype(name, key)
     if tuple(key.shape) != (2,):
         if key.dim() >= 2 and key.shape[-1] == 2:
@@ -634,7 +640,7 @@ def _check_key(name: str, key: Any) -> tuple[Tensor, Tensor]:
     _check_key_words(name, key)
     if key.dtype != torch.int64:
         key = key.to(torch.int64) & _MASK
-    return key[0], key[1]
+    return key
 
 
 def _eager(*tensors: Any) -> bool:
@@ -656,12 +662,7 @@ def _check_key_words(name: str, key: Tensor) -> None:
     """
     if key.dtype in (torch.int32, torch.uint32, torch.uint8, torch.uint16) or not _eager(key):
         return
-    if key.dtype == torch.int64:
-        bad = bool((key >> 32).any())  # nonzero for negative words and words >= 2**32
-    elif key.dtype == torch.uint64:
-        bad = bool((key.view(torch.int64) >> 32).any())
-    else:  # int8, int16
-        bad = bool((key < 0).any())
+    bad = any(w < 0 or w > _MASK for w in key.tolist())  # two words: cheaper than tensor ops
     if bad:
         raise ValueError(
             f"{name}: key {key.tolist()} has words outside the uint32 range [0, 2**32) "
@@ -744,11 +745,13 @@ _FAST_DEVICES = ("cpu",)
 _FAST_CACHE: dict[str, Any] = {}
 
 
-def _fast_draw(kind: str, key: Tensor, shape: tuple[int, ...], p: Tensor | None = None) -> Any:
+def _fast_draw(kind: str, key: Tensor, shape: tuple[int, ...]) -> Tensor | None:
     """Draw with the compiled core, flat then reshaped; ``None`` where the op path must run.
 
-    Kinds: ``"bits"`` (32 random bits in int64), ``"unit"`` (float32 in [0, 1)), ``"below"``
-    (bool: float32 unit < ``p``, a 0-dim float32 tensor). The core is compiled on first use;
+    ``key`` is a checked int64 key (``_key_words``).
+
+    Kinds: ``"bits"`` (32 random bits in int64), ``"unit"`` (float32 in [0, 1)). Each kind
+    is compiled on first use;
     if compiling fails (no C++ compiler, ...) a warning says so once and every later draw
     takes the op path.
     """
@@ -762,10 +765,9 @@ def _fast_draw(kind: str, key: Tensor, shape: tuple[int, ...], p: Tensor | None 
     fn = _FAST_CACHE.get(kind)
     if fn is None:
         fn = _FAST_CACHE[kind] = torch.compile(_FAST_CORES[kind], dynamic=True, fullgraph=True)
-    words = key if key.dtype == torch.int64 else key.to(torch.int64) & _MASK
     try:
         with torch.no_grad():
-            out = fn(words, n) if p is None else fn(words, n, p)
+            out = fn(key, n)
     except Exception as e:  # compile failures surface as many exception types
         _FAST_CACHE["broken"] = True
         warnings.warn(
@@ -787,14 +789,9 @@ def _core_unit(key: Tensor, n: int) -> Tensor:
     return (_core_bits(key, n) >> 9).to(torch.float32) * 2.0**-23
 
 
-def _core_below(key: Tensor, n: int, p: Tensor) -> Tensor:
-    return _core_unit(key, n) < p
-
-
 _FAST_CORES: dict[str, Callable[..., Tensor]] = {
     "bits": _core_bits,
     "unit": _core_unit,
-    "below": _core_below,
 }
 
 

@@ -173,7 +173,6 @@ def test_dropout_gradient_is_the_scaled_mask() -> None:
 def test_dropout_compiled_and_vmapped_equal_eager() -> None:
     key, x = jr.key(5), _randn(2, 4, 30, 40)  # 4800 per row: eager rows use the compiled core
     f = lambda x: nn.dropout(key, x, 0.1)
-    torch._dynamo.reset()
     assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
     keys = jr.split(key, 2)
     mapped = torch.func.vmap(lambda k, row: nn.dropout(k, row, 0.1))(keys, x)

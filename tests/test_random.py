@@ -549,7 +549,7 @@ def test_fast_eager_draws_match_jax(shape: tuple) -> None:
     assert_same(
         fr.uniform(k, shape, minval=-2.0, maxval=5.0), jr.uniform(jk, shape, minval=-2, maxval=5)
     )
-    assert {"bits", "unit", "below"} <= set(fr._FAST_CACHE)  # the core did run
+    assert {"bits", "unit"} <= set(fr._FAST_CACHE)  # the core did run
 
 
 def test_fast_core_equals_the_op_path_at_the_threshold() -> None:
@@ -578,7 +578,6 @@ def test_large_draws_under_vmap_and_compile_equal_eager(f) -> None:
     x = torch.ones(2)
     shared = vmap(lambda row: f(k).sum() * row)(x)  # unbatched key inside vmap
     assert torch.equal(shared, f(k).sum() * x)
-    torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # op path, traced
     assert torch.equal(compiled(k), eager[1])
 
