@@ -23,7 +23,16 @@ could differ from a true FMA only when ``minval`` is tiny next to the span (neve
 
 Why int64 and not ``torch.uint32``: ``torch.uint32`` lacks add/shift/compare kernels on CPU,
 so the hash runs on int64 values masked to 32 bits. :func:`to_jax_key` / :func:`from_jax_key`
-convert losslessly to and from JAX (``uint32[..., 2]`` key data or typed keys).
+convert losslessly to and from JAX (``uint32[..., 2]`` key data or typed keys). Key words
+must lie in ``[0, 2**32)``: eager calls refuse other int64 words (they would alias other keys);
+int32 keys are read as the bit patterns of uint32 words.
+
+Speed: in eager mode a draw of 4096 values or more from :func:`bits`, float32 :func:`uniform`
+or :func:`bernoulli` (and so ``fnllm.nn.dropout``) runs the 20 threefry rounds as one kernel
+made by ``torch.compile`` with dynamic shapes (one compile per kind for every size, cached on
+disk by inductor: tens of seconds the first time on a machine, about a second in later
+processes); smaller draws, code traced by ``torch.compile`` (fused there anyway) and draws
+inside ``torch.func`` transforms use plain tensor ops. Both give the same bits.
 
 Example:
     >>> from fnllm import random as jr
@@ -36,7 +45,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -260,14 +270,16 @@ def bits(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.int6
     Returns:
         A tensor of the given shape and dtype on the key's device.
     """
-    k0, k1 = _check_key("bits", key)
+    words = _key_words("bits", key)
     shape = _check_shape("bits: shape", shape)
     if dtype not in _BITS_DTYPES:
         raise ValueError(f"bits: dtype must be one of {_BITS_DTYPES}, got {dtype}")
-    x0, x1 = _threefry(k0, k1, *_counters(shape, key.device))
     if dtype == torch.uint64:
+        x0, x1 = _threefry(words[0], words[1], *_counters(shape, key.device))
         return ((x0 << 32) | x1).to(torch.uint64)
-    b = x0 ^ x1
+    b = _fast_draw("bits", words, shape)
+    if b is None:
+        b = _random_bits32(words[0], words[1], shape, key.device)
     if dtype == torch.uint8:
         return (b & 0xFF).to(torch.uint8)
     if dtype == torch.uint16:
@@ -307,7 +319,7 @@ def uniform(
     Returns:
         A tensor of the given shape and dtype on the key's device.
     """
-    k0, k1 = _check_key("uniform", key)
+    words = _key_words("uniform", key)
     shape = _check_shape("uniform: shape", shape)
     if dtype not in _FLOATS:
         raise ValueError(f"uniform: dtype must be one of {_FLOATS}, got {dtype}")
@@ -317,7 +329,12 @@ def uniform(
         and not maxval >= minval
     ):
         raise ValueError(f"uniform: maxval {maxval} < minval {minval}")
-    return _uniform(k0, k1, shape, dtype, minval, maxval, key.device)
+    plain = not isinstance(minval, Tensor) and not isinstance(maxval, Tensor)
+    if plain and dtype == torch.float32 and minval == 0 and maxval == 1:
+        u = _fast_draw("unit", words, shape)
+        if u is not None:
+            return u
+    return _uniform(words[0], words[1], shape, dtype, minval, maxval, key.device)
 
 
 def normal(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.float32) -> Tensor:
@@ -374,12 +391,13 @@ def bernoulli(key: Tensor, p: float | Tensor = 0.5, shape: Sequence[int] | None 
     Returns:
         A bool tensor.
     """
-    k0, k1 = _check_key("bernoulli", key)
+    words = _key_words("bernoulli", key)
     if isinstance(p, Tensor):
         if p.dtype not in _FLOATS:
             raise TypeError(f"bernoulli: p must be a float tensor, got dtype {p.dtype}")
         dtype = p.dtype
         p_shape = tuple(p.shape)
+        _check_probability("bernoulli", "p", p, upper_open=False)
     elif isinstance(p, (int, float)) and not isinstance(p, bool):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"bernoulli: p {p} outside [0, 1]")
@@ -393,7 +411,11 @@ def bernoulli(key: Tensor, p: float | Tensor = 0.5, shape: Sequence[int] | None 
     _check_broadcast("bernoulli", "p", p_shape, shape)
     if not isinstance(p, Tensor):
         p = torch.tensor(float(p), dtype=dtype, device=key.device)
-    return _uniform(k0, k1, shape, dtype, 0.0, 1.0, key.device) < p
+    if dtype == torch.float32 and p.dim() == 0 and p.device == key.device:
+        u = _fast_draw("unit", words, shape)  # a bool-output kernel is not vectorised
+        if u is not None:
+            return u < p
+    return _uniform(words[0], words[1], shape, dtype, 0.0, 1.0, key.device) < p
 
 
 def randint(
@@ -601,6 +623,12 @@ def _check_key_dtype(name: str, key: Any) -> None:
 
 def _check_key(name: str, key: Any) -> tuple[Tensor, Tensor]:
     """Validate a single key and return its two words as int64 scalars."""
+    key = _key_words(name, key)
+    return key[0], key[1]
+
+
+def _key_words(name: str, key: Any) -> Tensor:
+    """Validate a single key and return it as an int64 tensor of shape (2,)."""
     _check_key_dtype(name, key)
     if tuple(key.shape) != (2,):
         if key.dim() >= 2 and key.shape[-1] == 2:
@@ -609,9 +637,50 @@ def _check_key(name: str, key: Any) -> tuple[Tensor, Tensor]:
                 "shape (2,), or map over the batch with torch.func.vmap"
             )
         raise ValueError(f"{name}: key must have shape (2,), got {tuple(key.shape)}")
+    _check_key_words(name, key)
     if key.dtype != torch.int64:
         key = key.to(torch.int64) & _MASK
-    return key[0], key[1]
+    return key
+
+
+def _eager(*tensors: Any) -> bool:
+    """True when values can be checked: not while compiling, no ``torch.func`` wrapper, not meta."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(
+        isinstance(t, Tensor)
+        and (torch._C._functorch.is_functorch_wrapped_tensor(t) or t.device.type == "meta")
+        for t in tensors
+    )
+
+
+def _check_key_words(name: str, key: Tensor) -> None:
+    """Eagerly refuse key words outside ``[0, 2**32)``: they would alias other keys.
+
+    int32 keys are taken as the bit patterns of uint32 words (as JAX's ``uint32`` data viewed
+    as ``int32``), so any int32 value is valid; other integer dtypes must hold the words.
+    """
+    if key.dtype in (torch.int32, torch.uint32, torch.uint8, torch.uint16) or not _eager(key):
+        return
+    bad = any(w < 0 or w > _MASK for w in key.tolist())  # two words: cheaper than tensor ops
+    if bad:
+        raise ValueError(
+            f"{name}: key {key.tolist()} has words outside the uint32 range [0, 2**32) "
+            "(it would alias another key); make keys with fnllm.random.key/split/fold_in"
+        )
+
+
+def _check_probability(name: str, arg: str, p: Tensor, *, upper_open: bool) -> None:
+    """Eagerly check that every value of a probability tensor lies in [0, 1] (or [0, 1))."""
+    if not _eager(p) or p.numel() == 0:
+        return
+    ok = (p >= 0) & ((p < 1) if upper_open else (p <= 1))
+    if not bool(ok.all()):
+        idx = tuple(int(i) for i in torch.nonzero(~ok)[0].tolist())
+        value = p[idx].item() if p.dim() else p.item()
+        where = f" at {list(idx)}" if p.dim() else ""
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{name}: {arg} {value}{where} outside {interval}")
 
 
 def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
@@ -665,6 +734,65 @@ def _threefry(k0: Tensor, k1: Tensor, x0: Tensor | None, x1: Tensor) -> tuple[Te
 def _random_bits32(k0: Tensor, k1: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
     x0, x1 = _threefry(k0, k1, *_counters(shape, device))
     return x0 ^ x1
+
+
+# Eager draws of at least _FAST_MIN values run the threefry hash as one compiled kernel
+# (torch.compile with dynamic shapes: one compile per kind and device for every size), instead
+# of ~150 separate tensor ops. Smaller draws, traced code (which inductor fuses by itself) and
+# draws inside torch.func transforms take the op path; both give the same bits.
+_FAST_MIN = 4096
+_FAST_DEVICES = ("cpu",)
+_FAST_CACHE: dict[str, Any] = {}
+
+
+def _fast_draw(kind: str, key: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+    """Draw with the compiled core, flat then reshaped; ``None`` where the op path must run.
+
+    ``key`` is a checked int64 key (``_key_words``).
+
+    Kinds: ``"bits"`` (32 random bits in int64), ``"unit"`` (float32 in [0, 1)). Each kind
+    is compiled on first use;
+    if compiling fails (no C++ compiler, ...) a warning says so once and every later draw
+    takes the op path.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    n = math.prod(shape)
+    if n < _FAST_MIN or n > 2**32 or key.device.type not in _FAST_DEVICES:
+        return None
+    if _FAST_CACHE.get("broken"):
+        return None
+    fn = _FAST_CACHE.get(kind)
+    if fn is None:
+        fn = _FAST_CACHE[kind] = torch.compile(_FAST_CORES[kind], dynamic=True, fullgraph=True)
+    try:
+        with torch.no_grad():
+            out = fn(key, n)
+    except Exception as e:  # compile failures surface as many exception types
+        _FAST_CACHE["broken"] = True
+        warnings.warn(
+            f"fnllm.random: compiling the eager sampling core failed ({type(e).__name__}: "
+            f"{e}); eager draws fall back to plain tensor ops (same values, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return out.reshape(shape)
+
+
+def _core_bits(key: Tensor, n: int) -> Tensor:
+    x0, x1 = _threefry(key[0], key[1], None, torch.arange(n, dtype=torch.int64, device=key.device))
+    return x0 ^ x1
+
+
+def _core_unit(key: Tensor, n: int) -> Tensor:
+    return (_core_bits(key, n) >> 9).to(torch.float32) * 2.0**-23
+
+
+_FAST_CORES: dict[str, Callable[..., Tensor]] = {
+    "bits": _core_bits,
+    "unit": _core_unit,
+}
 
 
 def _unit_floats(
