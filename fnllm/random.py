@@ -299,7 +299,10 @@ def uniform(
     Random mantissa bits give a float in ``[0, 1)`` (23 bits for float32, 10 for float16, 7
     for bfloat16), which is then scaled as ``max(minval, u * (maxval - minval) + minval)``,
     rounding as XLA on CPU does (one fused multiply-add for float32; each step rounded for
-    float16/bfloat16), so the values equal JAX's bit for bit. float64 follows JAX with
+    float16/bfloat16), so the values equal JAX's bit for bit. One host exception: on CPUs with
+    native float16 arithmetic (AVX512-FP16), XLA fuses the float16 scaling into one multiply-add
+    too; fnllm keeps the per-step rule everywhere, so its draws never depend on the host (the
+    unit floats, and every other dtype, still match). float64 follows JAX with
     ``jax_enable_x64`` (52 random bits); its scaled values may differ from JAX by 1 ulp.
 
     Example:
