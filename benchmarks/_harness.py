@@ -2,8 +2,10 @@
 
 - :func:`time_fn` warms a callable up, times ``runs`` calls and returns median/min/max.
 - :func:`compare` interleaves two callables (A, B, A, B, ...) in one process so that machine
-  noise hits both alike, and reports each one's median plus the median of the paired ratios.
-- :func:`print_table` prints one aligned table: workload, fnllm, peer, ratio.
+  noise hits both alike, and reports each one's median plus the median of the paired ratios
+  (a :class:`Ratio`: a float that also carries the min and max of the paired ratios).
+- :func:`print_table` prints one aligned table: workload, fnllm, peer, ratio; a ratio cell
+  shows its spread as ``median [min, max]``, so a noisy row shows itself.
 - :func:`matmul_ms` profiles one call and returns the time its matrix multiplies took (the
   floor no fusion can go below).
 
@@ -24,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "Comparison",
+    "Ratio",
     "Stats",
     "add_model_args",
     "compare",
@@ -47,13 +50,47 @@ class Stats:
         return f"{self.median:.3f} ms (min {self.min:.3f}, max {self.max:.3f}, n={self.runs})"
 
 
+class Ratio(float):
+    """The median of paired ratios A/B, a float carrying their spread (``min``, ``max``).
+
+    It prints as ``median [min, max]`` in :func:`print_table`; ``1 / r`` (a throughput ratio)
+    is a ``Ratio`` too, with the spread inverted.
+
+    Example:
+        >>> r = Ratio(1.5, 1.2, 2.0)
+        >>> float(r), r.min, r.max, str(r)
+        (1.5, 1.2, 2.0, '1.500 [1.200, 2.000]')
+        >>> (1 / r).min, (1 / r).max
+        (0.5, 0.8333333333333334)
+    """
+
+    min: float
+    max: float
+
+    def __new__(cls, median: float, lo: float, hi: float) -> Ratio:
+        r = super().__new__(cls, median)
+        r.min, r.max = lo, hi
+        return r
+
+    def __rtruediv__(self, other: object) -> Ratio | float:
+        if isinstance(other, (int, float)) and other > 0 and self.min > 0:
+            return Ratio(other / float(self), other / self.max, other / self.min)
+        return float(other) / float(self)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{_fmt(float(self))} [{_fmt(self.min)}, {_fmt(self.max)}]"
+
+    def __repr__(self) -> str:
+        return f"Ratio({float(self)!r}, {self.min!r}, {self.max!r})"
+
+
 @dataclass(frozen=True)
 class Comparison:
     """Interleaved A/B timing: each side's stats and the median of the paired ratios A/B."""
 
     a: Stats
     b: Stats
-    ratio: float  # median over runs of time_a / time_b (paired: same moment, same noise)
+    ratio: Ratio  # median (and min, max) over runs of time_a / time_b: paired, same noise
 
 
 def _noop() -> None:
@@ -124,7 +161,8 @@ def compare(
         else:
             tb.append(_timed(b, sync))
             ta.append(_timed(a, sync))
-    ratio = statistics.median(x / y for x, y in zip(ta, tb))
+    ratios = [x / y for x, y in zip(ta, tb)]
+    ratio = Ratio(statistics.median(ratios), min(ratios), max(ratios))
     return Comparison(_stats(ta), _stats(tb), ratio)
 
 
@@ -189,7 +227,18 @@ def print_table(
     header: Sequence[str] = ("workload", "fnllm ms", "peer ms", "ratio"),
     title: str | None = None,
 ) -> None:
-    """Print rows as one aligned plain-text table (markdown-compatible)."""
+    """Print rows as one aligned plain-text table (markdown-compatible).
+
+    A :class:`Ratio` cell prints as ``median [min, max]`` of the paired ratios, and the
+    table then ends with a line saying so.
+
+    Example:
+        >>> print_table([["x", 2.0, 1.0, Ratio(2.0, 1.9, 2.5)]])
+        | workload | fnllm ms | peer ms | ratio                |
+        |----------|----------|---------|----------------------|
+        | x        | 2.000    | 1.000   | 2.000 [1.900, 2.500] |
+        ratio: median [min, max] of the paired per-run ratios
+    """
     cells = [[_fmt(c) for c in header], *[[_fmt(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     if title:
@@ -199,9 +248,13 @@ def print_table(
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells[1:]:
         print(line(r))
+    if any(isinstance(c, Ratio) for r in rows for c in r):
+        print("ratio: median [min, max] of the paired per-run ratios")
 
 
 def _fmt(x: Any) -> str:
+    if isinstance(x, Ratio):
+        return str(x)
     if isinstance(x, float):
         return f"{x:.3f}" if abs(x) < 100 else f"{x:.1f}"
     return str(x)

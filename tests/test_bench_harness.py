@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from benchmarks._harness import compare, matmul_ms, time_fn
+from benchmarks._harness import Ratio, compare, matmul_ms, print_table, time_fn
 
 
 def test_matmul_ms_counts_gemms_only() -> None:
@@ -40,3 +40,30 @@ def test_time_fn_and_compare_reject_no_runs() -> None:
         time_fn(lambda: None, runs=0)
     with pytest.raises(ValueError, match="runs must be >= 1"):
         compare(lambda: None, lambda: None, runs=0)
+
+
+def test_compare_ratio_carries_the_spread_of_paired_ratios() -> None:
+    c = compare(lambda: time.sleep(0.003), lambda: time.sleep(0.001), warmup=0, runs=5)
+    assert isinstance(c.ratio, Ratio)
+    assert c.ratio.min <= c.ratio <= c.ratio.max
+    # every paired ratio lies between the extremes the two sides' stats allow
+    assert c.ratio.min >= c.a.min / c.b.max - 1e-9
+    assert c.ratio.max <= c.a.max / c.b.min + 1e-9
+    inv = 1 / c.ratio
+    assert isinstance(inv, Ratio)
+    assert inv.min == pytest.approx(1 / c.ratio.max) and inv.max == pytest.approx(1 / c.ratio.min)
+    assert float(inv) == pytest.approx(1 / float(c.ratio))
+
+
+def test_print_table_shows_the_spread_beside_the_ratio(capsys: pytest.CaptureFixture) -> None:
+    c = compare(lambda: time.sleep(0.002), lambda: time.sleep(0.001), warmup=0, runs=3)
+    print_table([["row", c.a.median, c.b.median, c.ratio], ["plain", 1.0, 2.0, 0.5]], title="t")
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| row"))
+    ratio_cell = row.split("|")[4].strip()
+    median, spread = ratio_cell.split(" ", 1)
+    lo, hi = (float(v) for v in spread.strip("[]").split(", "))
+    assert lo <= float(median) <= hi
+    assert float(median) == pytest.approx(float(c.ratio), abs=1e-3)
+    assert "median [min, max]" in out
+    assert "| 0.500 " in out  # a plain float stays a plain number

@@ -140,6 +140,65 @@ def test_dropout_rejects_bad_rate() -> None:
         nn.dropout(jr.key(0), torch.ones(3), 1.0)
 
 
+@pytest.mark.parametrize("shape", [(3, 7), (4, 12, 10, 10)], ids=["op-path", "compiled-core"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dropout_equals_its_definition_and_jax_mask(shape: tuple, dtype: torch.dtype) -> None:
+    jax = pytest.importorskip("jax")
+    import numpy as np
+
+    rate, key = 0.3, jr.key(11)
+    x = _randn(*shape).to(dtype)
+    keep = jr.bernoulli(key, 1.0 - rate, shape)
+    jkeep = jax.random.bernoulli(jr.to_jax_key(key), 1.0 - rate, shape)
+    assert np.array_equal(keep.numpy(), np.asarray(jkeep))  # the mask is JAX's
+    want = torch.where(keep, x / (1.0 - rate), torch.zeros((), dtype=dtype))
+    got = nn.dropout(key, x, rate)
+    assert got.dtype == dtype and torch.equal(got, want)
+    # a tensor rate gives the mask of bernoulli(key, 1 - rate) and the same scaling
+    t = torch.tensor(rate)
+    want_t = torch.where(jr.bernoulli(key, 1 - t, shape), x, torch.zeros((), dtype=dtype)) / (1 - t)
+    assert torch.equal(nn.dropout(key, x, t), want_t)
+
+
+def test_dropout_gradient_is_the_scaled_mask() -> None:
+    x = _randn(4, 12, 10, 10).requires_grad_()
+    key, rate = jr.key(3), 0.25
+    nn.dropout(key, x, rate).sum().backward()
+    mask = jr.bernoulli(key, 1 - rate, tuple(x.shape))
+    assert torch.equal(x.grad, mask.float() / (1 - rate))
+    g = torch.func.grad(lambda x: nn.dropout(key, x, rate).sum())(x.detach())
+    assert torch.equal(g, x.grad)
+
+
+def test_dropout_compiled_and_vmapped_equal_eager() -> None:
+    key, x = jr.key(5), _randn(2, 4, 30, 40)  # 4800 per row: eager rows use the compiled core
+    f = lambda x: nn.dropout(key, x, 0.1)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+    keys = jr.split(key, 2)
+    mapped = torch.func.vmap(lambda k, row: nn.dropout(k, row, 0.1))(keys, x)
+    assert torch.equal(mapped, torch.stack([nn.dropout(k, r, 0.1) for k, r in zip(keys, x)]))
+
+
+@pytest.mark.parametrize("rate", [float("nan"), 1.0, -0.1, float("inf")], ids=str)
+def test_dropout_rejects_bad_rates_as_floats_and_tensors(rate: float) -> None:
+    x = torch.ones(3)
+    with pytest.raises(ValueError, match="dropout: rate must be in \\[0, 1\\)"):
+        nn.dropout(jr.key(0), x, rate)
+    with pytest.raises(ValueError, match="dropout: rate must be in \\[0, 1\\)"):
+        nn.dropout(jr.key(0), x, torch.tensor(rate))
+    with pytest.raises(ValueError, match="dropout: rate must be in \\[0, 1\\)"):
+        nn.dropout(None, x, torch.tensor(rate))  # checked even when no dropout happens
+
+
+def test_dropout_rejects_rate_tensors_of_the_wrong_kind() -> None:
+    with pytest.raises(ValueError, match="0-dim float tensor"):
+        nn.dropout(jr.key(0), torch.ones(3), torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="0-dim float tensor"):
+        nn.dropout(jr.key(0), torch.ones(3), torch.tensor(0))
+    with pytest.raises(TypeError, match="rate must be a float or a tensor"):
+        nn.dropout(jr.key(0), torch.ones(3), "0.1")
+
+
 # -------------------------------------------------------------------- attention
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch.func import vmap
 
 from fnllm import random as fr
+from fnllm.random import _fast, _keys
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
@@ -68,6 +69,36 @@ def assert_same(ours: torch.Tensor, theirs) -> None:
     a, b = as_np(ours), jax_np(theirs)
     assert a.shape == b.shape, (a.shape, b.shape)
     np.testing.assert_array_equal(a, b)
+
+
+def _native_float16_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "avx512_fp16" in f.read()
+    except OSError:
+        return False
+
+
+# XLA on a CPU with AVX512-FP16 computes a float16 `u * (hi - lo) + lo` as one fused float16
+# multiply-add (one rounding); elsewhere it rounds after each step, as fnllm always does, so
+# fnllm's draws do not depend on the host. This flag picks the reference rule for the host.
+NATIVE_F16 = _native_float16_cpu()
+
+
+def assert_same_scaled(ours: torch.Tensor, theirs, key: torch.Tensor, lo: float, hi: float) -> None:
+    """``uniform(key, shape, dtype, lo, hi)`` equals JAX's on this host's rounding rule."""
+    if ours.dtype != torch.float16 or not NATIVE_F16:
+        assert_same(ours, theirs)
+        return
+    # On such a host JAX fuses: check JAX against the fused rule on fnllm's unit floats (which
+    # must be identical), and fnllm against the per-step rule on the same floats.
+    unit = fr.uniform(key, tuple(ours.shape), torch.float16)
+    lo16 = torch.tensor(lo, dtype=torch.float16)
+    span = (torch.tensor(hi, dtype=torch.float16).double() - lo16.double()).half().double()
+    fused = torch.maximum(lo16, (unit.double() * span + lo16.double()).half())
+    stepped = torch.maximum(lo16, ((unit.double() * span).half().double() + lo16.double()).half())
+    assert_same(fused, theirs)
+    np.testing.assert_array_equal(as_np(ours), as_np(stepped))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +207,7 @@ def test_uniform_matches_jax_bit_for_bit(shape: tuple, dtypes: tuple, bounds: tu
     (tdt, jdt), (lo, hi) = dtypes, bounds
     ours = fr.uniform(fr.key(17), shape, tdt, lo, hi)
     assert ours.dtype == tdt
-    assert_same(ours, jr.uniform(jkey(17), shape, jdt, lo, hi))
+    assert_same_scaled(ours, jr.uniform(jkey(17), shape, jdt, lo, hi), fr.key(17), lo, hi)
 
 
 @pytest.mark.parametrize("dtypes", FLOATS, ids=lambda d: str(d[0]))
@@ -184,7 +215,8 @@ def test_uniform_large_shape_matches_jax(dtypes: tuple) -> None:
     tdt, jdt = dtypes
     assert_same(fr.uniform(fr.key(3), (128, 512), tdt), jr.uniform(jkey(3), (128, 512), jdt))
     ours = fr.uniform(fr.key(3), (128, 512), tdt, -3.7, 11.3)
-    assert_same(ours, jr.uniform(jkey(3), (128, 512), jdt, -3.7, 11.3))
+    theirs = jr.uniform(jkey(3), (128, 512), jdt, -3.7, 11.3)
+    assert_same_scaled(ours, theirs, fr.key(3), -3.7, 11.3)
 
 
 @settings(max_examples=10, deadline=None)
@@ -200,7 +232,7 @@ def test_uniform_with_random_bounds_matches_jax(
     tdt, jdt = FLOATS[dt]
     hi = lo + width
     ours = fr.uniform(fr.key(seed), (64,), tdt, lo, hi)
-    assert_same(ours, jr.uniform(jkey(seed), (64,), jdt, lo, hi))
+    assert_same_scaled(ours, jr.uniform(jkey(seed), (64,), jdt, lo, hi), fr.key(seed), lo, hi)
     assert bool((ours >= torch.tensor(lo).to(tdt)).all())
 
 
@@ -526,3 +558,141 @@ def test_uniform_mantissa_layout_equals_shifted_bits() -> None:
     b = fr.bits(k, (1000,), torch.int64)
     assert torch.equal(fr.uniform(k, (1000,)), (b >> 9).float() * 2.0**-23)
     assert math.isclose(fr.uniform(k, (20000,)).mean().item(), 0.5, abs_tol=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled eager core (draws of _fast._FAST_MIN values and more)
+
+FAST_SHAPES = [(_fast._FAST_MIN,), (4099,), (3, 5, 7, 41), (64, 65)]  # odd sizes, several ranks
+
+
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+def test_fast_eager_draws_match_jax(shape: tuple) -> None:
+    k, jk = fr.key(2024), jkey(2024)
+    assert torch.equal(fr.bits(k, shape), fr.bits(k, shape))
+    assert_same(fr.bits(k, shape, torch.uint32), jr.bits(jk, shape))
+    assert_same(fr.bits(k, shape, torch.uint8), jr.bits(jk, shape, jnp.uint8))
+    assert_same(fr.bits(k, shape, torch.uint16), jr.bits(jk, shape, jnp.uint16))
+    assert_same(fr.uniform(k, shape), jr.uniform(jk, shape))
+    assert_same(fr.bernoulli(k, 0.3, shape), jr.bernoulli(jk, 0.3, shape))
+    assert_same(fr.bernoulli(k, torch.tensor(0.7), shape), jr.bernoulli(jk, 0.7, shape))
+    # dtypes and bounds the core does not produce itself still agree
+    assert_same(fr.uniform(k, shape, torch.bfloat16), jr.uniform(jk, shape, jnp.bfloat16))
+    assert_same(
+        fr.uniform(k, shape, minval=-2.0, maxval=5.0), jr.uniform(jk, shape, minval=-2, maxval=5)
+    )
+    assert {"bits", "unit"} <= set(_fast._FAST_CACHE)  # the core did run
+
+
+def test_fast_core_equals_the_op_path_at_the_threshold() -> None:
+    k = fr.key(9)
+    for n in (_fast._FAST_MIN - 1, _fast._FAST_MIN, _fast._FAST_MIN + 1):
+        k0, k1 = k[0], k[1]
+        ops = _keys._random_bits32(k0, k1, (n,), k.device)  # the op path, always
+        assert torch.equal(fr.bits(k, (n,)), ops)
+        assert torch.equal(fr.uniform(k, (n,)), (ops >> 9).float() * 2.0**-23)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda k: fr.bits(k, (70, 80)),
+        lambda k: fr.uniform(k, (70, 80)),
+        lambda k: fr.bernoulli(k, 0.4, (70, 80)),
+    ],
+    ids=["bits", "uniform", "bernoulli"],
+)
+def test_large_draws_under_vmap_and_compile_equal_eager(f) -> None:
+    keys = fr.split(fr.key(4), 3)
+    eager = torch.stack([f(k) for k in keys])  # compiled core
+    assert torch.equal(vmap(f)(keys), eager)  # op path inside vmap
+    k = keys[1]
+    x = torch.ones(2)
+    shared = vmap(lambda row: f(k).sum() * row)(x)  # unbatched key inside vmap
+    assert torch.equal(shared, f(k).sum() * x)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # op path, traced
+    assert torch.equal(compiled(k), eager[1])
+
+
+def test_fast_core_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object) -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(_fast, "_FAST_CACHE", {"bits": boom, "unit": boom})
+    k = fr.key(1)
+    want = _keys._random_bits32(k[0], k[1], (5000,), k.device)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        got = fr.bits(k, (5000,))
+    assert torch.equal(got, want)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the op path is used from now on
+        assert torch.equal(fr.uniform(k, (5000,)), (want >> 9).float() * 2.0**-23)
+
+
+# ---------------------------------------------------------------------------------------------
+# key words and probability tensors
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[0, -1], [-(2**31), 5], [2**32, 0], [3, 2**40], [-(2**63), 0]],
+    ids=["neg", "neg-int32-min", "2**32", "2**40", "int64-min"],
+)
+@pytest.mark.parametrize("fn", ["split", "fold_in", "bits", "uniform", "bernoulli", "normal"])
+def test_key_words_outside_uint32_raise(bad: list, fn: str) -> None:
+    key = torch.tensor(bad, dtype=torch.int64)
+    call = {
+        "split": lambda: fr.split(key),
+        "fold_in": lambda: fr.fold_in(key, 1),
+        "bits": lambda: fr.bits(key, (3,)),
+        "uniform": lambda: fr.uniform(key, (5000,)),
+        "bernoulli": lambda: fr.bernoulli(key, 0.5, (3,)),
+        "normal": lambda: fr.normal(key, (3,)),
+    }[fn]
+    with pytest.raises(ValueError, match=rf"{fn}: key \[.*\] has words outside the uint32 range"):
+        call()
+
+
+def test_aliasing_key_words_would_have_given_another_keys_bits() -> None:
+    # Why the check exists: masking to 32 bits maps [0, 2**32 + 5] onto [0, 5].
+    with pytest.raises(ValueError, match="outside the uint32 range"):
+        fr.bits(torch.tensor([0, 2**32 + 5]), (4,))
+    assert torch.equal(fr.bits(torch.tensor([0, 5]), (4,)), fr.bits(fr.key(5), (4,)))
+
+
+def test_other_key_dtypes_keep_their_meaning() -> None:
+    k = fr.key(-1)  # [0, 2**32 - 1]
+    as_int32 = k.to(torch.int32)  # wraps: the uint32 bit pattern, as JAX data viewed as int32
+    assert torch.equal(fr.bits(as_int32, (4,)), fr.bits(k, (4,)))
+    assert torch.equal(fr.bits(k.to(torch.uint32), (4,)), fr.bits(k, (4,)))
+    assert torch.equal(fr.bits(k.to(torch.uint64), (4,)), fr.bits(k, (4,)))
+    with pytest.raises(ValueError, match="outside the uint32 range"):
+        fr.bits(torch.tensor([2**32, 1], dtype=torch.uint64), (4,))
+    with pytest.raises(ValueError, match="outside the uint32 range"):
+        fr.bits(torch.tensor([0, -1], dtype=torch.int16), (4,))
+    with pytest.raises(ValueError, match=r"key must have shape \(2,\)"):
+        fr.bits(torch.tensor([0, 1, 2]), (4,))
+
+
+def test_bad_key_checks_are_skipped_when_traced_or_mapped() -> None:
+    keys = torch.tensor([[0, 1], [0, 2**32 + 1]])
+    out = vmap(lambda k: fr.bits(k, (3,)))(keys)  # no host sync inside vmap: unchecked
+    assert out.shape == (2, 3)
+    f = torch.compile(lambda k: fr.bits(k, (3,)), fullgraph=True, backend="aot_eager")
+    assert f(torch.tensor([0, 2**32 + 1])).shape == (3,)
+
+
+@pytest.mark.parametrize("p", [float("nan"), float("inf"), -float("inf"), -0.25, 1.5], ids=str)
+def test_probability_tensors_get_the_float_checks(p: float) -> None:
+    k = fr.key(0)
+    with pytest.raises(ValueError, match=r"bernoulli: p .* outside \[0, 1\]"):
+        fr.bernoulli(k, torch.tensor(p))
+    probs = torch.tensor([0.5, 0.25, p, 0.0])
+    with pytest.raises(ValueError, match=r"bernoulli: p .* at \[2\] outside \[0, 1\]"):
+        fr.bernoulli(k, probs)
+    with pytest.raises(ValueError, match=r"p .* outside \[0, 1\]"):  # the float gets the same
+        fr.bernoulli(k, p, (3,))
+    # the ends of the range are fine, as for floats
+    assert torch.equal(fr.bernoulli(k, torch.tensor([0.0, 1.0])), torch.tensor([False, True]))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fnllm import random as jr
+from fnllm._checks import checks_enabled
 
 Params: TypeAlias = dict[str, Any]
 Impl: TypeAlias = Literal["auto", "sdpa", "math"]
@@ -226,11 +227,15 @@ def mlp(params: Params, x: Tensor, *, approximate: Approximate = "none") -> Tens
     return linear(params["proj"], gelu(linear(params["fc"], x), approximate))
 
 
-def dropout(key: Tensor | None, x: Tensor, rate: float) -> Tensor:
+def dropout(key: Tensor | None, x: Tensor, rate: float | Tensor) -> Tensor:
     """Zero each element with probability ``rate`` and scale the rest by ``1 / (1 - rate)``.
 
     With ``key=None`` (evaluation) or ``rate == 0`` the input comes back unchanged. The mask
-    is drawn with :func:`fnllm.random.bernoulli`, so the same key gives the same mask.
+    is ``fnllm.random.bernoulli(key, 1 - rate, x.shape)`` (the keep mask), so the same key
+    gives the same mask, bit-identical to ``jax.random.bernoulli``; kept values are
+    ``x / (1 - rate)``. In eager mode the mask of a large tensor comes from one compiled
+    kernel (see :mod:`fnllm.random`); under ``torch.compile`` mask and scaling fuse into the
+    surrounding code.
 
     Example:
         >>> import torch
@@ -246,18 +251,43 @@ def dropout(key: Tensor | None, x: Tensor, rate: float) -> Tensor:
 
     Args:
         key: a ``fnllm.random`` key on ``x``'s device, or ``None`` for no dropout.
-        x: any tensor.
-        rate: drop probability in ``[0, 1)``.
+        x: any float tensor.
+        rate: drop probability in ``[0, 1)``: a float, or a 0-dim float tensor (checked
+            eagerly, like a float; under ``torch.compile`` and ``vmap`` it is not checked).
 
     Returns:
         A tensor like ``x``.
     """
+    if isinstance(rate, Tensor):
+        _check_rate_tensor(rate)
+        if key is None:
+            return x
+        keep = jr.bernoulli(key, 1.0 - rate, tuple(x.shape))
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)) / (1 - rate)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise TypeError(f"dropout: rate must be a float or a tensor, got {type(rate).__name__}")
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout: rate must be in [0, 1), got {rate}")
     if key is None or rate == 0.0:
         return x
     keep = jr.bernoulli(key, 1.0 - rate, tuple(x.shape))
-    return torch.where(keep, x / (1.0 - rate), torch.zeros((), dtype=x.dtype, device=x.device))
+    # where(keep, x, 0) / (1 - rate) equals where(keep, x / (1 - rate), 0) bit for bit (0 / s
+    # is +0); dividing the fresh result in place saves one pass over x in eager mode.
+    out = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return out.div_(1.0 - rate)
+
+
+def _check_rate_tensor(rate: Tensor) -> None:
+    """A dropout rate given as a tensor: 0-dim float, in [0, 1) when it can be checked."""
+    if rate.dim() != 0 or not rate.dtype.is_floating_point:
+        raise ValueError(
+            f"dropout: rate tensor must be a 0-dim float tensor, got dtype {rate.dtype} "
+            f"shape {tuple(rate.shape)}"
+        )
+    if checks_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(rate):
+        value = rate.item()
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"dropout: rate must be in [0, 1), got {value}")
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:

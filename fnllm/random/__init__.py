@@ -23,7 +23,16 @@ could differ from a true FMA only when ``minval`` is tiny next to the span (neve
 
 Why int64 and not ``torch.uint32``: ``torch.uint32`` lacks add/shift/compare kernels on CPU,
 so the hash runs on int64 values masked to 32 bits. :func:`to_jax_key` / :func:`from_jax_key`
-convert losslessly to and from JAX (``uint32[..., 2]`` key data or typed keys).
+convert losslessly to and from JAX (``uint32[..., 2]`` key data or typed keys). Key words
+must lie in ``[0, 2**32)``: eager calls refuse other int64 words (they would alias other keys);
+int32 keys are read as the bit patterns of uint32 words.
+
+Speed: in eager mode a draw of 4096 values or more from :func:`bits`, float32 :func:`uniform`
+or :func:`bernoulli` (and so ``fnllm.nn.dropout``) runs the 20 threefry rounds as one kernel
+made by ``torch.compile`` with dynamic shapes (one compile per kind for every size, cached on
+disk by inductor: tens of seconds the first time on a machine, about a second in later
+processes); smaller draws, code traced by ``torch.compile`` (fused there anyway) and draws
+inside ``torch.func`` transforms use plain tensor ops. Both give the same bits.
 
 Example:
     >>> from fnllm import random as jr

@@ -2,6 +2,7 @@
 
 A key is an int64 tensor of shape ``(2,)`` holding two uint32 words; :func:`key`, :func:`split`
 and :func:`fold_in` hash counters with it, :func:`to_jax_key` / :func:`from_jax_key` convert.
+Eager calls check the key's dtype, shape and words here, once, for every sampler.
 """
 
 from __future__ import annotations
@@ -15,11 +16,8 @@ from torch import Tensor
 
 KEY_DTYPE = torch.int64
 """dtype of a key tensor: int64 holding two uint32 words."""
-
 _MASK = 0xFFFFFFFF
-
 _ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
-
 _PARITY = 0x1BD11BDA
 
 
@@ -180,9 +178,6 @@ def from_jax_key(jax_key: Any, *, device: torch.device | str | None = None) -> T
     return torch.as_tensor(arr.astype(np.int64), device=device)
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
 def _check_key_dtype(name: str, key: Any) -> None:
     if not isinstance(key, Tensor):
         raise TypeError(f"{name}: key must be a tensor (see fnllm.random.key), got {type(key)}")
@@ -195,6 +190,12 @@ def _check_key_dtype(name: str, key: Any) -> None:
 
 def _check_key(name: str, key: Any) -> tuple[Tensor, Tensor]:
     """Validate a single key and return its two words as int64 scalars."""
+    key = _key_words(name, key)
+    return key[0], key[1]
+
+
+def _key_words(name: str, key: Any) -> Tensor:
+    """Validate a single key and return it as an int64 tensor of shape (2,)."""
     _check_key_dtype(name, key)
     if tuple(key.shape) != (2,):
         if key.dim() >= 2 and key.shape[-1] == 2:
@@ -203,9 +204,37 @@ def _check_key(name: str, key: Any) -> tuple[Tensor, Tensor]:
                 "shape (2,), or map over the batch with torch.func.vmap"
             )
         raise ValueError(f"{name}: key must have shape (2,), got {tuple(key.shape)}")
+    _check_key_words(name, key)
     if key.dtype != torch.int64:
         key = key.to(torch.int64) & _MASK
-    return key[0], key[1]
+    return key
+
+
+def _eager(*tensors: Any) -> bool:
+    """True when values can be checked: not while compiling, no ``torch.func`` wrapper, not meta."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(
+        isinstance(t, Tensor)
+        and (torch._C._functorch.is_functorch_wrapped_tensor(t) or t.device.type == "meta")
+        for t in tensors
+    )
+
+
+def _check_key_words(name: str, key: Tensor) -> None:
+    """Eagerly refuse key words outside ``[0, 2**32)``: they would alias other keys.
+
+    int32 keys are taken as the bit patterns of uint32 words (as JAX's ``uint32`` data viewed
+    as ``int32``), so any int32 value is valid; other integer dtypes must hold the words.
+    """
+    if key.dtype in (torch.int32, torch.uint32, torch.uint8, torch.uint16) or not _eager(key):
+        return
+    bad = any(w < 0 or w > _MASK for w in key.tolist())  # two words: cheaper than tensor ops
+    if bad:
+        raise ValueError(
+            f"{name}: key {key.tolist()} has words outside the uint32 range [0, 2**32) "
+            "(it would alias another key); make keys with fnllm.random.key/split/fold_in"
+        )
 
 
 def _check_shape(name: str, shape: Any) -> tuple[int, ...]:

@@ -10,11 +10,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fnllm.random._erfinv import _ABOVE_MINUS_ONE, _erfinv_f32
+from fnllm.random._fast import _fast_draw
 from fnllm.random._keys import (
     _MASK,
     _check_key,
     _check_shape,
     _counters,
+    _eager,
+    _key_words,
     _random_bits32,
     _threefry,
     split,
@@ -22,27 +26,9 @@ from fnllm.random._keys import (
 from fnllm.random._keys import key as key  # the examples below call key(0)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
 _BITS_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int64)
-
 _SQRT2 = 1.4142135623730951
-
-_ABOVE_MINUS_ONE = {
-    torch.float32: -1.0 + 2.0**-24,
-    torch.float16: -1.0 + 2.0**-11,
-    torch.bfloat16: -1.0 + 2.0**-8,
-    torch.float64: -1.0 + 2.0**-53,
-}
-_ERFINV_SMALL = (
-    2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
-    -0.00125372503, -0.00417768164, 0.246640727, 1.50140941,
-)  # fmt: skip
-_ERFINV_LARGE = (
-    -0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
-    -0.0076224613, 0.00943887047, 1.00167406, 2.83297682,
-)  # fmt: skip
 
 
 def bits(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.int64) -> Tensor:
@@ -69,14 +55,16 @@ def bits(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.int6
     Returns:
         A tensor of the given shape and dtype on the key's device.
     """
-    k0, k1 = _check_key("bits", key)
+    words = _key_words("bits", key)
     shape = _check_shape("bits: shape", shape)
     if dtype not in _BITS_DTYPES:
         raise ValueError(f"bits: dtype must be one of {_BITS_DTYPES}, got {dtype}")
-    x0, x1 = _threefry(k0, k1, *_counters(shape, key.device))
     if dtype == torch.uint64:
+        x0, x1 = _threefry(words[0], words[1], *_counters(shape, key.device))
         return ((x0 << 32) | x1).to(torch.uint64)
-    b = x0 ^ x1
+    b = _fast_draw("bits", words, shape)
+    if b is None:
+        b = _random_bits32(words[0], words[1], shape, key.device)
     if dtype == torch.uint8:
         return (b & 0xFF).to(torch.uint8)
     if dtype == torch.uint16:
@@ -96,7 +84,10 @@ def uniform(
     Random mantissa bits give a float in ``[0, 1)`` (23 bits for float32, 10 for float16, 7
     for bfloat16), which is then scaled as ``max(minval, u * (maxval - minval) + minval)``,
     rounding as XLA on CPU does (one fused multiply-add for float32; each step rounded for
-    float16/bfloat16), so the values equal JAX's bit for bit. float64 follows JAX with
+    float16/bfloat16), so the values equal JAX's bit for bit. One host exception: on CPUs with
+    native float16 arithmetic (AVX512-FP16), XLA fuses the float16 scaling into one multiply-add
+    too; fnllm keeps the per-step rule everywhere, so its draws never depend on the host (the
+    unit floats, and every other dtype, still match). float64 follows JAX with
     ``jax_enable_x64`` (52 random bits); its scaled values may differ from JAX by 1 ulp.
 
     Example:
@@ -116,7 +107,7 @@ def uniform(
     Returns:
         A tensor of the given shape and dtype on the key's device.
     """
-    k0, k1 = _check_key("uniform", key)
+    words = _key_words("uniform", key)
     shape = _check_shape("uniform: shape", shape)
     if dtype not in _FLOATS:
         raise ValueError(f"uniform: dtype must be one of {_FLOATS}, got {dtype}")
@@ -126,7 +117,12 @@ def uniform(
         and not maxval >= minval
     ):
         raise ValueError(f"uniform: maxval {maxval} < minval {minval}")
-    return _uniform(k0, k1, shape, dtype, minval, maxval, key.device)
+    plain = not isinstance(minval, Tensor) and not isinstance(maxval, Tensor)
+    if plain and dtype == torch.float32 and minval == 0 and maxval == 1:
+        u = _fast_draw("unit", words, shape)
+        if u is not None:
+            return u
+    return _uniform(words[0], words[1], shape, dtype, minval, maxval, key.device)
 
 
 def normal(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.float32) -> Tensor:
@@ -183,12 +179,13 @@ def bernoulli(key: Tensor, p: float | Tensor = 0.5, shape: Sequence[int] | None 
     Returns:
         A bool tensor.
     """
-    k0, k1 = _check_key("bernoulli", key)
+    words = _key_words("bernoulli", key)
     if isinstance(p, Tensor):
         if p.dtype not in _FLOATS:
             raise TypeError(f"bernoulli: p must be a float tensor, got dtype {p.dtype}")
         dtype = p.dtype
         p_shape = tuple(p.shape)
+        _check_probability("bernoulli", "p", p, upper_open=False)
     elif isinstance(p, (int, float)) and not isinstance(p, bool):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"bernoulli: p {p} outside [0, 1]")
@@ -202,7 +199,11 @@ def bernoulli(key: Tensor, p: float | Tensor = 0.5, shape: Sequence[int] | None 
     _check_broadcast("bernoulli", "p", p_shape, shape)
     if not isinstance(p, Tensor):
         p = torch.tensor(float(p), dtype=dtype, device=key.device)
-    return _uniform(k0, k1, shape, dtype, 0.0, 1.0, key.device) < p
+    if dtype == torch.float32 and p.dim() == 0 and p.device == key.device:
+        u = _fast_draw("unit", words, shape)  # a bool-output kernel is not vectorised
+        if u is not None:
+            return u < p
+    return _uniform(words[0], words[1], shape, dtype, 0.0, 1.0, key.device) < p
 
 
 def randint(
@@ -394,7 +395,17 @@ def permutation(key: Tensor, x: int | Tensor) -> Tensor:
     return perm if not isinstance(x, Tensor) else x[perm]
 
 
-# ----------------------------------------------------------------------------- helpers
+def _check_probability(name: str, arg: str, p: Tensor, *, upper_open: bool) -> None:
+    """Eagerly check that every value of a probability tensor lies in [0, 1] (or [0, 1))."""
+    if not _eager(p) or p.numel() == 0:
+        return
+    ok = (p >= 0) & ((p < 1) if upper_open else (p <= 1))
+    if not bool(ok.all()):
+        idx = tuple(int(i) for i in torch.nonzero(~ok)[0].tolist())
+        value = p[idx].item() if p.dim() else p.item()
+        where = f" at {list(idx)}" if p.dim() else ""
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{name}: {arg} {value}{where} outside {interval}")
 
 
 def _check_broadcast(name: str, what: str, arg_shape: tuple, shape: tuple) -> None:
@@ -473,25 +484,3 @@ def _gumbel(
     # ~2**-29 chance per value), so eager, vmap and compiled code give the same bits.
     inner = torch.log(u.to(torch.float64)).to(dtype)
     return (-torch.log(-inner.to(torch.float64))).to(dtype)
-
-
-def _erfinv_f32(x: Tensor) -> Tensor:
-    # log1p in float64 rounded to float32: identical in eager, vmap and compiled code.
-    w = (-torch.log1p(-(x * x).to(torch.float64))).to(torch.float32)
-    small = w < 5.0
-    w = torch.where(small, w - 2.5, torch.sqrt(w) - 3.0).to(torch.float64)
-    f32 = torch.float32
-    p = torch.where(
-        small,
-        torch.tensor(_ERFINV_SMALL[0], dtype=f32, device=x.device),
-        torch.tensor(_ERFINV_LARGE[0], dtype=f32, device=x.device),
-    )
-    for a, b in zip(_ERFINV_SMALL[1:], _ERFINV_LARGE[1:]):
-        c = torch.where(
-            small,
-            torch.tensor(a, dtype=f32, device=x.device),
-            torch.tensor(b, dtype=f32, device=x.device),
-        ).to(torch.float64)
-        p = (p.to(torch.float64) * w + c).to(f32)
-    out = p * x
-    return torch.where(x.abs() == 1.0, x * torch.finfo(f32).max, out)
