@@ -30,6 +30,12 @@ from fnllm.distributed.collectives import (
 
 __all__ = ["data_parallel", "privatize", "shard_batch", "shard_data"]
 
+_NO_COMPILE = (
+    "data_parallel: the data-parallel loss runs eagerly (its gradient all-reduce is a backward "
+    "hook that torch.compile would drop): build the step with make_step(..., compile=False) "
+    "and compile the model call inside loss_fn instead"
+)
+
 
 def data_parallel(
     loss_fn: Callable[..., Any],
@@ -75,6 +81,8 @@ def data_parallel(
     checked: list[bool] = []
 
     def dp_loss(trainable: Any, frozen: Any, batch: Any, key: Any) -> Any:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(_NO_COMPILE)
         if not checked:
             check_same_structure(trainable, group, who="data_parallel: trainable")
             checked.append(True)

@@ -177,6 +177,11 @@ def sharded(loss_fn: Callable[..., Any], *, average_loss: bool = True) -> Callab
         return x.full_tensor() if isinstance(x, DTensor) else x
 
     def sharded_loss(trainable: Any, frozen: Any, batch: Any, key: Any) -> Any:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "sharded: the sharded loss runs eagerly: build the step with "
+                "make_step(..., compile=False) and compile the model call inside loss_fn instead"
+            )
         out = loss_fn(
             tree.map(gather_trainable, trainable), tree.map(gather_frozen, frozen), batch, key
         )
