@@ -132,6 +132,13 @@ def _main_worker(rank: int, out: Path) -> None:
             errors[name] = "no error"
         except ValueError as e:
             errors[name] = str(e)
+    # a compiled step would drop the gradient all-reduce: it must refuse, not train apart
+    try:
+        step = train.make_step(distributed.data_parallel(_loss_fn), optim.sgd(0.1))
+        step(trainable, frozen, optim.sgd(0.1).init(trainable), _global_batch(0), None)
+        errors["compile"] = "no error"
+    except Exception as e:  # dynamo wraps the error raised while tracing
+        errors["compile"] = str(e)
     (out / f"errors_{rank}.json").write_text(json.dumps(errors))
 
     # sharded: params and optimizer state as DTensor Shard(0) leaves on a 2-rank mesh
@@ -176,6 +183,21 @@ def _dying_worker(rank: int, out: Path) -> None:
     os._exit(0)  # skip the group's teardown: its peer is gone
 
 
+def _hanging_worker(rank: int, out: Path) -> None:
+    """Rank 1 stays alive but never joins the collective; rank 0 must time out, not hang."""
+    if rank == 1:
+        time.sleep(8)  # longer than the group's 2 s timeout, and bounded
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        distributed.all_reduce_mean({"w": torch.ones(3)})
+        msg = "no error"
+    except distributed.CollectiveError as e:
+        msg = str(e)
+    (out / "hung_0.json").write_text(json.dumps({"error": msg, "seconds": time.monotonic() - t0}))
+    os._exit(0)
+
+
 def _single_reference(steps: int) -> train.FitResult:
     trainable, frozen, opt = _start()
     return train.fit(
@@ -199,6 +221,12 @@ def main_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dying_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
     out = tmp_path_factory.mktemp("dist_dying")
     return out, _launch(_dying_worker, out, timeout_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def hanging_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    out = tmp_path_factory.mktemp("dist_hanging")
+    return out, _launch(_hanging_worker, out, timeout_s=2.0)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -250,6 +278,7 @@ def test_bad_input_gets_clear_errors_on_every_rank(main_run: Path) -> None:
         assert "batch size 3" in errors["indivisible"]
         assert "not divisible by world_size 2" in errors["indivisible"]
         assert "holds 3 ranks but the world size is 2" in errors["mesh"]
+        assert "data_parallel: the data-parallel loss runs eagerly" in errors["compile"]
 
 
 def test_sharded_two_ranks_equal_one_process_on_the_global_batch(main_run: Path) -> None:
@@ -283,6 +312,16 @@ def test_a_dead_rank_makes_the_other_fail_fast_with_a_clear_error(
     report = json.loads((out / "died_0.json").read_text())
     assert "another rank died or did not answer" in report["error"], report
     assert report["seconds"] < 60, report
+
+
+def test_a_rank_that_never_answers_makes_the_other_time_out(
+    hanging_run: tuple[Path, list[int]],
+) -> None:
+    out, codes = hanging_run
+    assert codes == [0, 0], codes
+    report = json.loads((out / "hung_0.json").read_text())
+    assert "all_reduce_mean: collective failed on rank 0 of 2" in report["error"], report
+    assert 1.5 < report["seconds"] < 30, report
 
 
 def test_the_run_resumes_from_the_last_checkpoint(dying_run: tuple[Path, list[int]]) -> None:

@@ -34,8 +34,8 @@ from fnllm.distributed.collectives import (
     rank,
     world_size,
 )
-from fnllm.distributed.data_parallel import data_parallel, privatize, shard_batch, shard_data
-from fnllm.distributed.fit import fit, log
+from fnllm.distributed.loop import fit, log
+from fnllm.distributed.parallel import data_parallel, privatize, shard_batch, shard_data
 from fnllm.distributed.sharding import is_sharded, make_mesh, shard, sharded, unshard
 
 __all__ = [

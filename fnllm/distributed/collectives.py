@@ -51,8 +51,9 @@ def init(
     """Join the default process group from ``torchrun``'s environment (``RANK``, ``WORLD_SIZE``).
 
     Uses ``env://`` rendezvous (``MASTER_ADDR``, ``MASTER_PORT``), as ``torchrun`` sets it. A
-    single process started without ``torchrun`` gets a group of one. Calling it again when the
-    group exists returns the rank and world size unchanged.
+    single process started without ``torchrun`` gets a group of one on a free 127.0.0.1 port
+    (the environment is left as it is). Calling it again when the group exists returns the
+    rank and world size unchanged; ``torch.distributed.destroy_process_group()`` ends it.
 
     Example:
         >>> from fnllm import distributed
@@ -81,13 +82,14 @@ def init(
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if backend is None:
         backend = "nccl" if use_cuda else "gloo"
-    if "RANK" not in os.environ:  # a plain `python script.py`: a group of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    wait = datetime.timedelta(seconds=timeout)
+    if "RANK" in os.environ:  # torchrun (or a launcher that sets the same variables)
+        dist.init_process_group(backend, timeout=wait)
+    else:  # a plain `python script.py`: a group of one on a free loopback port
+        address = f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(backend, init_method=address, rank=0, world_size=1, timeout=wait)
     return dist.get_rank(), dist.get_world_size()
 
 

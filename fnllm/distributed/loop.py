@@ -30,7 +30,7 @@ from fnllm.distributed.checkpoint import (
     sharded_checkpoint_path,
 )
 from fnllm.distributed.collectives import barrier, is_main
-from fnllm.distributed.data_parallel import data_parallel, shard_data
+from fnllm.distributed.parallel import data_parallel, shard_data
 from fnllm.distributed.sharding import is_sharded, sharded
 
 __all__ = ["fit", "log"]
