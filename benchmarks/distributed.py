@@ -83,6 +83,7 @@ def _rank_main(args: argparse.Namespace) -> None:
             [f"{name} ({len(tree.leaves(g))} leaves, {mb:.0f} MB)", c.a.median, c.b.median,
              c.ratio]
         )  # fmt: skip
+        say(f"all-reduce {name}: bucketed {c.a} / per-leaf {c.b}, ratio {c.ratio:.3f}")
     step_rows = []
     for name in names:
         w = WORKLOADS[name]
@@ -92,6 +93,7 @@ def _rank_main(args: argparse.Namespace) -> None:
             say(f"{name}: LOSSES DIFFER: fnllm {fn_loss:.6f} vs DDP {ddp_loss:.6f}")
         c = compare(fn_step, ddp_step, warmup=1, runs=runs, sync=distributed.barrier)
         step_rows.append([f"{name} ({w.batch}x{w.seq} global)", c.a.median, c.b.median, c.ratio])
+        say(f"step {name}: fnllm {c.a} / DDP {c.b}, ratio {c.ratio:.3f}")
     if rank == 0:
         print_table(
             reduce_rows,
