@@ -72,6 +72,8 @@ def _dp_inputs() -> tuple[Any, torch.Tensor]:
 def _main_worker(rank: int, out: Path) -> None:
     """Data parallel, DP-SGD, collectives, bad input, sharded training and checkpoint."""
     trainable, frozen, opt = _start()
+    if rank == 1:  # fit starts every rank from rank 0's params, as DDP does
+        trainable = tree.map(lambda x: x + 1.0, trainable)
     res = distributed.fit(
         _loss_fn, opt, trainable, frozen, _global_batch, key=random.key(1), steps=STEPS,
         clip=1.0, progress=False,

@@ -29,7 +29,7 @@ from fnllm.distributed.checkpoint import (
     save_sharded,
     sharded_checkpoint_path,
 )
-from fnllm.distributed.collectives import barrier, is_main
+from fnllm.distributed.collectives import barrier, broadcast, is_main
 from fnllm.distributed.parallel import data_parallel, shard_data
 from fnllm.distributed.sharding import is_sharded, sharded
 
@@ -57,8 +57,9 @@ def fit(
 ) -> train.FitResult:
     """Train on every rank of the default process group, each on its slice of ``data(step)``.
 
-    ``trainable`` either holds plain tensors, the same on every rank (data parallel: gradients
-    averaged over ranks), or DTensor leaves from :func:`~fnllm.distributed.shard` (sharded:
+    ``trainable`` either holds plain tensors (data parallel: every rank starts from rank 0's
+    ``trainable``, ``frozen`` and ``opt_state``, broadcast once, and gradients are averaged
+    over ranks), or DTensor leaves from :func:`~fnllm.distributed.shard` (sharded:
     params, gradients and optimizer state split over the mesh). ``data(step)`` is the *global*
     batch; its size must be a multiple of the world size. The step is eager (the model's
     ``apply`` may be compiled inside ``loss_fn``). A non-finite step is skipped on every rank
@@ -114,8 +115,12 @@ def fit(
     shards = is_sharded(trainable)
     wrapped = sharded(loss_fn) if shards else data_parallel(loss_fn)
     step_fn = train.make_step(wrapped, optimizer, compile=False, clip=clip)
+    if not shards:  # as DDP does: every rank starts from rank 0's values
+        trainable, frozen = broadcast((trainable, frozen))
     if opt_state is None:
         opt_state = optimizer.init(trainable)
+    elif not shards:
+        opt_state = broadcast(opt_state)
 
     start = 0
     if checkpoint_dir is not None and resume:
