@@ -4,7 +4,7 @@ Two measurements, both on ``--nproc`` ranks (default 2) over 127.0.0.1, timed on
 
 1. **All-reduce of a gradient tree**: the GPT-2 small parameter tree (148 leaves, 124M floats;
    ``--quick``: GPT tiny, 5M), averaged with ``fnllm.distributed.all_reduce_mean`` (flat
-   buckets of 25 MB) against one ``all_reduce`` per leaf (then a division), interleaved.
+   buckets, 1 MB with gloo) against one ``all_reduce`` per leaf (then a division), interleaved.
 2. **Data-parallel train step**: Hugging Face ``GPT2LMHeadModel`` wrapped in
    ``torch.nn.parallel.DistributedDataParallel`` with ``torch.optim.AdamW(fused=True)``, against
    fnllm's ``train.make_step(distributed.data_parallel(loss_fn), optim.adamw(...))`` called with

@@ -20,7 +20,6 @@ from fnllm import grads as fgrads
 from fnllm import random as jr
 from fnllm import tree
 from fnllm.distributed.collectives import (
-    DEFAULT_BUCKET_MB,
     all_reduce_mean,
     all_reduce_sum,
     check_same_structure,
@@ -41,7 +40,7 @@ def data_parallel(
     loss_fn: Callable[..., Any],
     group: Any = None,
     *,
-    bucket_mb: float = DEFAULT_BUCKET_MB,
+    bucket_mb: float | None = None,
     average_loss: bool = True,
 ) -> Callable[..., Any]:
     """Make ``loss_fn(trainable, frozen, batch, key)`` data-parallel over the ranks of ``group``.
@@ -69,7 +68,8 @@ def data_parallel(
     Args:
         loss_fn: ``loss_fn(trainable, frozen, batch, key) -> loss`` or ``(loss, aux)``.
         group: a process group (None: the default group).
-        bucket_mb: the largest all-reduce bucket, in MB.
+        bucket_mb: the largest all-reduce bucket, in MB (None: by backend, see
+            :func:`all_reduce_mean`).
         average_loss: report the mean loss over ranks (one scalar all-reduce), so the metrics
             and the non-finite guard agree on every rank; the gradient is unaffected.
 
@@ -276,7 +276,7 @@ class _SyncGrads(torch.autograd.Function):
     """Identity forward; backward averages all incoming gradients over ranks in buckets."""
 
     @staticmethod
-    def forward(group: Any, bucket_mb: float, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(group: Any, bucket_mb: float | None, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
