@@ -24,6 +24,7 @@ __all__ = [
     "BERT",
     "GPT",
     "data",
+    "distributed",
     "grads",
     "interop",
     "io",
@@ -35,3 +36,12 @@ __all__ = [
     "train",
     "tree",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``fnllm.distributed`` is imported on first use (it loads DTensor and DCP, ~1 s)."""
+    if name == "distributed":
+        import fnllm.distributed
+
+        return fnllm.distributed
+    raise AttributeError(f"module 'fnllm' has no attribute {name!r}")
