@@ -4,7 +4,7 @@ One record per line, ``{"instruction": ..., "response": ...}`` with an optional 
 (the InstructGPT/Alpaca layout). :class:`InstructionFormat` renders a record's prompt; the
 response follows it and ends with EOS. :func:`sft_batch` builds right-padded batches whose
 targets skip the prompt (:func:`fnllm.data.instruction_targets`), so the model learns to answer,
-not to repeat instructions; :func:`sft_loss` is the loss for :func:`fnllm.train.fit`.
+not to repeat instructions; :func:`sft_loss` is the loss for :func:`~fnllm.train.fit.fit`.
 
 :func:`read_jsonl` is shared with :mod:`fnllm.preference`: a corrupt line is reported with its
 line number.
@@ -176,7 +176,7 @@ def sft_batch(
 
 
 def sft_loss(model: Any) -> Callable[..., Tensor]:
-    """The supervised-finetuning loss for :func:`fnllm.train.fit`: cross-entropy on responses.
+    """The supervised-finetuning loss for :func:`~fnllm.train.fit.fit`: cross-entropy on responses.
 
     Example:
         >>> from fnllm import random, tree

@@ -13,7 +13,7 @@ Records are JSONL lines ``{"prompt": ..., "chosen": ..., "rejected": ...}``
   computed once per batch without gradient; :func:`dpo_loss` is :func:`fnllm.losses.dpo` on
   the policy's response log-probabilities (:func:`response_logprobs`).
 
-Both losses plug into :func:`fnllm.train.fit`.
+Both losses plug into :func:`~fnllm.train.fit.fit`.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def response_logprobs(
 
 
 def reward_loss(scorer: Any, *, margin: float = 0.0) -> Callable[..., tuple[Tensor, dict]]:
-    """The pairwise reward-model loss for :func:`fnllm.train.fit`.
+    """The pairwise reward-model loss for :func:`~fnllm.train.fit.fit`.
 
     ``scorer`` is a model with ``apply(params, tokens, attention_mask)`` or a function
     ``scorer(params, tokens, attention_mask)``, returning a reward per row (``[B]`` or
@@ -256,7 +256,7 @@ def with_reference(
 def dpo_loss(
     model: Any, *, beta: float = 0.1, label_smoothing: float = 0.0
 ) -> Callable[..., tuple[Tensor, dict]]:
-    """The DPO loss for :func:`fnllm.train.fit` on batches from :func:`with_reference`.
+    """The DPO loss for :func:`~fnllm.train.fit.fit` on batches from :func:`with_reference`.
 
     Example:
         >>> from fnllm import random

@@ -6,7 +6,7 @@ Every Python install carries real English prose about Python: the documentation 
 (with :func:`fnllm.data.train_tokenizer`) and reloads it afterwards; :func:`unigram_entropy`
 gives the baseline a model must beat (a model that ignores context cannot do better than the
 entropy of the token frequencies); :func:`pretrain` is the whole run behind ``fnllm pretrain``
-(GPT next-token or BERT MLM + sentence order, on :func:`fnllm.train.fit` with checkpoints,
+(GPT next-token or BERT MLM + sentence order, on :func:`~fnllm.train.fit.fit` with checkpoints,
 resume, held-out validation and a loss-curve PNG).
 """
 
