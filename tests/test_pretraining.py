@@ -82,6 +82,12 @@ def test_generate_reads_a_transformers_gpt2_folder(tmp_path, capsys) -> None:
     assert main(["generate", str(folder), "--prompt", "the river", "--seed", "3",
                  "--max-new-tokens", "5", "--top-k", "20"]) == 0  # fmt: skip
     assert capsys.readouterr().out.startswith("the river")
+    # a GPT-2 folder with the older vocab.json + merges.txt instead of tokenizer.json
+    (folder / "tokenizer.json").unlink()
+    tok.model.save(str(folder))
+    assert main(["generate", str(folder), "--prompt", "the river", "--temperature", "0",
+                 "--max-new-tokens", "3"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith("the river")
 
 
 def test_generate_refuses_a_checkpoint_that_is_not_a_gpt(tmp_path, capsys) -> None:

@@ -54,7 +54,7 @@ def register(sub: Any) -> None:
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from fnllm import data, generate
+    from fnllm import generate
     from fnllm import random as jr
 
     if args.threads > 0:
@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (OSError, ValueError, KeyError, TypeError) as err:
         parser.error(f"{args.source}: {err}")
     try:
-        tok = data.load_tokenizer(args.tokenizer or folder)
+        tok = _tokenizer(args.tokenizer or folder)
     except (OSError, ValueError) as err:
         parser.error(f"tokenizer: {err} (give --tokenizer)")
     prompt_ids = tok.encode(args.prompt, add_special_tokens=False).ids if args.prompt else []
@@ -122,3 +122,15 @@ def _load(source: Path) -> tuple[Any, Any, Path]:
     if not isinstance(model, GPT):
         raise TypeError(f"the checkpoint holds a {type(model).__name__}, not a GPT")
     return model, params, folder
+
+
+def _tokenizer(source: Path) -> Any:
+    """A ``tokenizer.json`` (file or folder), or a GPT-2 folder's vocab.json + merges.txt."""
+    from fnllm import data
+
+    legacy = [source / "vocab.json", source / "merges.txt"]
+    if not (source / "tokenizer.json").is_file() and all(p.is_file() for p in legacy):
+        from transformers import AutoTokenizer
+
+        return data.load_tokenizer(AutoTokenizer.from_pretrained(source))
+    return data.load_tokenizer(source)
