@@ -11,7 +11,7 @@ __all__ = ["main"]
 
 # Each name is a module ``fnllm.cli.<name>`` whose ``register(sub)`` adds its subcommand and
 # sets ``run(args, parser) -> int`` as the parser default. A new command is a module plus a name.
-_COMMANDS = ("demo",)
+_COMMANDS = ("demo", "pretrain", "generate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
