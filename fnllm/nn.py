@@ -110,7 +110,19 @@ def linear(params: Params, x: Tensor) -> Tensor:
     Returns:
         ``[..., out]``.
     """
-    return F.linear(x, params["weight"], params.get("bias"))
+    y = F.linear(x, params["weight"], params.get("bias"))
+    if "lora_a" in params:  # LoRA adapter leaves (fnllm.finetune.lora); W stays untouched
+        y = y + _lora_delta(params, x)
+    return y
+
+
+def _lora_delta(params: Params, x: Tensor) -> Tensor:
+    """``scale * (x A^T) B^T``; ``[S, ...]`` adapters picked per row apply one set per example."""
+    a, b, scale = params["lora_a"], params["lora_b"], params["lora_scale"].detach()
+    if a.ndim == 2:
+        return scale * F.linear(F.linear(x, a), b)
+    h = torch.einsum("b...i,bri->b...r", x, a)
+    return scale.reshape(-1, *[1] * (x.ndim - 1)) * torch.einsum("b...r,bor->b...o", h, b)
 
 
 def init_embedding(key: Tensor, num: int, dim: int, *, std: float = 0.02) -> Params:
@@ -722,6 +734,8 @@ def check_shapes(
         ValueError: a leaf has the wrong shape.
     """
     flat = tree.flatten(params)
+    # LoRA adapters (``*.lora_a``, ``lora_b``, ``lora_scale``) ride along with a linear's leaves
+    flat = {p: v for p, v in flat.items() if not p.rpartition(".")[2].startswith("lora_")}
     missing = [p for p in expected if p not in flat]
     extra = [p for p in flat if p not in expected]
     if missing or extra:
