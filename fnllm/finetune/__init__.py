@@ -11,6 +11,8 @@
 
 from fnllm.finetune import lora
 from fnllm.finetune.classifier import Classifier, Pooling, mean_pool
+from fnllm.finetune.features import boosting_probe, extract_features, linear_probe
+from fnllm.finetune.metrics import accuracy, confusion_matrix, macro_f1
 from fnllm.finetune.strategies import NAMES, Strategy, frozen_prefix, strategy
 
 __all__ = [
@@ -18,8 +20,14 @@ __all__ = [
     "Classifier",
     "Pooling",
     "Strategy",
+    "accuracy",
+    "boosting_probe",
+    "confusion_matrix",
+    "extract_features",
     "frozen_prefix",
+    "linear_probe",
     "lora",
+    "macro_f1",
     "mean_pool",
     "strategy",
 ]
