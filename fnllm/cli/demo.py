@@ -222,13 +222,14 @@ def _demo(
     setup = _compare.Setup(model, params, batches)
     counts = {s: sum(len(b["labels"]) for b in bs) for s, bs in batches.items()}
     print(
-        f"fnllm demo: {model_dir.name} ({type(base).__name__}, {base.n_layer} layers, "
+        f"fnllm demo: {args.model_dir or 'all-MiniLM-L6-v2'} ({type(base).__name__}, "
+        f"{base.n_layer} layers, "
         f"d={base.d_model}), {pooling} pooling, {torch.get_num_threads()} threads"
     )
     print(f"data: {source}; {len(texts)} texts, classes {classes}")
     print(
         f"      train {counts['train']}, val {counts['val']}, test {counts['test']} "
-        f"(stratified split, key {args.seed}), at most {width} tokens"
+        f"(stratified split, key {args.seed}), at most {width} tokens ({truncated} truncated)"
     )
 
     layers = {_compare.resume_layer(setup, n, args.lora_rank) for n in names}
@@ -258,7 +259,15 @@ def _demo(
         "fnllm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "fnllm demo"
     )
     _write_markdown(
-        out / "results.md", rows, command, model_dir, source, counts, width, total, setup
+        out / "results.md",
+        rows,
+        command,
+        args.model_dir or "all-MiniLM-L6-v2",
+        source,
+        counts,
+        width,
+        total,
+        setup,
     )
     _write_plot(out / "results.png", rows)
     (out / "results.json").write_text(
@@ -297,7 +306,7 @@ def _write_markdown(
     path: Path,
     rows: list[Any],
     command: str,
-    model_dir: Path,
+    model_dir: Any,
     source: str,
     counts: dict[str, int],
     width: int,
@@ -312,7 +321,7 @@ def _write_markdown(
         f"Command: `{command}` ({torch.get_num_threads()} threads, total {total:.0f} s, of which "
         f"the shared frozen pass {setup.cache_seconds:.0f} s).",
         "",
-        f"Model: `{model_dir.name}`. Data: {source}; train {counts['train']}, validation "
+        f"Model: `{model_dir}`. Data: {source}; train {counts['train']}, validation "
         f"{counts['val']}, test {counts['test']}, at most {width} tokens per text.",
         "",
         "| " + " | ".join(_COLUMNS) + " |",
