@@ -16,6 +16,7 @@ Example:
 """
 
 from fnllm import data, grads, io, losses, models, nn, optim, random, train, tree
+from fnllm import finetune
 from fnllm.models import BERT, GPT
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "BERT",
     "GPT",
     "data",
+    "finetune",
     "grads",
     "io",
     "losses",
