@@ -15,8 +15,7 @@ Example:
     torch.Size([1, 8, 64])
 """
 
-from fnllm import data, grads, io, losses, models, nn, optim, random, train, tree
-from fnllm import finetune
+from fnllm import data, finetune, grads, io, losses, models, nn, optim, random, train, tree
 from fnllm.models import BERT, GPT
 
 __version__ = "0.1.0"

@@ -318,3 +318,21 @@ def test_frozen_prefix_counts_the_untouched_bottom_blocks():
     assert frozen_prefix(model, params, strategy("bitfit", model)) == 0  # embed.ln.bias
     lp = lora.init(jr.key(1), params, rank=2, targets=["*.blocks.3.attn.qkv"])
     assert frozen_prefix(model, lp, strategy("lora", model)) == 3
+
+
+@pytest.mark.parametrize("model", [_gpt(), _bert()])
+def test_apply_blocks_resumes_the_forward_and_checks_its_range(model):
+    params = model.init(jr.key(0))
+    tokens = jr.randint(jr.key(1), (2, 5), 1, 40)
+    out = model.apply(params, tokens, output_hidden_states=True)
+    x = model.embed(params, tokens)
+    torch.testing.assert_close(x, out.hidden_states[0])
+    h1 = model.apply_blocks(params, x, stop=1)
+    torch.testing.assert_close(h1, out.hidden_states[1])
+    torch.testing.assert_close(
+        model.apply_blocks(params, h1, start=1, stop=2), out.hidden_states[2]
+    )
+    with pytest.raises(ValueError, match="start 2 <= stop 1"):
+        model.apply_blocks(params, x, start=2, stop=1)
+    with pytest.raises(ValueError, match="stop 9"):
+        model.apply_blocks(params, x, stop=9)

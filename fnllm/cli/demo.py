@@ -345,8 +345,9 @@ def _write_plot(path: Path, rows: list[Any]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {r.name: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rows)}
     for r in rows:
-        left.scatter(max(r.trainable, 1), r.test_acc, s=30)
+        left.scatter(max(r.trainable, 1), r.test_acc, s=30, color=colors[r.name])
         left.annotate(
             r.name,
             (max(r.trainable, 1), r.test_acc),
@@ -362,7 +363,7 @@ def _write_plot(path: Path, rows: list[Any]) -> None:
     for r in rows:
         if r.losses:
             x = [(i + 1) / r.steps_per_epoch for i in range(len(r.losses))]
-            right.plot(x, _smooth(r.losses), label=r.name, lw=1.2)
+            right.plot(x, _smooth(r.losses), label=r.name, lw=1.2, color=colors[r.name])
     right.set_xlabel("epoch")
     right.set_ylabel("training loss (smoothed)")
     right.set_title("training loss")
