@@ -215,4 +215,5 @@ def _tree_nodes(probe: Any) -> int:
     booster = getattr(probe, "get_booster", None)
     if booster is not None:
         return sum(d.count("\n") for d in booster().get_dump())
-    return int(sum(p.get_n_leaf_nodes() * 2 - 1 for row in probe._predictors for p in row))
+    # scikit-learn's HistGradientBoostingClassifier: an upper bound (full trees)
+    return int(probe.n_iter_ * (2 * (probe.max_leaf_nodes or 31) - 1))
