@@ -15,7 +15,7 @@ Example:
     torch.Size([1, 8, 64])
 """
 
-from fnllm import data, grads, interop, io, losses, models, nn, optim, random, train, tree
+from fnllm import data, finetune, grads, interop, io, losses, models, nn, optim, random, train, tree
 from fnllm.models import BERT, GPT
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "GPT",
     "data",
     "distributed",
+    "finetune",
     "grads",
     "interop",
     "io",

@@ -165,6 +165,8 @@ def check_shapes(
         ValueError: a leaf has the wrong shape.
     """
     flat = tree.flatten(params)
+    # LoRA adapters (``*.lora_a``, ``lora_b``, ``lora_scale``) ride along with a linear's leaves
+    flat = {p: v for p, v in flat.items() if not p.rpartition(".")[2].startswith("lora_")}
     check_keys(
         f"{name}: ", [p for p in expected if p not in flat], [p for p in flat if p not in expected]
     )

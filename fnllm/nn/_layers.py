@@ -66,7 +66,19 @@ def linear(params: Params, x: Tensor) -> Tensor:
     Returns:
         ``[..., out]``.
     """
-    return F.linear(x, params["weight"], params.get("bias"))
+    y = F.linear(x, params["weight"], params.get("bias"))
+    if "lora_a" in params:  # LoRA adapter leaves (fnllm.finetune.lora); W stays untouched
+        y = y + _lora_delta(params, x)
+    return y
+
+
+def _lora_delta(params: Params, x: Tensor) -> Tensor:
+    """``scale * (x A^T) B^T``; ``[S, ...]`` adapters picked per row apply one set per example."""
+    a, b, scale = params["lora_a"], params["lora_b"], params["lora_scale"].detach()
+    if a.ndim == 2:
+        return scale * F.linear(F.linear(x, a), b)
+    h = torch.einsum("b...i,bri->b...r", x, a)
+    return scale.reshape(-1, *[1] * (x.ndim - 1)) * torch.einsum("b...r,bor->b...o", h, b)
 
 
 def init_embedding(key: Tensor, num: int, dim: int, *, std: float = 0.02) -> Params:
