@@ -22,13 +22,13 @@ from fnllm.data.loaders import Batches, bert_batches, gpt_batches
 from fnllm.data.masking import mlm_mask
 from fnllm.data.pairs import pad_sequences, sentence_pairs, truncate_lengths
 from fnllm.data.pretraining import bert_pretraining_batch
-from fnllm.data.tokenizers import load_tokenizer, train_tokenizer
 from fnllm.data.text_classification import (
     encode_texts,
     length_batches,
     read_labelled,
     stratified_split,
 )
+from fnllm.data.tokenizers import load_tokenizer, train_tokenizer
 from fnllm.data.vader import load_vader, vader_path
 
 __all__ = [
