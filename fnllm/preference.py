@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from fnllm import losses, nn, tree
-from fnllm import random as jr
+from fnllm import losses, tree
 from fnllm.instruct import read_jsonl
-from fnllm.models import GPT
 
 __all__ = [
     "dpo_loss",
@@ -172,8 +168,10 @@ def reward_loss(scorer: Any, *, margin: float = 0.0) -> Callable[..., tuple[Tens
     Example:
         >>> from fnllm import random
         >>> from fnllm.models import GPT
-        >>> from fnllm.preference import _GPTReward, preference_batch, reward_loss
-        >>> rm = _GPTReward(GPT(vocab_size=128, n_layer=1, n_head=2, d_model=16, max_len=16))
+        >>> from fnllm.finetune import Classifier
+        >>> from fnllm.preference import preference_batch, reward_loss
+        >>> gpt = GPT(vocab_size=128, n_layer=1, n_head=2, d_model=16, max_len=16)
+        >>> rm = Classifier(gpt, n_classes=1, pooling="last", head_std=0.0)   # reward model
         >>> batch = preference_batch([{"prompt": "Q", "chosen": "yes", "rejected": "no"}],
         ...                          lambda s: list(s.encode()), eos_id=0, max_len=16)
         >>> loss, aux = reward_loss(rm)(rm.init(random.key(0)), {}, batch, None)
@@ -309,31 +307,6 @@ def dpo_loss(
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@dataclass(frozen=True)
-class _GPTReward:
-    """A minimal reward model: a GPT's last real token's hidden state through a scalar head.
-
-    Params are ``{"base": GPT params, "head": {"weight": [1, D], "bias": [1]}}`` (the head
-    starts at zero, so every reward starts at 0). Stands in for
-    ``fnllm.finetune.Classifier(base=GPT(...), n_classes=1, pooling="last")``.
-    """
-
-    base: GPT
-
-    def init(self, key: Tensor) -> dict[str, Any]:
-        k_base, _ = jr.split(key)
-        head = nn.init_linear(k_base, self.base.d_model, 1, std=0.0)
-        return {"base": self.base.init(k_base), "head": head}
-
-    def apply(self, params: Any, tokens: Tensor, attention_mask: Tensor) -> Tensor:
-        out = self.base.apply(
-            params["base"], tokens, attention_mask=attention_mask, output_hidden_states=True
-        )
-        last = attention_mask.long().sum(-1) - 1  # right padding: the last real token
-        hidden = out.hidden_states[-1][torch.arange(tokens.shape[0]), last]
-        return F.linear(hidden, params["head"]["weight"], params["head"]["bias"])[:, 0]
 
 
 def _scoring_fn(scorer: Any) -> Callable[[Any, Tensor, Tensor], Tensor]:

@@ -10,8 +10,8 @@ import torch
 
 from fnllm import losses, optim, preference, train, tree
 from fnllm import random as jr
+from fnllm.finetune import Classifier
 from fnllm.models import GPT
-from fnllm.preference import _GPTReward
 
 GPT_BYTES = GPT(vocab_size=128, n_layer=2, n_head=2, d_model=32, max_len=40)
 PAIRS = [
@@ -77,7 +77,7 @@ def test_dpo_loss_equals_losses_dpo_on_per_row_logprobs(batch: dict) -> None:
 
 
 def test_reward_model_learns_to_rank_chosen_above_rejected(batch: dict) -> None:
-    rm = _GPTReward(GPT_BYTES)
+    rm = Classifier(GPT_BYTES, n_classes=1, pooling="last", head_std=0.0)
     params = rm.init(jr.key(0))
     loss_fn = preference.reward_loss(rm)
     loss0, _ = loss_fn(params, {}, batch, None)

@@ -9,6 +9,7 @@ lets frozen lower blocks run once per example and be reused (see :func:`prefix`)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -50,11 +51,14 @@ class Classifier:
         base: the :class:`~fnllm.models.GPT` or :class:`~fnllm.models.BERT` config.
         n_classes: number of classes (the head's outputs).
         pooling: ``"cls"``, ``"mean"`` or ``"last"``.
+        head_std: the standard deviation of the head's initial weights; ``0.0`` starts every
+            output at 0 (a reward model whose pairwise loss starts at ``log 2``).
     """
 
     base: GPT | BERT
     n_classes: int = 2
     pooling: Pooling = "cls"
+    head_std: float = 0.02
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, (GPT, BERT)):
@@ -64,6 +68,10 @@ class Classifier:
         n = self.n_classes
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"Classifier: n_classes must be an int >= 1, got {n!r}")
+        if not (isinstance(self.head_std, (int, float)) and 0.0 <= self.head_std < math.inf):
+            raise ValueError(
+                f"Classifier: head_std must be a finite float >= 0, got {self.head_std!r}"
+            )
         if self.pooling not in _POOLINGS:
             raise ValueError(
                 f"Classifier: pooling must be one of {list(_POOLINGS)}, got {self.pooling!r}"
@@ -101,7 +109,7 @@ class Classifier:
             base_params = self.base.init(k_base)
         else:
             self.base.check_params(base_params)
-        head = nn.init_linear(k_head, self.base.d_model, self.n_classes)
+        head = nn.init_linear(k_head, self.base.d_model, self.n_classes, std=self.head_std)
         device = tree.leaves(base_params)[0].device
         return {"base": base_params, "head": {k: v.to(device) for k, v in head.items()}}
 
