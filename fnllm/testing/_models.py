@@ -105,7 +105,7 @@ def with_params(configs: st.SearchStrategy) -> st.SearchStrategy[tuple[Any, Any]
     Example:
         >>> from hypothesis import given, settings
         >>> from fnllm import testing, tree
-        >>> @settings(max_examples=5)
+        >>> @settings(max_examples=5, deadline=None)  # the first init is slow
         ... @given(testing.with_params(testing.gpt_configs()))
         ... def test_init_matches_param_shapes(model_and_params):
         ...     model, params = model_and_params
