@@ -93,7 +93,7 @@ def test_adamw_matches_torch_step_for_step(mask_name, path, scheduled, monkeypat
         updates, state = opt.update(grads, state, params)
         params = optim.apply_updates(params, updates)
         torch_params = tree.unflatten({k: v.detach() for k, v in tp.items()})
-        testing.assert_trees_close(params, torch_params, rtol=1e-6, atol=1e-6, ordered=True)
+        testing.assert_trees_close(params, torch_params, rtol=1e-6, atol=1e-6)
     assert int(state["count"]) == 5
 
 
@@ -111,7 +111,7 @@ def test_bool_tree_mask_equals_predicate_mask():
     a, b = optim.adamw(0.1, mask=pred), optim.adamw(0.1, mask=bools)
     ua, _ = a.update(grads, a.init(params), params)
     ub, _ = b.update(grads, b.init(params), params)
-    testing.assert_trees_equal(ua, ub, bitwise=True, ordered=True)
+    testing.assert_trees_equal(ua, ub, bitwise=True)
 
 
 def test_decay_mask_spares_biases_norms_and_embeddings():
@@ -137,7 +137,7 @@ def test_adam_matches_torch_adam():
         topt.step()
         params, state = optim.step(opt, grads, state, params)
         torch_params = tree.unflatten({k: v.detach() for k, v in tp.items()})
-        testing.assert_trees_close(params, torch_params, rtol=1e-6, atol=1e-6, ordered=True)
+        testing.assert_trees_close(params, torch_params, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("donate", [False, True])
@@ -197,7 +197,7 @@ def test_sgd_matches_torch_sgd(momentum, nesterov, wd):
         updates, state = opt.update(grads, state, params)
         params = optim.apply_updates(params, updates)
         torch_params = tree.unflatten({k: v.detach() for k, v in tp.items()})
-        testing.assert_trees_close(params, torch_params, rtol=1e-6, atol=1e-6, ordered=True)
+        testing.assert_trees_close(params, torch_params, rtol=1e-6, atol=1e-6)
 
 
 def test_sgd_with_schedule_matches_torch_lambda_lr():
@@ -215,7 +215,7 @@ def test_sgd_with_schedule_matches_torch_lambda_lr():
         sched.step()
         params, state = optim.step(opt, grads, state, params)
         torch_params = tree.unflatten({k: v.detach() for k, v in tp.items()})
-        testing.assert_trees_close(params, torch_params, rtol=1e-6, atol=1e-6, ordered=True)
+        testing.assert_trees_close(params, torch_params, rtol=1e-6, atol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)
@@ -362,7 +362,7 @@ def test_update_and_step_leave_their_inputs_unchanged(make):
     updates, new_state = opt.update(grads, state, params)
     new_params = optim.apply_updates(params, updates)
     stepped, stepped_state = optim.step(opt, grads, state, params)
-    testing.assert_trees_equal((params, grads, state), snapshot, bitwise=True, ordered=True)
+    testing.assert_trees_equal((params, grads, state), snapshot, bitwise=True)
     inputs = {id(x) for x in tree.leaves((params, grads, state))}
     outputs = tree.leaves((updates, new_state, new_params, stepped, stepped_state))
     assert not inputs & {id(x) for x in outputs}

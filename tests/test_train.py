@@ -118,7 +118,7 @@ def test_step_is_pure_and_reports_metrics():
     state = opt.init(trainable)
     step = train.make_step(loss_fn, opt, compile=False)
     new_tr, _new_state, metrics = step(trainable, frozen, state, batch_of(0), jr.key(0))
-    testing.assert_trees_equal(params, before, ordered=True)  # inputs untouched
+    testing.assert_trees_equal(params, before)  # inputs untouched
     assert set(metrics) >= {"loss", "grad_norm", "finite"}
     assert bool(metrics["finite"]) and float(metrics["grad_norm"]) > 0
     with pytest.raises(AssertionError):
@@ -136,8 +136,8 @@ def test_donated_step_updates_in_place_and_matches_the_pure_step():
     tr, st = tree.map(torch.clone, trainable), tree.map(torch.clone, state)
     ptrs = [x.data_ptr() for x in tree.leaves(tr)]
     new_tr, new_state, _ = step(tr, frozen, st, batch_of(0), jr.key(0), donate=True)
-    testing.assert_trees_equal(new_tr, pure_tr, bitwise=True, ordered=True)  # bit for bit
-    testing.assert_trees_equal(new_state, pure_state, bitwise=True, ordered=True)
+    testing.assert_trees_equal(new_tr, pure_tr, bitwise=True)  # bit for bit
+    testing.assert_trees_equal(new_state, pure_state, bitwise=True)
     assert [x.data_ptr() for x in tree.leaves(new_tr)] == ptrs  # the donated buffers, reused
     testing.assert_trees_equal(
         frozen, frozen_before, ordered=True
@@ -156,7 +156,7 @@ def test_donated_nonfinite_step_leaves_its_inputs_untouched():
     new_tr, new_state, metrics = step(tr, {}, state, nan, None, donate=True)
     assert not bool(metrics["finite"])
     assert torch.equal(tr["w"], torch.ones(3)) and new_tr["w"] is tr["w"]
-    testing.assert_trees_equal(new_state, opt.init(tr), ordered=True)
+    testing.assert_trees_equal(new_state, opt.init(tr))
 
 
 def test_compiled_donated_step_writes_into_the_donated_buffers():
@@ -172,8 +172,8 @@ def test_compiled_donated_step_writes_into_the_donated_buffers():
     new_tr, new_state, metrics = step(tr, frozen, st, batch_of(0), jr.key(0), donate=True)
     assert bool(metrics["finite"])
     assert all(a is b for a, b in zip(tree.leaves((new_tr, new_state)), leaves))
-    testing.assert_trees_equal(new_tr, pure_tr, bitwise=True, ordered=True)
-    testing.assert_trees_equal(new_state, pure_state, bitwise=True, ordered=True)
+    testing.assert_trees_equal(new_tr, pure_tr, bitwise=True)
+    testing.assert_trees_equal(new_state, pure_state, bitwise=True)
 
 
 def test_fit_donates_only_its_own_trees():
@@ -186,9 +186,9 @@ def test_fit_donates_only_its_own_trees():
     kw = dict(key=jr.key(3), steps=4, compile=False, progress=False, opt_state=state)
     donated = train.fit(loss_fn, opt, trainable, frozen, batch_of, **kw)
     pure = train.fit(loss_fn, opt, trainable, frozen, batch_of, donate=False, **kw)
-    testing.assert_trees_equal((trainable, state), before, ordered=True)
-    testing.assert_trees_equal(donated.trainable, pure.trainable, ordered=True)
-    testing.assert_trees_equal(donated.opt_state, pure.opt_state, ordered=True)
+    testing.assert_trees_equal((trainable, state), before)
+    testing.assert_trees_equal(donated.trainable, pure.trainable)
+    testing.assert_trees_equal(donated.opt_state, pure.opt_state)
     # an eval_fn sees fit's own tree; a snapshot it copies keeps its values
     seen = []
     train.fit(loss_fn, opt, trainable, frozen, batch_of, eval_fn=lambda tr, fr: seen.append(
@@ -334,8 +334,8 @@ def test_fit_nonfinite_guard(mode, compile):
     res = train.fit(loss_fn, opt, params, {}, batch_of, steps=4, on_nonfinite=mode, **kw)
     assert res.skipped == [3]
     # the bad step changed nothing: params and optimizer state are the clean run's, bit for bit
-    testing.assert_trees_equal(res.trainable, clean.trainable, bitwise=True, ordered=True)
-    testing.assert_trees_equal(res.opt_state, clean.opt_state, bitwise=True, ordered=True)
+    testing.assert_trees_equal(res.trainable, clean.trainable, bitwise=True)
+    testing.assert_trees_equal(res.opt_state, clean.opt_state, bitwise=True)
     if mode == "stop":
         assert res.step == 3 and "non-finite" in res.stopped
     else:
@@ -411,8 +411,8 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     resumed, meta = io.load(out, with_meta=True)
     assert meta == {"step": 20, "ran": 10}  # it resumed at 10 and ran the last 10 steps
-    testing.assert_trees_equal(resumed["trainable"], straight.trainable, bitwise=True, ordered=True)
-    testing.assert_trees_equal(resumed["opt_state"], straight.opt_state, bitwise=True, ordered=True)
+    testing.assert_trees_equal(resumed["trainable"], straight.trainable, bitwise=True)
+    testing.assert_trees_equal(resumed["opt_state"], straight.opt_state, bitwise=True)
     with pytest.raises(AssertionError):
         testing.assert_trees_equal(first.trainable, straight.trainable)
 
@@ -518,7 +518,7 @@ def test_checkpoints_are_pruned_and_temporary_files_ignored(tmp_path):
         train.latest_checkpoint(tmp_path), trainable=params, opt_state=optim.adamw(0.1).init(params)
     )
     assert ck.step == 7
-    testing.assert_trees_equal(ck.trainable, res.trainable, ordered=True)
+    testing.assert_trees_equal(ck.trainable, res.trainable)
     # running again with the same target resumes at 7 and does nothing
     again = train.fit(
         loss_fn,
@@ -533,4 +533,4 @@ def test_checkpoints_are_pruned_and_temporary_files_ignored(tmp_path):
         checkpoint_dir=tmp_path,
     )
     assert again.step == 7 and again.history == []
-    testing.assert_trees_equal(again.trainable, res.trainable, ordered=True)
+    testing.assert_trees_equal(again.trainable, res.trainable)
