@@ -218,6 +218,7 @@ def test_sentence_pair_args_are_accepted_by_sentence_pairs(args):
         (lambda: testing.token_batches(10, 4, padding="both"), "padding 'both'"),
         (lambda: testing.gpt_configs(max_heads=0), "max_heads must be an int >= 1"),
         (lambda: testing.mlm_args(max_vocab=3), "max_vocab must be >= 4"),
+        (lambda: testing.mlm_args(max_len=4, min_tokens=5), "min_tokens 5 outside [0, max_len 4]"),
         (lambda: testing.sentence_pair_args(max_vocab=2), "max_vocab must be >= 4"),
     ],
 )
@@ -587,3 +588,20 @@ def test_bitwise_equality_tells_plain_leaf_types_and_signed_zeros_apart(a, b, te
     testing.assert_trees_equal(a, a, bitwise=True)
     with pytest.raises(AssertionError, match=re.escape(text)):
         testing.assert_trees_equal(a, b, bitwise=True)
+
+
+@settings(max_examples=40)
+@given(testing.mlm_args(max_len=6, min_tokens=0))
+def test_mlm_args_with_min_tokens_zero_may_pad_whole_rows_and_stay_valid(args):
+    inputs, labels = data.mlm_mask(**args)
+    empty = ~args["attention_mask"].bool().any(1)
+    assert bool((labels[empty] == -100).all()) and torch.equal(inputs[empty], args["tokens"][empty])
+
+
+def test_mlm_args_with_min_tokens_zero_reach_a_fully_padded_row():
+    from hypothesis import find
+
+    args = find(
+        testing.mlm_args(min_tokens=0), lambda a: bool((a["attention_mask"].sum(1) == 0).any())
+    )
+    assert args["tokens"].shape[1] >= 1
