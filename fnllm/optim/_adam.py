@@ -149,8 +149,7 @@ def _adam(
     weight_decay: float,
     mask: Mask,
 ) -> GradientTransformation:
-    if not callable(lr):
-        lr = _checks.check_number(f"{where}: lr", lr, nonnegative=True)
+    lr = _helpers.check_lr(where, lr)
     for name, beta in (("b1", b1), ("b2", b2)):
         if not 0.0 <= _checks.check_number(f"{where}: {name}", beta) < 1.0:
             raise ValueError(f"{where}: {name} must be in [0, 1), got {beta}")
@@ -192,7 +191,7 @@ def _adam(
             _helpers.check_shapes(where, "params", pl, ml, spec, "the optimizer state")
             if wd > 0.0:
                 flags = resolve(params, spec, pl)
-        lr_t = lr(count) if callable(lr) else lr
+        lr_t = _helpers.check_lr_value(where, lr(count) if callable(lr) else lr, count)
         return _Step(spec, gl, ml, vl, pl, flags, count, lr_t)
 
     def update(grads: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
