@@ -91,7 +91,8 @@ def sentence_pairs(
 
     Raises:
         ValueError: ``max_len < 3``, an unknown ``mode``, ``nsp`` with fewer than 2 rows,
-            non-integer ids, mismatched batch sizes, or lengths outside the padded width.
+            non-integer ids, a negative special id, mismatched batch sizes, an empty segment,
+            or lengths outside the padded width.
     """
     if not isinstance(first, Tensor):
         first, first_len = pad_sequences(first, pad_id)
@@ -216,7 +217,7 @@ def _check_pair_args(
     _checks.check_int_tensor("first", first)
     _checks.check_int_tensor("second", second)
     for name, value in (("cls_id", cls_id), ("sep_id", sep_id), ("pad_id", pad_id)):
-        _checks.check_int(name, value)
+        _checks.check_int(name, value, low=0)
     _checks.check_int("max_len", max_len)
     if max_len < 3:
         raise ValueError(f"max_len: {max_len} < 3, too small for [CLS] A [SEP] B [SEP]")
@@ -244,10 +245,12 @@ def _check_lengths(name: str, lengths: Tensor, ids: Tensor) -> None:
         raise ValueError(f"{name}: shape {tuple(lengths.shape)} != ({ids.shape[0]},)")
     if _checks.tracing(lengths) or lengths.numel() == 0:
         return
-    bad = (lengths < 0) | (lengths > ids.shape[1])
+    bad = (lengths < 1) | (lengths > ids.shape[1])
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}: {int(lengths[i])} at [{i}] outside [0, {ids.shape[1]}]")
+        if int(lengths[i]) == 0:
+            raise ValueError(f"{name}: row {i} is an empty segment (length 0); expected >= 1 id")
+        raise ValueError(f"{name}: {int(lengths[i])} at [{i}] outside [1, {ids.shape[1]}]")
 
 
 def _pad_to(ids: Tensor, width: int, pad_id: int) -> Tensor:

@@ -31,6 +31,7 @@ from torch import Tensor
 from fnllm import nn
 from fnllm import random as jr
 from fnllm.models import _base
+from fnllm.nn._layers import _embed
 
 __all__ = ["BERT", "BertOutput", "BertPretrainOutput"]
 
@@ -294,11 +295,11 @@ class BERT:
         mask = nn.make_attention_mask(attention_mask)
         T = tokens.shape[-1]
         embed = params["embed"]
-        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
+        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
         if token_type_ids is None:
             x = x + embed["token_types"]["weight"][0]
         else:
-            x = x + nn.embedding(embed["token_types"], token_type_ids)
+            x = x + _embed(embed["token_types"], token_type_ids)
         x = nn.dropout(keys[-1], nn.layer_norm(embed["ln"], x, eps=self.ln_eps), drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):

@@ -27,6 +27,7 @@ from torch import Tensor
 from fnllm import nn
 from fnllm import random as jr
 from fnllm.models import _base
+from fnllm.nn._layers import _embed
 
 __all__ = ["GPT", "GPTOutput"]
 
@@ -240,7 +241,7 @@ class GPT:
         mask = nn.make_attention_mask(attention_mask, causal=True)
         T = tokens.shape[-1]
         embed = params["embed"]
-        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
+        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
         x = nn.dropout(keys[-1], x, drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
@@ -278,7 +279,7 @@ class GPT:
             p["attn"],
             h,
             n_head=self.n_head,
-            causal=True,
+            causal=mask is None,  # a prepared mask has the causal triangle folded in
             mask=mask,
             key=k_attn,
             dropout=drop,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fnllm import random as jr
-from fnllm._checks import checks_enabled
+from fnllm._checks import check_ids, checks_enabled
 
 Params: TypeAlias = dict[str, Any]
 Impl: TypeAlias = Literal["auto", "sdpa", "math"]
@@ -65,8 +65,22 @@ def linear(params: Params, x: Tensor) -> Tensor:
 
     Returns:
         ``[..., out]``.
+
+    Raises:
+        ValueError: the width of ``x`` is not the weight's ``in``, or the bias is not ``[out]``.
     """
-    return F.linear(x, params["weight"], params.get("bias"))
+    weight, bias = _param(params, "weight", "linear"), params.get("bias")
+    _check_input("linear", x)
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"linear: x has width {x.shape[-1]} (shape {tuple(x.shape)}), expected "
+            f"{weight.shape[-1]} to match weight {tuple(weight.shape)} [out, in]"
+        )
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:1]):
+        raise ValueError(
+            f"linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
+        )
+    return F.linear(x, weight, bias)
 
 
 def init_embedding(key: Tensor, num: int, dim: int, *, std: float = 0.02) -> Params:
@@ -107,7 +121,21 @@ def embedding(params: Params, ids: Tensor) -> Tensor:
 
     Returns:
         ``[*ids.shape, dim]``.
+
+    Raises:
+        TypeError: ``ids`` is not an integer tensor.
+        ValueError: (eager, outside ``vmap``) an id is outside ``[0, num)``; the message
+            names the first one and where it is.
     """
+    weight = _param(params, "weight", "embedding")
+    if weight.ndim != 2:
+        raise ValueError(f"embedding: weight must be [num, dim], got {tuple(weight.shape)}")
+    ids = check_ids(ids, weight.shape[0], name="ids")
+    return F.embedding(ids, weight)
+
+
+def _embed(params: Params, ids: Tensor) -> Tensor:
+    """:func:`embedding` for ids the caller has already checked (the models)."""
     return F.embedding(ids, params["weight"])
 
 
@@ -151,8 +179,18 @@ def layer_norm(params: Params, x: Tensor, *, eps: float = 1e-5) -> Tensor:
 
     Returns:
         Same shape as ``x``.
+
+    Raises:
+        ValueError: the width of ``x`` is not that of the norm's weight.
     """
-    return F.layer_norm(x, x.shape[-1:], params["weight"], params["bias"], eps)
+    weight, bias = _param(params, "weight", "layer_norm"), _param(params, "bias", "layer_norm")
+    _check_input("layer_norm", x)
+    if weight.ndim != 1 or x.shape[-1:] != weight.shape:
+        raise ValueError(
+            f"layer_norm: x has width {x.shape[-1]} (shape {tuple(x.shape)}), expected "
+            f"{tuple(weight.shape)[-1]} to match weight {tuple(weight.shape)}"
+        )
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
 def gelu(x: Tensor, approximate: Approximate = "none") -> Tensor:
@@ -319,3 +357,22 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
         )
     m = attention_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(-2) / m.sum(-2).clamp(min=1e-9)
+
+
+def _param(params: object, name: str, layer: str) -> Tensor:
+    """``params[name]`` as a tensor, or an error naming the layer and what it expected."""
+    if not isinstance(params, dict) or name not in params:
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise KeyError(f"{layer}: params must be a dict with {name!r}, got {got}")
+    value = params[name]
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{layer}: params[{name!r}] is a {type(value).__name__}, not a tensor")
+    return value
+
+
+def _check_input(layer: str, x: object) -> None:
+    if not isinstance(x, Tensor) or not (x.is_floating_point() or x.is_complex()):
+        what = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{layer}: x must be a floating-point tensor, got {what}")
+    if x.ndim == 0:
+        raise ValueError(f"{layer}: x must have at least 1 dimension, got a scalar")
