@@ -75,11 +75,44 @@ def check_params(model: Any, params: Params) -> None:
     """
     leaves, spec = tree.flatten_spec(params)
     want_spec, want_shapes = _layout(model)
-    if spec == want_spec and all(
-        isinstance(leaf, Tensor) and leaf.shape == shape for leaf, shape in zip(leaves, want_shapes)
+    if not (
+        spec == want_spec
+        and all(
+            isinstance(leaf, Tensor) and leaf.shape == shape
+            for leaf, shape in zip(leaves, want_shapes)
+        )
     ):
+        nn.check_shapes(params, param_shapes(model))
+    _check_one_dtype(leaves, spec)
+
+
+def _check_one_dtype(leaves: list[Any], spec: Any) -> None:
+    """All leaves floating, of one dtype and on one device; else name the odd leaf."""
+    if not leaves:
         return
-    nn.check_shapes(params, param_shapes(model))
+    first = leaves[0]
+    if all(x.dtype is first.dtype and x.device == first.device for x in leaves[1:]):
+        if first.is_floating_point():
+            return
+    paths = tree.spec_paths(spec)
+    for path, x in zip(paths, leaves):
+        if not x.is_floating_point():
+            raise TypeError(f"params: {path} has dtype {x.dtype}, expected a floating dtype")
+    dtypes = [x.dtype for x in leaves]
+    common = max(set(dtypes), key=dtypes.count)
+    for path, x in zip(paths, leaves):
+        if x.dtype is not common:
+            raise TypeError(
+                f"params: {path} has dtype {x.dtype} while the other leaves are {common}; "
+                "cast the whole tree (fnllm.tree.cast) so that every leaf has one dtype"
+            )
+    devices = [x.device for x in leaves]
+    where = max(set(devices), key=devices.count)
+    for path, x in zip(paths, leaves):
+        if x.device != where:
+            raise ValueError(
+                f"params: {path} is on {x.device} while the other leaves are on {where}"
+            )
 
 
 def check_inputs(
