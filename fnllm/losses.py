@@ -89,6 +89,7 @@ def cross_entropy(
     """
     _check_logits_labels(logits, labels, "logits", "labels")
     _check_reduction(reduction)
+    _checks.check_int("ignore_index", ignore_index)
     label_smoothing = _checks.check_range("label_smoothing", label_smoothing, low=0.0, high=1.0)
     _check_label_range("labels", labels, logits.shape[-1], ignore_index)
     loss, valid = _token_nll(logits, labels, ignore_index, label_smoothing)

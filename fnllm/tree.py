@@ -167,7 +167,10 @@ def flatten(tree: Tree) -> dict[str, Any]:
         for p in parts:
             if not isinstance(p, (str, int)) or (isinstance(p, str) and "." in p):
                 raise ValueError(f"tree: key {p!r} can not be part of a dotted path")
-        out[".".join(str(p) for p in parts)] = leaf
+        path = ".".join(str(p) for p in parts)
+        if path in out:  # {1: a, "1": b}: two keys, one path
+            raise ValueError(f"tree: two keys give the path {path!r} (an int and a str key?)")
+        out[path] = leaf
     return out
 
 

@@ -156,6 +156,7 @@ def truncate_lengths(len_a: Tensor, len_b: Tensor, budget: int) -> tuple[Tensor,
     Returns:
         ``(new_len_a, new_len_b)`` with ``new_len_a + new_len_b <= budget``.
     """
+    _checks.check_int("budget", budget, low=0)
     over = (len_a + len_b) > budget
     # The loop ends with the shorter segment intact if it fits in half the budget (rounded
     # so that A keeps the extra token on an odd budget, since ties shorten B first).
@@ -190,7 +191,14 @@ def pad_sequences(
     Returns:
         ``(ids, lengths)``: ``ids[i, :lengths[i]]`` is ``sequences[i]``, the rest ``pad_id``.
     """
+    _checks.check_int("pad_id", pad_id)
+    if isinstance(sequences, (str, bytes)):
+        raise TypeError("sequences: expected a list of id lists, got a string")
     seqs = [s.tolist() if isinstance(s, Tensor) else list(s) for s in sequences]
+    for i, s in enumerate(seqs):
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in s):
+            bad = next(t for t in s if isinstance(t, bool) or not isinstance(t, int))
+            raise TypeError(f"sequences[{i}]: expected integer ids, got {bad!r}")
     lengths = [len(s) for s in seqs]
     longest = max(lengths, default=0)
     if width is None:

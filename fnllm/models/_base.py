@@ -33,6 +33,10 @@ def check_config(model: Any, positive: tuple[str, ...]) -> None:
         raise ValueError(
             f"{kind}: d_model {model.d_model} is not divisible by n_head {model.n_head}"
         )
+    for f in dataclasses.fields(model):
+        value = getattr(model, f.name)
+        if f.type in ("bool", bool) and not isinstance(value, bool):
+            raise TypeError(f"{kind}: {f.name} must be a bool, got {value!r}")
     if not 0.0 <= model.dropout < 1.0:
         raise ValueError(f"{kind}: dropout must be in [0, 1), got {model.dropout}")
     if not model.ln_eps > 0:
@@ -91,9 +95,10 @@ def _check_one_dtype(leaves: list[Any], spec: Any) -> None:
     if not leaves:
         return
     first = leaves[0]
-    if all(x.dtype is first.dtype and x.device == first.device for x in leaves[1:]):
-        if first.is_floating_point():
-            return
+    if first.is_floating_point() and all(
+        x.dtype is first.dtype and x.device == first.device for x in leaves[1:]
+    ):
+        return
     paths = tree.spec_paths(spec)
     for path, x in zip(paths, leaves):
         if not x.is_floating_point():
@@ -122,6 +127,8 @@ def check_inputs(
     tokens = nn.check_ids(tokens, model.vocab_size, name="tokens")
     if tokens.ndim not in (1, 2):
         raise ValueError(f"tokens: expected shape [B, T] or [T], got {tuple(tokens.shape)}")
+    if tokens.shape[-1] == 0:
+        raise ValueError(f"tokens: empty sequence (shape {tuple(tokens.shape)}), expected T >= 1")
     if tokens.shape[-1] > model.max_len:
         raise ValueError(f"tokens: sequence length {tokens.shape[-1]} > max_len {model.max_len}")
     if attention_mask is not None:

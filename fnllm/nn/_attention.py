@@ -161,6 +161,11 @@ def make_attention_mask(
     """
     if attention_mask is None:
         return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.is_complex():
+        what = attention_mask.dtype if isinstance(attention_mask, Tensor) else type(attention_mask)
+        raise TypeError(f"attention_mask: expected a bool, integer or float tensor, got {what}")
+    if attention_mask.ndim == 0:
+        raise ValueError("attention_mask: expected [..., T], got a scalar")
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask != 0
     if drop_full and checks_enabled() and bool(attention_mask.all()):
@@ -209,6 +214,8 @@ def _resolve_impl(impl: str, key: Tensor | None, dropout: float) -> tuple[str, b
     """Validate ``impl`` and pick the path for ``"auto"``; also say whether dropout is on."""
     if impl not in _IMPLS:
         raise ValueError(f"attention: impl must be one of {_IMPLS}, got {impl!r}")
+    if not isinstance(dropout, Tensor):
+        _checks.check_range("attention: dropout", dropout, low=0.0, high=1.0, high_open=True)
     drop = key is not None and dropout > 0.0
     if impl == "auto":
         impl = "math" if drop or in_vmap() else "sdpa"
@@ -261,6 +268,7 @@ def attention_qkv(params: Params, x: Tensor, *, n_head: int) -> tuple[Tensor, Te
     Returns:
         ``(q, k, v)``, each ``[..., n_head, T, D // n_head]``.
     """
+    _checks.check_int("attention: n_head", n_head, low=1)
     d_model = x.shape[-1]
     if d_model % n_head:
         raise ValueError(f"attention: d_model {d_model} is not divisible by n_head {n_head}")

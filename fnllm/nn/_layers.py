@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fnllm import random as jr
-from fnllm._checks import check_ids, checks_enabled
+from fnllm._checks import check_ids, check_int, check_number, checks_enabled
 
 Params: TypeAlias = dict[str, Any]
 Impl: TypeAlias = Literal["auto", "sdpa", "math"]
@@ -42,6 +42,8 @@ def init_linear(
     Returns:
         ``{"weight": [d_out, d_in], "bias": [d_out]}`` (no ``"bias"`` when ``bias=False``).
     """
+    _check_dims("init_linear", d_in=d_in, d_out=d_out)
+    _check_std("init_linear", std)
     weight = jr.normal(key, (d_out, d_in), torch.float32) * std
     params: Params = {"weight": weight}
     if bias:
@@ -100,6 +102,8 @@ def init_embedding(key: Tensor, num: int, dim: int, *, std: float = 0.02) -> Par
     Returns:
         ``{"weight": [num, dim]}``.
     """
+    _check_dims("init_embedding", num=num, dim=dim)
+    _check_std("init_embedding", std)
     return {"weight": jr.normal(key, (num, dim), torch.float32) * std}
 
 
@@ -155,6 +159,7 @@ def init_layer_norm(key: Tensor | None, dim: int) -> Params:
     Returns:
         ``{"weight": [dim], "bias": [dim]}``.
     """
+    _check_dims("init_layer_norm", dim=dim)
     device = key.device if key is not None else None
     return {
         "weight": torch.ones(dim, device=device),
@@ -185,6 +190,7 @@ def layer_norm(params: Params, x: Tensor, *, eps: float = 1e-5) -> Tensor:
     """
     weight, bias = _param(params, "weight", "layer_norm"), _param(params, "bias", "layer_norm")
     _check_input("layer_norm", x)
+    check_number("layer_norm: eps", eps, positive=True)
     if weight.ndim != 1 or x.shape[-1:] != weight.shape:
         raise ValueError(
             f"layer_norm: x has width {x.shape[-1]} (shape {tuple(x.shape)}), expected "
@@ -376,3 +382,12 @@ def _check_input(layer: str, x: object) -> None:
         raise TypeError(f"{layer}: x must be a floating-point tensor, got {what}")
     if x.ndim == 0:
         raise ValueError(f"{layer}: x must have at least 1 dimension, got a scalar")
+
+
+def _check_dims(layer: str, **dims: object) -> None:
+    for name, value in dims.items():
+        check_int(f"{layer}: {name}", value, low=1)
+
+
+def _check_std(layer: str, std: object) -> None:
+    check_number(f"{layer}: std", std, nonnegative=True)

@@ -56,6 +56,9 @@ def decay_mask(
     Returns:
         A predicate ``(path, leaf) -> bool`` for ``adamw(..., mask=...)``.
     """
+    _checks.check_int("decay_mask: min_ndim", min_ndim, low=0)
+    if isinstance(exclude, str):
+        exclude = (exclude,)
     excluded = tree.filter_fn(list(exclude))
 
     def predicate(path: str, leaf: Tensor) -> bool:

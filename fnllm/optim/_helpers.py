@@ -102,6 +102,7 @@ def make_mask(where: str, mask: Mask) -> MaskFn:
     is_globs = isinstance(mask, (list, tuple)) and all(isinstance(g, str) for g in mask)
     if isinstance(mask, str) or callable(mask) or is_globs:
         pred = tree.filter_fn(mask)
+        globs = (mask,) if isinstance(mask, str) else tuple(mask) if is_globs else ()
 
         @torch.compiler.assume_constant_result
         def flags_of(
@@ -129,7 +130,10 @@ def make_mask(where: str, mask: Mask) -> MaskFn:
                     by_spec.clear()
                     by_metas.clear()
                 metas = tuple((tuple(x.shape), x.dtype) for x in leaves)
-                flags = by_spec[spec] = by_metas[metas] = flags_of(_paths(ref), metas)
+                paths = _paths(ref)
+                if globs:
+                    _check_globs(where, globs, paths)
+                flags = by_spec[spec] = by_metas[metas] = flags_of(paths, metas)
             return flags
 
         return resolve
@@ -205,3 +209,14 @@ def check_lr_value(where: str, value: Any, count: Tensor | None) -> Any:
             " (a negative rate would move the parameters uphill)"
         )
     return value
+
+
+def _check_globs(where: str, globs: Sequence[str], paths: Sequence[str]) -> None:
+    """Every glob of a mask selects a leaf: a typo would silently switch weight decay off."""
+    for glob in globs:
+        one = tree.filter_fn(glob)
+        if not any(one(p, None) for p in paths):
+            raise ValueError(
+                f"{where}: mask glob {glob!r} matches no leaf of the tree "
+                f"(paths: {_checks.few(list(paths), 6)})"
+            )

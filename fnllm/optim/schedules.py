@@ -176,6 +176,8 @@ def _as_float_step(step: Tensor | int) -> Tensor:
         return step.to(torch.float32)
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"schedule: step must be an int or an integer tensor, got {step!r}")
+    if step < 0:
+        raise ValueError(f"schedule: step must be >= 0, got {step}")
     return torch.tensor(float(step), dtype=torch.float32)
 
 
