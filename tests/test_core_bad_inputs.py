@@ -18,8 +18,10 @@ from fnllm.data import (
     instruction_targets,
     load_tokenizer,
     pack,
+    pad_sequences,
     sentence_pairs,
     train_tokenizer,
+    truncate_lengths,
 )
 from fnllm.models import BERT, GPT
 
@@ -359,3 +361,111 @@ def test_a_params_tree_with_one_odd_dtype_names_the_leaf(model) -> None:
     ints = tree.unflatten({**tree.flatten(params), path: tree.flatten(params)[path].long()})
     with pytest.raises(TypeError, match="floating"):
         model.apply(ints, torch.tensor([[1, 2, 3]]))
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: nn.init_embedding(jr.key(0), 0, 3), "num"),
+        (lambda: nn.init_embedding(jr.key(0), 3, 3, std=math.nan), "std"),
+        (lambda: nn.init_linear(jr.key(0), 4.0, 3), "d_in"),
+        (lambda: nn.init_linear(jr.key(0), 4, 3, std=-1.0), "std"),
+        (lambda: nn.init_layer_norm(None, 0), "dim"),
+        (lambda: nn.layer_norm(nn.init_layer_norm(None, 3), torch.ones(2, 3), eps=-1.0), "eps"),
+        (lambda: nn.layer_norm(nn.init_layer_norm(None, 3), torch.ones(2, 3), eps=math.nan), "eps"),
+        (
+            lambda: nn.attention(
+                nn.init_attention(jr.key(0), 8),
+                torch.ones(1, 3, 8),
+                n_head=2,
+                key=jr.key(1),
+                dropout=math.nan,
+            ),
+            "dropout",
+        ),
+        (
+            lambda: nn.attention(nn.init_attention(jr.key(0), 8), torch.ones(1, 3, 8), n_head=0),
+            "n_head",
+        ),
+        (lambda: nn.make_attention_mask([[1, 0]]), "attention_mask"),
+        (
+            lambda: losses.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), ignore_index=1.5),
+            "ignore_index",
+        ),
+        (lambda: optim.decay_mask(min_ndim=-1), "min_ndim"),
+        (lambda: optim.linear_warmup(0.1, 3)(-1), "step"),
+        (lambda: tree.flatten({1: torch.ones(1), "1": torch.ones(1)}), "'1'"),
+        (lambda: pad_sequences([[1.5]], 0), r"sequences\[0\]"),
+        (lambda: pad_sequences("abc", 0), "sequences"),
+        (lambda: truncate_lengths(torch.tensor([3]), torch.tensor([3]), -1), "budget"),
+        (
+            lambda: GPT(vocab_size=11, max_len=8, d_model=8, n_layer=1, n_head=2, tie_head="no"),
+            "tie_head",
+        ),
+        (
+            lambda: BERT(
+                vocab_size=11, max_len=8, d_model=8, n_layer=1, n_head=2, d_ff=16, pooler=1
+            ),
+            "pooler",
+        ),
+    ],
+)
+def test_sweep_of_bad_arguments_names_them(call, match: str) -> None:
+    with pytest.raises((ValueError, TypeError, KeyError), match=match):
+        call()
+
+
+def test_model_refuses_an_empty_sequence() -> None:
+    model = GPT(vocab_size=11, max_len=8, d_model=8, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match="empty sequence"):
+        model.apply(model.init(jr.key(0)), torch.ones(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mask", ["haed", ["blocks.*", "haed"]])
+def test_optimizer_mask_glob_that_matches_nothing_is_named(mask) -> None:
+    opt = optim.adamw(1e-3, weight_decay=0.1, mask=mask)
+    with pytest.raises(ValueError, match="'haed' matches no leaf"):
+        opt.init({"blocks": [{"w": torch.ones(2, 2)}], "head": torch.ones(2)})
+
+
+# ----------------------------------------------------------------------------- renames, epochs
+
+
+def test_old_names_stay_as_aliases() -> None:
+    opt = optim.adamw(0.1)
+    w = {"w": torch.ones(2)}
+    g = {"w": torch.tensor([1.0, -1.0])}
+    new, _ = optim.apply_gradients(opt, g, opt.init(w), w)
+    old, _ = optim.step(opt, g, opt.init(w), w)
+    torch.testing.assert_close(new, old, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        optim.apply_gradients("adamw", g, {}, w)
+    batch = sentence_pairs(
+        jr.key(0), [[5], [6]], [[7], [8]], cls_id=1, sep_id=2, pad_id=0, max_len=6
+    )
+    assert batch["labels"] is batch["next_sentence_label"]
+
+
+def test_epochs_stream_is_the_per_epoch_loaders_back_to_back() -> None:
+    from fnllm.data import Corpus, epochs, gpt_batches
+
+    corpus, key = Corpus(kind="bpe", vocab_size=300), jr.key(3)
+    make = lambda e: gpt_batches(corpus, key, batch_size=8, block_size=16, epoch=e)
+    stream = epochs(make, num_epochs=3, start_step=2)
+    n = stream.steps_per_epoch
+    want = [make(e).batch(i)["input_ids"] for e in range(3) for i in range(n)][2:]
+    got = [b["input_ids"] for b in stream]
+    assert len(got) == len(stream) == 3 * n - 2
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="step"):
+        stream.batch(3 * n)
+    with pytest.raises(TypeError, match="Batches"):
+        epochs(lambda e: [1, 2, 3])
+    uneven = epochs(lambda e: gpt_batches(corpus, key, batch_size=8 + e, block_size=16, epoch=e))
+    with pytest.raises(ValueError, match="same number"):
+        uneven.batch(uneven.steps_per_epoch)
+    with pytest.raises(TypeError, match="num_epochs"):
+        epochs(make, num_epochs=1.5)

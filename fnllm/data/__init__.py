@@ -10,13 +10,13 @@ Every transform is a pure function of its inputs and (where it samples) an expli
   (aligned with the logits) and document packing.
 - :class:`Corpus`, :func:`train_tokenizer`, :func:`load_tokenizer`, :func:`gpt_batches`,
   :func:`bert_batches`, :func:`bert_pretraining_batch`: from text to deterministic,
-  resumable batches.
+  resumable batches; :func:`epochs` chains a loader's epochs into one stream.
 """
 
 from fnllm.data.causal import causal_targets, instruction_targets, pack
 from fnllm.data.corpus import Corpus, split_sentences
 from fnllm.data.corpus_text import DEFAULT_DOCUMENTS, default_documents
-from fnllm.data.loaders import Batches, bert_batches, gpt_batches
+from fnllm.data.loaders import Batches, Epochs, bert_batches, epochs, gpt_batches
 from fnllm.data.masking import mlm_mask
 from fnllm.data.pairs import pad_sequences, sentence_pairs, truncate_lengths
 from fnllm.data.pretraining import bert_pretraining_batch
@@ -26,10 +26,12 @@ __all__ = [
     "DEFAULT_DOCUMENTS",
     "Batches",
     "Corpus",
+    "Epochs",
     "bert_batches",
     "bert_pretraining_batch",
     "causal_targets",
     "default_documents",
+    "epochs",
     "gpt_batches",
     "instruction_targets",
     "load_tokenizer",

@@ -145,8 +145,6 @@ def pack(
             raise TypeError(f"sequences[{i}]: expected integer token ids")
         stream.extend(ids)
         stream.append(eos_id)
-    if not stream:
-        raise ValueError("sequences: no documents to pack")
     n_full = len(stream) // block_size
     rest = len(stream) - n_full * block_size
     if rest and not drop_remainder:

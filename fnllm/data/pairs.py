@@ -62,7 +62,7 @@ def sentence_pairs(
         >>> batch["token_type_ids"]
         tensor([[0, 0, 0, 1, 1, 1, 1, 0],
                 [0, 0, 0, 0, 1, 1, 1, 0]])
-        >>> batch["labels"]
+        >>> batch["next_sentence_label"]
         tensor([1, 0])
 
     Args:
@@ -85,9 +85,10 @@ def sentence_pairs(
     Returns:
         A dict of ``[B, max_len]`` tensors ``input_ids`` (dtype of ``first``),
         ``token_type_ids`` (0 for CLS, A and the first SEP; 1 for B and the last SEP; 0 on
-        padding), ``attention_mask`` (1 on the tokens, 0 on padding), and ``labels`` ``[B]``
-        (int64, 0 = in order / next, 1 = swapped / not next). Unbatched ``[L]`` inputs give
-        ``[max_len]`` outputs and a scalar label.
+        padding), ``attention_mask`` (1 on the tokens, 0 on padding), and
+        ``next_sentence_label`` ``[B]`` (int64, 0 = in order / next, 1 = swapped / not next;
+        the Hugging Face name; ``labels`` is the same tensor under its old name). Unbatched
+        ``[L]`` inputs give ``[max_len]`` outputs and a scalar label.
 
     Raises:
         ValueError: ``max_len < 3``, an unknown ``mode``, ``nsp`` with fewer than 2 rows,
@@ -130,7 +131,8 @@ def sentence_pairs(
 
     len_a, len_b = truncate_lengths(len_a, len_b, max_len - 3)
     out = _layout(seg_a, seg_b, len_a, len_b, cls_id, sep_id, pad_id, max_len)
-    out["labels"] = label.to(torch.int64)
+    out["next_sentence_label"] = label.to(torch.int64)
+    out["labels"] = out["next_sentence_label"]  # the old name, kept as an alias
     if unbatched:
         out = {k: v[0] for k, v in out.items()}
     return out
