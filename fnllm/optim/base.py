@@ -215,14 +215,7 @@ def apply_gradients(
     return apply_updates(params, updates), state
 
 
-def step(
-    optimizer: GradientTransformation,
-    grads: Tree,
-    state: State,
-    params: Tree,
-    *,
-    donate: bool = False,
-) -> tuple[Tree, State]:
+def step(*args: Any, **kwargs: Any) -> tuple[Tree, State]:
     """The old name of :func:`apply_gradients` (kept so that existing code runs unchanged).
 
     Example:
@@ -234,16 +227,13 @@ def step(
         {'w': tensor([0.5000])}
 
     Args:
-        optimizer: the transformation.
-        grads: gradients, a tree shaped like ``params``.
-        state: the optimizer state for ``params``.
-        params: the parameters.
-        donate: allow reusing the buffers of ``params`` and ``state`` for the results.
+        *args: as for :func:`apply_gradients`.
+        **kwargs: as for :func:`apply_gradients`.
 
     Returns:
         ``(new_params, new_state)``, as :func:`apply_gradients`.
     """
-    return apply_gradients(optimizer, grads, state, params, donate=donate)
+    return apply_gradients(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -87,9 +87,10 @@ def cosine_decay(init: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
     as in SGDR without restarts (and ``optax.cosine_decay_schedule``).
 
     Example:
+        >>> import torch
         >>> from fnllm import optim
-        >>> s = optim.cosine_decay(1.0, decay_steps=4)
-        >>> [round(float(s(i)), 4) for i in range(6)]
+        >>> values = optim.cosine_decay(1.0, decay_steps=4)(torch.arange(6))
+        >>> values.round(decimals=4).tolist()
         [1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]
 
     Args:
