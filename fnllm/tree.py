@@ -404,7 +404,8 @@ def partition(tree: Tree, filter: Filter, *, allow_unmatched: bool = False) -> t
     """
     pred = filter_fn(filter)
     if isinstance(filter, (list, tuple)) and not allow_unmatched:
-        _check_globs_match(tree, tuple(filter))
+        if not torch.compiler.is_compiling():  # glob matching is not traced; checked eagerly
+            _check_globs_match(tree, tuple(filter))
     return _ops.partition(tree, pred, "")
 
 

@@ -70,13 +70,13 @@ def param_shapes(model: Any) -> dict[str, tuple[int, ...]]:
 
 
 def check_params(model: Any, params: Params) -> None:
-    """``nn.check_shapes`` against :func:`param_shapes`, with a fast path for good trees.
+    """``nn.check_shapes`` against :func:`param_shapes`, with a fast path for good trees;
+    then one floating dtype and one device for every leaf.
 
     A valid tree is recognised by comparing its structure and leaf shapes with a layout
-    cached per config: a few hundred microseconds for GPT-2's ~150 leaves, which keeps the
-    eager check cheap next to the forward pass. Anything else takes the slow path, which
-    names the offending path.
+    cached per config. Anything else takes the slow path, which names the offending path.
     """
+    # Measured: a few hundred microseconds for GPT-2's ~150 leaves, cheap next to a forward.
     leaves, spec = tree.flatten_spec(params)
     want_spec, want_shapes = _layout(model)
     if not (

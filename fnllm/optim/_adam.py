@@ -2,7 +2,7 @@
 
 ``update`` is computed with multi-tensor ``_foreach_*`` ops (under ``torch.compile`` Inductor
 fuses them into a few kernels), or on CPU in eager mode with torch's fused kernel
-(``torch._fused_adam_``) run on fresh buffers, whichever measured faster. Nothing the caller
+(``torch._fused_adam_``) run on fresh buffers (see ``_updates_fused``). Nothing the caller
 passed is modified. :func:`fnllm.optim.apply_gradients` runs ``torch._fused_adamw_`` in eager
 mode and updates the parameters in the same kernel.
 """
