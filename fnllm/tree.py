@@ -403,9 +403,10 @@ def partition(tree: Tree, filter: Filter, *, allow_unmatched: bool = False) -> t
         ValueError: a glob of a list matches no leaf (the message names it and a few paths).
     """
     pred = filter_fn(filter)
-    if isinstance(filter, (list, tuple)) and not allow_unmatched:
-        if not torch.compiler.is_compiling():  # glob matching is not traced; checked eagerly
-            _check_globs_match(tree, tuple(filter))
+    # glob matching is not traced: the check runs eagerly
+    eager = not torch.compiler.is_compiling()
+    if isinstance(filter, (list, tuple)) and not allow_unmatched and eager:
+        _check_globs_match(tree, tuple(filter))
     return _ops.partition(tree, pred, "")
 
 
