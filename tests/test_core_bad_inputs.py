@@ -469,3 +469,11 @@ def test_epochs_stream_is_the_per_epoch_loaders_back_to_back() -> None:
         uneven.batch(uneven.steps_per_epoch)
     with pytest.raises(TypeError, match="num_epochs"):
         epochs(make, num_epochs=1.5)
+
+
+@pytest.mark.parametrize("prob", [torch.tensor(0.5), True, "0.1"])
+def test_mlm_rates_must_be_python_floats(prob) -> None:
+    from fnllm.data import mlm_mask
+
+    with pytest.raises(TypeError, match="prob: expected a Python float"):
+        mlm_mask(jr.key(0), torch.tensor([[5, 6]]), mask_id=1, vocab_size=10, prob=prob)
