@@ -463,8 +463,8 @@ class BERT:
 
         Example:
             >>> from fnllm.models import BERT
-            >>> BERT.from_config({"type": "bert", "n_layer": 2, "pooler": False}).pooler
-            False
+            >>> BERT.from_config({"type": "bert", "n_layer": 2}).n_layer
+            2
 
         Args:
             config: field values; a ``"type"`` entry, if present, must say ``"bert"``.

@@ -201,12 +201,12 @@ def apply_gradients(
         ``(new_params, new_state)``.
 
     Raises:
-        TypeError: ``optimizer`` is not a :class:`GradientTransformation`.
+        TypeError: ``optimizer`` has no ``update`` (not a :class:`GradientTransformation`).
     """
-    if not isinstance(optimizer, GradientTransformation):
+    if not callable(getattr(optimizer, "update", None)):
         raise TypeError(
-            "optim.apply_gradients: optimizer must be a GradientTransformation, got "
-            f"{type(optimizer).__name__}"
+            "optim.apply_gradients: optimizer must be a GradientTransformation (with an "
+            f"update function), got {type(optimizer).__name__}"
         )
     fused = getattr(optimizer, "fused_step", None)
     if fused is not None:

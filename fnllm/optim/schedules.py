@@ -90,7 +90,7 @@ def cosine_decay(init: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
         >>> import torch
         >>> from fnllm import optim
         >>> values = optim.cosine_decay(1.0, decay_steps=4)(torch.arange(6))
-        >>> values.round(decimals=4).tolist()
+        >>> [round(v, 4) for v in values.tolist()]
         [1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]
 
     Args:
