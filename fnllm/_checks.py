@@ -223,6 +223,41 @@ def check_number(
     return value
 
 
+def check_range(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
+    """Raise unless ``value`` (a number or a real tensor) is finite and within the bounds.
+
+    A Python number is checked and returned as a float. A tensor is returned unchanged; its
+    values are read (one host sync) only when that is allowed (not while tracing and not a
+    ``torch.func`` wrapper), so the same hyper-parameter given as a tensor gets the checks a
+    float gets wherever they can run. ``low_open``/``high_open`` exclude the bound itself.
+    """
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name}: expected a real number or tensor, got dtype {value.dtype}")
+        if value.numel() == 0 or tracing(value):
+            return value
+        lo, hi = (float(v) for v in torch.stack(torch.aminmax(value.detach().double())))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name}: expected finite values, got a tensor holding {_bad(value)}")
+        _check_bounds(name, lo, hi, low, high, low_open, high_open, " (a tensor value)")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number or a tensor, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    _check_bounds(name, value, value, low, high, low_open, high_open, "")
+    return value
+
+
 def check_int_tensor(name: str, x: object) -> Tensor:
     """Raise unless ``x`` is a tensor of a signed integer dtype with at least one dimension."""
     if not isinstance(x, Tensor):
@@ -271,3 +306,25 @@ def _vmap_on_stack() -> bool:
         return True
     with interpreter.lower():
         return _vmap_on_stack()
+
+
+def _bad(value: Tensor) -> str:
+    bad = value.detach().double()
+    bad = bad[~torch.isfinite(bad)]
+    return str(float(bad.reshape(-1)[0])) if bad.numel() else "non-finite values"
+
+
+def _check_bounds(
+    name: str,
+    lo: float,
+    hi: float,
+    low: float | None,
+    high: float | None,
+    low_open: bool,
+    high_open: bool,
+    what: str,
+) -> None:
+    if low is not None and (lo <= low if low_open else lo < low):
+        raise ValueError(f"{name}: expected {'>' if low_open else '>='} {low}, got {lo}{what}")
+    if high is not None and (hi >= high if high_open else hi > high):
+        raise ValueError(f"{name}: expected {'<' if high_open else '<='} {high}, got {hi}{what}")

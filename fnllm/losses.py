@@ -89,8 +89,8 @@ def cross_entropy(
     """
     _check_logits_labels(logits, labels, "logits", "labels")
     _check_reduction(reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing: {label_smoothing} is not in [0, 1]")
+    _checks.check_int("ignore_index", ignore_index)
+    label_smoothing = _checks.check_range("label_smoothing", label_smoothing, low=0.0, high=1.0)
     _check_label_range("labels", labels, logits.shape[-1], ignore_index)
     loss, valid = _token_nll(logits, labels, ignore_index, label_smoothing)
     return _reduce(loss, valid, reduction)
@@ -140,8 +140,7 @@ def causal_lm(
     if logits.ndim < 2:
         raise ValueError(f"logits: expected [..., T, V], got shape {tuple(logits.shape)}")
     _check_reduction(reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing: {label_smoothing} is not in [0, 1]")
+    label_smoothing = _checks.check_range("label_smoothing", label_smoothing, low=0.0, high=1.0)
     _check_label_range("tokens", tokens, logits.shape[-1], None)
     targets = _shift_targets(tokens, attention_mask)
     loss, valid = _token_nll(logits, targets, IGNORE_INDEX, label_smoothing)
@@ -256,7 +255,7 @@ def pairwise_reward(
     Args:
         chosen_rewards: ``[...]`` scalar rewards of the preferred responses.
         rejected_rewards: ``[...]`` rewards of the rejected responses, same shape.
-        margin: a float or a tensor broadcastable to the rewards.
+        margin: a float or a tensor broadcastable to the rewards, finite and >= 0.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
     Returns:
@@ -267,6 +266,7 @@ def pairwise_reward(
     """
     _check_same_float_shapes(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
     _check_reduction(reduction)
+    margin = _checks.check_range("margin", margin, low=0.0)
     diff = chosen_rewards.float() - rejected_rewards.float()
     if isinstance(margin, Tensor):
         diff = diff - margin.float()
@@ -325,15 +325,13 @@ def dpo(
         ref_rejected_logps=ref_rejected_logps,
     )
     _check_reduction(reduction)
-    if not beta > 0:
-        raise ValueError(f"beta: expected > 0, got {beta}")
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing: {label_smoothing} is not in [0, 0.5]")
+    beta = _checks.check_range("beta", beta, low=0.0, low_open=True)
+    label_smoothing = _checks.check_range("label_smoothing", label_smoothing, low=0.0, high=0.5)
     chosen = policy_chosen_logps.float() - ref_chosen_logps.float()
     rejected = policy_rejected_logps.float() - ref_rejected_logps.float()
     z = beta * (chosen - rejected)
     loss = -F.logsigmoid(z)
-    if label_smoothing:
+    if isinstance(label_smoothing, Tensor) or label_smoothing:
         loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
     return _reduce_all(loss, reduction)
 
@@ -402,7 +400,7 @@ def _token_nll(
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0).long()
     loss = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    if label_smoothing:
+    if isinstance(label_smoothing, Tensor) or label_smoothing:
         loss = (1.0 - label_smoothing) * loss - label_smoothing * logp.mean(dim=-1)
     return torch.where(valid, loss, 0.0), valid
 

@@ -167,7 +167,10 @@ def flatten(tree: Tree) -> dict[str, Any]:
         for p in parts:
             if not isinstance(p, (str, int)) or (isinstance(p, str) and "." in p):
                 raise ValueError(f"tree: key {p!r} can not be part of a dotted path")
-        out[".".join(str(p) for p in parts)] = leaf
+        path = ".".join(str(p) for p in parts)
+        if path in out:  # {1: a, "1": b}: two keys, one path
+            raise ValueError(f"tree: two keys give the path {path!r} (an int and a str key?)")
+        out[path] = leaf
     return out
 
 
@@ -253,7 +256,9 @@ def count(tree: Tree) -> int:
     return sum(x.numel() for x in leaves(tree) if isinstance(x, torch.Tensor))
 
 
-def cast(tree: Tree, dtype: torch.dtype, *, floating_only: bool = True) -> Tree:
+def cast(
+    tree: Tree, dtype: torch.dtype, *, floating_only: bool = True, allow_integer: bool = False
+) -> Tree:
     """Cast the tensor leaves of a tree to ``dtype`` (a new tree; the input is unchanged).
 
     Example:
@@ -267,10 +272,23 @@ def cast(tree: Tree, dtype: torch.dtype, *, floating_only: bool = True) -> Tree:
         tree: a tree of tensors.
         dtype: the target dtype.
         floating_only: leave integer and bool tensors as they are (the default).
+        allow_integer: allow an integer or bool ``dtype``, which truncates every weight (most
+            to 0); refused unless asked for.
 
     Returns:
         The cast tree. Leaves that already have ``dtype`` are returned as the same objects.
+
+    Raises:
+        TypeError: ``dtype`` is not a ``torch.dtype``.
+        ValueError: ``dtype`` is an integer or bool dtype and ``allow_integer`` is False.
     """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"tree.cast: dtype: expected a torch.dtype, got {dtype!r}")
+    if not (dtype.is_floating_point or dtype.is_complex) and not allow_integer:
+        raise ValueError(
+            f"tree.cast: dtype {dtype} is not floating: casting weights to it truncates them "
+            "(most to 0); pass allow_integer=True if that is meant"
+        )
 
     def _cast(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
@@ -351,7 +369,7 @@ def filter_fn(filter: Filter) -> Predicate:
     return _match
 
 
-def partition(tree: Tree, filter: Filter) -> tuple[Tree, Tree]:
+def partition(tree: Tree, filter: Filter, *, allow_unmatched: bool = False) -> tuple[Tree, Tree]:
     """Split a tree into the leaves a filter selects and the rest.
 
     Both halves keep the containers: unselected dict entries are dropped, unselected list or
@@ -375,11 +393,20 @@ def partition(tree: Tree, filter: Filter) -> tuple[Tree, Tree]:
             (see :func:`filter_fn`). A filter that matches nothing gives an empty selected
             half (containers only) and the whole tree as the rest; one that matches everything
             gives the reverse.
+        allow_unmatched: with a list of globs, every glob must select at least one leaf (a
+            typo would otherwise silently freeze what was meant to train); True lifts that.
 
     Returns:
         ``(selected, rest)``.
+
+    Raises:
+        ValueError: a glob of a list matches no leaf (the message names it and a few paths).
     """
     pred = filter_fn(filter)
+    # glob matching is not traced: the check runs eagerly
+    eager = not torch.compiler.is_compiling()
+    if isinstance(filter, (list, tuple)) and not allow_unmatched and eager:
+        _check_globs_match(tree, tuple(filter))
     return _ops.partition(tree, pred, "")
 
 
@@ -409,3 +436,15 @@ def combine(*trees: Tree) -> Tree:
     for other in trees[1:]:
         out = _ops.combine2(out, other, "")
     return out
+
+
+def _check_globs_match(tree: Tree, globs: tuple[str, ...]) -> None:
+    all_paths = paths(tree)
+    for glob in globs:
+        one = filter_fn(glob)
+        if not any(one(p, None) for p in all_paths):
+            shown = ", ".join(all_paths[:6]) + (" ..." if len(all_paths) > 6 else "")
+            raise ValueError(
+                f"tree.partition: glob {glob!r} matches no leaf (paths: {shown}); "
+                "pass allow_unmatched=True if that is meant"
+            )

@@ -91,7 +91,7 @@ def test_pack_rows_are_the_eos_joined_stream_cut_into_blocks(
     docs: list[list[int]], block: int, drop: bool
 ) -> None:
     stream = [t for d in docs for t in (*d, 0)]
-    out = pack(docs, block, eos_id=0, drop_remainder=drop, pad_id=-1)
+    out = pack(docs, block, eos_id=0, drop_remainder=drop, pad_id=100)
     assert out.dtype == torch.int64 and out.shape[1:] == (block,)
     n_full = len(stream) // block
     if drop or len(stream) % block == 0:
@@ -100,7 +100,7 @@ def test_pack_rows_are_the_eos_joined_stream_cut_into_blocks(
     else:
         assert out.shape[0] == n_full + 1
         flat = out.flatten().tolist()
-        assert flat[: len(stream)] == stream and set(flat[len(stream) :]) == {-1}
+        assert flat[: len(stream)] == stream and set(flat[len(stream) :]) == {100}
 
 
 def test_pack_accepts_tensors_and_rejects_bad_input() -> None:

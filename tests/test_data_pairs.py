@@ -20,7 +20,7 @@ IDS = {"cls_id": CLS, "sep_id": SEP, "pad_id": PAD}
 def _segments(seed: int, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded random segments with ids >= 10 (distinct from the specials)."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(0, width + 1, size=rows)
+    lengths = rng.integers(1, width + 1, size=rows)  # empty segments are refused
     ids = rng.integers(10, 100, size=(rows, width))
     ids = np.where(np.arange(width) < lengths[:, None], ids, PAD)
     return torch.from_numpy(ids), torch.from_numpy(lengths)
@@ -132,7 +132,7 @@ def test_nsp_replacement_comes_uniformly_from_the_other_rows() -> None:
 
 
 def test_list_input_equals_padded_tensor_input() -> None:
-    a, b = [[11, 12, 13], [14], [15, 16]], [[21], [22, 23, 24, 25], []]
+    a, b = [[11, 12, 13], [14], [15, 16]], [[21], [22, 23, 24, 25], [26]]
     from_lists = sentence_pairs(jr.key(1), a, b, mode="nsp", max_len=9, **IDS)
     first, first_len = pad_sequences(a, PAD)
     second, second_len = pad_sequences(b, PAD)

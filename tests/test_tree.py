@@ -36,7 +36,7 @@ def _same_objects(a, b) -> bool:
 @settings(max_examples=150, deadline=None)
 @given(_any_trees, _globs)
 def test_partition_then_combine_is_identity(t, globs):
-    selected, rest = tree.partition(t, globs)
+    selected, rest = tree.partition(t, globs, allow_unmatched=True)
     assert _same_objects(tree.combine(selected, rest), t)
 
 
@@ -44,7 +44,7 @@ def test_partition_then_combine_is_identity(t, globs):
 @given(_any_trees, _globs)
 def test_partition_splits_leaves_by_filter(t, globs):
     pred = tree.filter_fn(globs)
-    selected, rest = tree.partition(t, globs)
+    selected, rest = tree.partition(t, globs, allow_unmatched=True)
     flat = tree.flatten(t)
     assert set(tree.paths(selected)) == {p for p, x in flat.items() if pred(p, x)}
     assert set(tree.paths(rest)) == {p for p, x in flat.items() if not pred(p, x)}

@@ -10,7 +10,7 @@ Every transform is a pure function of its inputs and (where it samples) an expli
   (aligned with the logits) and document packing.
 - :class:`Corpus`, :func:`train_tokenizer`, :func:`load_tokenizer`, :func:`gpt_batches`,
   :func:`bert_batches`, :func:`bert_pretraining_batch`: from text to deterministic,
-  resumable batches.
+  resumable batches; :func:`epochs` chains a loader's epochs into one stream.
 - :func:`read_labelled`, :func:`encode_texts`, :func:`stratified_split`, :func:`length_batches`,
   :func:`load_vader`: text classification data (CSV/JSONL, the VADER movie reviews).
 """
@@ -18,7 +18,7 @@ Every transform is a pure function of its inputs and (where it samples) an expli
 from fnllm.data.causal import causal_targets, instruction_targets, pack
 from fnllm.data.corpus import Corpus, split_sentences
 from fnllm.data.corpus_text import DEFAULT_DOCUMENTS, default_documents
-from fnllm.data.loaders import Batches, bert_batches, gpt_batches
+from fnllm.data.loaders import Batches, Epochs, bert_batches, epochs, gpt_batches
 from fnllm.data.masking import mlm_mask
 from fnllm.data.pairs import pad_sequences, sentence_pairs, truncate_lengths
 from fnllm.data.pretraining import bert_pretraining_batch
@@ -35,11 +35,13 @@ __all__ = [
     "DEFAULT_DOCUMENTS",
     "Batches",
     "Corpus",
+    "Epochs",
     "bert_batches",
     "bert_pretraining_batch",
     "causal_targets",
     "default_documents",
     "encode_texts",
+    "epochs",
     "gpt_batches",
     "instruction_targets",
     "length_batches",

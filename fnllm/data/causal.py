@@ -88,9 +88,12 @@ def instruction_targets(
         _checks.check_mask("prompt_mask", prompt_mask, tokens)
         in_prompt = prompt_mask.bool()
     else:
+        if not isinstance(prompt_len, Tensor):
+            _checks.check_int("prompt_len", prompt_len, low=0)
         length = torch.as_tensor(prompt_len, device=tokens.device)
         if length.dtype.is_floating_point or length.dtype == torch.bool:
             raise ValueError(f"prompt_len: expected integers, got {length.dtype}")
+        _check_prompt_len(length, tokens.shape[-1])
         positions = torch.arange(tokens.shape[-1], device=tokens.device)
         in_prompt = positions < length[..., None]
     # targets[t] predicts tokens[t + 1]: drop it when position t + 1 is in the prompt.
@@ -130,9 +133,11 @@ def pack(
         An int64 tensor ``[num_blocks, block_size]``.
     """
     _checks.check_int("block_size", block_size, low=1)
-    _checks.check_int("eos_id", eos_id)
+    _checks.check_int("eos_id", eos_id, low=0)
     if not drop_remainder and pad_id is None:
         raise ValueError("pack: drop_remainder=False needs a pad_id for the last block")
+    if pad_id is not None:
+        _checks.check_int("pad_id", pad_id, low=0)
     stream: list[int] = []
     for i, seq in enumerate(sequences):
         ids = seq.tolist() if isinstance(seq, Tensor) else list(seq)
@@ -147,3 +152,17 @@ def pack(
         n_full += 1
     out = torch.tensor(stream[: n_full * block_size], dtype=torch.int64)
     return out.reshape(n_full, block_size)
+
+
+def _check_prompt_len(length: Tensor, width: int) -> None:
+    """Prompt lengths must lie in ``[0, width]`` (values read eagerly only)."""
+    if _checks.tracing(length) or length.numel() == 0:
+        return
+    bad = (length < 0) | (length > width)
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]] if length.ndim else []
+        value = int(length[tuple(where)]) if length.ndim else int(length)
+        raise ValueError(
+            f"prompt_len: {value} at {where} is outside [0, {width}] (the sequence length): "
+            "a prompt longer than the sequence leaves the row with no target"
+        )

@@ -8,8 +8,9 @@ exactly from a step number.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -20,7 +21,7 @@ from fnllm.data.corpus import Corpus
 from fnllm.data.pairs import pad_sequences
 from fnllm.data.pretraining import bert_pretraining_batch
 
-__all__ = ["Batches", "bert_batches", "gpt_batches"]
+__all__ = ["Batches", "Epochs", "bert_batches", "epochs", "gpt_batches"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,105 @@ class Batches:
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for step in range(self.start_step, self.num_steps):
             yield self.make(step)
+
+
+@dataclass(frozen=True)
+class Epochs:
+    """Batches over several epochs, addressed by a global step (see :func:`epochs`).
+
+    Global step ``s`` is step ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``, so a
+    run resumes exactly from a step number whatever epoch it falls in.
+
+    Example:
+        >>> from fnllm import random
+        >>> from fnllm.data import Corpus, epochs, gpt_batches
+        >>> corpus, key = Corpus(kind="bpe", vocab_size=300), random.key(0)
+        >>> stream = epochs(lambda e: gpt_batches(corpus, key, batch_size=8, block_size=32,
+        ...                                       epoch=e), num_epochs=2)
+        >>> stream.steps_per_epoch, len(stream)
+        (5, 10)
+        >>> stream.epoch_of(7)
+        (1, 2)
+
+    Attributes:
+        loader: ``epoch -> Batches``.
+        steps_per_epoch: steps in every epoch.
+        num_epochs: how many epochs iteration covers (``None``: endless).
+        start_step: first global step iteration yields.
+    """
+
+    loader: Callable[[int], Batches]
+    steps_per_epoch: int
+    num_epochs: int | None = None
+    start_step: int = 0
+    _current: dict[int, Batches] = field(default_factory=dict, compare=False, repr=False)
+
+    def epoch_of(self, step: int) -> tuple[int, int]:
+        """``(epoch, step within the epoch)`` of a global step."""
+        _checks.check_int("step", step, low=0)
+        if self.num_epochs is not None and step >= self.num_epochs * self.steps_per_epoch:
+            raise ValueError(
+                f"step: {step} >= {self.num_epochs} epochs x {self.steps_per_epoch} steps"
+            )
+        return divmod(step, self.steps_per_epoch)
+
+    def batch(self, step: int) -> dict[str, Tensor]:
+        """The batch at global ``step`` (the epoch's loader is built once, then reused)."""
+        epoch, i = self.epoch_of(step)
+        loader = self._current.get(epoch)
+        if loader is None:
+            loader = _epoch_loader(self.loader, epoch, self.steps_per_epoch)
+            self._current.clear()  # keep one epoch's loader alive, not all of them
+            self._current[epoch] = loader
+        return loader.batch(i)
+
+    def __len__(self) -> int:
+        if self.num_epochs is None:
+            raise TypeError("len() of endless Epochs (num_epochs=None)")
+        return max(self.num_epochs * self.steps_per_epoch - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        end = None if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
+        steps = itertools.count(self.start_step) if end is None else range(self.start_step, end)
+        for step in steps:
+            yield self.batch(step)
+
+
+def epochs(
+    loader: Callable[[int], Batches], *, num_epochs: int | None = None, start_step: int = 0
+) -> Epochs:
+    """Chain a loader's epochs into one stream addressed by the global step.
+
+    Example:
+        >>> from fnllm import random
+        >>> from fnllm.data import Corpus, epochs, gpt_batches
+        >>> corpus, key = Corpus(kind="bpe", vocab_size=300), random.key(0)
+        >>> stream = epochs(lambda e: gpt_batches(corpus, key, batch_size=8, block_size=32,
+        ...                                       epoch=e))
+        >>> same = gpt_batches(corpus, key, batch_size=8, block_size=32, epoch=1).batch(0)
+        >>> bool((stream.batch(stream.steps_per_epoch)["input_ids"] == same["input_ids"]).all())
+        True
+
+    Args:
+        loader: ``epoch -> Batches``, e.g. a :func:`gpt_batches` or :func:`bert_batches`
+            call with ``epoch=epoch``; every epoch must have the same number of steps.
+        num_epochs: epochs to iterate over (``None``: iterate without end).
+        start_step: the global step iteration starts from (resume point).
+
+    Returns:
+        An :class:`Epochs`.
+
+    Raises:
+        TypeError: ``loader`` is not callable or does not return :class:`Batches`.
+        ValueError: a count is not a non-negative int (``num_epochs`` >= 1).
+    """
+    if not callable(loader):
+        raise TypeError(f"loader: expected a function epoch -> Batches, got {loader!r}")
+    if num_epochs is not None:
+        _checks.check_int("num_epochs", num_epochs, low=1)
+    _checks.check_int("start_step", start_step, low=0)
+    first = _epoch_loader(loader, 0, None)
+    return Epochs(loader, first.num_steps, num_epochs, start_step)
 
 
 def gpt_batches(
@@ -217,3 +317,15 @@ def _epoch_keys(key: Tensor, epoch: int, n: int) -> tuple[Tensor, Tensor]:
     """The epoch's example order (a permutation of ``n``) and the key for its steps."""
     k_order, k_steps = jr.split(jr.fold_in(key, epoch), 2)
     return jr.permutation(k_order, n), k_steps
+
+
+def _epoch_loader(loader: Callable[[int], Batches], epoch: int, steps: int | None) -> Batches:
+    got = loader(epoch)
+    if not isinstance(got, Batches):
+        raise TypeError(f"loader: epoch {epoch} gave a {type(got).__name__}, expected Batches")
+    if steps is not None and got.num_steps != steps:
+        raise ValueError(
+            f"loader: epoch {epoch} has {got.num_steps} steps, epoch 0 had {steps}; "
+            "every epoch must have the same number"
+        )
+    return got

@@ -154,7 +154,12 @@ def _check_args(
     if not 0 <= mask_id < vocab_size:
         raise ValueError(f"mask_id: {mask_id} outside [0, vocab_size {vocab_size})")
     for name, value in (("prob", prob), ("mask_frac", mask_frac), ("random_frac", random_frac)):
-        if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"{name}: expected a Python float in [0, 1] (masking rates are static), "
+                f"got {type(value).__name__} {value!r}"
+            )
+        if not 0.0 <= float(value) <= 1.0:  # NaN fails too
             raise ValueError(f"{name}: {value!r} outside [0, 1]")
     if mask_frac + random_frac > 1.0 + 1e-9:
         raise ValueError(

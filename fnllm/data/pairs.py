@@ -62,7 +62,7 @@ def sentence_pairs(
         >>> batch["token_type_ids"]
         tensor([[0, 0, 0, 1, 1, 1, 1, 0],
                 [0, 0, 0, 0, 1, 1, 1, 0]])
-        >>> batch["labels"]
+        >>> batch["next_sentence_label"]
         tensor([1, 0])
 
     Args:
@@ -85,13 +85,15 @@ def sentence_pairs(
     Returns:
         A dict of ``[B, max_len]`` tensors ``input_ids`` (dtype of ``first``),
         ``token_type_ids`` (0 for CLS, A and the first SEP; 1 for B and the last SEP; 0 on
-        padding), ``attention_mask`` (1 on the tokens, 0 on padding), and ``labels`` ``[B]``
-        (int64, 0 = in order / next, 1 = swapped / not next). Unbatched ``[L]`` inputs give
-        ``[max_len]`` outputs and a scalar label.
+        padding), ``attention_mask`` (1 on the tokens, 0 on padding), and
+        ``next_sentence_label`` ``[B]`` (int64, 0 = in order / next, 1 = swapped / not next;
+        the Hugging Face name; ``labels`` is the same tensor under its old name). Unbatched
+        ``[L]`` inputs give ``[max_len]`` outputs and a scalar label.
 
     Raises:
         ValueError: ``max_len < 3``, an unknown ``mode``, ``nsp`` with fewer than 2 rows,
-            non-integer ids, mismatched batch sizes, or lengths outside the padded width.
+            non-integer ids, a negative special id, mismatched batch sizes, an empty segment,
+            or lengths outside the padded width.
     """
     if not isinstance(first, Tensor):
         first, first_len = pad_sequences(first, pad_id)
@@ -129,7 +131,8 @@ def sentence_pairs(
 
     len_a, len_b = truncate_lengths(len_a, len_b, max_len - 3)
     out = _layout(seg_a, seg_b, len_a, len_b, cls_id, sep_id, pad_id, max_len)
-    out["labels"] = label.to(torch.int64)
+    out["next_sentence_label"] = label.to(torch.int64)
+    out["labels"] = out["next_sentence_label"]  # the old name, kept as an alias
     if unbatched:
         out = {k: v[0] for k, v in out.items()}
     return out
@@ -155,6 +158,7 @@ def truncate_lengths(len_a: Tensor, len_b: Tensor, budget: int) -> tuple[Tensor,
     Returns:
         ``(new_len_a, new_len_b)`` with ``new_len_a + new_len_b <= budget``.
     """
+    _checks.check_int("budget", budget, low=0)
     over = (len_a + len_b) > budget
     # The loop ends with the shorter segment intact if it fits in half the budget (rounded
     # so that A keeps the extra token on an odd budget, since ties shorten B first).
@@ -189,7 +193,14 @@ def pad_sequences(
     Returns:
         ``(ids, lengths)``: ``ids[i, :lengths[i]]`` is ``sequences[i]``, the rest ``pad_id``.
     """
+    _checks.check_int("pad_id", pad_id)
+    if isinstance(sequences, (str, bytes)):
+        raise TypeError("sequences: expected a list of id lists, got a string")
     seqs = [s.tolist() if isinstance(s, Tensor) else list(s) for s in sequences]
+    for i, s in enumerate(seqs):
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in s):
+            bad = next(t for t in s if isinstance(t, bool) or not isinstance(t, int))
+            raise TypeError(f"sequences[{i}]: expected integer ids, got {bad!r}")
     lengths = [len(s) for s in seqs]
     longest = max(lengths, default=0)
     if width is None:
@@ -216,7 +227,7 @@ def _check_pair_args(
     _checks.check_int_tensor("first", first)
     _checks.check_int_tensor("second", second)
     for name, value in (("cls_id", cls_id), ("sep_id", sep_id), ("pad_id", pad_id)):
-        _checks.check_int(name, value)
+        _checks.check_int(name, value, low=0)
     _checks.check_int("max_len", max_len)
     if max_len < 3:
         raise ValueError(f"max_len: {max_len} < 3, too small for [CLS] A [SEP] B [SEP]")
@@ -244,10 +255,12 @@ def _check_lengths(name: str, lengths: Tensor, ids: Tensor) -> None:
         raise ValueError(f"{name}: shape {tuple(lengths.shape)} != ({ids.shape[0]},)")
     if _checks.tracing(lengths) or lengths.numel() == 0:
         return
-    bad = (lengths < 0) | (lengths > ids.shape[1])
+    bad = (lengths < 1) | (lengths > ids.shape[1])
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}: {int(lengths[i])} at [{i}] outside [0, {ids.shape[1]}]")
+        if int(lengths[i]) == 0:
+            raise ValueError(f"{name}: row {i} is an empty segment (length 0); expected >= 1 id")
+        raise ValueError(f"{name}: {int(lengths[i])} at [{i}] outside [1, {ids.shape[1]}]")
 
 
 def _pad_to(ids: Tensor, width: int, pad_id: int) -> Tensor:

@@ -129,5 +129,5 @@ def bert_pretraining_batch(
         "token_type_ids": pairs["token_type_ids"],
         "attention_mask": pairs["attention_mask"],
         "labels": labels,
-        "next_sentence_label": pairs["labels"],
+        "next_sentence_label": pairs["next_sentence_label"],
     }

@@ -118,7 +118,10 @@ def load_tokenizer(source: Any) -> Any:
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
             raise ValueError(f"tokenizer: no tokenizer.json at {path}")
-        tok = Tokenizer.from_file(path)
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception as e:  # the Rust error says what, not where: add the path
+            raise ValueError(f"tokenizer: cannot read {path} as a tokenizer.json: {e}") from e
     elif isinstance(source, Tokenizer):
         tok = Tokenizer.from_str(source.to_str())
     elif isinstance(getattr(source, "backend_tokenizer", None), Tokenizer):
@@ -173,5 +176,13 @@ def _wordpiece_vocab(bpe: Any, texts: list[str], vocab_size: int) -> dict[str, i
     for t in learned:
         if len(t) > 1:
             pieces += [p for p, seen in ((t, starts), ("##" + t, inner)) if t in seen]
-    unique = list(dict.fromkeys(pieces))[: max(vocab_size, len(WORDPIECE_SPECIALS))]
+    unique = list(dict.fromkeys(pieces))
+    need = len(WORDPIECE_SPECIALS) + 2 * len(alphabet)
+    if vocab_size < need:
+        raise ValueError(
+            f"vocab_size: {vocab_size} is too small for a wordpiece vocabulary of these texts: "
+            f"the {len(WORDPIECE_SPECIALS)} specials and the {len(alphabet)} characters (as word "
+            f"starts and as ## continuations) need {need}; below that words become [UNK]"
+        )
+    unique = unique[:vocab_size]
     return {t: i for i, t in enumerate(unique)}

@@ -31,6 +31,7 @@ from torch import Tensor
 from fnllm import nn
 from fnllm import random as jr
 from fnllm.models import _base
+from fnllm.nn._layers import _embed
 
 __all__ = ["BERT", "BertOutput", "BertPretrainOutput"]
 
@@ -67,11 +68,9 @@ class BertPretrainOutput(NamedTuple):
 
     Example:
         >>> import torch
-        >>> from fnllm import random
-        >>> from fnllm.models import BERT
-        >>> bert = BERT(vocab_size=16, n_layer=2, n_head=2, d_model=8, d_ff=16, max_len=8)
-        >>> out = bert.pretrain_apply(bert.init(random.key(0)), torch.zeros(1, 4, dtype=torch.long))
-        >>> out.mlm_logits.shape, out.sop_logits.shape
+        >>> from fnllm.models import BertPretrainOutput
+        >>> mlm, pair = BertPretrainOutput(torch.zeros(1, 4, 16), torch.zeros(1, 2))  # a tuple
+        >>> mlm.shape, pair.shape
         (torch.Size([1, 4, 16]), torch.Size([1, 2]))
 
     Attributes:
@@ -188,45 +187,6 @@ class BERT:
             params["sop"] = nn.init_linear(k_sop, D, 2)
         return params
 
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The expected ``{path: shape}`` of every parameter leaf.
-
-        Example:
-            >>> from fnllm.models import BERT
-            >>> bert = BERT(vocab_size=10, n_layer=2, n_head=2, d_model=8, d_ff=16, max_len=8)
-            >>> shapes = bert.param_shapes()
-            >>> shapes["blocks.0.attn.qkv.weight"], shapes["mlm.bias"], len(shapes)
-            ((24, 8), (10,), 38)
-
-        Returns:
-            A dict from dotted path to shape tuple, in layer order.
-        """
-        return _base.param_shapes(self)
-
-    def check_params(self, params: Params) -> None:
-        """Raise unless ``params`` has exactly this model's leaves and shapes.
-
-        Example:
-            >>> import torch
-            >>> from fnllm import random
-            >>> from fnllm.models import BERT
-            >>> bert = BERT(vocab_size=10, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=8)
-            >>> params = bert.init(random.key(0))
-            >>> params["blocks"][0]["ln_2"]["bias"] = torch.zeros(9)
-            >>> bert.check_params(params)
-            Traceback (most recent call last):
-            ...
-            ValueError: params: blocks.0.ln_2.bias has shape (9,), expected (8,)
-
-        Args:
-            params: a candidate parameter tree.
-
-        Raises:
-            KeyError: a leaf is missing or unexpected (named by path).
-            ValueError: a leaf has the wrong shape (named by path).
-        """
-        _base.check_params(self, params)
-
     # ------------------------------------------------------------------ forward
 
     def apply(
@@ -294,11 +254,11 @@ class BERT:
         mask = nn.make_attention_mask(attention_mask)
         T = tokens.shape[-1]
         embed = params["embed"]
-        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
+        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
         if token_type_ids is None:
             x = x + embed["token_types"]["weight"][0]
         else:
-            x = x + nn.embedding(embed["token_types"], token_type_ids)
+            x = x + _embed(embed["token_types"], token_type_ids)
         x = nn.dropout(keys[-1], nn.layer_norm(embed["ln"], x, eps=self.ln_eps), drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
@@ -469,11 +429,9 @@ class BERT:
             >>> import torch
             >>> from fnllm import random
             >>> from fnllm.models import BERT
-            >>> bert = BERT(vocab_size=100, n_layer=1, n_head=2, d_model=16, d_ff=32, max_len=8)
-            >>> params = bert.init(random.key(0))
-            >>> pooled = bert.apply(params, torch.tensor([[2, 5, 3]])).pooled
-            >>> bert.sop_logits(params, pooled).shape
-            torch.Size([1, 2])
+            >>> bert = BERT(vocab_size=50, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=4)
+            >>> bert.sop_logits(bert.init(random.key(1)), torch.zeros(3, 8)).shape  # 3 pooled
+            torch.Size([3, 2])
 
         Args:
             params: the parameter tree (needs ``sop``).
@@ -534,6 +492,47 @@ class BERT:
             self.mlm_logits(params, out.last_hidden_state), self.sop_logits(params, out.pooled)
         )
 
+    # ------------------------------------------------------------------ layout checks
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The expected ``{path: shape}`` of every parameter leaf.
+
+        Example:
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(vocab_size=10, n_layer=2, n_head=2, d_model=8, d_ff=16, max_len=8)
+            >>> shapes = bert.param_shapes()
+            >>> shapes["blocks.0.attn.qkv.weight"], shapes["mlm.bias"], len(shapes)
+            ((24, 8), (10,), 38)
+
+        Returns:
+            A dict from dotted path to shape tuple, in layer order.
+        """
+        return _base.param_shapes(self)
+
+    def check_params(self, params: Params) -> None:
+        """Raise unless ``params`` has exactly this model's leaves and shapes.
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(vocab_size=10, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=8)
+            >>> params = bert.init(random.key(0))
+            >>> params["blocks"][0]["ln_2"]["bias"] = torch.zeros(9)
+            >>> bert.check_params(params)
+            Traceback (most recent call last):
+            ...
+            ValueError: params: blocks.0.ln_2.bias has shape (9,), expected (8,)
+
+        Args:
+            params: the tree to check (from :meth:`init`, a checkpoint or ``io.from_hf``).
+
+        Raises:
+            KeyError: missing or extra leaves, listed by path. ValueError: a leaf of the
+                wrong shape. TypeError: a leaf of another dtype than the rest.
+        """
+        _base.check_params(self, params)
+
     # ------------------------------------------------------------------ config
 
     def to_config(self) -> dict[str, Any]:
@@ -552,22 +551,17 @@ class BERT:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> BERT:
-        """Rebuild a config from :meth:`to_config`'s dict.
+        """Build a :class:`BERT` from a dict such as :meth:`to_config` gives.
 
         Example:
             >>> from fnllm.models import BERT
-            >>> bert = BERT(n_layer=2, pooler=False, sop_head=False)
-            >>> BERT.from_config(bert.to_config()) == bert
-            True
+            >>> BERT.from_config({"type": "bert", "n_layer": 2}).n_layer
+            2
 
         Args:
-            config: a mapping of field names to values; an optional ``"type"`` must be
-                ``"bert"``.
+            config: field values; a ``"type"`` entry, if present, must say ``"bert"``.
 
         Returns:
-            The :class:`BERT` config.
-
-        Raises:
-            ValueError: wrong ``"type"`` or unknown fields.
+            The config (a ``ValueError`` names a wrong ``"type"`` or an unknown field).
         """
         return _base.from_config(cls, "bert", config)

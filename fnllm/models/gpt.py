@@ -27,6 +27,7 @@ from torch import Tensor
 from fnllm import nn
 from fnllm import random as jr
 from fnllm.models import _base
+from fnllm.nn._layers import _embed
 
 __all__ = ["GPT", "GPTOutput"]
 
@@ -65,13 +66,11 @@ class GPT:
     The defaults are GPT-2 small (124M parameters).
 
     Example:
-        >>> import torch
-        >>> from fnllm import random
+        >>> from fnllm import random, tree
         >>> from fnllm.models import GPT
         >>> gpt = GPT(vocab_size=100, n_layer=2, n_head=2, d_model=16, max_len=32)
-        >>> params = gpt.init(random.key(0))
-        >>> gpt.apply(params, torch.tensor([[1, 2, 3]])).shape
-        torch.Size([1, 3, 100])
+        >>> tree.count(gpt.init(random.key(0)))  # parameters; see apply for a forward pass
+        8704
 
     Args:
         vocab_size: number of token ids.
@@ -147,44 +146,6 @@ class GPT:
             params["head"] = nn.init_linear(k_head, self.d_model, self.vocab_size, bias=False)
         return params
 
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The expected ``{path: shape}`` of every parameter leaf.
-
-        Example:
-            >>> from fnllm.models import GPT
-            >>> shapes = GPT(vocab_size=10, n_layer=2, n_head=2, d_model=8).param_shapes()
-            >>> shapes["blocks.1.attn.qkv.weight"], len(shapes)
-            ((24, 8), 28)
-
-        Returns:
-            A dict from dotted path to shape tuple, in layer order.
-        """
-        return _base.param_shapes(self)
-
-    def check_params(self, params: Params) -> None:
-        """Raise unless ``params`` has exactly this model's leaves and shapes.
-
-        Example:
-            >>> from fnllm import random
-            >>> from fnllm.models import GPT
-            >>> gpt = GPT(vocab_size=10, n_layer=1, n_head=2, d_model=8)
-            >>> params = gpt.init(random.key(0))
-            >>> gpt.check_params(params)
-            >>> del params["ln_f"]["bias"]
-            >>> gpt.check_params(params)
-            Traceback (most recent call last):
-            ...
-            KeyError: 'params: missing ln_f.bias'
-
-        Args:
-            params: a candidate parameter tree.
-
-        Raises:
-            KeyError: a leaf is missing or unexpected (named by path).
-            ValueError: a leaf has the wrong shape (named by path).
-        """
-        _base.check_params(self, params)
-
     # ------------------------------------------------------------------ forward
 
     def apply(
@@ -240,7 +201,7 @@ class GPT:
         mask = nn.make_attention_mask(attention_mask, causal=True)
         T = tokens.shape[-1]
         embed = params["embed"]
-        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
+        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
         x = nn.dropout(keys[-1], x, drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
@@ -357,7 +318,7 @@ class GPT:
             p["attn"],
             h,
             n_head=self.n_head,
-            causal=True,
+            causal=mask is None,  # a prepared mask has the causal triangle folded in
             mask=mask,
             key=k_attn,
             dropout=drop,
@@ -366,6 +327,47 @@ class GPT:
         x = x + nn.dropout(k_res1, h, drop)
         h = nn.mlp(p["mlp"], nn.layer_norm(p["ln_2"], x, eps=self.ln_eps), approximate="tanh")
         return x + nn.dropout(k_res2, h, drop)
+
+    # ------------------------------------------------------------------ layout checks
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The expected ``{path: shape}`` of every parameter leaf.
+
+        Example:
+            >>> from fnllm.models import GPT
+            >>> shapes = GPT(vocab_size=10, n_layer=2, n_head=2, d_model=8).param_shapes()
+            >>> shapes["blocks.1.attn.qkv.weight"], len(shapes)
+            ((24, 8), 28)
+
+        Returns:
+            A dict from dotted path to shape tuple, in layer order.
+        """
+        return _base.param_shapes(self)
+
+    def check_params(self, params: Params) -> None:
+        """Raise unless ``params`` has exactly this model's leaves and shapes.
+
+        Example:
+            >>> from fnllm import random
+            >>> from fnllm.models import GPT
+            >>> gpt = GPT(vocab_size=10, n_layer=1, n_head=2, d_model=8)
+            >>> params = gpt.init(random.key(0))
+            >>> gpt.check_params(params)
+            >>> del params["ln_f"]["bias"]
+            >>> gpt.check_params(params)
+            Traceback (most recent call last):
+            ...
+            KeyError: 'params: missing ln_f.bias'
+
+        Args:
+            params: a candidate parameter tree.
+
+        Raises:
+            KeyError: a leaf is missing or unexpected (named by path).
+            ValueError: a leaf has the wrong shape (named by path).
+            TypeError: a leaf is not floating, or its dtype differs from the others'.
+        """
+        _base.check_params(self, params)
 
     # ------------------------------------------------------------------ config
 

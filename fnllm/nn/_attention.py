@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fnllm import _checks
 from fnllm import random as jr
 from fnllm._checks import checks_enabled, in_vmap
 from fnllm.nn._layers import Impl, Params, dropout, init_linear, linear
@@ -81,25 +82,41 @@ def attention(
         causal: mask future positions (query ``i`` sees keys ``<= i``).
         attention_mask: key-padding mask ``[..., T]``, 1/``True`` = keep, 0/``False`` = pad.
         mask: instead of ``attention_mask``, a mask already made by
-            :func:`make_attention_mask` (with ``causal`` folded in), used as is. A model
-            makes it once and hands it to every layer; ``causal`` then only matters when
-            ``mask`` is ``None`` (the mask was dropped because it kept everything).
+            :func:`make_attention_mask`. A model makes it once and hands it to every layer.
+            With ``causal=True``, a padding-only mask (``[..., 1, 1, T]``) gets the causal
+            triangle combined in; a square mask (``[..., 1, T, T]``) must already be causal
+            (made with ``causal=True``): one that lets a query see a later key raises
+            (checked eagerly, outside ``vmap``), never silently dropping ``causal``.
         key: a ``fnllm.random`` key for attention dropout, or ``None`` (no dropout).
         dropout: attention-probability dropout rate.
         impl: ``"sdpa"``, ``"math"`` or ``"auto"`` (see the module docstring).
 
     Returns:
         ``[..., T, d_model]``. Query rows whose keys are all masked get finite values.
+
+    Raises:
+        ValueError: a mask whose length is not ``T``, or ``causal=True`` with a prepared
+            mask that is not causal.
     """
+    T = x.shape[-2] if isinstance(x, Tensor) and x.ndim >= 2 else None
     if attention_mask is not None:
         if mask is not None:
             raise ValueError("attention: pass attention_mask or a prepared mask, not both")
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(
+                f"attention: attention_mask must be a tensor, got {type(attention_mask).__name__}"
+            )
+        if T is not None and (attention_mask.ndim == 0 or attention_mask.shape[-1] != T):
+            raise ValueError(
+                f"attention: attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                f"[..., {T}] (one entry per position of x {tuple(x.shape)})"
+            )
         mask = make_attention_mask(attention_mask, causal=causal)
+        causal = causal and mask is None
     impl, drop = _resolve_impl(impl, key, dropout)
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"attention: mask must be a bool tensor, got {mask.dtype}")
-        causal = False  # folded into the prepared mask
+        mask = _prepared(mask, T, causal)
+        causal = False  # now folded into the mask
     q, k, v = attention_qkv(params, x, n_head=n_head)
     y = _attend(q, k, v, mask, causal, key if drop else None, dropout, impl)
     return linear(params["proj"], merge_heads(y))
@@ -144,6 +161,11 @@ def make_attention_mask(
     """
     if attention_mask is None:
         return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.is_complex():
+        what = attention_mask.dtype if isinstance(attention_mask, Tensor) else type(attention_mask)
+        raise TypeError(f"attention_mask: expected a bool, integer or float tensor, got {what}")
+    if attention_mask.ndim == 0:
+        raise ValueError("attention_mask: expected [..., T], got a scalar")
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask != 0
     if drop_full and checks_enabled() and bool(attention_mask.all()):
@@ -155,6 +177,34 @@ def make_attention_mask(
     return _fix_empty_rows(mask)
 
 
+def _prepared(mask: object, T: int | None, causal: bool) -> Tensor:
+    """Check a prepared mask against ``T`` and fold ``causal`` into it (see :func:`attention`)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        what = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"attention: mask must be a bool tensor, got {what}")
+    if mask.ndim < 2 or (T is not None and mask.shape[-1] != T):
+        raise ValueError(
+            f"attention: mask has shape {tuple(mask.shape)}, expected [..., 1 or {T}, {T}] "
+            "(from make_attention_mask)"
+        )
+    if not causal:
+        return mask
+    rows = mask.shape[-2]
+    if rows == 1:  # padding only: fold the triangle in, then re-fix the rows it emptied
+        tri = torch.ones(mask.shape[-1], mask.shape[-1], dtype=torch.bool, device=mask.device)
+        return _fix_empty_rows(mask & tri.tril())
+    if checks_enabled() and not _checks.wrapped(mask):
+        # Causal already? Every row is either fixed (all keys) or sees no later key.
+        ones = torch.ones(rows, mask.shape[-1], dtype=torch.bool, device=mask.device)
+        later = mask & ~ones.tril()
+        if bool((later.any(-1) & ~mask.all(-1)).any()):
+            raise ValueError(
+                "attention: causal=True, but the prepared mask lets a query see a later key; "
+                "make it with make_attention_mask(attention_mask, causal=True)"
+            )
+    return mask
+
+
 def _fix_empty_rows(mask: Tensor) -> Tensor:
     """Let query rows with nothing to attend to see all keys (avoids 0/0 in the softmax)."""
     return mask | ~mask.any(-1, keepdim=True)
@@ -164,6 +214,8 @@ def _resolve_impl(impl: str, key: Tensor | None, dropout: float) -> tuple[str, b
     """Validate ``impl`` and pick the path for ``"auto"``; also say whether dropout is on."""
     if impl not in _IMPLS:
         raise ValueError(f"attention: impl must be one of {_IMPLS}, got {impl!r}")
+    if not isinstance(dropout, Tensor):
+        _checks.check_range("attention: dropout", dropout, low=0.0, high=1.0, high_open=True)
     drop = key is not None and dropout > 0.0
     if impl == "auto":
         impl = "math" if drop or in_vmap() else "sdpa"
@@ -216,6 +268,7 @@ def attention_qkv(params: Params, x: Tensor, *, n_head: int) -> tuple[Tensor, Te
     Returns:
         ``(q, k, v)``, each ``[..., n_head, T, D // n_head]``.
     """
+    _checks.check_int("attention: n_head", n_head, low=1)
     d_model = x.shape[-1]
     if d_model % n_head:
         raise ValueError(f"attention: d_model {d_model} is not divisible by n_head {n_head}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fnllm import random as jr
-from fnllm._checks import checks_enabled
+from fnllm._checks import check_ids, check_int, check_number, checks_enabled
 
 Params: TypeAlias = dict[str, Any]
 Impl: TypeAlias = Literal["auto", "sdpa", "math"]
@@ -42,6 +42,8 @@ def init_linear(
     Returns:
         ``{"weight": [d_out, d_in], "bias": [d_out]}`` (no ``"bias"`` when ``bias=False``).
     """
+    _check_dims("init_linear", d_in=d_in, d_out=d_out)
+    _check_std("init_linear", std)
     weight = jr.normal(key, (d_out, d_in), torch.float32) * std
     params: Params = {"weight": weight}
     if bias:
@@ -65,8 +67,22 @@ def linear(params: Params, x: Tensor) -> Tensor:
 
     Returns:
         ``[..., out]``.
+
+    Raises:
+        ValueError: the width of ``x`` is not the weight's ``in``, or the bias is not ``[out]``.
     """
-    y = F.linear(x, params["weight"], params.get("bias"))
+    weight, bias = _param(params, "weight", "linear"), params.get("bias")
+    _check_input("linear", x)
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"linear: x has width {x.shape[-1]} (shape {tuple(x.shape)}), expected "
+            f"{weight.shape[-1]} to match weight {tuple(weight.shape)} [out, in]"
+        )
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:1]):
+        raise ValueError(
+            f"linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
+        )
+    y = F.linear(x, weight, bias)
     if "lora_a" in params:  # LoRA adapter leaves (fnllm.finetune.lora); W stays untouched
         y = y + _lora_delta(params, x)
     return y
@@ -98,6 +114,8 @@ def init_embedding(key: Tensor, num: int, dim: int, *, std: float = 0.02) -> Par
     Returns:
         ``{"weight": [num, dim]}``.
     """
+    _check_dims("init_embedding", num=num, dim=dim)
+    _check_std("init_embedding", std)
     return {"weight": jr.normal(key, (num, dim), torch.float32) * std}
 
 
@@ -119,7 +137,21 @@ def embedding(params: Params, ids: Tensor) -> Tensor:
 
     Returns:
         ``[*ids.shape, dim]``.
+
+    Raises:
+        TypeError: ``ids`` is not an integer tensor.
+        ValueError: (eager, outside ``vmap``) an id is outside ``[0, num)``; the message
+            names the first one and where it is.
     """
+    weight = _param(params, "weight", "embedding")
+    if weight.ndim != 2:
+        raise ValueError(f"embedding: weight must be [num, dim], got {tuple(weight.shape)}")
+    ids = check_ids(ids, weight.shape[0], name="ids")
+    return F.embedding(ids, weight)
+
+
+def _embed(params: Params, ids: Tensor) -> Tensor:
+    """:func:`embedding` for ids the caller has already checked (the models)."""
     return F.embedding(ids, params["weight"])
 
 
@@ -139,6 +171,7 @@ def init_layer_norm(key: Tensor | None, dim: int) -> Params:
     Returns:
         ``{"weight": [dim], "bias": [dim]}``.
     """
+    _check_dims("init_layer_norm", dim=dim)
     device = key.device if key is not None else None
     return {
         "weight": torch.ones(dim, device=device),
@@ -163,8 +196,19 @@ def layer_norm(params: Params, x: Tensor, *, eps: float = 1e-5) -> Tensor:
 
     Returns:
         Same shape as ``x``.
+
+    Raises:
+        ValueError: the width of ``x`` is not that of the norm's weight.
     """
-    return F.layer_norm(x, x.shape[-1:], params["weight"], params["bias"], eps)
+    weight, bias = _param(params, "weight", "layer_norm"), _param(params, "bias", "layer_norm")
+    _check_input("layer_norm", x)
+    check_number("layer_norm: eps", eps, positive=True)
+    if weight.ndim != 1 or x.shape[-1:] != weight.shape:
+        raise ValueError(
+            f"layer_norm: x has width {x.shape[-1]} (shape {tuple(x.shape)}), expected "
+            f"{tuple(weight.shape)[-1]} to match weight {tuple(weight.shape)}"
+        )
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
 def gelu(x: Tensor, approximate: Approximate = "none") -> Tensor:
@@ -331,3 +375,31 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
         )
     m = attention_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(-2) / m.sum(-2).clamp(min=1e-9)
+
+
+def _param(params: object, name: str, layer: str) -> Tensor:
+    """``params[name]`` as a tensor, or an error naming the layer and what it expected."""
+    if not isinstance(params, dict) or name not in params:
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise KeyError(f"{layer}: params must be a dict with {name!r}, got {got}")
+    value = params[name]
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{layer}: params[{name!r}] is a {type(value).__name__}, not a tensor")
+    return value
+
+
+def _check_input(layer: str, x: object) -> None:
+    if not isinstance(x, Tensor) or not (x.is_floating_point() or x.is_complex()):
+        what = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{layer}: x must be a floating-point tensor, got {what}")
+    if x.ndim == 0:
+        raise ValueError(f"{layer}: x must have at least 1 dimension, got a scalar")
+
+
+def _check_dims(layer: str, **dims: object) -> None:
+    for name, value in dims.items():
+        check_int(f"{layer}: {name}", value, low=1)
+
+
+def _check_std(layer: str, std: object) -> None:
+    check_number(f"{layer}: std", std, nonnegative=True)

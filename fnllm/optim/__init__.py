@@ -8,14 +8,15 @@ An optimizer is a :class:`GradientTransformation`, a pair of pure functions::
     state = opt.init(trainable)                       # only the leaves you will train
     updates, state = opt.update(grads, state, trainable)
     trainable = optim.apply_updates(trainable, updates)
-    # or, in one fused kernel:  trainable, state = optim.step(opt, grads, state, trainable)
+    # or, in one fused kernel:  trainable, state = optim.apply_gradients(opt, grads, state,
+    #                                                                     trainable)
 
 Nothing is modified in place: every call returns new trees, and the step count is a tensor in
-the state, so ``update`` and ``step`` compile with ``torch.compile(fullgraph=True)``.
+the state, so ``update`` and ``apply_gradients`` compile with ``torch.compile(fullgraph=True)``.
 """
 
 from fnllm.optim._adam import NO_DECAY, adam, adamw, decay_mask
-from fnllm.optim.base import GradientTransformation, apply_updates, chain, step
+from fnllm.optim.base import GradientTransformation, apply_gradients, apply_updates, chain, step
 from fnllm.optim.schedules import (
     Schedule,
     constant,
@@ -41,6 +42,7 @@ __all__ = [
     "adam",
     "adamw",
     "add_decayed_weights",
+    "apply_gradients",
     "apply_updates",
     "chain",
     "clip_by_global_norm",

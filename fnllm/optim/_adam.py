@@ -2,9 +2,9 @@
 
 ``update`` is computed with multi-tensor ``_foreach_*`` ops (under ``torch.compile`` Inductor
 fuses them into a few kernels), or on CPU in eager mode with torch's fused kernel
-(``torch._fused_adam_``) run on fresh buffers, whichever measured faster. Nothing the caller
-passed is modified. :func:`fnllm.optim.step` runs ``torch._fused_adamw_`` in eager mode and
-updates the parameters in the same kernel.
+(``torch._fused_adam_``) run on fresh buffers (see ``_updates_fused``). Nothing the caller
+passed is modified. :func:`fnllm.optim.apply_gradients` runs ``torch._fused_adamw_`` in eager
+mode and updates the parameters in the same kernel.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ def decay_mask(
     Returns:
         A predicate ``(path, leaf) -> bool`` for ``adamw(..., mask=...)``.
     """
+    _checks.check_int("decay_mask: min_ndim", min_ndim, low=0)
+    if isinstance(exclude, str):
+        exclude = (exclude,)
     excluded = tree.filter_fn(list(exclude))
 
     def predicate(path: str, leaf: Tensor) -> bool:
@@ -103,7 +106,7 @@ def adamw(
             predicate ``(path, leaf) -> bool`` such as :func:`decay_mask`, or a tree of bools.
 
     Returns:
-        The transformation (with a ``fused_step`` for :func:`fnllm.optim.step`).
+        The transformation (with a ``fused_step`` for :func:`fnllm.optim.apply_gradients`).
 
     Raises:
         ValueError: a hyper-parameter is out of range.
@@ -149,15 +152,14 @@ def _adam(
     weight_decay: float,
     mask: Mask,
 ) -> GradientTransformation:
-    if not callable(lr):
-        lr = _checks.check_number(f"{where}: lr", lr, nonnegative=True)
+    lr = _helpers.check_lr(where, lr)
     for name, beta in (("b1", b1), ("b2", b2)):
         if not 0.0 <= _checks.check_number(f"{where}: {name}", beta) < 1.0:
             raise ValueError(f"{where}: {name} must be in [0, 1), got {beta}")
     eps = _checks.check_number(f"{where}: eps", eps, nonnegative=True)
     wd = _checks.check_number(f"{where}: weight_decay", weight_decay, nonnegative=True)
     resolve = _helpers.make_mask(where, mask)
-    hyper = _Hyper(float(b1), float(b2), eps, wd)
+    hyper = _AdamHyperparams(float(b1), float(b2), eps, wd)
 
     def init(params: Tree) -> dict[str, Any]:
         leaves, spec = _helpers.flatten(params)
@@ -192,7 +194,7 @@ def _adam(
             _helpers.check_shapes(where, "params", pl, ml, spec, "the optimizer state")
             if wd > 0.0:
                 flags = resolve(params, spec, pl)
-        lr_t = lr(count) if callable(lr) else lr
+        lr_t = _helpers.check_lr_value(where, lr(count) if callable(lr) else lr, count)
         return _Step(spec, gl, ml, vl, pl, flags, count, lr_t)
 
     def update(grads: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
@@ -244,7 +246,7 @@ def _adam(
     return GradientTransformation(init, update, fused_step)
 
 
-class _Hyper:
+class _AdamHyperparams:
     __slots__ = ("b1", "b2", "eps", "wd")
 
     def __init__(self, b1: float, b2: float, eps: float, wd: float) -> None:
@@ -271,7 +273,9 @@ class _Step:
         self.flags, self.count, self.lr = flags, count, lr
 
 
-def _updates_foreach(s: _Step, h: _Hyper) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+def _updates_foreach(
+    s: _Step, h: _AdamHyperparams
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Pure multi-tensor formulation (traceable: every step-dependent scalar is a tensor)."""
     t = (s.count + 1).to(torch.float32)
     bc1 = 1.0 - torch.pow(h.b1, t)
@@ -293,7 +297,9 @@ def _updates_foreach(s: _Step, h: _Hyper) -> tuple[list[Tensor], list[Tensor], l
     return u, m2, v2
 
 
-def _updates_fused(s: _Step, h: _Hyper) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+def _updates_fused(
+    s: _Step, h: _AdamHyperparams
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Eager formulation: the fused Adam kernel run on fresh buffers.
 
     The kernel adds ``-lr * adam_direction`` to its "parameter" argument in place; given a

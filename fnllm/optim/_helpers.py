@@ -102,6 +102,7 @@ def make_mask(where: str, mask: Mask) -> MaskFn:
     is_globs = isinstance(mask, (list, tuple)) and all(isinstance(g, str) for g in mask)
     if isinstance(mask, str) or callable(mask) or is_globs:
         pred = tree.filter_fn(mask)
+        globs = (mask,) if isinstance(mask, str) else tuple(mask) if is_globs else ()
 
         @torch.compiler.assume_constant_result
         def flags_of(
@@ -129,7 +130,10 @@ def make_mask(where: str, mask: Mask) -> MaskFn:
                     by_spec.clear()
                     by_metas.clear()
                 metas = tuple((tuple(x.shape), x.dtype) for x in leaves)
-                flags = by_spec[spec] = by_metas[metas] = flags_of(_paths(ref), metas)
+                paths = _paths(ref)
+                if globs:
+                    _check_globs(where, globs, paths)
+                flags = by_spec[spec] = by_metas[metas] = flags_of(paths, metas)
             return flags
 
         return resolve
@@ -177,3 +181,42 @@ def _paths(t: Tree) -> tuple[str, ...]:
 
 def _path_at(spec: tree.TreeSpec, i: int) -> str:
     return tree.spec_paths(spec)[i]
+
+
+def check_lr(where: str, lr: Any) -> Any:
+    """Check a learning rate given as a number or a tensor (finite, >= 0); pass schedules on."""
+    if callable(lr) and not isinstance(lr, Tensor):
+        return lr
+    return _checks.check_range(f"{where}: lr", lr, low=0.0)
+
+
+def check_lr_value(where: str, value: Any, count: Tensor | None) -> Any:
+    """Check the learning rate of this step (a schedule's value, or a tensor the user may have
+    changed in place): finite and >= 0, read eagerly only (one host sync); returns ``value``.
+
+    A negative rate would move the parameters uphill and a NaN one would poison them, silently.
+    """
+    if not isinstance(value, Tensor) or _checks.tracing(value, count):
+        return value
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{where}: lr: the schedule returned a {value.dtype} tensor")
+    v = value.detach().double()
+    if v.numel() and not bool(((v >= 0) & torch.isfinite(v)).all()):
+        bad = v[~((v >= 0) & torch.isfinite(v))].reshape(-1)[0]
+        at = "" if count is None else f" at step {int(count)}"
+        raise ValueError(
+            f"{where}: lr: expected a finite value >= 0, got {float(bad)}{at}"
+            " (a negative rate would move the parameters uphill)"
+        )
+    return value
+
+
+def _check_globs(where: str, globs: Sequence[str], paths: Sequence[str]) -> None:
+    """Every glob of a mask selects a leaf: a typo would silently switch weight decay off."""
+    for glob in globs:
+        one = tree.filter_fn(glob)
+        if not any(one(p, None) for p in paths):
+            raise ValueError(
+                f"{where}: mask glob {glob!r} matches no leaf of the tree "
+                f"(paths: {_checks.few(list(paths), 6)})"
+            )

@@ -157,7 +157,7 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     return tree.unflatten_spec(spec, new)
 
 
-def step(
+def apply_gradients(
     optimizer: GradientTransformation,
     grads: Tree,
     state: State,
@@ -165,7 +165,10 @@ def step(
     *,
     donate: bool = False,
 ) -> tuple[Tree, State]:
-    """One optimizer step: ``update`` then ``apply_updates``, through a fused kernel if possible.
+    """Apply gradients: ``update`` then ``apply_updates``, through a fused kernel if possible.
+
+    (Called ``step`` before; that name stays as an alias. Not to be confused with
+    ``fnllm.train.TrainStep``, a whole training step, or ``fit(steps=)``.)
 
     Equal (to rounding) to ``updates, state = optimizer.update(grads, state, params)`` followed
     by ``apply_updates(params, updates)``, but transforms with a ``fused_step`` (``adam``,
@@ -183,7 +186,7 @@ def step(
         >>> opt = optim.adamw(0.1, weight_decay=0.0)
         >>> params = {"w": torch.ones(2)}
         >>> state = opt.init(params)
-        >>> new, state = optim.step(opt, {"w": torch.tensor([1.0, -1.0])}, state, params)
+        >>> new, state = optim.apply_gradients(opt, {"w": torch.tensor([1.0, -1.0])}, state, params)
         >>> new["w"], params["w"]
         (tensor([0.9000, 1.1000]), tensor([1., 1.]))
 
@@ -196,12 +199,41 @@ def step(
 
     Returns:
         ``(new_params, new_state)``.
+
+    Raises:
+        TypeError: ``optimizer`` has no ``update`` (not a :class:`GradientTransformation`).
     """
+    if not callable(getattr(optimizer, "update", None)):
+        raise TypeError(
+            "optim.apply_gradients: optimizer must be a GradientTransformation (with an "
+            f"update function), got {type(optimizer).__name__}"
+        )
     fused = getattr(optimizer, "fused_step", None)
     if fused is not None:
         return fused(grads, state, params, donate)
     updates, state = optimizer.update(grads, state, params)
     return apply_updates(params, updates), state
+
+
+def step(*args: Any, **kwargs: Any) -> tuple[Tree, State]:
+    """The old name of :func:`apply_gradients` (kept so that existing code runs unchanged).
+
+    Example:
+        >>> import torch
+        >>> from fnllm import optim
+        >>> opt = optim.sgd(0.5)
+        >>> w = {"w": torch.ones(1)}
+        >>> optim.step(opt, w, opt.init(w), w)[0]
+        {'w': tensor([0.5000])}
+
+    Args:
+        *args: as for :func:`apply_gradients`.
+        **kwargs: as for :func:`apply_gradients`.
+
+    Returns:
+        ``(new_params, new_state)``, as :func:`apply_gradients`.
+    """
+    return apply_gradients(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fnllm import _checks
+
 __all__ = ["Schedule", "constant", "cosine_decay", "linear_warmup", "warmup_cosine"]
 
 Schedule = Callable[[Tensor | int], Tensor]
@@ -85,9 +87,10 @@ def cosine_decay(init: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
     as in SGDR without restarts (and ``optax.cosine_decay_schedule``).
 
     Example:
+        >>> import torch
         >>> from fnllm import optim
-        >>> s = optim.cosine_decay(1.0, decay_steps=4)
-        >>> [round(float(s(i)), 4) for i in range(6)]
+        >>> values = optim.cosine_decay(1.0, decay_steps=4)(torch.arange(6))
+        >>> [round(v, 4) for v in values.tolist()]
         [1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]
 
     Args:
@@ -102,7 +105,7 @@ def cosine_decay(init: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
         ValueError: ``decay_steps < 1``.
     """
     init = _check_float("cosine_decay: init", init)
-    alpha = _check_float("cosine_decay: alpha", alpha)
+    alpha = _checks.check_range("cosine_decay: alpha", alpha, low=0.0, high=1.0)
     decay_steps = _check_steps("cosine_decay: decay_steps", decay_steps, low=1)
 
     def schedule(step: Tensor | int) -> Tensor:
@@ -174,20 +177,15 @@ def _as_float_step(step: Tensor | int) -> Tensor:
         return step.to(torch.float32)
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"schedule: step must be an int or an integer tensor, got {step!r}")
+    if step < 0:
+        raise ValueError(f"schedule: step must be >= 0, got {step}")
     return torch.tensor(float(step), dtype=torch.float32)
 
 
 def _check_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
+    # a learning rate that goes negative moves the parameters uphill: refuse it here, once
+    return _checks.check_number(name, value, nonnegative=True)
 
 
 def _check_steps(name: str, value: object, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name}: expected >= {low}, got {value}")
-    return value
+    return _checks.check_int(name, value, low=low)

@@ -18,6 +18,8 @@ from fnllm.optim._helpers import (
     Mask,
     Tree,
     check_count,
+    check_lr,
+    check_lr_value,
     check_shapes,
     check_state_keys,
     flatten,
@@ -38,7 +40,7 @@ __all__ = [
     "trace",
 ]
 
-ScalarOrSchedule = float | Callable[[Tensor], Tensor]
+ScalarOrSchedule = float | Tensor | Callable[[Tensor], Tensor]
 
 
 def global_norm(t: Tree) -> Tensor:
@@ -142,6 +144,8 @@ def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransform
         count = check_count("optim.scale_by_schedule", state["count"])
         leaves, spec = flatten(updates)
         factor = schedule(count)
+        if isinstance(factor, Tensor) and not _checks.tracing(factor, count):
+            _checks.check_range(f"optim.scale_by_schedule: value at step {int(count)}", factor)
         new = _scale_leaves(leaves, factor) if leaves else []
         return tree.unflatten_spec(spec, new), {"count": count + 1}
 
@@ -164,10 +168,15 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
     Returns:
         :func:`scale` (float) or :func:`scale_by_schedule` (schedule).
     """
+    where = "optim.scale_by_learning_rate"
+    lr = check_lr(where, lr)
     if callable(lr):
         schedule = lr
-        return scale_by_schedule(lambda count: -schedule(count))
-    return scale(-_checks.check_number("scale_by_learning_rate: lr", lr, nonnegative=True))
+        return scale_by_schedule(lambda count: -check_lr_value(where, schedule(count), count))
+    if isinstance(lr, Tensor):
+        rate = lr
+        return _stateless_scale(lambda leaves: -check_lr_value(where, rate, None))
+    return scale(-lr)
 
 
 def add_decayed_weights(weight_decay: float, mask: Mask = None) -> GradientTransformation:
@@ -247,7 +256,9 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     Returns:
         A transformation whose state is ``{"trace": tree of buffers}``.
     """
-    decay = _checks.check_number("trace: decay", decay, nonnegative=True)
+    decay = _checks.check_range("trace: decay", decay, low=0.0, high=1.0)
+    if isinstance(decay, Tensor):
+        raise TypeError("trace: decay: expected a float, got a tensor")
 
     def init(params: Tree) -> dict[str, Any]:
         leaves, spec = flatten(params)
