@@ -11,9 +11,10 @@
 """
 
 from fnllm.io.hf import from_hf, hf_config, mean_pool, pretrained_dir, to_hf, to_hf_state_dict
-from fnllm.io.store import load, load_meta, load_model, save, save_model
+from fnllm.io.store import clean_temp_files, load, load_meta, load_model, save, save_model
 
 __all__ = [
+    "clean_temp_files",
     "from_hf",
     "hf_config",
     "load",
