@@ -108,9 +108,9 @@ def fit(
     Temp files of saves killed mid-write are removed when the run starts.
 
     Compiling: ``compile="auto"`` (the default) compiles the step only where the run is long
-    enough to repay the compile time: on a GPU from 200 steps on, never on the CPU, where
-    the compiled step measured no faster than the eager one (``docs/performance.md``,
-    "Compile or not"). ``True`` or a dict of ``torch.compile`` arguments always compiles. The
+    enough to repay the compile time: on a GPU from 2,000 steps on, never on the CPU, where
+    the compiled step is at best a few percent faster than the eager one
+    (``docs/performance.md``, "Compile or not"). ``True`` or a dict of ``torch.compile`` arguments always compiles. The
     choice depends on ``steps`` and the device only, so a resumed run makes the same choice.
 
     Example:

@@ -48,6 +48,9 @@ class TrainStep:
         compiled_donated: the compiled step that writes its results into the donated
             ``trainable`` and ``opt_state`` (None for an eager step, which donates through the
             optimizer's fused kernel).
+        check_loss: called with ``(trainable, frozen, batch, key, error)`` when a compiled step
+            fails: runs ``loss_fn`` eagerly once and raises an error naming a bad return value
+            (a vector or a Python float) instead of the tracing error.
     """
 
     inner: Callable[..., Any]
