@@ -270,7 +270,7 @@ def test_progress_bar_shows_the_loss_of_the_step_just_finished(monkeypatch):
     assert len({loss for _, loss in seen}) > 1
 
 
-def test_compile_auto_does_not_compile_on_the_cpu(monkeypatch):
+def test_compile_auto_does_not_compile_short_runs(monkeypatch):
     chosen = []
     real = fit_module.make_step
 
@@ -283,7 +283,8 @@ def test_compile_auto_does_not_compile_on_the_cpu(monkeypatch):
               progress=False)  # fmt: skip
     assert chosen == [False]
     cpu = {"w": torch.zeros(2)}
-    assert _run.choose_compile("auto", 10**9, cpu) is False
+    assert _run.choose_compile("auto", 999, cpu) is False
+    assert _run.choose_compile("auto", 1000, cpu) is True
     assert _run.choose_compile(True, 1, cpu) is True
     assert _run.choose_compile({"backend": "eager"}, 1, cpu) == {"backend": "eager"}
     meta = {"w": torch.zeros(2, device="meta")}  # a device type without a rule: eager

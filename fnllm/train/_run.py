@@ -31,10 +31,11 @@ AUTOCAST = {
 _LEGACY = ("checkpoint_dir", "checkpoint_every", "keep")
 
 # compile="auto": the fewest steps a run must take for compiling to pay off, per device type
-# (docs/performance.md, "Compile or not"). On the CPU the compiled step saves at most ~8% of an
-# eager one and a cold compile takes minutes under load: never. On an H100 compiling saves
-# 8-18 ms a step (GPT tiny, GPT-2 small), so a ~40 s compile is repaid after 2,200-5,100 steps.
-AUTO_COMPILE_MIN_STEPS = {"cuda": 2000}
+# (docs/performance.md, "Compile or not"). CPU: a cold compile takes 30 s quiet to minutes
+# under load; the compiled step saved 0-8% on GPT tiny and 60% on MiniLM shapes (break-even
+# about 100 steps there, thousands or never for GPT tiny). H100: it saves 8-18 ms a step (GPT
+# tiny, GPT-2 small), repaying a ~40 s compile after 2,200-5,100 steps.
+AUTO_COMPILE_MIN_STEPS = {"cpu": 1000, "cuda": 2000}
 
 
 def checkpointing(

@@ -108,9 +108,9 @@ def fit(
     Temp files of saves killed mid-write are removed when the run starts.
 
     Compiling: ``compile="auto"`` (the default) compiles the step only where the run is long
-    enough to repay the compile time: on a GPU from 2,000 steps on, never on the CPU, where
-    the compiled step is at best a few percent faster than the eager one
-    (``docs/performance.md``, "Compile or not"). ``True`` or a dict of ``torch.compile`` arguments always compiles. The
+    enough to repay the compile time: runs of 1,000 steps or more on the CPU, 2,000 or more on
+    a GPU, else eager (short runs never earn back a compile of 30 s to minutes; see
+    ``docs/performance.md``, "Compile or not", for the measurements). ``True`` or a dict of ``torch.compile`` arguments always compiles. The
     choice depends on ``steps`` and the device only, so a resumed run makes the same choice.
 
     Example:
