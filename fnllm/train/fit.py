@@ -110,8 +110,10 @@ def fit(
     Compiling: ``compile="auto"`` (the default) compiles the step only where the run is long
     enough to repay the compile time: runs of 1,000 steps or more on the CPU, 2,000 or more on
     a GPU, else eager (short runs never earn back a compile of 30 s to minutes; see
-    ``docs/performance.md``, "Compile or not", for the measurements). ``True`` or a dict of ``torch.compile`` arguments always compiles. The
-    choice depends on ``steps`` and the device only, so a resumed run makes the same choice.
+    ``docs/performance.md``, "Compile or not", for the measurements). ``True`` or a dict of
+    ``torch.compile`` arguments always compiles. The choice depends on ``steps`` and the device
+    only, so re-running the same call resumes with the same choice; pass ``compile=``
+    explicitly to resume with another ``steps``.
 
     Example:
         >>> import torch
