@@ -299,3 +299,19 @@ def test_clipping_uses_optims_global_norm_rule():
     clipped, _ = optim.clip_by_global_norm(1.0).update({"w": torch.tensor([30.0, 40.0])}, {})
     assert float(metrics["grad_norm"]) == 50.0
     torch.testing.assert_close(new["w"], -clipped["w"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"compile": "yes"}, TypeError, "compile"),
+        ({"autocast": torch.int32}, TypeError, "autocast"),
+        ({"clip": math.inf}, ValueError, "clip"),
+        ({"guard": 1}, TypeError, "guard"),
+    ],
+)
+def test_make_step_refuses_bad_arguments(kw, error, match):
+    with pytest.raises(error, match=f"make_step: {match}"):
+        train.make_step(_loss, optim.sgd(0.1), **kw)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        train.make_step("loss", optim.sgd(0.1))
