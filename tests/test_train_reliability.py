@@ -242,6 +242,10 @@ def test_checkpointing_value_and_old_keywords_write_the_same_files(tmp_path):
     train.fit(_loss, optim.sgd(0.1), {"w": torch.zeros(2)}, {}, _data, checkpoint=tmp_path / "c",
               **kw)  # fmt: skip
     assert _names(tmp_path / "c") == ["step_00000005.safetensors"]
+    # the old keywords at their defaults say nothing, so they may stay beside checkpoint=
+    train.fit(_loss, optim.sgd(0.1), {"w": torch.zeros(2)}, {}, _data, checkpoint=tmp_path / "d",
+              checkpoint_dir=None, checkpoint_every=0, keep=2, **kw)  # fmt: skip
+    assert _names(tmp_path / "d") == ["step_00000005.safetensors"]
 
 
 def test_progress_bar_shows_the_loss_of_the_step_just_finished(monkeypatch):

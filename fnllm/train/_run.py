@@ -45,6 +45,8 @@ def checkpointing(
     unknown = sorted(set(legacy) - set(_LEGACY))
     if unknown:
         raise TypeError(f"fit() got unexpected keyword arguments {unknown}")
+    defaults = {"checkpoint_dir": None, "checkpoint_every": 0, "keep": 2}
+    legacy = {k: v for k, v in legacy.items() if v != defaults[k]}  # defaults say nothing
     if legacy and checkpoint is not None:
         raise ValueError(
             f"fit: give either checkpoint= or the older {sorted(legacy)}, not both "
@@ -57,7 +59,6 @@ def checkpointing(
     directory = legacy.get("checkpoint_dir")
     if directory is None:
         given = [k for k in ("checkpoint_every", "keep") if k in legacy]
-        given = [k for k in given if legacy[k] != {"checkpoint_every": 0, "keep": 2}[k]]
         if given:
             raise ValueError(
                 f"fit: {given[0]}={legacy[given[0]]!r} has no effect without a checkpoint "
