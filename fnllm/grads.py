@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from fnllm import _tree_ops, tree
+from fnllm import _checks, _tree_ops, tree
 from fnllm import random as jr
 
 __all__ = [
@@ -174,10 +174,11 @@ def clip_per_example(grads: Any, max_norm: float) -> Any:
         The clipped tree (same structure, shapes and dtypes; the input is not modified).
 
     Raises:
-        ValueError: ``max_norm`` is not positive, or the tree is not a per-example tree.
+        TypeError: ``max_norm`` is not a Python number (a tensor, a string, a bool).
+        ValueError: ``max_norm`` is not a finite positive number, or the tree is not a
+            per-example tree.
     """
-    if not max_norm > 0:
-        raise ValueError(f"clip_per_example: max_norm must be > 0, got {max_norm}")
+    max_norm = _checks.check_number("clip_per_example: max_norm", max_norm, positive=True)
     norms = per_example_norm(grads)
     factor = (max_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
 
@@ -228,11 +229,16 @@ def privatize(
         A tree of the parameters' shape (no batch dimension): the privatized gradient.
 
     Raises:
-        ValueError: ``clip`` <= 0, ``noise_multiplier`` < 0, an unknown ``reduction``, or a tree
-            that is not a per-example tree.
+        TypeError: ``clip`` or ``noise_multiplier`` is not a Python number (a tensor, a
+            string, a bool): the privacy guarantee rests on them, so they are never guessed.
+        ValueError: ``clip`` is not finite and > 0, ``noise_multiplier`` is not finite and
+            >= 0 (NaN would add no noise at all), an unknown ``reduction``, or a tree that is
+            not a per-example tree.
     """
-    if noise_multiplier < 0:
-        raise ValueError(f"privatize: noise_multiplier must be >= 0, got {noise_multiplier}")
+    clip = _checks.check_number("privatize: clip", clip, positive=True)
+    noise_multiplier = _checks.check_number(
+        "privatize: noise_multiplier", noise_multiplier, nonnegative=True
+    )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"privatize: reduction must be 'mean' or 'sum', got {reduction!r}")
     clipped = clip_per_example(grads, clip)
@@ -300,8 +306,10 @@ def accumulate(
         grads)`` with ``has_aux``), ``grads`` shaped like the differentiated argument(s).
 
     Raises:
+        TypeError: ``micro_batches`` is not an int.
         ValueError: ``micro_batches`` < 1 or larger than the batch, or bad ``in_dims``.
     """
+    _checks.check_int("accumulate: micro_batches", micro_batches)
     if micro_batches < 1:
         raise ValueError(f"accumulate: micro_batches must be >= 1, got {micro_batches}")
     grad_fn = torch.func.grad_and_value(loss_fn, argnums=argnums, has_aux=has_aux)

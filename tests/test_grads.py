@@ -342,3 +342,35 @@ def test_dp_gradient_of_a_partition_has_zero_graph_breaks():
 
     explanation = torch._dynamo.explain(dp_grad)(trainable, frozen, batch, jr.key(0))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+# ----------------------------------------------------------------------------- issue 11: privacy
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -0.5])
+@pytest.mark.parametrize("name", ["clip", "noise_multiplier"])
+def test_privatize_refuses_non_finite_or_negative_privacy_numbers(name, bad):
+    g = {"w": torch.ones(2, 3)}
+    kwargs = {"clip": 1.0, "noise_multiplier": 1.0, name: bad}
+    with pytest.raises(ValueError, match=f"privatize: {name}"):
+        grads.privatize(jr.key(0), g, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(1.0), "1.0", True, None])
+@pytest.mark.parametrize("name", ["clip", "noise_multiplier"])
+def test_privatize_refuses_tensors_and_non_numbers(name, bad):
+    g = {"w": torch.ones(2, 3)}
+    kwargs = {"clip": 1.0, "noise_multiplier": 1.0, name: bad}
+    with pytest.raises(TypeError, match=f"privatize: {name}"):
+        grads.privatize(jr.key(0), g, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0.0, -1.0])
+def test_clip_per_example_refuses_bad_bounds(bad):
+    with pytest.raises(ValueError, match="clip_per_example: max_norm"):
+        grads.clip_per_example({"w": torch.ones(2, 3)}, bad)
+    with pytest.raises(TypeError, match="clip_per_example: max_norm"):
+        grads.clip_per_example({"w": torch.ones(2, 3)}, torch.tensor(1.0))
+
+
+def test_accumulate_refuses_non_int_micro_batches():
+    with pytest.raises(TypeError, match="micro_batches"):
+        grads.accumulate(lambda p, x: x.sum(), 2.0)

@@ -4,6 +4,8 @@
   one safetensors file, written atomically, loaded back exactly.
 - :func:`save_model` / :func:`load_model`: a model's config travels in the file's metadata, so
   the file alone rebuilds ``(model, params)``.
+- Every tensor's CRC-32 is stored and checked on load (``verify=False`` skips it); temp files
+  of saves killed mid-write are removed by the next save (:func:`clean_temp_files`).
 - :func:`from_hf` / :func:`to_hf`: GPT-2 and BERT checkpoints in `transformers` layout.
 - :func:`pretrained_dir`: the bundled all-MiniLM-L6-v2 sentence encoder;
   :func:`mean_pool` (an alias of ``fnllm.nn.mean_pool``) turns its token vectors into
@@ -11,9 +13,10 @@
 """
 
 from fnllm.io.hf import from_hf, hf_config, mean_pool, pretrained_dir, to_hf, to_hf_state_dict
-from fnllm.io.store import load, load_meta, load_model, save, save_model
+from fnllm.io.store import clean_temp_files, load, load_meta, load_model, save, save_model
 
 __all__ = [
+    "clean_temp_files",
     "from_hf",
     "hf_config",
     "load",

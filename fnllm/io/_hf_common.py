@@ -17,6 +17,7 @@ from fnllm.io import _safetensors
 
 PathLike = str | os.PathLike
 Table = list[tuple[str, str, list[str]]]  # (fnllm path, "copy" | "t" | "cat", HF names)
+INCOMPLETE = ".fnllm-export-incomplete"  # present while to_hf writes a folder
 
 
 def read_source(
@@ -31,6 +32,11 @@ def read_source(
             directory, weights = p.parent, p
         else:
             raise FileNotFoundError(f"from_hf: {p} does not exist")
+        if (directory / INCOMPLETE).exists():
+            raise ValueError(
+                f"from_hf: {directory} holds an unfinished fnllm.io.to_hf export (marker "
+                f"{INCOMPLETE}: the writer stopped between files); export it again"
+            )
         if config is None:
             cfg_file = directory / "config.json"
             if not cfg_file.is_file():
@@ -84,8 +90,8 @@ def read_dir_weights(directory: Path) -> dict[str, torch.Tensor]:
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no weight_map")
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(read_weights(directory / shard))
+        for shard in sorted(set(weight_map.values()), key=str):
+            state.update(read_weights(_inside(directory, shard, index)))
         return state
     binary = directory / "pytorch_model.bin"
     if binary.is_file():
@@ -94,6 +100,20 @@ def read_dir_weights(directory: Path) -> dict[str, torch.Tensor]:
         f"from_hf: {directory} has no model.safetensors, model.safetensors.index.json "
         "or pytorch_model.bin"
     )
+
+
+def _inside(directory: Path, shard: Any, index: Path) -> Path:
+    """``directory / shard``, refused unless it stays inside ``directory`` (symlinks resolved)."""
+    if not isinstance(shard, str) or not shard:
+        raise ValueError(f"{index}: weight_map values must be shard file names, got {shard!r}")
+    root = directory.resolve()
+    path = (directory / shard).resolve()
+    if os.path.isabs(shard) or not path.is_relative_to(root) or path == root:
+        raise ValueError(
+            f"{index}: shard {shard!r} lies outside the model folder {root} "
+            f"(resolves to {path}); refused"
+        )
+    return directory / shard
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

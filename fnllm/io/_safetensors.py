@@ -8,8 +8,12 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
+import socket
 import struct
+import time
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +31,7 @@ FORMAT_KEY = "format"
 STRUCTURE_KEY = "fnllm.structure"
 ALIASES_KEY = "fnllm.aliases"
 CONFIG_KEY = "fnllm.config"
+CHECKSUMS_KEY = "fnllm.crc32"  # JSON {tensor name: CRC-32 of its bytes}
 RESERVED_PREFIX = "fnllm."
 
 # safetensors dtype names -> (torch dtype, bytes per element)
@@ -116,20 +121,125 @@ def decode_meta(metadata: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+# A temp file is ``.<target name>.<host>.<pid>.<8 hex>.tmp``: whoever finds it later can tell
+# whether its writer may still be alive (same host, pid running) before removing it.
+_TEMP = re.compile(r"^\.(?P<base>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+# Older writers named temp files ``.<target>.<pid>.<8 hex>.tmp`` (no host): removed by age only.
+_OLD_TEMP = re.compile(r"^\.(?P<base>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+STALE_AFTER_S = 24 * 3600.0  # a temp file this old is a leftover whoever wrote it
+
+
 def write_safetensors(
-    path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    path: PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    *,
+    checksums: bool = True,
 ) -> None:
-    """Write a flat dict of CPU contiguous unshared tensors atomically."""
+    """Write a flat dict of CPU contiguous unshared tensors atomically (with CRC-32s)."""
+    if checksums:
+        metadata = dict(metadata)
+        metadata[CHECKSUMS_KEY] = json.dumps(
+            {k: crc32(x) for k, x in tensors.items()}, separators=(",", ":"), sort_keys=True
+        )
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+
+
+def crc32(x: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes (row-major, as safetensors stores them)."""
+    x = x.detach()
+    if x.device.type != "cpu":
+        x = x.cpu()
+    flat = x.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def verify_checksums(name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]):
+    """Raise ValueError naming the first tensor whose bytes differ from the stored CRC-32."""
+    raw = metadata.get(CHECKSUMS_KEY)
+    if raw is None:  # written before checksums existed, or by another tool
+        return
+    try:
+        stored = json.loads(raw)
+        if not isinstance(stored, dict):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{name}: corrupt checksum metadata {CHECKSUMS_KEY!r}") from None
+    for k, x in tensors.items():
+        want = stored.get(k)
+        if want is None:
+            raise ValueError(f"{name}: tensor {k!r} has no stored checksum (corrupt header)")
+        got = crc32(x)
+        if got != want:
+            raise ValueError(
+                f"{name}: tensor {k!r} is corrupt: its CRC-32 is {got:#010x}, the file recorded "
+                f"{want:#010x} when it was written (pass verify=False to load it anyway)"
+            )
+
+
+def temp_name(final: str) -> str:
+    """A fresh temp file name next to ``final`` that records this writer's host and pid."""
+    directory, base = os.path.split(final)
+    return os.path.join(directory, f".{base}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def clean_temp_files(directory: PathLike, *, max_age_s: float = STALE_AFTER_S) -> list[str]:
+    """Remove leftovers of interrupted atomic writes in ``directory``; return their paths.
+
+    A temp file is removed when its writer, named in the file name, was a process on this host
+    that is no longer running, or when it is older than ``max_age_s`` (a writer on another host,
+    or an older fnllm). A file a live process may still be writing is never touched.
+    """
+    d = os.fspath(directory)
+    try:
+        names = os.listdir(d)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    host, now, removed = _host(), time.time(), []
+    for n in names:
+        m = _TEMP.match(n)
+        old = None if m else _OLD_TEMP.match(n)
+        if not m and not old:
+            continue
+        p = os.path.join(d, n)
+        try:
+            age = now - os.stat(p, follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue
+        dead = m is not None and m.group("host") == host and not _alive(int(m.group("pid")))
+        if dead or age > max_age_s:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+                removed.append(p)
+    return removed
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process (or a pid we cannot ask about): assume alive
+    return True
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a fresh temp file next to ``path``, fsync it, rename onto ``path``."""
     final = os.path.abspath(os.fspath(path))
-    directory, base = os.path.split(final)
+    directory = os.path.dirname(final)
     if os.path.isdir(final):
         raise IsADirectoryError(f"save: {final} is a directory")
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    clean_temp_files(directory)  # leftovers of writers killed mid-save
+    tmp = temp_name(final)
     # O_EXCL: never clobber; default mode 0o666 so the final file gets the usual umask'd mode.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -227,17 +337,25 @@ def read_header(path: PathLike) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def read_safetensors(
-    path: PathLike, *, device: str | torch.device = "cpu"
+    path: PathLike, *, device: str | torch.device = "cpu", verify: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read every tensor of a safetensors file after validating it; errors name the file."""
+    """Read every tensor of a safetensors file after validating it; errors name the file.
+
+    With ``verify``, tensors are checked against the CRC-32s fnllm stores in the metadata
+    (files without them load unchecked).
+    """
     name = os.fspath(path)
     header, metadata = read_header(name)
-    dev = str(torch.device(device))
+    dev = torch.device(device)
     try:
-        with safetensors.safe_open(name, framework="pt", device=dev) as f:
+        with safetensors.safe_open(name, framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in header}
     except Exception as e:  # safetensors raises its own error types for anything it dislikes
         raise ValueError(f"{name}: could not read the safetensors file: {e}") from None
+    if verify:
+        verify_checksums(name, tensors, metadata)
+    if dev.type != "cpu":
+        tensors = {k: v.to(dev) for k, v in tensors.items()}
     return tensors, metadata
 
 

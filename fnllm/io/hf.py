@@ -89,6 +89,10 @@ def from_hf(
             cross-attention), a weight has the wrong shape, or a file is corrupt.
         KeyError: weights are missing or unexpected (all of them are listed).
         FileNotFoundError: the directory lacks ``config.json`` or weights.
+        ValueError: also when the directory holds an unfinished :func:`to_hf` export (its
+            ``.fnllm-export-incomplete`` marker), when an index file names a shard outside
+            the model folder (``../x``, an absolute path, or a symlink leading out), or when
+            a tensor fails the checksum fnllm stored with it.
     """
     state, hf_cfg, where = _hf_common.read_source(src, config)
     model_type = _hf_common.model_type(hf_cfg, state, where)
@@ -110,7 +114,11 @@ def to_hf(
 
     ``transformers.AutoModel*.from_pretrained(out_dir)`` (or the class named in
     ``architectures``) then loads every weight with no missing or unexpected keys and computes
-    the same outputs. Each file is written atomically.
+    the same outputs. Each file is written atomically, and the export as a whole is marked:
+    the marker file ``.fnllm-export-incomplete`` is created first and removed only once both
+    files are complete, and :func:`from_hf` refuses a folder that still holds it (a crash
+    between the files never yields a new config with old weights). Other files in ``out_dir``
+    (a tokenizer, say) are left alone.
 
     Example:
         >>> import os, tempfile
@@ -153,16 +161,21 @@ def to_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    prep = _safetensors.TensorStager(dedupe=False)  # cpu, contiguous, no shared memory
+    for name, x in state.items():
+        prep.add(name, x)
 
     def write_text(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
+    marker = out / _hf_common.INCOMPLETE
+    marker.write_text("an fnllm.io.to_hf export into this folder did not finish\n")
+    _safetensors.fsync_dir(str(out))
     _safetensors.atomic_write(out / "config.json", write_text)
-    prep = _safetensors.TensorStager(dedupe=False)  # cpu, contiguous, no shared memory
-    for name, x in state.items():
-        prep.add(name, x)
     _safetensors.write_safetensors(out / "model.safetensors", prep.tensors, {"format": "pt"})
+    marker.unlink()
+    _safetensors.fsync_dir(str(out))
     return out
 
 

@@ -9,7 +9,14 @@ paths with :func:`fnllm.tree.unflatten`.
 
 Saving never leaves a partial file under the final name: the bytes go to a temporary file in
 the same directory, which is flushed, ``fsync``-ed and then renamed over the target with
-``os.replace`` (atomic on POSIX and Windows). Nothing is ever unpickled.
+``os.replace`` (atomic on POSIX and Windows). The temp file's name carries the writer's host
+and pid; a later save into the same directory removes the temp files of writers that died
+mid-save (same host, process gone) or that are older than a day, never one a live process may
+still be writing. Nothing is ever unpickled.
+
+Every tensor's CRC-32 is stored in the metadata (``fnllm.crc32``) and checked on load, so a
+flipped bit on disk is reported with the tensor's name instead of loading silently
+(``verify=False`` skips the check; files without checksums load unchecked).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from fnllm import models as _models
 from fnllm import tree as _tree
 from fnllm.io import _safetensors
 
-__all__ = ["load", "load_meta", "load_model", "save", "save_model"]
+__all__ = ["clean_temp_files", "load", "load_meta", "load_model", "save", "save_model"]
 
 PathLike = str | os.PathLike
 
@@ -75,7 +82,13 @@ def save(path: PathLike, tree: Any, meta: Mapping[str, Any] | None = None) -> No
     _safetensors.write_safetensors(path, tensors, metadata)
 
 
-def load(path: PathLike, *, with_meta: bool = False, device: str | torch.device = "cpu") -> Any:
+def load(
+    path: PathLike,
+    *,
+    with_meta: bool = False,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+) -> Any:
     """Load a tree saved by :func:`save` (or any safetensors file) from ``path``.
 
     Example:
@@ -92,6 +105,8 @@ def load(path: PathLike, *, with_meta: bool = False, device: str | torch.device 
         path: a safetensors file.
         with_meta: also return the user metadata (as :func:`load_meta` does).
         device: where to put the tensors.
+        verify: check every tensor against the CRC-32 stored when it was saved (False: skip
+            the check, for speed).
 
     Returns:
         The tree, exactly as saved (containers, key order, dtypes, shapes, tied leaves); for a
@@ -100,10 +115,10 @@ def load(path: PathLike, *, with_meta: bool = False, device: str | torch.device 
 
     Raises:
         FileNotFoundError: there is no such file.
-        ValueError: the file is truncated, corrupt or not a safetensors file (the message
-            names the file).
+        ValueError: the file is truncated, corrupt or not a safetensors file, or a tensor's
+            bytes do not match its stored checksum (the message names the file and tensor).
     """
-    tensors, metadata = _safetensors.read_safetensors(path, device=device)
+    tensors, metadata = _safetensors.read_safetensors(path, device=device, verify=verify)
     tree = _decode_tree(path, tensors, metadata)
     if with_meta:
         return tree, _safetensors.decode_meta(metadata)
@@ -180,7 +195,11 @@ def save_model(
 
 
 def load_model(
-    path: PathLike, *, with_meta: bool = False, device: str | torch.device = "cpu"
+    path: PathLike,
+    *,
+    with_meta: bool = False,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> Any:
     """Rebuild ``(model, params)`` from a file written by :func:`save_model`.
 
@@ -199,16 +218,18 @@ def load_model(
         path: a file written by :func:`save_model`.
         with_meta: also return the user metadata.
         device: where to put the tensors.
+        verify: check the stored per-tensor checksums (False: skip, for speed).
 
     Returns:
         ``(model, params)``, or ``(model, params, meta)`` with ``with_meta``.
 
     Raises:
-        ValueError: the file is corrupt, holds no model config, or its config does not match
-            its weights (wrong shapes; the paths are named).
+        ValueError: the file is corrupt (a tensor failing its checksum is named), holds no
+            model config, or its config does not match its weights (wrong shapes; the paths
+            are named).
         KeyError: the weights lack a leaf the config needs or have one it does not.
     """
-    tensors, metadata = _safetensors.read_safetensors(path, device=device)
+    tensors, metadata = _safetensors.read_safetensors(path, device=device, verify=verify)
     if _safetensors.CONFIG_KEY not in metadata:
         raise ValueError(
             f"{os.fspath(path)}: no model config in the metadata (was it written by "
@@ -229,6 +250,31 @@ def load_model(
     if with_meta:
         return model, params, _safetensors.decode_meta(metadata)
     return model, params
+
+
+def clean_temp_files(directory: PathLike) -> list[str]:
+    """Remove the temp files that saves killed mid-write left in ``directory``.
+
+    :func:`save` (and every fnllm writer) does this itself before each write; call it to tidy a
+    folder without saving. A temp file is removed only when its writer (host and pid are in its
+    name) is a process on this host that has exited, or when it is more than a day old.
+
+    Example:
+        >>> import os, tempfile
+        >>> from fnllm import io
+        >>> d = tempfile.mkdtemp()
+        >>> left = os.path.join(d, ".w.safetensors.oldhost.123.0123abcd.tmp")
+        >>> open(left, "wb").close(); os.utime(left, (0, 0))   # a two-day-old leftover
+        >>> [os.path.basename(p) for p in io.clean_temp_files(d)]
+        ['.w.safetensors.oldhost.123.0123abcd.tmp']
+
+    Args:
+        directory: the folder to tidy (need not exist).
+
+    Returns:
+        The paths removed.
+    """
+    return _safetensors.clean_temp_files(directory)
 
 
 # ----------------------------------------------------------------------------- tree encoding

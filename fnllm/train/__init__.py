@@ -4,7 +4,8 @@
   opt_state, metrics)``: forward, backward for the trainable leaves only, optional global-norm
   clipping, the optimizer update and a non-finite guard, compiled with
   ``torch.compile(fullgraph=True)``.
-- :func:`fit` runs steps with a progress bar, periodic evaluation and checkpoints; resuming
+- :func:`fit` runs steps with a progress bar, periodic evaluation and checkpoints (where and how
+  often: a :class:`Checkpointing`); resuming
   from a checkpoint continues bit-identically (the key of step ``s`` is
   ``random.fold_in(key, s)`` and the batch of step ``s`` is ``data(s)``).
 - :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`latest_checkpoint` store and restore
@@ -13,6 +14,7 @@
 
 from fnllm.train.checkpoint import (
     Checkpoint,
+    Checkpointing,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
@@ -24,6 +26,7 @@ from fnllm.train.step import TrainStep, make_step
 
 __all__ = [
     "Checkpoint",
+    "Checkpointing",
     "FitResult",
     "NonFiniteError",
     "TrainStep",

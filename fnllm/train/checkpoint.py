@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from fnllm import io, tree
+from fnllm import _checks, io, tree
 
 __all__ = [
     "Checkpoint",
+    "Checkpointing",
     "checkpoint_path",
     "latest_checkpoint",
     "load_checkpoint",
@@ -58,6 +60,48 @@ class Checkpoint(NamedTuple):
     step: int
     key: Any
     meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often :func:`~fnllm.train.fit` saves checkpoints: ``fit(checkpoint=...)``.
+
+    A folder holds the checkpoints of one run. ``fit(resume=True)`` (the default) continues the
+    run found there; ``fit(resume=False)`` refuses a folder that already holds checkpoints,
+    unless ``overwrite=True``, which deletes them before the new run starts.
+
+    Example:
+        >>> ck = Checkpointing("runs/a", every=100, keep=3)
+        >>> ck.directory, ck.every, ck.keep, ck.overwrite
+        (PosixPath('runs/a'), 100, 3, False)
+        >>> Checkpointing("runs/a", every=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: Checkpointing: every: -1 < 0
+
+    Args:
+        directory: the run's checkpoint folder (created when the first checkpoint is saved).
+        every: save every this many steps (0: only at the end).
+        keep: how many of the newest checkpoints to keep (>= 1).
+        overwrite: with ``fit(resume=False)``, delete the checkpoints already in ``directory``
+            instead of refusing to start.
+    """
+
+    directory: Path
+    every: int = 0
+    keep: int = 2
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.directory, (str, os.PathLike)):
+            raise TypeError(
+                f"Checkpointing: directory must be a path, got {type(self.directory).__name__}"
+            )
+        object.__setattr__(self, "directory", Path(self.directory))
+        _checks.check_int("Checkpointing: every", self.every, low=0)
+        _checks.check_int("Checkpointing: keep", self.keep, low=1)
+        if not isinstance(self.overwrite, bool):
+            raise TypeError(f"Checkpointing: overwrite must be a bool, got {self.overwrite!r}")
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
@@ -135,6 +179,7 @@ def load_checkpoint(
     opt_state: Any,
     model: Any = None,
     device: str | torch.device | None = None,
+    verify: bool = True,
 ) -> Checkpoint:
     """Restore a train state saved by :func:`save_checkpoint`, checked against templates.
 
@@ -156,17 +201,20 @@ def load_checkpoint(
         opt_state: a template of the optimizer state (e.g. ``optimizer.init(trainable)``).
         model: the model config; when given and the checkpoint recorded one, they must agree.
         device: where to put the tensors (default: the device of each template leaf).
+        verify: check each tensor against the checksum stored when it was saved (False: skip,
+            for speed); a corrupt tensor is named in the error.
 
     Returns:
         A :class:`Checkpoint` whose trees have exactly the templates' structure.
 
     Raises:
         FileNotFoundError: there is no such file.
-        ValueError: the file is not a train checkpoint, is corrupt, or holds other leaves,
+        ValueError: the file is not a train checkpoint, is corrupt (a tensor fails its
+            checksum), or holds other leaves,
             shapes or dtypes than the templates (the paths are named), or another model.
     """
     name = os.fspath(path)
-    loaded, meta = io.load(path, with_meta=True)
+    loaded, meta = io.load(path, with_meta=True, verify=verify)
     info = meta.pop(_META_KEY, None)
     if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(loaded, dict):
         raise ValueError(f"{name}: not an fnllm train checkpoint (no {_META_KEY!r} metadata)")
@@ -200,11 +248,8 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
         The path of ``step_<N>.safetensors`` with the largest ``N``, or None when there is none.
         Temporary files of interrupted saves are ignored.
     """
-    d = Path(directory)
-    if not d.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
-    return max(found)[1] if found else None
+    found = _list_checkpoints(directory)
+    return found[-1][1] if found else None
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
@@ -227,10 +272,7 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
     """
     if keep < 1:
         raise ValueError(f"prune_checkpoints: keep must be >= 1, got {keep}")
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    found = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)))
+    found = _list_checkpoints(directory)
     doomed = [p for _, p in found[:-keep]]
     for p in doomed:
         p.unlink(missing_ok=True)
@@ -238,6 +280,14 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint file in ``directory``, by increasing step."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)))
 
 
 def _model_config(model: Any) -> Any:

@@ -8,7 +8,6 @@ and the base key; resuming from it re-enters the loop at that step with the same
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -17,26 +16,15 @@ from typing import Any, Literal, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from fnllm import optim, tree
 from fnllm import random as jr
-from fnllm import tree
-from fnllm.train.checkpoint import (
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from fnllm.train.step import Optimizer, check_trainable, make_step
+from fnllm.train import _run
+from fnllm.train.checkpoint import Checkpointing, checkpoint_path, latest_checkpoint
+from fnllm.train.step import check_trainable, make_step
 
 __all__ = ["FitResult", "NonFiniteError", "fit"]
 
 OnNonFinite = Literal["skip", "stop", "raise"]
-_AUTOCAST = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
 
 
 class NonFiniteError(FloatingPointError):
@@ -78,7 +66,7 @@ class FitResult(NamedTuple):
 
 def fit(
     loss_fn: Callable[..., Any],
-    optimizer: Optimizer,
+    optimizer: optim.GradientTransformation,
     trainable: Any,
     frozen: Any,
     data: Callable[[int], Any] | Any,
@@ -86,14 +74,12 @@ def fit(
     key: torch.Tensor,
     steps: int,
     opt_state: Any = None,
-    compile: bool | Mapping[str, Any] = True,
+    compile: bool | Mapping[str, Any] | Literal["auto"] = "auto",
     clip: float | None = None,
     autocast: torch.dtype | str | None = None,
     eval_fn: Callable[[Any, Any], Any] | None = None,
     eval_every: int = 0,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
-    keep: int = 2,
+    checkpoint: Checkpointing | str | os.PathLike | None = None,
     resume: bool = True,
     model: Any = None,
     meta: dict[str, Any] | None = None,
@@ -101,19 +87,33 @@ def fit(
     progress: bool = True,
     tokens_per_batch: int | Callable[[Any], int] | None = None,
     donate: bool = True,
+    **legacy: Any,
 ) -> FitResult:
-    """Train ``trainable`` for ``steps`` steps (resuming from ``checkpoint_dir`` if it has one).
+    """Train ``trainable`` for ``steps`` steps (resuming from its checkpoint folder if it has one).
 
     Step ``s`` (0-based) runs ``make_step(loss_fn, optimizer, ...)`` on the batch ``data(s)``
     with the key ``random.fold_in(key, s)``. A step whose loss or gradient norm is NaN/inf leaves
     params and optimizer state unchanged and then, per ``on_nonfinite``: ``"skip"`` reports it
     and goes on, ``"stop"`` returns the last good state, ``"raise"`` raises
-    :class:`NonFiniteError`. Every ``checkpoint_every`` steps, and at the end, the train state is
-    saved atomically to ``checkpoint_dir/step_<N>.safetensors`` (the ``keep`` newest are kept).
-    Re-running the same call after a crash resumes from the newest checkpoint and ends with the
-    very same params (bit for bit) as an uninterrupted run, given the same software, hardware,
-    thread count (``torch.get_num_threads()``) and ``compile`` setting (they decide the
-    kernels and their reduction order).
+    :class:`NonFiniteError`. With ``checkpoint``, the train state is saved atomically every
+    ``checkpoint.every`` steps, and at the end, to ``<directory>/step_<N>.safetensors`` (the
+    ``checkpoint.keep`` newest are kept). Re-running the same call after a crash resumes from
+    the newest checkpoint and ends with the very same params (bit for bit) as an uninterrupted
+    run, given the same software, hardware, thread count (``torch.get_num_threads()``) and
+    ``compile`` setting (they decide the kernels and their reduction order).
+
+    A checkpoint folder belongs to one run: with ``resume=False`` a folder that already holds
+    checkpoints is refused (``Checkpointing(..., overwrite=True)`` deletes them first), and a
+    run that finds newer checkpoints than its own in the folder stops instead of pruning them.
+    Temp files of saves killed mid-write are removed when the run starts.
+
+    Compiling: ``compile="auto"`` (the default) compiles the step only where the run is long
+    enough to repay the compile time: runs of 1,000 steps or more on the CPU, 2,000 or more on
+    a GPU, else eager (short runs never earn back a compile of 30 s to minutes; see
+    ``docs/performance.md``, "Compile or not", for the measurements). ``True`` or a dict of
+    ``torch.compile`` arguments always compiles. The choice depends on ``steps`` and the device
+    only, so re-running the same call resumes with the same choice; pass ``compile=``
+    explicitly to resume with another ``steps``.
 
     Example:
         >>> import torch
@@ -127,8 +127,10 @@ def fit(
         (20, 0.0, tensor([1., 1.]))
 
     Args:
-        loss_fn: ``loss_fn(trainable, frozen, batch, key) -> loss`` or ``(loss, aux)``.
-        optimizer: optax-style optimizer (``init``/``update``), e.g. ``fnllm.optim.adamw``.
+        loss_fn: ``loss_fn(trainable, frozen, batch, key) -> loss`` or ``(loss, aux)``; the
+            loss is a 0-d floating-point tensor.
+        optimizer: a :class:`fnllm.optim.GradientTransformation` (``init``/``update``), e.g.
+            ``fnllm.optim.adamw``.
         trainable: the params to train (a partition's selected half).
         frozen: the params to keep fixed (they are never modified, and get no gradient).
         data: ``data(step) -> batch``, or a loader with ``data.batch(step)`` (such as
@@ -137,88 +139,76 @@ def fit(
         key: the run's base key (:func:`fnllm.random.key`).
         steps: the total number of steps to reach (not counting from a resume point).
         opt_state: the initial optimizer state (default ``optimizer.init(trainable)``).
-        compile: compile the step with ``torch.compile(fullgraph=True)`` (a dict: extra
-            ``torch.compile`` arguments, see :func:`~fnllm.train.make_step`).
+        compile: ``"auto"`` (see above), ``True``/``False``, or a dict of extra
+            ``torch.compile`` arguments (see :func:`~fnllm.train.make_step`).
         clip: clip the global gradient norm to this value (None: no clipping).
         autocast: run the loss under ``torch.autocast`` with this dtype (``torch.bfloat16`` or
             ``"bf16"``, ``"fp16"``).
         eval_fn: ``eval_fn(trainable, frozen)`` returning a number or a dict of numbers.
-        eval_every: run ``eval_fn`` every this many steps (0: never).
-        checkpoint_dir: where to save and resume checkpoints (None: no checkpoints).
-        checkpoint_every: save every this many steps (0: only at the end).
-        keep: how many of the newest checkpoints to keep.
-        resume: resume from the newest checkpoint in ``checkpoint_dir`` when there is one.
-        model: the model config, recorded in checkpoints so another model can not resume them.
-        meta: extra JSON metadata stored in every checkpoint.
+        eval_every: run ``eval_fn`` every this many steps (needs ``eval_fn``).
+        checkpoint: a :class:`~fnllm.train.Checkpointing` (directory, every, keep, overwrite)
+            or just a directory (saved at the end only). The older keyword arguments
+            ``checkpoint_dir``, ``checkpoint_every`` and ``keep`` still work.
+        resume: resume from the newest checkpoint in the folder when there is one; False
+            starts a new run (refused if the folder holds checkpoints, see above).
+        model: the model config, recorded in checkpoints so another model can not resume them
+            (unused without ``checkpoint``).
+        meta: extra JSON metadata stored in every checkpoint (needs ``checkpoint``).
         on_nonfinite: ``"skip"``, ``"stop"`` or ``"raise"`` (see above).
-        progress: show a tqdm progress bar with the loss and tokens/s.
+        progress: show a tqdm progress bar with the loss of the step just finished and
+            tokens/s.
         tokens_per_batch: tokens in a batch for the tokens/s figure: an int, a function of the
             batch, or None to count the integer ids of the batch (``input_ids``/``tokens``).
         donate: copy ``trainable`` and ``opt_state`` once, then let every step update those
             copies in place (``TrainStep(..., donate=True)``: no fresh params and optimizer
-            state per step, as with ``torch.optim``; 0.84x the compiled GPT-2 small step on
-            CPU). The caller's trees are never modified; a tree handed to ``eval_fn`` is valid
-            during that call only (copy it to keep it). False: every step is pure.
+            state per step, as with ``torch.optim``). The caller's trees are never modified; a
+            tree handed to ``eval_fn`` is valid during that call only (copy it to keep it).
+            False: every step is pure.
+        **legacy: ``checkpoint_dir``, ``checkpoint_every``, ``keep`` (the older spelling of
+            ``checkpoint``).
 
     Returns:
         A :class:`FitResult` (trainable, opt_state, step, history, evals, skipped, stopped).
 
     Raises:
-        ValueError: bad arguments; ``trainable`` holds no parameter (a filter that matched
-            nothing); a checkpoint in ``checkpoint_dir`` from another model, partition or key.
+        TypeError: an argument of the wrong type (named), or ``loss_fn`` returning something
+            other than a floating-point tensor.
+        ValueError: bad arguments (named), options that cannot take effect (``eval_every``
+            without ``eval_fn``, ``checkpoint_every``/``keep``/``model``/``meta`` without a
+            checkpoint folder), a loss that is not 0-d, ``trainable`` holding no parameter, a
+            checkpoint folder of another run (another model, partition or key; or
+            ``resume=False`` into a folder with checkpoints).
         NonFiniteError: a non-finite step with ``on_nonfinite="raise"``.
     """
-    if on_nonfinite not in ("skip", "stop", "raise"):
-        raise ValueError(
-            f"fit: on_nonfinite must be 'skip', 'stop' or 'raise', got {on_nonfinite!r}"
-        )
-    for name, value in (
-        ("steps", steps),
-        ("eval_every", eval_every),
-        ("checkpoint_every", checkpoint_every),
-    ):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"fit: {name} must be an int >= 0, got {value!r}")
-    if keep < 1:
-        raise ValueError(f"fit: keep must be >= 1, got {keep}")
+    ckpt = _run.checkpointing(checkpoint, legacy)
+    _run.check_args(
+        loss_fn=loss_fn, optimizer=optimizer, key=key, steps=steps, eval_fn=eval_fn,
+        eval_every=eval_every, ckpt=ckpt, resume=resume, meta=meta,
+        on_nonfinite=on_nonfinite, progress=progress, tokens_per_batch=tokens_per_batch,
+        donate=donate, compile=compile,
+    )  # fmt: skip
     batch_of = getattr(data, "batch", data)  # a fnllm.data.Batches loader or a function
     if not callable(batch_of):
         raise TypeError(
             f"fit: data must be a function step -> batch or have .batch(step), "
             f"got {type(data).__name__}"
         )
-    if not isinstance(key, torch.Tensor):
-        raise TypeError(f"fit: key must be a fnllm.random key tensor, got {type(key).__name__}")
-    if eval_fn is not None and eval_every == 0:
-        raise ValueError("fit: eval_fn given but eval_every is 0")
-    if isinstance(autocast, str):
-        if autocast not in _AUTOCAST:
-            raise ValueError(f"fit: autocast must be one of {sorted(_AUTOCAST)}, got {autocast!r}")
-        autocast = _AUTOCAST[autocast]
     check_trainable(trainable, frozen)
-
-    step_fn = make_step(loss_fn, optimizer, compile=compile, clip=clip, autocast=autocast)
+    step_fn = make_step(
+        loss_fn,
+        optimizer,
+        compile=_run.choose_compile(compile, steps, trainable),
+        clip=clip,
+        autocast=_run.autocast_dtype(autocast),
+    )
     if opt_state is None:
         opt_state = optimizer.init(trainable)
-    start = 0
-    if checkpoint_dir is not None and resume:
-        latest = latest_checkpoint(checkpoint_dir)
-        if latest is not None:
-            ck = load_checkpoint(latest, trainable=trainable, opt_state=opt_state, model=model)
-            saved_key = ck.key.to(key.device) if isinstance(ck.key, torch.Tensor) else ck.key
-            if not (
-                isinstance(saved_key, torch.Tensor)
-                and saved_key.shape == key.shape
-                and torch.equal(saved_key, key)
-            ):
-                raise ValueError(
-                    f"fit: {latest} was written by a run with another key; resuming with a "
-                    "different key would not continue that run (start a new checkpoint_dir)"
-                )
-            trainable, opt_state, start = ck.trainable, ck.opt_state, ck.step
-
+    _run.open_folder(ckpt, resume)
+    trainable, opt_state, start = _run.resume_from(
+        ckpt, resume, trainable=trainable, opt_state=opt_state, key=key, model=model
+    )
     if donate:  # the steps update fit's own copies in place; the caller's trees stay as they are
-        trainable, opt_state = tree.map(_private_copy, (trainable, opt_state))
+        trainable, opt_state = tree.map(_run.private_copy, (trainable, opt_state))
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     skipped: list[int] = []
@@ -229,18 +219,9 @@ def fit(
     )
 
     def save(n: int) -> None:
-        assert checkpoint_dir is not None
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        save_checkpoint(
-            checkpoint_path(checkpoint_dir, n),
-            trainable=trainable,
-            opt_state=opt_state,
-            step=n,
-            key=key,
-            model=model,
-            meta=meta,
-        )
-        prune_checkpoints(checkpoint_dir, keep)
+        assert ckpt is not None
+        _run.save(ckpt, n, trainable=trainable, opt_state=opt_state, key=key, model=model,
+                  meta=meta)  # fmt: skip
 
     try:
         for s in range(start, steps):
@@ -249,22 +230,13 @@ def fit(
             new_tr, new_state, metrics = step_fn(
                 trainable, frozen, opt_state, batch, jr.fold_in(key, s), donate=donate
             )
-            loss = float(metrics["loss"])
-            finite = bool(metrics["finite"])
-            seconds = time.perf_counter() - t0
-            tokens = _count_tokens(batch, tokens_per_batch)
-            record = {
-                "step": s + 1,
-                "loss": loss,
-                "grad_norm": float(metrics["grad_norm"]),
-                "finite": finite,
-                "seconds": seconds,
-                "tokens_per_s": tokens / seconds if seconds > 0 else math.inf,
-            }
+            record = _run.record(
+                s, metrics, time.perf_counter() - t0, _run.count_tokens(batch, tokens_per_batch)
+            )
             history.append(record)
-            if not finite:
+            if not record["finite"]:
                 msg = (
-                    f"fit: step {s}: non-finite loss {loss} or gradient norm "
+                    f"fit: step {s}: non-finite loss {record['loss']} or gradient norm "
                     f"{record['grad_norm']}; update skipped"
                 )
                 skipped.append(s)
@@ -277,57 +249,19 @@ def fit(
                 bar.write(msg)
             trainable, opt_state = new_tr, new_state
             done = s + 1
-            bar.update(1)
+            # the postfix first, so the bar's refresh shows the loss of the step just finished
             bar.set_postfix(
-                loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False
+                loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False
             )
+            bar.update(1)
             if eval_fn is not None and done % eval_every == 0:
-                evals.append({"step": done, **_as_numbers(eval_fn(trainable, frozen))})
+                evals.append({"step": done, **_run.as_numbers(eval_fn(trainable, frozen))})
                 bar.write(f"fit: step {done}: eval {evals[-1]}")
-            if checkpoint_dir is not None and checkpoint_every and done % checkpoint_every == 0:
+            if ckpt is not None and ckpt.every and done % ckpt.every == 0:
                 save(done)
-        if checkpoint_dir is not None and stopped is None and done > start:
-            last = latest_checkpoint(checkpoint_dir)
-            if last is None or last != checkpoint_path(checkpoint_dir, done):
-                save(done)
+        final = ckpt is not None and stopped is None and done > start
+        if final and latest_checkpoint(ckpt.directory) != checkpoint_path(ckpt.directory, done):
+            save(done)
     finally:
         bar.close()
     return FitResult(trainable, opt_state, done, history, evals, skipped, stopped)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _private_copy(x: Any) -> Any:
-    return x.detach().clone() if isinstance(x, torch.Tensor) else x
-
-
-def _count_tokens(batch: Any, spec: int | Callable[[Any], int] | None) -> int:
-    if isinstance(spec, int):
-        return spec
-    if spec is not None:
-        return int(spec(batch))
-    if isinstance(batch, Mapping):
-        for name in ("input_ids", "tokens", "inputs"):
-            x = batch.get(name)
-            if isinstance(x, torch.Tensor):
-                return x.numel()
-    for x in tree.leaves(batch):
-        if isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.bool:
-            return x.numel()
-    for x in tree.leaves(batch):
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return int(x.shape[0])
-    return 0
-
-
-def _as_numbers(value: Any) -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        return {str(k): _scalar(v) for k, v in value.items()}
-    return {"eval": _scalar(value)}
-
-
-def _scalar(v: Any) -> Any:
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        return v.item()
-    return v

@@ -5,37 +5,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from fnllm import optim, tree
+from fnllm import _checks, optim, tree
 
-__all__ = ["Optimizer", "TrainStep", "make_step"]
+__all__ = ["TrainStep", "make_step"]
 
-_CLIP_EPS = 1e-6
-
-
-class Optimizer(Protocol):
-    """What :func:`make_step` needs of an optimizer (``fnllm.optim``'s are optax-style).
-
-    Example:
-        >>> import torch
-        >>> from fnllm import optim
-        >>> opt = optim.sgd(0.1)                      # any object with init and update
-        >>> state = opt.init({"w": torch.ones(2)})
-        >>> updates, state = opt.update({"w": torch.ones(2)}, state, {"w": torch.ones(2)})
-        >>> updates["w"]
-        tensor([-0.1000, -0.1000])
-    """
-
-    def init(self, params: Any) -> Any:
-        """Create the optimizer state for ``params``."""
-        ...
-
-    def update(self, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        """Turn gradients into updates (added to the params) and the next state."""
-        ...
+# The optimizer protocol is fnllm.optim's: any object with init and update, as a
+# GradientTransformation has. `Optimizer` stays importable from here as its old name.
+Optimizer = optim.GradientTransformation
 
 
 @dataclass(frozen=True)
@@ -68,12 +48,16 @@ class TrainStep:
         compiled_donated: the compiled step that writes its results into the donated
             ``trainable`` and ``opt_state`` (None for an eager step, which donates through the
             optimizer's fused kernel).
+        check_loss: called with ``(trainable, frozen, batch, key, error)`` when a compiled step
+            fails: runs ``loss_fn`` eagerly once and raises an error naming a bad return value
+            (a vector or a Python float) instead of the tracing error.
     """
 
     inner: Callable[..., Any]
     compiled: Callable[..., Any] = field(repr=False)
     guard: bool = True
     compiled_donated: Callable[..., Any] | None = field(default=None, repr=False)
+    check_loss: Callable[..., None] | None = field(default=None, repr=False)
 
     def __call__(
         self,
@@ -96,11 +80,16 @@ class TrainStep:
         they were. Donated leaves must not be views of one another.
         """
         check_trainable(trainable, frozen)
-        if not donate:
-            return self.compiled(trainable, frozen, opt_state, batch, key)
-        if self.compiled_donated is None:  # eager
-            return self.inner(trainable, frozen, opt_state, batch, key, donate=True)
-        return self.compiled_donated(trainable, frozen, opt_state, batch, key)
+        if self.compiled_donated is None:  # eager: the loss is checked inside the step
+            return self.inner(trainable, frozen, opt_state, batch, key, donate=donate)
+        try:
+            if not donate:
+                return self.compiled(trainable, frozen, opt_state, batch, key)
+            return self.compiled_donated(trainable, frozen, opt_state, batch, key)
+        except Exception as e:  # say what is wrong with the loss, not where tracing failed
+            if self.check_loss is not None:
+                self.check_loss(trainable, frozen, batch, key, e)
+            raise
 
 
 def make_step(
@@ -161,16 +150,49 @@ def make_step(
         clipping), ``finite`` (bool), plus ``aux``.
 
     Raises:
-        ValueError: ``clip`` is not positive, or ``optimizer`` lacks ``init``/``update``.
+        TypeError: ``loss_fn`` is not callable, ``clip`` is not a number, ``autocast`` not a
+            floating dtype, or ``compile`` neither a bool nor a dict. When the step runs:
+            ``loss_fn`` returned something other than a floating-point tensor.
+        ValueError: ``clip`` is not finite and positive, or ``optimizer`` lacks
+            ``init``/``update``. When the step runs: the loss is not 0-d (a vector loss, say).
     """
-    if clip is not None and not clip > 0:
-        raise ValueError(f"make_step: clip must be > 0 or None, got {clip}")
+    if not callable(loss_fn):
+        raise TypeError(f"make_step: loss_fn must be callable, got {type(loss_fn).__name__}")
+    clipper = None
+    if clip is not None:
+        clip = _checks.check_number("make_step: clip", clip, positive=True)
+        clipper = optim.clip_by_global_norm(clip)
     has = [callable(getattr(optimizer, name, None)) for name in ("init", "update")]
     if not all(has):
         raise ValueError(
             f"make_step: optimizer must have init(params) and update(grads, state, params), "
             f"got {type(optimizer).__name__}"
         )
+    if autocast is not None and not (
+        isinstance(autocast, torch.dtype) and autocast.is_floating_point
+    ):
+        raise TypeError(f"make_step: autocast must be a floating torch.dtype, got {autocast!r}")
+    if not isinstance(compile, (bool, Mapping)):
+        raise TypeError(
+            f"make_step: compile must be a bool or a dict of torch.compile arguments, "
+            f"got {compile!r}"
+        )
+    if not isinstance(guard, bool):
+        raise TypeError(f"make_step: guard must be a bool, got {guard!r}")
+
+    def autocast_ctx(tr: Any) -> Any:
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(_device_type(tr), dtype=autocast)
+
+    def check_loss(trainable: Any, frozen: Any, batch: Any, key: Any, error: Exception) -> None:
+        """Run ``loss_fn`` eagerly once to name a bad return value (after a failed trace)."""
+        try:
+            with torch.no_grad(), autocast_ctx(trainable):
+                out = loss_fn(trainable, frozen, batch, key)
+        except Exception:
+            return  # loss_fn fails by itself: its own error is the one to see
+        _split_loss(out)
 
     def step(
         trainable: Any, frozen: Any, opt_state: Any, batch: Any, key: Any, donate: bool = False
@@ -178,26 +200,20 @@ def make_step(
         frozen = tree.map(_detach, frozen)
 
         def objective(tr: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
-            ctx = (
-                torch.autocast(_device_type(tr), dtype=autocast)
-                if autocast is not None
-                else contextlib.nullcontext()
-            )
-            with ctx:
+            with autocast_ctx(tr):
                 out = loss_fn(tr, frozen, batch, key)
-            loss, aux = out if isinstance(out, tuple) else (out, {})
+            # static checks; under torch.compile a failure stops the trace and the step
+            # reruns the check eagerly to raise the error (TrainStep.check_loss)
+            loss, aux = _split_loss(out)
             return loss, (loss.detach(), aux)
 
         if torch.compiler.is_compiling():
             grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(trainable)
         else:  # eager: plain autograd, ~2.5 ms less per step than func.grad on tiny models
             grads, (loss, aux) = _autograd_grad(objective, trainable)
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([n.float() for n in torch._foreach_norm(_leaves(grads))])
-        )
-        if clip is not None:
-            scale = (clip / (grad_norm + _CLIP_EPS)).clamp(max=1.0)
-            grads = tree.map(lambda g: g * scale.to(g.dtype), grads)
+        grad_norm = optim.global_norm(grads)
+        if clipper is not None:  # optim's rule and epsilon: min(1, clip / (norm + 1e-6))
+            grads, _ = clipper.update(grads, {})
         finite = torch.isfinite(loss.float()) & torch.isfinite(grad_norm)
         if torch.compiler.is_compiling():  # inductor fuses update and add by itself
             updates, new_state = optimizer.update(grads, opt_state, trainable)
@@ -228,7 +244,7 @@ def make_step(
             _copy_into(opt_state, new_state)
         return trainable, opt_state, metrics
 
-    if not compile:
+    if compile is False:
         return TrainStep(inner=step, compiled=step, guard=guard)
     options = {"fullgraph": True, **(compile if isinstance(compile, Mapping) else {})}
     return TrainStep(
@@ -236,6 +252,7 @@ def make_step(
         compiled=torch.compile(step, **options),
         guard=guard,
         compiled_donated=torch.compile(donating_step, **options),
+        check_loss=check_loss,
     )
 
 
@@ -244,7 +261,7 @@ def check_trainable(trainable: Any, frozen: Any) -> None:
 
     Example:
         >>> import torch
-        >>> from fnllm import optim, tree
+        >>> from fnllm import _checks, optim, tree
         >>> tr, fr = tree.partition({"w": torch.zeros(2)}, "head.*")
         >>> check_trainable(tr, fr)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
@@ -275,9 +292,31 @@ def check_trainable(trainable: Any, frozen: Any) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _leaves(t: Any) -> list[Any]:
-    """Tensor leaves (``tree.leaves`` traces on any sparse tree)."""
-    return [x for x in tree.leaves(t) if isinstance(x, torch.Tensor)]
+def _split_loss(out: Any) -> tuple[torch.Tensor, Any]:
+    """``loss_fn``'s result as ``(loss, aux)``; errors say what was expected."""
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise ValueError(
+                f"loss_fn returned a tuple of {len(out)} values; expected a 0-d loss tensor or "
+                "a pair (loss, aux)"
+            )
+        loss, aux = out
+    else:
+        loss, aux = out, {}
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"loss_fn must return a 0-d floating-point tensor (or (loss, aux)), got "
+            f"{type(loss).__name__} {loss!r}: compute the loss with torch operations on the "
+            "params so that it has a gradient"
+        )
+    if loss.ndim != 0:
+        raise ValueError(
+            f"loss_fn returned a loss of shape {tuple(loss.shape)}; expected a 0-d tensor "
+            "(reduce it, e.g. with .mean())"
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"loss_fn returned a loss of dtype {loss.dtype}; expected floating point")
+    return loss, aux
 
 
 def _autograd_grad(objective: Callable[[Any], Any], trainable: Any) -> tuple[Any, Any]:
