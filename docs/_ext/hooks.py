@@ -24,7 +24,9 @@ from typing import Any
 log = logging.getLogger("mkdocs.plugins.fnllm")
 
 _PROMISE = re.compile(r"<!--\s*docs-figures:\s*(\d+)\s*-->")
-_FIGURE = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)" class="fnllm-figure"')
+_FIGURE = re.compile(
+    r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)" class="fnllm-figure"'
+)
 _state: dict[str, Any] = {}
 
 
@@ -60,7 +62,10 @@ def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
         log.warning("%s: figure(s) %s are not valid, non-empty PNGs", page.file.src_uri, bad)
     if promised and len(figures) < promised[1]:
         log.warning(
-            "%s: promises %d figures (docs-figures), drew %d", promised[0], promised[1], len(figures)
+            "%s: promises %d figures (docs-figures), drew %d",
+            promised[0],
+            promised[1],
+            len(figures),
         )
     html = re.sub(r"<pre\b", "<pre data-search-exclude", html)
     return re.sub(r'<details class="quote"', '<details data-search-exclude class="quote"', html)
