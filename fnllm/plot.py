@@ -276,8 +276,8 @@ def partition_tree(
     """Draw a parameter tree as a tree, each node coloured trainable, frozen or mixed.
 
     The colouring uses :func:`fnllm.tree.partition` with ``filter``, exactly what training
-    would use. Nodes deeper than ``depth`` are folded into their parent, which is *mixed*
-    when its leaves are split.
+    would use; each label shows the node's number of parameters. Nodes deeper than ``depth``
+    are folded into their parent, which is *mixed* when its leaves are split.
 
     Example:
         >>> import torch
@@ -306,11 +306,15 @@ def partition_tree(
     leaves = _tree.paths(params)
     if not leaves:
         raise ValueError("params: the tree has no leaves")
+    sizes = {p: _numel(v) for p, v in _tree.flatten(params).items()}
     nodes: dict[str, set[bool]] = {}
+    counts: dict[str, int] = {}
     for path in leaves:
         parts = path.split(".")
         for d in range(1, min(depth, len(parts)) + 1):
-            nodes.setdefault(".".join(parts[:d]), set()).add(path in train_paths)
+            node = ".".join(parts[:d])
+            nodes.setdefault(node, set()).add(path in train_paths)
+            counts[node] = counts.get(node, 0) + sizes.get(path, 0)
     states = {
         p: ("mixed" if len(s) == 2 else "trainable" if True in s else "frozen")
         for p, s in nodes.items()
@@ -328,7 +332,7 @@ def partition_tree(
         ax.text(
             level * 0.6,
             y,
-            path.rsplit(".", 1)[-1],
+            f"{path.rsplit('.', 1)[-1]}  ({_short(counts[path])})",
             va="center",
             fontsize=8,
             color="black",
@@ -511,6 +515,17 @@ def _one_row(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.ndim != 1:
         raise ValueError(f"{name}: need one sequence ([T] or [1, T]), got shape {tuple(t.shape)}")
     return t
+
+
+def _numel(leaf: Any) -> int:
+    return int(leaf.numel()) if isinstance(leaf, torch.Tensor) else 0
+
+
+def _short(n: int) -> str:
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def _box(x: float, y: float, color: str) -> Any:

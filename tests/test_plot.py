@@ -176,7 +176,11 @@ def test_partition_tree_states_follow_tree_partition(draw: st.DataObject) -> Non
 
 def test_partition_tree_on_a_gpt_and_its_errors() -> None:
     params = GPT(vocab_size=16, n_layer=2, n_head=2, d_model=8, max_len=4).init(jr.key(0))
-    nodes = plot.partition_tree(params, ["blocks.1.*", "ln_f.*"], depth=2).fnllm_nodes
+    fig = plot.partition_tree(params, ["blocks.1.*", "ln_f.*"], depth=2)
+    nodes = fig.fnllm_nodes
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    block = sum(v.numel() for v in tree.leaves(params["blocks"][1]))
+    assert "ln_f  (16)" in labels and f"1  ({block / 1000:.1f}k)" in labels, labels
     assert nodes["blocks"] == "mixed"
     assert nodes["blocks.1"] == "trainable" and nodes["blocks.0"] == "frozen"
     assert nodes["embed"] == "frozen" and nodes["ln_f"] == "trainable"
