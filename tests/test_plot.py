@@ -180,7 +180,8 @@ def test_partition_tree_on_a_gpt_and_its_errors() -> None:
     nodes = fig.fnllm_nodes
     labels = [t.get_text() for t in fig.axes[0].texts]
     block = sum(v.numel() for v in tree.leaves(params["blocks"][1]))
-    assert "ln_f  (16)" in labels and f"1  ({block / 1000:.1f}k)" in labels, labels
+    assert "ln_f  (16)" in labels and f"1  ({block})" in labels, labels  # under 1000: exact
+    assert f"blocks  ({2 * block / 1000:.1f}k)" in labels
     assert nodes["blocks"] == "mixed"
     assert nodes["blocks.1"] == "trainable" and nodes["blocks.0"] == "frozen"
     assert nodes["embed"] == "frozen" and nodes["ln_f"] == "trainable"
