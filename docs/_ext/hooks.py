@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import tempfile
+import time
 from typing import Any
 
 log = logging.getLogger("mkdocs.plugins.fnllm")
@@ -42,6 +43,7 @@ def on_config(config: Any) -> Any:
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     del config, files
     if 'exec="on"' in markdown:
+        _state["start"] = time.perf_counter()
         _state["cwd"] = os.getcwd()
         _state["tmp"] = tempfile.TemporaryDirectory(prefix="fnllm-docs-")
         os.chdir(_state["tmp"].name)
@@ -55,6 +57,8 @@ def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
     if "tmp" in _state:
         os.chdir(_state.pop("cwd"))
         _state.pop("tmp").cleanup()
+        seconds = time.perf_counter() - _state.pop("start")
+        log.info("%s: executed blocks ran in %.1f s", page.file.src_uri, seconds)
     promised = _state.pop("promised", None)
     figures = [_png_size(m.group(1)) for m in _FIGURE.finditer(html)]
     bad = [i for i, size in enumerate(figures) if size is None or 0 in size]
