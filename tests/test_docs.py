@@ -97,6 +97,26 @@ def test_site_is_offline(site: Path) -> None:
     assert not offenders, "remote assets in the built site:\n" + "\n".join(offenders[:20])
 
 
+def test_search_index_holds_prose_not_code(site: Path) -> None:
+    """Code blocks and API source listings are left out of the search index (and previews)."""
+    import json
+
+    docs = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))["docs"]
+    text = "\n".join(d["text"] for d in docs)
+    assert "pure functions on trees" in text  # prose of the training guide is indexed
+    for code in ("jr.fold_in(key, 1)", "def next_token_loss", "&gt;&gt;&gt;", "import torch"):
+        assert code not in text, f"code {code!r} is in the search index"
+
+
+def test_site_has_theme_features(site: Path) -> None:
+    """Repository link, previous/next footer, light/dark toggle, copy script on every page."""
+    html = (site / "guides" / "training" / "index.html").read_text(encoding="utf-8")
+    assert 'class="md-source"' in html  # the repository link in the header
+    assert "md-footer__link--prev" in html and "md-footer__link--next" in html
+    assert 'data-md-color-scheme="slate"' in html  # the dark palette, with its toggle
+    assert "assets/copy.js" in html
+
+
 def test_api_pages_render_every_public_name(site: Path) -> None:
     """Each public module's reference page holds an anchor for every name it exports."""
     missing = []
