@@ -20,6 +20,7 @@ Workloads: ``gpt-tiny`` (4 layers, d=256, 4 heads, vocab 8192, batch 8 x 128), `
 batch 8 x 128, MLM + sentence-order heads as ``BertForPreTraining``).
 
     .venv/bin/python -m benchmarks.train_step --quick          # GPT tiny, eager, seconds
+    .venv/bin/python -m benchmarks.train_step --eager-grad     # autograd.grad vs func.grad
     .venv/bin/python -m benchmarks.train_step                  # all workloads, eager + compiled
     python -m benchmarks.train_step --device cuda --dtype bf16 # on a GPU
 """
@@ -76,6 +77,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print one table."""
     args = _parse(argv)
+    if args.eager_grad:
+        _eager_grad(args.quick)
+        return
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if args.threads:
@@ -106,8 +110,40 @@ def main(argv: list[str] | None = None) -> None:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="GPT tiny only, eager, 3 runs")
+    p.add_argument(
+        "--eager-grad",
+        action="store_true",
+        help="only compare eager torch.autograd.grad with torch.func.grad (1 thread)",
+    )
     add_model_args(p, WORKLOADS, DTYPES)
     return p.parse_args(argv)
+
+
+def _eager_grad(quick: bool) -> None:
+    """Eager gradients as ``make_step`` takes them (``torch.autograd.grad``) vs ``torch.func``.
+
+    A small GPT (4 layers, d=64, batch 2 x 16) on one thread: the two must give bit-identical
+    gradients; the paired ratio is autograd / func (lower favours autograd).
+    """
+    torch.set_num_threads(1)
+    gpt = GPT(vocab_size=256, n_layer=4, n_head=4, d_model=64, max_len=32)
+    params = gpt.init(jr.key(0))
+    tokens = jr.randint(jr.key(1), (2, 16), 0, 256)
+
+    def fn_loss(p: Any) -> torch.Tensor:
+        return _causal_loss(gpt.apply(p, tokens), tokens)
+
+    autograd_step = _grad_and_value(fn_loss)
+    func_step = torch.func.grad_and_value(fn_loss)
+    a, b = autograd_step(params)[0], tree.leaves(func_step(params)[0])
+    print("identical:", all(torch.equal(x, y) for x, y in zip(a, b)))
+    c = compare(
+        lambda: autograd_step(params),
+        lambda: func_step(params),
+        warmup=2 if quick else 5,
+        runs=5 if quick else 41,
+    )
+    print(f"autograd.grad {c.a.median:.2f} ms, func.grad {c.b.median:.2f} ms, ratio {c.ratio:.3f}")
 
 
 # ----------------------------------------------------------------------------- setup

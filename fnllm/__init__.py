@@ -15,7 +15,7 @@ Example:
     torch.Size([1, 8, 64])
 """
 
-from fnllm import data, grads, interop, io, losses, models, nn, optim, random, train, tree
+from fnllm import data, finetune, grads, interop, io, losses, models, nn, optim, random, train, tree
 from fnllm.models import BERT, GPT
 
 __version__ = "0.1.0"
@@ -24,6 +24,8 @@ __all__ = [
     "BERT",
     "GPT",
     "data",
+    "distributed",
+    "finetune",
     "grads",
     "interop",
     "io",
@@ -35,3 +37,12 @@ __all__ = [
     "train",
     "tree",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``fnllm.distributed`` is imported on first use (it loads DTensor and DCP, ~1 s)."""
+    if name == "distributed":
+        import fnllm.distributed
+
+        return fnllm.distributed
+    raise AttributeError(f"module 'fnllm' has no attribute {name!r}")

@@ -18,10 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.utils._pytree as pytree
 
+from fnllm import _tree_ops, tree
 from fnllm import random as jr
-from fnllm import tree
 
 __all__ = [
     "accumulate",
@@ -240,7 +239,7 @@ def privatize(
     batch = _tensor_leaves(clipped, "privatize")[0].shape[0]
     summed = tree.map(lambda g: g.sum(0) if isinstance(g, torch.Tensor) else g, clipped)
     if noise_multiplier > 0:
-        n = sum(isinstance(g, torch.Tensor) for g in pytree.tree_leaves(summed))
+        n = sum(isinstance(g, torch.Tensor) for g in tree.leaves(summed))
         keys = iter(jr.split(key, n) if n > 1 else [key])
         std = clip * noise_multiplier
 
@@ -372,7 +371,7 @@ def _check_differentiated(args: tuple[Any, ...], argnums: Argnums, who: str) -> 
     for n in nums:
         if n >= len(args) or n < -len(args):
             raise ValueError(f"{who}: argnums {n} but the function got {len(args)} arguments")
-        if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(args[n])):
+        if not any(isinstance(x, torch.Tensor) for x in tree.leaves(args[n])):
             raise ValueError(
                 f"{who}: argument {n} (differentiated) holds no tensor; "
                 "did the partition filter match no parameter?"
@@ -388,8 +387,7 @@ def _unsqueeze(x: Any, d: Any) -> Any:
     if isinstance(d, dict):
         return {k: _unsqueeze(v, d[k]) for k, v in x.items()}
     if isinstance(d, (list, tuple)):
-        items = [_unsqueeze(v, dd) for v, dd in zip(x, d)]
-        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+        return _tree_ops.rebuild(x, [_unsqueeze(v, dd) for v, dd in zip(x, d)])
     raise TypeError(f"in_dims: expected an int, None or a tree of them, got {d!r}")
 
 
@@ -403,7 +401,7 @@ def _narrow(x: Any, d: Any, start: int, length: int) -> Any:
         )
     if isinstance(d, dict):
         return {k: _narrow(v, d[k], start, length) for k, v in x.items()}
-    return _rebuild(x, [_narrow(v, dd, start, length) for v, dd in zip(x, d)])
+    return _tree_ops.rebuild(x, [_narrow(v, dd, start, length) for v, dd in zip(x, d)])
 
 
 def _split(x: Any, d: Any, n: int) -> list[Any]:
@@ -418,21 +416,13 @@ def _split(x: Any, d: Any, n: int) -> list[Any]:
             return [{k: c[i] for k, c in cols.items()} for i in range(n)]
         if isinstance(x, (list, tuple)):
             cols_l = [_split(v, d, n) for v in x]
-            return [_rebuild(x, [c[i] for c in cols_l]) for i in range(n)]
+            return [_tree_ops.rebuild(x, [c[i] for c in cols_l]) for i in range(n)]
         return [x] * n
     if isinstance(d, dict):
         cols = {k: _split(v, d[k], n) for k, v in x.items()}
         return [{k: c[i] for k, c in cols.items()} for i in range(n)]
     cols_l = [_split(v, dd, n) for v, dd in zip(x, d)]
-    return [_rebuild(x, [c[i] for c in cols_l]) for i in range(n)]
-
-
-def _rebuild(like: Any, items: list[Any]) -> Any:
-    if isinstance(like, list):
-        return items
-    if hasattr(like, "_fields"):
-        return type(like)(*items)
-    return type(like)(items)
+    return [_tree_ops.rebuild(x, [c[i] for c in cols_l]) for i in range(n)]
 
 
 def _batch_size(args: tuple[Any, ...], dims: tuple[Any, ...], who: str) -> int:
@@ -447,16 +437,15 @@ def _batch_size(args: tuple[Any, ...], dims: tuple[Any, ...], who: str) -> int:
 
 def _leaves_with_dims(x: Any, d: Any) -> list[tuple[Any, Any]]:
     if d is None or isinstance(d, int):
-        return [(leaf, d) for leaf in pytree.tree_leaves(x)]
+        return [(leaf, d) for leaf in tree.leaves(x)]
     if isinstance(d, dict):
         return [p for k, v in x.items() for p in _leaves_with_dims(v, d[k])]
     return [p for v, dd in zip(x, d) for p in _leaves_with_dims(v, dd)]
 
 
 def _tensor_leaves(grads: Any, who: str) -> list[torch.Tensor]:
-    # torch.utils._pytree, not optree (fnllm.tree): optree's leaves graph-break under dynamo on
-    # trees that hold empty containers, as partitions do (torch 2.13, optree 0.20)
-    leaves = [g for g in pytree.tree_leaves(grads) if isinstance(g, torch.Tensor)]
+    # tree.leaves traces without graph breaks on sparse trees (partition halves)
+    leaves = [g for g in tree.leaves(grads) if isinstance(g, torch.Tensor)]
     if not leaves:
         raise ValueError(f"{who}: the gradient tree holds no tensor")
     if torch.compiler.is_compiling():

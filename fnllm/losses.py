@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fnllm import _checks
+from fnllm.data.causal import causal_targets
+
 __all__ = [
     "IGNORE_INDEX",
     "causal_lm",
@@ -39,7 +42,7 @@ __all__ = [
     "sequence_logprobs",
 ]
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = _checks.IGNORE_INDEX
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -420,22 +423,9 @@ def _reduce_all(loss: Tensor, reduction: str) -> Tensor:
 
 
 def _shift_targets(tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """``targets[..., t] = tokens[..., t + 1]``; -100 on the last position and on padding."""
-    fill = torch.full_like(tokens[..., :1], IGNORE_INDEX)
-    targets = torch.cat([tokens[..., 1:], fill], dim=-1)
-    if attention_mask is None:
-        return targets
-    _check_mask("attention_mask", attention_mask, tokens)
-    real = attention_mask.bool()
-    nxt = torch.cat([real[..., 1:], torch.zeros_like(real[..., :1])], dim=-1)
-    return torch.where(real & nxt, targets, IGNORE_INDEX)
-
-
-def _tracing(*tensors: Tensor) -> bool:
-    """True under ``torch.compile`` tracing or when a tensor is a ``torch.func`` wrapper."""
-    if torch.compiler.is_compiling():
-        return True
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    if attention_mask is not None:
+        _check_mask("attention_mask", attention_mask, tokens)  # losses refuse float masks
+    return causal_targets(tokens, attention_mask)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -482,14 +472,5 @@ def _check_same_float_shapes(**tensors: object) -> None:
 
 def _check_label_range(name: str, labels: Tensor, num_classes: int, ignore: int | None) -> None:
     """Raise naming the first label outside ``[0, num_classes)`` (eager only; one host sync)."""
-    if labels.numel() == 0 or _tracing(labels):
-        return
-    bad = (labels < 0) | (labels >= num_classes)
-    if ignore is not None:
-        bad = bad & (labels != ignore)
-    if bool(bad.any()):
-        where = [int(i) for i in bad.nonzero()[0]]
-        value = int(labels[tuple(where)])
-        rel = "< 0" if value < 0 else f">= num_classes {num_classes}"
-        extra = f" (and is not ignore_index {ignore})" if ignore is not None else ""
-        raise ValueError(f"{name}: id {value} at {where} {rel}{extra}")
+    if not _checks.tracing(labels):
+        _checks.check_id_range(name, labels, num_classes, bound="num_classes", ignore=ignore)

@@ -18,27 +18,32 @@ from typing import Any, TypeAlias
 import optree
 import torch
 
+from fnllm import _tree_ops as _ops
+
 Tree: TypeAlias = Any
 Predicate: TypeAlias = Callable[[str, Any], bool]
 Filter: TypeAlias = str | Sequence[str] | Predicate
+TreeSpec: TypeAlias = optree.PyTreeSpec
 
 __all__ = [
     "Filter",
     "Tree",
+    "TreeSpec",
     "cast",
     "combine",
     "count",
     "filter_fn",
     "flatten",
+    "flatten_spec",
     "leaves",
     "map",
     "partition",
     "paths",
+    "spec_paths",
     "structure_equal",
     "unflatten",
+    "unflatten_spec",
 ]
-
-_EMPTY: tuple = ()  # what an unselected list/tuple slot holds after ``partition``
 
 
 def paths(tree: Tree) -> list[str]:
@@ -72,9 +77,69 @@ def leaves(tree: Tree) -> list[Any]:
         tree: a nested dict/list/tuple of leaves.
 
     Returns:
-        The leaves, in path order.
+        The leaves, in path order. While ``torch.compile`` traces, plain recursion gives
+        them, so a sparse tree (a partition half holding empty containers) traces without a
+        graph break.
     """
+    if torch.compiler.is_compiling():
+        return _ops.leaves(tree, [])
     return optree.tree_leaves(tree, none_is_leaf=False)
+
+
+def flatten_spec(tree: Tree) -> tuple[list[Any], TreeSpec]:
+    """Split a tree into its leaves and its structure (a spec), as ``jax.tree_util.tree_flatten``.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import tree
+        >>> leaves, spec = tree.flatten_spec({"b": torch.ones(1), "a": [torch.zeros(1)]})
+        >>> tree.unflatten_spec(spec, [x + 1 for x in leaves])
+        {'b': tensor([2.]), 'a': [tensor([1.])]}
+
+    Args:
+        tree: a nested dict/list/tuple of leaves (``None`` is an empty subtree).
+
+    Returns:
+        ``(leaves, spec)``: the leaves in :func:`paths` order and a hashable structure that
+        :func:`unflatten_spec` fills again.
+    """
+    return optree.tree_flatten(tree, none_is_leaf=False)
+
+
+def unflatten_spec(spec: TreeSpec, leaves: Sequence[Any]) -> Tree:
+    """Build a tree of structure ``spec`` (from :func:`flatten_spec`) holding ``leaves``.
+
+    Example:
+        >>> from fnllm import tree
+        >>> _, spec = tree.flatten_spec({"w": 0, "b": [1, 2]})
+        >>> tree.unflatten_spec(spec, [10, 20, 30])
+        {'w': 30, 'b': [10, 20]}
+
+    Args:
+        spec: a tree structure.
+        leaves: as many leaves as ``spec`` has, in :func:`paths` order.
+
+    Returns:
+        The new tree.
+    """
+    return optree.tree_unflatten(spec, list(leaves))
+
+
+def spec_paths(spec: TreeSpec) -> list[str]:
+    """List the dotted paths of the leaves of a structure (see :func:`flatten_spec`).
+
+    Example:
+        >>> from fnllm import tree
+        >>> tree.spec_paths(tree.flatten_spec({"w": 0, "b": [1, 2]})[1])
+        ['b.0', 'b.1', 'w']
+
+    Args:
+        spec: a tree structure.
+
+    Returns:
+        One path a leaf, in leaf order.
+    """
+    return paths(optree.tree_unflatten(spec, [0] * spec.num_leaves))
 
 
 def flatten(tree: Tree) -> dict[str, Any]:
@@ -137,7 +202,7 @@ def unflatten(flat: Mapping[str, Any]) -> Tree:
         if parts[-1] in node:
             raise ValueError(f"tree: path {path!r} is both a leaf and a node")
         node[parts[-1]] = leaf
-    return _listify(root, "")
+    return _ops.listify(root, "")
 
 
 def map(fn: Callable[..., Any], tree: Tree, *rest: Tree, with_path: bool = False) -> Tree:
@@ -166,8 +231,8 @@ def map(fn: Callable[..., Any], tree: Tree, *rest: Tree, with_path: bool = False
     """
     if not torch.compiler.is_compiling():  # checked once, eagerly; traced code skips it
         for other in rest:
-            _check_same_structure(tree, other)
-    return _map(fn, tree, rest, "" if with_path else None)
+            _ops.check_same_structure(tree, other)
+    return _ops.map_leaves(fn, tree, rest, "" if with_path else None)
 
 
 def count(tree: Tree) -> int:
@@ -237,7 +302,7 @@ def structure_equal(a: Tree, b: Tree, *, shapes: bool = False) -> bool:
         True when the structures (and optionally the leaf shapes) agree.
     """
     try:
-        _check_same_structure(a, b, shapes=shapes)
+        _ops.check_same_structure(a, b, shapes=shapes)
     except ValueError:
         return False
     return True
@@ -315,7 +380,7 @@ def partition(tree: Tree, filter: Filter) -> tuple[Tree, Tree]:
         ``(selected, rest)``.
     """
     pred = filter_fn(filter)
-    return _partition(tree, pred, "")
+    return _ops.partition(tree, pred, "")
 
 
 def combine(*trees: Tree) -> Tree:
@@ -342,149 +407,5 @@ def combine(*trees: Tree) -> Tree:
         raise ValueError("tree.combine: needs at least one tree")
     out = trees[0]
     for other in trees[1:]:
-        out = _combine2(out, other, "")
+        out = _ops.combine2(out, other, "")
     return out
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _is_container(x: Any) -> bool:
-    return isinstance(x, (dict, list, tuple)) or x is None
-
-
-def _join(prefix: str, key: Any) -> str:
-    return f"{prefix}.{key}" if prefix else str(key)
-
-
-def _partition(node: Any, pred: Predicate, prefix: str) -> tuple[Any, Any]:
-    if node is None:
-        return None, None
-    if isinstance(node, dict):
-        sel: dict[Any, Any] = {}
-        rest: dict[Any, Any] = {}
-        for k, v in node.items():
-            if _is_container(v):
-                sel[k], rest[k] = _partition(v, pred, _join(prefix, k))
-            elif pred(_join(prefix, k), v):
-                sel[k] = v
-            else:
-                rest[k] = v
-        return sel, rest
-    if isinstance(node, (list, tuple)):
-        pairs = []
-        for i, v in enumerate(node):
-            if _is_container(v):
-                pairs.append(_partition(v, pred, _join(prefix, i)))
-            elif pred(_join(prefix, i), v):
-                pairs.append((v, _EMPTY))
-            else:
-                pairs.append((_EMPTY, v))
-        return _rebuild(node, [p[0] for p in pairs]), _rebuild(node, [p[1] for p in pairs])
-    # A bare leaf at the root.
-    return (node, None) if pred("", node) else (None, node)
-
-
-def _rebuild(like: list | tuple, items: list[Any]) -> list | tuple:
-    if isinstance(like, list):
-        return items
-    if hasattr(like, "_fields"):  # namedtuple
-        return type(like)(*items)
-    return type(like)(items)
-
-
-def _is_empty(x: Any) -> bool:
-    return x is None or (isinstance(x, tuple) and len(x) == 0)
-
-
-def _combine2(a: Any, b: Any, prefix: str) -> Any:
-    where = prefix or "<root>"
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = _combine2(a[k], v, _join(prefix, k)) if k in a else v
-        # keep the original key order of whichever tree has it: a's first, then b's new keys
-        return out
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            raise ValueError(f"tree.combine: lists of length {len(a)} and {len(b)} at {where}")
-        return [_combine2(x, y, _join(prefix, i)) for i, (x, y) in enumerate(zip(a, b))]
-    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) and len(a) > 0:
-        return _rebuild(
-            a, [_combine2(x, y, _join(prefix, i)) for i, (x, y) in enumerate(zip(a, b))]
-        )
-    if _is_empty(a):
-        return b
-    if _is_empty(b):
-        return a
-    if _is_container(a) or _is_container(b):
-        raise ValueError(
-            f"tree.combine: structures differ at {where}: {type(a).__name__} vs {type(b).__name__}"
-        )
-    raise ValueError(f"tree.combine: both trees hold a leaf at {where}")
-
-
-def _map(fn: Callable[..., Any], node: Any, rest: tuple[Any, ...], path: str | None) -> Any:
-    # Plain recursion rather than optree.tree_map: torch.compile traces it without graph
-    # breaks (dynamo's optree support breaks on some dict trees in torch 2.13).
-    if node is None:
-        return None
-    if isinstance(node, dict):
-        return {
-            k: _map(fn, v, tuple(r[k] for r in rest), None if path is None else _join(path, k))
-            for k, v in node.items()
-        }
-    if isinstance(node, (list, tuple)):
-        items = [
-            _map(fn, v, tuple(r[i] for r in rest), None if path is None else _join(path, i))
-            for i, v in enumerate(node)
-        ]
-        return items if isinstance(node, list) else _rebuild(node, items)
-    return fn(node, *rest) if path is None else fn(path, node, *rest)
-
-
-def _listify(node: Any, prefix: str) -> Any:
-    if not isinstance(node, dict):
-        return node
-    keys = list(node)
-    is_index = all(k.isdigit() and k == str(int(k)) for k in keys)
-    if keys and is_index and sorted(int(k) for k in keys) == list(range(len(keys))):
-        return [_listify(node[str(i)], _join(prefix, i)) for i in range(len(keys))]
-    return {k: _listify(v, _join(prefix, k)) for k, v in node.items()}
-
-
-def _check_same_structure(a: Any, b: Any, prefix: str = "", shapes: bool = False) -> None:
-    where = prefix or "<root>"
-    if isinstance(a, dict) or isinstance(b, dict):
-        if not (isinstance(a, dict) and isinstance(b, dict)):
-            raise ValueError(f"tree: structures differ at {where}: {_kind(a)} vs {_kind(b)}")
-        if set(a) != set(b):
-            missing = sorted(_join(prefix, k) for k in set(a) - set(b))
-            extra = sorted(_join(prefix, k) for k in set(b) - set(a))
-            raise ValueError(
-                f"tree: keys differ at {where}: only in first {missing}, only in second {extra}"
-            )
-        for k in a:
-            _check_same_structure(a[k], b[k], _join(prefix, k), shapes)
-        return
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        if type(a) is not type(b):
-            raise ValueError(f"tree: structures differ at {where}: {_kind(a)} vs {_kind(b)}")
-        if len(a) != len(b):
-            raise ValueError(f"tree: lengths differ at {where}: {len(a)} vs {len(b)}")
-        for i, (x, y) in enumerate(zip(a, b)):
-            _check_same_structure(x, y, _join(prefix, i), shapes)
-        return
-    if (a is None) != (b is None):
-        raise ValueError(f"tree: structures differ at {where}: {_kind(a)} vs {_kind(b)}")
-    both_tensors = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-    if shapes and both_tensors and (a.shape != b.shape or a.dtype != b.dtype):
-        raise ValueError(
-            f"tree: leaf {where} differs: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
-        )
-
-
-def _kind(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"tensor{tuple(x.shape)}"
-    return type(x).__name__

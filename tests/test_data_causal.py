@@ -9,25 +9,19 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fnllm import testing
 from fnllm.data import causal_targets, instruction_targets, pack
 
 
-def _tokens(seed: int, rows: int, length: int, vocab: int = 50) -> tuple:
-    rng = np.random.default_rng(seed)
-    tokens = torch.from_numpy(rng.integers(1, vocab, size=(rows, length)))
-    lengths = rng.integers(0, length + 1, size=rows)
-    mask = torch.from_numpy(np.arange(length) < lengths[:, None]).long()
-    return torch.where(mask.bool(), tokens, 0), mask
-
-
 @settings(max_examples=50, deadline=None)
-@given(st.integers(0, 2**16), st.integers(1, 4), st.integers(1, 20), st.booleans())
-def test_targets_are_next_tokens_except_where_a_pair_touches_padding(
-    seed: int, rows: int, length: int, left_pad: bool
-) -> None:
-    tokens, mask = _tokens(seed, rows, length)
-    if left_pad:
-        tokens, mask = tokens.flip(-1), mask.flip(-1)
+@given(
+    st.sampled_from(["right", "left"]).flatmap(
+        lambda side: testing.token_batches(50, 20, padding=side, pad_id=0, min_tokens=0)
+    )
+)
+def test_targets_are_next_tokens_except_where_a_pair_touches_padding(batch: dict) -> None:
+    tokens, mask = batch["tokens"], batch["attention_mask"]
+    rows, length = tokens.shape
     targets = causal_targets(tokens, mask)
     assert targets.shape == tokens.shape and targets.dtype == tokens.dtype
     for b in range(rows):
@@ -42,11 +36,14 @@ def test_targets_without_mask_shift_everything_and_work_unbatched() -> None:
     assert causal_targets(tokens[None]).tolist() == [[5, 6, -100]]
 
 
-def test_loss_on_targets_equals_hugging_face_causal_lm_loss() -> None:
+@settings(max_examples=20, deadline=None)
+@given(testing.token_batches(17, 12, pad_id=0, min_tokens=2))  # right padding, as HF batches come
+def test_loss_on_targets_equals_hugging_face_causal_lm_loss(batch: dict) -> None:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    tokens, mask = _tokens(3, 4, 12, vocab=17)  # right padding, as HF batches come
-    logits = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 12, 17))).float()
+    tokens, mask = batch["tokens"], batch["attention_mask"]
+    shape = (*tokens.shape, 17)
+    logits = torch.from_numpy(np.random.default_rng(0).standard_normal(shape)).float()
     hf_labels = torch.where(mask.bool(), tokens, -100)  # HF: labels = ids, -100 on padding
     want = ForCausalLMLoss(logits, hf_labels, vocab_size=17)
     targets = causal_targets(tokens, mask)
@@ -55,11 +52,12 @@ def test_loss_on_targets_equals_hugging_face_causal_lm_loss() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(0, 2**16), st.integers(1, 4), st.integers(2, 16), st.data())
+@given(testing.token_batches(50, 16, pad_id=0, min_tokens=0), st.data())
 def test_instruction_targets_drop_exactly_the_prompt_predictions(
-    seed: int, rows: int, length: int, data: st.DataObject
+    batch: dict, data: st.DataObject
 ) -> None:
-    tokens, mask = _tokens(seed, rows, length)
+    tokens, mask = batch["tokens"], batch["attention_mask"]
+    rows, length = tokens.shape
     prompt = torch.tensor(data.draw(st.lists(st.integers(0, length), min_size=rows, max_size=rows)))
     by_len = instruction_targets(tokens, prompt_len=prompt, attention_mask=mask)
     prompt_mask = torch.arange(length) < prompt[:, None]
@@ -124,7 +122,9 @@ def test_float_tokens_and_mask_shape_mismatch_raise() -> None:
 
 
 def test_causal_targets_under_vmap_and_compile_match_eager() -> None:
-    tokens, mask = _tokens(5, 3, 9)
+    # right padding, one full row, one fully padded row
+    tokens = torch.tensor([[7, 3, 9, 4, 0, 0, 0, 0, 0], [5, 1, 8, 2, 6, 3, 9, 4, 7], [0] * 9])
+    mask = (tokens != 0).long()
     eager = causal_targets(tokens, mask)
     assert torch.equal(torch.func.vmap(causal_targets)(tokens, mask), eager)
     torch._dynamo.reset()

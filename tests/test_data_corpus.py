@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fnllm import random as jr
+from fnllm import testing
 from fnllm.data import (
     Corpus,
     bert_batches,
@@ -160,21 +161,22 @@ def _contains(seq: list[int], sub: list[int]) -> bool:
 # loaders
 
 
-def _equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_gpt_batches_are_deterministic_and_resume_from_a_step(bpe: Corpus) -> None:
     kw = {"batch_size": 3, "block_size": 16}
     full = list(gpt_batches(bpe, jr.key(0), **kw))
     again = list(gpt_batches(bpe, jr.key(0), **kw))
     resumed = list(gpt_batches(bpe, jr.key(0), start_step=4, **kw))
-    assert len(full) == len(again) and all(_equal(x, y) for x, y in zip(full, again))
+    assert len(full) == len(again)
+    for x, y in zip(full, again):
+        testing.assert_trees_equal(x, y)
     assert len(resumed) == len(full) - 4
-    assert all(_equal(x, y) for x, y in zip(full[4:], resumed))
+    for x, y in zip(full[4:], resumed):
+        testing.assert_trees_equal(x, y)
     other_epoch = gpt_batches(bpe, jr.key(0), epoch=1, **kw).batch(0)
     other_key = gpt_batches(bpe, jr.key(1), **kw).batch(0)
-    assert not _equal(full[0], other_epoch) and not _equal(full[0], other_key)
+    for other in (other_epoch, other_key):
+        with pytest.raises(AssertionError):
+            testing.assert_trees_equal(full[0], other)
 
 
 def test_gpt_batches_draw_each_packed_window_at_most_once_per_epoch(bpe: Corpus) -> None:
@@ -195,8 +197,13 @@ def test_bert_batches_are_deterministic_resumable_and_well_formed(wordpiece: Cor
     kw = {"batch_size": 4, "max_len": 32, "mode": "nsp", "whole_word": True}
     full = list(bert_batches(wordpiece, jr.key(0), **kw))
     resumed = list(bert_batches(wordpiece, jr.key(0), start_step=2, **kw))
-    assert len(full) >= 3 and all(_equal(x, y) for x, y in zip(full[2:], resumed))
-    assert not _equal(full[0], bert_batches(wordpiece, jr.key(0), epoch=1, **kw).batch(0))
+    assert len(full) >= 3
+    for x, y in zip(full[2:], resumed):
+        testing.assert_trees_equal(x, y)
+    with pytest.raises(AssertionError):
+        testing.assert_trees_equal(
+            full[0], bert_batches(wordpiece, jr.key(0), epoch=1, **kw).batch(0)
+        )
     table = wordpiece.word_start_table()
     for batch in full:
         ids, labels = batch["input_ids"], batch["labels"]

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fnllm import random as jr
+from fnllm import testing
 from fnllm.data import mlm_mask
 
 # ----------------------------------------------------------------------------------------------
@@ -35,39 +36,19 @@ def _words(seed: int, shape: tuple[int, ...], p_start: float = 0.5) -> torch.Ten
 
 @st.composite
 def _case(draw: st.DrawFn) -> dict:
-    vocab = draw(st.integers(4, 40))
-    mask_id = draw(st.integers(0, vocab - 1))
-    special = draw(st.lists(st.integers(0, vocab - 1), max_size=3))
-    if len(set(special) | {mask_id}) >= vocab:
-        special = []
-    rows = draw(st.integers(1, 3))
-    length = draw(st.integers(1, 24))
-    mask_frac = draw(st.sampled_from([0.0, 0.5, 0.8, 1.0]))
-    random_frac = draw(st.sampled_from([0.0, min(0.1, 1.0 - mask_frac), 1.0 - mask_frac]))
-    return {
-        "seed": draw(st.integers(0, 2**16)),
-        "shape": (rows, length),
-        "vocab": vocab,
-        "kwargs": {
-            "mask_id": mask_id,
-            "vocab_size": vocab,
-            "special_ids": tuple(special),
-            "prob": draw(st.sampled_from([0.0, 0.15, 0.5, 1.0])),
-            "mask_frac": mask_frac,
-            "random_frac": random_frac,
-            "exact": draw(st.booleans()),
-        },
-        "whole_word": draw(st.booleans()),
-    }
+    """mlm_mask's arguments from the kit (fully padded rows too), plus ``exact`` and word starts
+    (used when ``whole_word``)."""
+    args = draw(testing.mlm_args(max_vocab=40, max_len=24, max_batch=3, min_tokens=0))
+    args["exact"] = draw(st.booleans())
+    words = draw(testing.tensors(tuple(args["tokens"].shape), torch.bool))
+    return {"args": args, "words": words, "whole_word": draw(st.booleans())}
 
 
-def _run(case: dict, key_seed: int = 0) -> tuple:
-    tokens, attention = _batch(case["seed"], case["shape"], case["vocab"])
-    words = _words(case["seed"], case["shape"]) if case["whole_word"] else None
-    inputs, labels = mlm_mask(
-        jr.key(key_seed), tokens, attention_mask=attention, whole_word=words, **case["kwargs"]
-    )
-    return tokens, attention, words, inputs, labels
+def _run(case: dict) -> tuple:
+    args = case["args"]
+    words = case["words"] if case["whole_word"] else None
+    inputs, labels = mlm_mask(**args, whole_word=words)
+    return args["tokens"], args["attention_mask"], words, inputs, labels
 
 
 def _candidates(tokens: torch.Tensor, attention: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -83,7 +64,7 @@ def _candidates(tokens: torch.Tensor, attention: torch.Tensor, kwargs: dict) -> 
 @given(_case())
 def test_specials_and_padding_are_never_picked_nor_produced(case: dict) -> None:
     tokens, attention, _, inputs, labels = _run(case)
-    kw = case["kwargs"]
+    kw = case["args"]
     picked = labels != -100
     assert not (picked & ~_candidates(tokens, attention, kw)).any()
     # Corrupted positions hold mask_id or a non-special id (never a special, never padding).
@@ -109,10 +90,10 @@ def test_labels_hold_originals_exactly_at_picked_positions_and_rest_is_untouched
 @settings(max_examples=40, deadline=None)
 @given(_case())
 def test_exact_mode_picks_round_prob_times_the_units(case: dict) -> None:
-    case["kwargs"]["exact"] = True
+    case["args"]["exact"] = True
     tokens, attention, words, _, labels = _run(case)
-    candidates = _candidates(tokens, attention, case["kwargs"])
-    prob = case["kwargs"]["prob"]
+    candidates = _candidates(tokens, attention, case["args"])
+    prob = case["args"]["prob"]
     for b in range(tokens.shape[0]):
         if words is None:
             n_units = int(candidates[b].sum())
@@ -138,7 +119,7 @@ def _word_starts(candidates: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
 def test_whole_word_mode_picks_every_word_as_one_unit(case: dict) -> None:
     case["whole_word"] = True
     tokens, attention, words, _, labels = _run(case)
-    candidates = _candidates(tokens, attention, case["kwargs"])
+    candidates = _candidates(tokens, attention, case["args"])
     for b in range(tokens.shape[0]):
         starts = _word_starts(candidates[b], words[b])
         current = None

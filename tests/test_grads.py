@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fnllm import grads, losses, tree
+from fnllm import grads, losses, testing, tree
 from fnllm import random as jr
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -44,29 +44,6 @@ def _mlp_batch(seed: int, b: int, d_in: int = 5, d_out: int = 3) -> dict:
     }
 
 
-def _loop_grads(loss_fn, trainable, frozen, batch, n: int) -> dict:
-    """Reference: one eager ``torch.autograd.grad`` per example (a batch of one each)."""
-    leaves = {
-        p: x.detach().clone().requires_grad_(True) for p, x in tree.flatten(trainable).items()
-    }
-    live = tree.map(lambda path, x: leaves[path], trainable, with_path=True)
-    per = []
-    for i in range(n):
-        one = tree.map(lambda x, i=i: x[i : i + 1], batch)
-        loss = loss_fn(live, frozen, one)
-        gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        per.append([torch.zeros_like(v) if g is None else g for g, v in zip(gs, leaves.values())])
-    stacked = {p: torch.stack([row[j] for row in per]) for j, p in enumerate(leaves)}
-    return stacked
-
-
-def _assert_matches(per_ex: dict, ref: dict) -> None:
-    got = tree.flatten(per_ex)
-    assert list(got) == list(ref)
-    for path in ref:
-        torch.testing.assert_close(got[path], ref[path], rtol=RTOL, atol=ATOL, msg=path)
-
-
 # ----------------------------------------------------------------------------- per_example
 
 
@@ -83,7 +60,14 @@ def test_per_example_equals_loop_of_single_example_grads(b, chunk, trainable_glo
     batch = _mlp_batch(seed, b)
     got = grads.per_example(_mlp_loss, chunk_size=chunk)(trainable, frozen, batch)
     assert tree.paths(got) == tree.paths(trainable)  # no gradient for a frozen leaf
-    _assert_matches(got, _loop_grads(_mlp_loss, trainable, frozen, batch, b))
+    testing.assert_per_example_grads(
+        lambda tr, bt: _mlp_loss(tr, frozen, bt),
+        trainable,
+        batch,
+        per_example_grads=got,
+        rtol=RTOL,
+        atol=ATOL,
+    )
 
 
 def test_per_example_chunking_does_not_change_the_result():
@@ -106,8 +90,9 @@ def test_per_example_in_dims_and_has_aux():
     fn = grads.per_example(loss_with_aux, argnums=1, in_dims=(0, None), has_aux=True)
     g, aux = fn(batch, params)
     assert aux.shape == (4,)
-    ref = _loop_grads(_mlp_loss, params, {}, batch, 4)
-    _assert_matches(g, ref)
+    testing.assert_per_example_grads(
+        lambda p, bt: _mlp_loss(p, {}, bt), params, batch, per_example_grads=g, rtol=RTOL, atol=ATOL
+    )
     for i in range(4):
         one = tree.map(lambda x, i=i: x[i : i + 1], batch)
         torch.testing.assert_close(aux[i], 2 * _mlp_loss(params, {}, one))
@@ -169,7 +154,14 @@ def test_per_example_tiny_gpt_with_frozen_part_and_padding(chunk):
     loss_fn = _gpt_loss(model)
     got = grads.per_example(loss_fn, chunk_size=chunk)(trainable, frozen, batch)
     assert tree.paths(got) == tree.paths(trainable)
-    _assert_matches(got, _loop_grads(loss_fn, trainable, frozen, batch, 4))
+    testing.assert_per_example_grads(
+        lambda tr, bt: loss_fn(tr, frozen, bt),
+        trainable,
+        batch,
+        per_example_grads=got,
+        rtol=RTOL,
+        atol=ATOL,
+    )
     # padding positions do not count: the padded example equals itself unpadded (truncated)
     one = {"tokens": batch["tokens"][2:3, :4], "mask": batch["mask"][2:3, :4]}
     alone = grads.per_example(loss_fn)(trainable, frozen, one)
@@ -188,8 +180,9 @@ def test_per_example_tiny_gpt_default_attention_under_vmap():
         return losses.causal_lm(logits, batch["tokens"], attention_mask=batch["mask"])
 
     got = grads.per_example(loss_fn)(params, batch)
-    ref = _loop_grads(lambda tr, fr, b: loss_fn(tr, b), params, {}, batch, 3)
-    _assert_matches(got, ref)
+    testing.assert_per_example_grads(
+        loss_fn, params, batch, per_example_grads=got, rtol=RTOL, atol=ATOL
+    )
 
 
 # ----------------------------------------------------------------------------- clipping, noise
@@ -318,7 +311,16 @@ def test_per_example_then_privatize_is_one_dp_sgd_gradient():
     batch = _mlp_batch(5, 6)
     per = grads.per_example(_mlp_loss)(trainable, frozen, batch)
     dp = grads.privatize(jr.key(0), per, clip=0.1, noise_multiplier=0.0, reduction="sum")
-    ref = _loop_grads(_mlp_loss, trainable, frozen, batch, 6)
+    # the per-example gradients are the loop's; clip and sum them by hand
+    testing.assert_per_example_grads(
+        lambda tr, bt: _mlp_loss(tr, frozen, bt),
+        trainable,
+        batch,
+        per_example_grads=per,
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    ref = tree.flatten(per)
     norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in ref.values()))
     factor = (0.1 / (norms + 1e-6)).clamp(max=1.0)
     for path, v in ref.items():

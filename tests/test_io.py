@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fnllm import io, random, tree
+from fnllm import io, random, testing, tree
 from fnllm.models.bert import BERT
 from fnllm.models.gpt import GPT
 
@@ -39,76 +39,40 @@ _DTYPES = [
 _keys = st.text(alphabet="abz_019", min_size=1, max_size=4)
 
 
-@st.composite
-def _tensors(draw: st.DrawFn) -> torch.Tensor:
-    dtype = draw(st.sampled_from(_DTYPES))
-    shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
-    seed = draw(st.integers(0, 2**31 - 1))
-    g = torch.Generator().manual_seed(seed)
-    if dtype.is_floating_point:
-        x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    elif dtype == torch.bool:
-        x = torch.randint(0, 2, shape, generator=g).bool()
-    else:
-        info = torch.iinfo(dtype)
-        x = torch.randint(max(info.min, -(2**62)), min(info.max, 2**62), shape, generator=g)
-        x = x.to(dtype)
-    if x.dim() >= 2 and draw(st.booleans()):
-        x = x.transpose(0, 1)  # non-contiguous
-    return x
-
-
+_SHAPES = testing.shapes(max_dims=3, min_side=0, max_side=3)
+_tensors = st.tuples(
+    st.one_of(
+        testing.tensors(_SHAPES, _DTYPES[:4], min_value=-6e4, max_value=6e4),  # float16 max 65504
+        testing.tensors(_SHAPES, _DTYPES[4:], min_value=-(2**62), max_value=2**62),
+    ),
+    st.booleans(),
+).map(lambda xt: xt[0].transpose(0, 1) if xt[1] and xt[0].dim() >= 2 else xt[0])  # non-contiguous
 _plain = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(-1e6, 1e6))
-_leaf = st.one_of(_tensors(), _tensors(), _plain)
-
-
-def _trees() -> st.SearchStrategy:
-    return st.recursive(
-        _leaf,
-        lambda children: st.one_of(
-            st.dictionaries(_keys, children, max_size=4),
-            st.lists(children, max_size=4),
-            st.lists(children, max_size=3).map(tuple),
-        ),
-        max_leaves=10,
-    )
-
-
-def _assert_identical(a: object, b: object, where: str = "<root>") -> None:
-    """Same container types, key order, dtypes, shapes and bits."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            _assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{where}.{i}")
-    elif isinstance(a, torch.Tensor):
-        assert (a.dtype, a.shape) == (b.dtype, b.shape), where
-        assert torch.equal(_bits(a), _bits(b)), where
-    else:
-        assert a == b, where
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(-1).view(torch.uint8)
+# any tree: a leaf or any container at the root, empty containers, dict keys that may be digits
+_trees = testing.trees(
+    st.one_of(_tensors, _tensors, _plain),
+    max_leaves=10,
+    min_leaves=0,
+    tuples=True,
+    root="any",
+    empty=True,
+    names=_keys,
+)
 
 
 # ----------------------------------------------------------------------------- round trips
 
 
 @settings(max_examples=60, deadline=None)
-@given(_trees(), st.dictionaries(_keys, st.one_of(_plain, st.lists(st.integers()))))
+@given(_trees, st.dictionaries(_keys, st.one_of(_plain, st.lists(st.integers()))))
 def test_save_then_load_is_identity(tmp_path_factory, t, meta):
     path = tmp_path_factory.mktemp("rt") / "t.safetensors"
     before = tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, t)
     io.save(path, t, meta=meta)
     loaded, loaded_meta = io.load(path, with_meta=True)
-    _assert_identical(t, loaded)
+    testing.assert_trees_equal(loaded, t, bitwise=True, ordered=True)
     assert loaded_meta == meta
-    _assert_identical(before, t)  # the input was not modified
+    testing.assert_trees_equal(t, before, bitwise=True, ordered=True)  # input not modified
     assert [p.name for p in path.parent.iterdir()] == ["t.safetensors"]  # no temp left behind
 
 
@@ -185,7 +149,7 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         io.save(path, {"w": torch.zeros(100)})
     monkeypatch.undo()
-    _assert_identical(io.load(path), old)
+    testing.assert_trees_equal(io.load(path), old, bitwise=True, ordered=True)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
 
 
@@ -228,7 +192,7 @@ def test_killed_save_keeps_old_file(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    _assert_identical(io.load(path), old)
+    testing.assert_trees_equal(io.load(path), old, bitwise=True, ordered=True)
     with pytest.raises(ValueError, match="truncated"):  # the stray temp is the half file
         io.load(tmp)
 
@@ -319,7 +283,7 @@ def test_save_model_then_load_model_is_identity(tmp_path, model):
     io.save_model(tmp_path / "m.safetensors", model, params, meta={"step": 5})
     m2, p2, meta = io.load_model(tmp_path / "m.safetensors", with_meta=True)
     assert m2 == model and meta == {"step": 5}
-    _assert_identical(params, p2)
+    testing.assert_trees_equal(params, p2, bitwise=True, ordered=True)
 
 
 def _flat_edit(params, **changes):

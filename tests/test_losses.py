@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fnllm import losses
+from fnllm import losses, testing
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -39,16 +39,13 @@ def _neg_log_sigmoid64(z: torch.Tensor) -> torch.Tensor:
     return torch.log1p(torch.exp(-z.abs())) + torch.clamp(-z, min=0)
 
 
-_shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
-
-
 # ----------------------------------------------------------------------------- cross_entropy
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
-    shape=_shapes,
+    shape=testing.shapes(min_dims=1, max_dims=3, max_side=4),
     classes=st.integers(2, 9),
     ignore_frac=st.sampled_from([0.0, 0.3, 0.7]),
     eps=st.sampled_from([0.0, 0.1, 0.5]),
@@ -73,7 +70,7 @@ def test_cross_entropy_matches_torch(seed, shape, classes, ignore_frac, eps, red
 @settings(max_examples=30, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
-    shape=_shapes,
+    shape=testing.shapes(min_dims=1, max_dims=3, max_side=4),
     classes=st.integers(2, 9),
     eps=st.sampled_from([0.0, 0.2]),
 )

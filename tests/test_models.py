@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForPreTraining, GPT2Config, GPT2LMHeadModel
 
-from fnllm import models, tree
+from fnllm import models, testing, tree
 from fnllm import random as jr
 from fnllm.models import BERT, GPT
 
@@ -395,35 +395,30 @@ def test_bert_vmap_over_examples_equals_batched_call() -> None:
 # ---------------------------------------------------------------------- torch.compile
 
 
-def _compile_matches_eager(fn, *args) -> None:
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(fn)(*args)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(fn, fullgraph=True)
-    got, want = compiled(*args), fn(*args)
-    for a, b in zip(tree.leaves(got), tree.leaves(want)):
-        assert _max_diff(a, b) <= 1e-5
-
-
 def test_gpt_compiles_without_graph_breaks() -> None:
     gpt = GPT(vocab_size=V, n_layer=1, n_head=H, d_model=D, max_len=MAXLEN)
     params = gpt.init(jr.key(0))
     tokens, mask = _batch()
-    _compile_matches_eager(
-        lambda p, t, m: gpt.apply(p, t, attention_mask=m, output_hidden_states=True),
-        params,
-        tokens,
-        mask,
-    )
+
+    def fn(p, t, m):
+        return gpt.apply(p, t, attention_mask=m, output_hidden_states=True)
+
+    testing.assert_compiles(fn, (params, tokens, mask))  # traced whole: zero graph breaks
+    got = torch.compile(fn, fullgraph=True)(params, tokens, mask)  # inductor code
+    testing.assert_trees_close(got, fn(params, tokens, mask), rtol=0, atol=1e-5)
 
 
 def test_bert_compiles_without_graph_breaks() -> None:
     bert = BERT(vocab_size=V, n_layer=1, n_head=H, d_model=D, d_ff=FF, max_len=MAXLEN)
     params = bert.init(jr.key(0))
     tokens, mask = _batch()
-    _compile_matches_eager(
-        lambda p, t, m: tuple(bert.pretrain_apply(p, t, attention_mask=m)), params, tokens, mask
-    )
+
+    def fn(p, t, m):
+        return tuple(bert.pretrain_apply(p, t, attention_mask=m))
+
+    testing.assert_compiles(fn, (params, tokens, mask))  # traced whole: zero graph breaks
+    got = torch.compile(fn, fullgraph=True)(params, tokens, mask)  # inductor code
+    testing.assert_trees_close(got, fn(params, tokens, mask), rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------- attention masks

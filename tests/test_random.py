@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch.func import vmap
 
 from fnllm import random as fr
+from fnllm.random import _fast, _keys
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
@@ -560,9 +561,9 @@ def test_uniform_mantissa_layout_equals_shifted_bits() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the compiled eager core (draws of fr._FAST_MIN values and more)
+# the compiled eager core (draws of _fast._FAST_MIN values and more)
 
-FAST_SHAPES = [(fr._FAST_MIN,), (4099,), (3, 5, 7, 41), (64, 65)]  # odd sizes, several ranks
+FAST_SHAPES = [(_fast._FAST_MIN,), (4099,), (3, 5, 7, 41), (64, 65)]  # odd sizes, several ranks
 
 
 @pytest.mark.parametrize("shape", FAST_SHAPES)
@@ -580,14 +581,14 @@ def test_fast_eager_draws_match_jax(shape: tuple) -> None:
     assert_same(
         fr.uniform(k, shape, minval=-2.0, maxval=5.0), jr.uniform(jk, shape, minval=-2, maxval=5)
     )
-    assert {"bits", "unit"} <= set(fr._FAST_CACHE)  # the core did run
+    assert {"bits", "unit"} <= set(_fast._FAST_CACHE)  # the core did run
 
 
 def test_fast_core_equals_the_op_path_at_the_threshold() -> None:
     k = fr.key(9)
-    for n in (fr._FAST_MIN - 1, fr._FAST_MIN, fr._FAST_MIN + 1):
+    for n in (_fast._FAST_MIN - 1, _fast._FAST_MIN, _fast._FAST_MIN + 1):
         k0, k1 = k[0], k[1]
-        ops = fr._random_bits32(k0, k1, (n,), k.device)  # the op path, always
+        ops = _keys._random_bits32(k0, k1, (n,), k.device)  # the op path, always
         assert torch.equal(fr.bits(k, (n,)), ops)
         assert torch.equal(fr.uniform(k, (n,)), (ops >> 9).float() * 2.0**-23)
 
@@ -617,9 +618,9 @@ def test_fast_core_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyP
     def boom(*args: object) -> None:
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(fr, "_FAST_CACHE", {"bits": boom, "unit": boom})
+    monkeypatch.setattr(_fast, "_FAST_CACHE", {"bits": boom, "unit": boom})
     k = fr.key(1)
-    want = fr._random_bits32(k[0], k[1], (5000,), k.device)
+    want = _keys._random_bits32(k[0], k[1], (5000,), k.device)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
         got = fr.bits(k, (5000,))
     assert torch.equal(got, want)

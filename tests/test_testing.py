@@ -206,6 +206,8 @@ def test_sentence_pair_args_are_accepted_by_sentence_pairs(args):
         (lambda: testing.tensors(dtype=["f32"]), "dtype must be a torch.dtype"),
         (lambda: testing.shapes(min_dims=3, max_dims=2), "shapes: dims"),
         (lambda: testing.trees(min_leaves=3, max_leaves=2), "trees: leaves"),
+        (lambda: testing.trees(root="list"), "trees: root 'list'"),
+        (lambda: testing.trees(names=["a", "b"]), "names must be a strategy of str"),
         (lambda: testing.filters({}), "params has 0 leaves"),
         (lambda: testing.filters({"a": torch.ones(1)}, proper=True), "need 2 for proper=True"),
         (lambda: testing.filters({"a": torch.ones(1)}, kind="glob"), "kind 'glob'"),
@@ -216,6 +218,7 @@ def test_sentence_pair_args_are_accepted_by_sentence_pairs(args):
         (lambda: testing.token_batches(10, 4, padding="both"), "padding 'both'"),
         (lambda: testing.gpt_configs(max_heads=0), "max_heads must be an int >= 1"),
         (lambda: testing.mlm_args(max_vocab=3), "max_vocab must be >= 4"),
+        (lambda: testing.mlm_args(max_len=4, min_tokens=5), "min_tokens 5 outside [0, max_len 4]"),
         (lambda: testing.sentence_pair_args(max_vocab=2), "max_vocab must be >= 4"),
     ],
 )
@@ -499,3 +502,106 @@ def test_assert_trees_equal_bitwise_tells_signed_zeros_and_nan_payloads_apart():
     testing.assert_trees_equal(
         {"b": torch.tensor([True])}, {"b": torch.tensor([True])}, bitwise=True
     )
+
+
+# ----------------------------------------------------------------------------- any-tree options
+
+
+def _containers(t, kinds=(dict, list, tuple)):
+    """Every container of ``t`` (the root included), depth first."""
+    if not isinstance(t, kinds):
+        return []
+    children = t.values() if isinstance(t, dict) else t
+    return [t, *(c for child in children for c in _containers(child, kinds))]
+
+
+@settings(max_examples=150)
+@given(
+    testing.trees(
+        testing.tensors(dtype=[torch.float32, torch.int64]),
+        max_leaves=6,
+        min_leaves=0,
+        tuples=True,
+        root="any",
+        empty=True,
+        names=st.text(alphabet="ab0_", min_size=1, max_size=3),
+    )
+)
+def test_any_trees_keep_their_leaves_and_draw_from_the_names(t):
+    flat = tree.flatten(t)
+    assert len(flat) <= 6 and all(isinstance(x, torch.Tensor) for x in flat.values())
+    for c in _containers(t, dict):
+        assert all(set(k) <= set("ab0_") and 1 <= len(k) <= 3 for k in c)
+    assert all(len(c) <= 4 for c in _containers(t))
+
+
+def test_any_trees_reach_every_root_kind_and_empty_containers():
+    from hypothesis import find
+
+    any_trees = testing.trees(min_leaves=0, tuples=True, root="any", empty=True)
+    assert isinstance(find(any_trees, lambda t: isinstance(t, torch.Tensor)), torch.Tensor)
+    assert find(any_trees, lambda t: isinstance(t, list)) == []
+    assert find(any_trees, lambda t: isinstance(t, tuple)) == ()
+    nested_empty = find(
+        any_trees,
+        lambda t: tree.count(t) > 0 and any(len(c) == 0 for c in _containers(t)),
+    )
+    assert tree.count(nested_empty) > 0
+    digit_key = find(
+        testing.trees(names=st.text(alphabet="01", min_size=1, max_size=2)),
+        lambda t: any(k.isdigit() for c in _containers(t, dict) for k in c),
+    )
+    assert all(
+        k in ("0", "1", "00", "01", "10", "11") for c in _containers(digit_key, dict) for k in c
+    )
+    # default trees keep a dict root and no empty container
+    assert find(testing.trees(min_leaves=0), lambda t: True) == {}
+
+
+def test_ordered_comparisons_name_the_key_order():
+    a = {"x": torch.ones(1), "y": [{"p": torch.ones(1), "q": torch.ones(1)}]}
+    b = {"x": torch.ones(1), "y": [{"q": torch.ones(1), "p": torch.ones(1)}]}
+    for check in (
+        testing.assert_same_structure,
+        testing.assert_trees_equal,
+        testing.assert_trees_close,
+    ):
+        check(a, b)  # key order is ignored by default
+        check(a, a, ordered=True)
+        with pytest.raises(
+            AssertionError, match=re.escape("at y.0: key order ['p', 'q'] vs ['q', 'p']")
+        ):
+            check(a, b, ordered=True)
+
+
+@pytest.mark.parametrize(
+    "a, b, text",
+    [
+        (True, 1, "at <root>: True (bool) vs 1 (int)"),
+        ({"m": 1.0}, {"m": 1}, "at m: 1.0 (float) vs 1 (int)"),
+        ({"m": [-0.0]}, {"m": [0.0]}, "at m.0: -0.0 (float) vs 0.0 (float)"),
+        ({"m": 0}, {"m": False}, "at m: 0 (int) vs False (bool)"),
+    ],
+)
+def test_bitwise_equality_tells_plain_leaf_types_and_signed_zeros_apart(a, b, text):
+    testing.assert_trees_equal(a, b)  # equal values
+    testing.assert_trees_equal(a, a, bitwise=True)
+    with pytest.raises(AssertionError, match=re.escape(text)):
+        testing.assert_trees_equal(a, b, bitwise=True)
+
+
+@settings(max_examples=40)
+@given(testing.mlm_args(max_len=6, min_tokens=0))
+def test_mlm_args_with_min_tokens_zero_may_pad_whole_rows_and_stay_valid(args):
+    inputs, labels = data.mlm_mask(**args)
+    empty = ~args["attention_mask"].bool().any(1)
+    assert bool((labels[empty] == -100).all()) and torch.equal(inputs[empty], args["tokens"][empty])
+
+
+def test_mlm_args_with_min_tokens_zero_reach_a_fully_padded_row():
+    from hypothesis import find
+
+    args = find(
+        testing.mlm_args(min_tokens=0), lambda a: bool((a["attention_mask"].sum(1) == 0).any())
+    )
+    assert args["tokens"].shape[1] >= 1

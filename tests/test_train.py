@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fnllm import data, io, losses, optim, train, tree
+from fnllm import data, io, losses, optim, testing, train, tree
 from fnllm import random as jr
 from fnllm.models.bert import BERT
 from fnllm.models.gpt import GPT
@@ -40,11 +40,6 @@ def gpt_setup(dropout: float = 0.1, n_layer: int = 2):
         return losses.causal_lm(logits, batch["input_ids"])
 
     return model, params, loss_fn, batch_of
-
-
-def _equal_trees(a, b) -> bool:
-    fa, fb = tree.flatten(a), tree.flatten(b)
-    return list(fa) == list(fb) and all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
 def resume_main(ckpt_dir: str, out: str, steps: int, threads: int) -> None:
@@ -123,10 +118,11 @@ def test_step_is_pure_and_reports_metrics():
     state = opt.init(trainable)
     step = train.make_step(loss_fn, opt, compile=False)
     new_tr, _new_state, metrics = step(trainable, frozen, state, batch_of(0), jr.key(0))
-    assert _equal_trees(params, before)  # inputs untouched
+    testing.assert_trees_equal(params, before)  # inputs untouched
     assert set(metrics) >= {"loss", "grad_norm", "finite"}
     assert bool(metrics["finite"]) and float(metrics["grad_norm"]) > 0
-    assert not _equal_trees(new_tr, trainable)
+    with pytest.raises(AssertionError):
+        testing.assert_trees_equal(new_tr, trainable)
 
 
 def test_donated_step_updates_in_place_and_matches_the_pure_step():
@@ -140,9 +136,10 @@ def test_donated_step_updates_in_place_and_matches_the_pure_step():
     tr, st = tree.map(torch.clone, trainable), tree.map(torch.clone, state)
     ptrs = [x.data_ptr() for x in tree.leaves(tr)]
     new_tr, new_state, _ = step(tr, frozen, st, batch_of(0), jr.key(0), donate=True)
-    assert _equal_trees(new_tr, pure_tr) and _equal_trees(new_state, pure_state)  # bit for bit
+    testing.assert_trees_equal(new_tr, pure_tr, bitwise=True)  # bit for bit
+    testing.assert_trees_equal(new_state, pure_state, bitwise=True)
     assert [x.data_ptr() for x in tree.leaves(new_tr)] == ptrs  # the donated buffers, reused
-    assert _equal_trees(frozen, frozen_before)  # frozen leaves are never donated
+    testing.assert_trees_equal(frozen, frozen_before)  # frozen leaves are never donated
 
 
 def test_donated_nonfinite_step_leaves_its_inputs_untouched():
@@ -157,7 +154,7 @@ def test_donated_nonfinite_step_leaves_its_inputs_untouched():
     new_tr, new_state, metrics = step(tr, {}, state, nan, None, donate=True)
     assert not bool(metrics["finite"])
     assert torch.equal(tr["w"], torch.ones(3)) and new_tr["w"] is tr["w"]
-    assert _equal_trees(new_state, opt.init(tr))
+    testing.assert_trees_equal(new_state, opt.init(tr))
 
 
 def test_compiled_donated_step_writes_into_the_donated_buffers():
@@ -173,7 +170,8 @@ def test_compiled_donated_step_writes_into_the_donated_buffers():
     new_tr, new_state, metrics = step(tr, frozen, st, batch_of(0), jr.key(0), donate=True)
     assert bool(metrics["finite"])
     assert all(a is b for a, b in zip(tree.leaves((new_tr, new_state)), leaves))
-    assert _equal_trees(new_tr, pure_tr) and _equal_trees(new_state, pure_state)
+    testing.assert_trees_equal(new_tr, pure_tr, bitwise=True)
+    testing.assert_trees_equal(new_state, pure_state, bitwise=True)
 
 
 def test_fit_donates_only_its_own_trees():
@@ -186,14 +184,16 @@ def test_fit_donates_only_its_own_trees():
     kw = dict(key=jr.key(3), steps=4, compile=False, progress=False, opt_state=state)
     donated = train.fit(loss_fn, opt, trainable, frozen, batch_of, **kw)
     pure = train.fit(loss_fn, opt, trainable, frozen, batch_of, donate=False, **kw)
-    assert _equal_trees((trainable, state), before)
-    assert _equal_trees(donated.trainable, pure.trainable)
-    assert _equal_trees(donated.opt_state, pure.opt_state)
+    testing.assert_trees_equal((trainable, state), before)
+    testing.assert_trees_equal(donated.trainable, pure.trainable)
+    testing.assert_trees_equal(donated.opt_state, pure.opt_state)
     # an eval_fn sees fit's own tree; a snapshot it copies keeps its values
     seen = []
     train.fit(loss_fn, opt, trainable, frozen, batch_of, eval_fn=lambda tr, fr: seen.append(
         tree.map(torch.clone, tr)) or 0.0, eval_every=2, **kw)  # fmt: skip
-    assert len(seen) == 2 and not _equal_trees(seen[0], seen[1])
+    assert len(seen) == 2
+    with pytest.raises(AssertionError):
+        testing.assert_trees_equal(seen[0], seen[1])
 
 
 def test_step_clip_bounds_the_gradient_norm():
@@ -332,8 +332,8 @@ def test_fit_nonfinite_guard(mode, compile):
     res = train.fit(loss_fn, opt, params, {}, batch_of, steps=4, on_nonfinite=mode, **kw)
     assert res.skipped == [3]
     # the bad step changed nothing: params and optimizer state are the clean run's, bit for bit
-    assert _equal_trees(res.trainable, clean.trainable)
-    assert _equal_trees(res.opt_state, clean.opt_state)
+    testing.assert_trees_equal(res.trainable, clean.trainable, bitwise=True)
+    testing.assert_trees_equal(res.opt_state, clean.opt_state, bitwise=True)
     if mode == "stop":
         assert res.step == 3 and "non-finite" in res.stopped
     else:
@@ -409,9 +409,10 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     resumed, meta = io.load(out, with_meta=True)
     assert meta == {"step": 20, "ran": 10}  # it resumed at 10 and ran the last 10 steps
-    assert _equal_trees(resumed["trainable"], straight.trainable)
-    assert _equal_trees(resumed["opt_state"], straight.opt_state)
-    assert not _equal_trees(first.trainable, straight.trainable)
+    testing.assert_trees_equal(resumed["trainable"], straight.trainable, bitwise=True)
+    testing.assert_trees_equal(resumed["opt_state"], straight.opt_state, bitwise=True)
+    with pytest.raises(AssertionError):
+        testing.assert_trees_equal(first.trainable, straight.trainable)
 
 
 _KILL_SCRIPT = """
@@ -514,7 +515,8 @@ def test_checkpoints_are_pruned_and_temporary_files_ignored(tmp_path):
     ck = train.load_checkpoint(
         train.latest_checkpoint(tmp_path), trainable=params, opt_state=optim.adamw(0.1).init(params)
     )
-    assert ck.step == 7 and _equal_trees(ck.trainable, res.trainable)
+    assert ck.step == 7
+    testing.assert_trees_equal(ck.trainable, res.trainable)
     # running again with the same target resumes at 7 and does nothing
     again = train.fit(
         loss_fn,
@@ -528,4 +530,5 @@ def test_checkpoints_are_pruned_and_temporary_files_ignored(tmp_path):
         progress=False,
         checkpoint_dir=tmp_path,
     )
-    assert again.step == 7 and again.history == [] and _equal_trees(again.trainable, res.trainable)
+    assert again.step == 7 and again.history == []
+    testing.assert_trees_equal(again.trainable, res.trainable)

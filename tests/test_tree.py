@@ -10,32 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fnllm import tree
+from fnllm import testing, tree
 
 # ----------------------------------------------------------------------------- strategies
 
-_keys = st.text(alphabet="abcxyz_", min_size=1, max_size=4)
-_leaf = st.builds(
-    lambda shape, v: torch.full(shape, float(v)),
-    st.lists(st.integers(0, 3), max_size=2).map(tuple),
-    st.integers(-5, 5),
-)
-
-
-def _trees(max_leaves: int = 12) -> st.SearchStrategy:
-    return st.recursive(
-        _leaf,
-        lambda children: st.one_of(
-            st.dictionaries(_keys, children, max_size=4),
-            st.lists(children, max_size=4),
-            st.lists(children, min_size=1, max_size=3).map(tuple),
-        ),
-        max_leaves=max_leaves,
-    )
-
-
+_leaf = testing.tensors(testing.shapes(max_dims=2, min_side=0, max_side=3))
+# any tree: a leaf, list or tuple may be the root, and empty containers sit among the leaves
+_any_trees = testing.trees(_leaf, max_leaves=12, min_leaves=0, tuples=True, root="any", empty=True)
+# globs over the kit's dict keys (w, b, weight, bias, embed, blocks, attn, mlp, ln_f, head, qkv):
+# prefixes, list positions, exact keys, infixes, nested positions, and some that match nothing
 _globs = st.lists(
-    st.sampled_from(["a*", "*.0", "x", "*z*", "b.1.*", "*", "nothing", "*_"]), max_size=3
+    st.sampled_from(["a*", "*.0", "w", "*e*", "b.1.*", "*", "nothing", "*_f", "*z*"]), max_size=3
 )
 
 
@@ -49,14 +34,14 @@ def _same_objects(a, b) -> bool:
 
 
 @settings(max_examples=150, deadline=None)
-@given(_trees(), _globs)
+@given(_any_trees, _globs)
 def test_partition_then_combine_is_identity(t, globs):
     selected, rest = tree.partition(t, globs)
     assert _same_objects(tree.combine(selected, rest), t)
 
 
 @settings(max_examples=100, deadline=None)
-@given(_trees(), _globs)
+@given(_any_trees, _globs)
 def test_partition_splits_leaves_by_filter(t, globs):
     pred = tree.filter_fn(globs)
     selected, rest = tree.partition(t, globs)
@@ -69,7 +54,7 @@ def test_partition_splits_leaves_by_filter(t, globs):
 
 
 @settings(max_examples=100, deadline=None)
-@given(_trees())
+@given(_any_trees)
 def test_filter_matching_nothing_selects_no_leaf(t):
     selected, rest = tree.partition(t, lambda p, x: False)
     assert tree.leaves(selected) == []
@@ -80,7 +65,7 @@ def test_filter_matching_nothing_selects_no_leaf(t):
 
 
 @settings(max_examples=100, deadline=None)
-@given(_trees())
+@given(_any_trees)
 def test_flatten_then_unflatten_round_trips(t):
     flat = tree.flatten(t)
     back = tree.unflatten(flat)
@@ -91,20 +76,14 @@ def test_flatten_then_unflatten_round_trips(t):
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    st.dictionaries(
-        _keys,
-        st.lists(st.dictionaries(_keys, _leaf, min_size=1, max_size=3), min_size=1, max_size=3),
-        max_size=3,
-    )
-)
+@given(testing.trees(_leaf, max_leaves=12, min_leaves=0))
 def test_unflatten_inverts_flatten_on_dict_list_trees(t):
     back = tree.unflatten(tree.flatten(t))
     assert _same_objects(back, t)
 
 
 @settings(max_examples=100, deadline=None)
-@given(_trees())
+@given(_any_trees)
 def test_map_preserves_structure(t):
     doubled = tree.map(lambda x: x * 2, t)
     assert tree.structure_equal(doubled, t, shapes=True)
@@ -113,20 +92,20 @@ def test_map_preserves_structure(t):
 
 
 @settings(max_examples=50, deadline=None)
-@given(_trees())
+@given(_any_trees)
 def test_map_with_path_sees_flatten_paths(t):
     seen = tree.leaves(tree.map(lambda p, x: p, t, with_path=True))
     assert seen == tree.paths(t)
 
 
 @settings(max_examples=50, deadline=None)
-@given(_trees())
+@given(_any_trees)
 def test_count_is_sum_of_numels(t):
     assert tree.count(t) == sum(x.numel() for x in tree.flatten(t).values())
 
 
 @settings(max_examples=50, deadline=None)
-@given(_trees())
+@given(_any_trees)
 def test_cast_changes_dtype_and_keeps_values(t):
     c = tree.cast(t, torch.float64)
     assert all(x.dtype == torch.float64 for x in tree.leaves(c))

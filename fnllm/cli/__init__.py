@@ -11,21 +11,22 @@ __all__ = ["main"]
 
 # Each name is a module ``fnllm.cli.<name>`` whose ``register(sub)`` adds its subcommand and
 # sets ``run(args, parser) -> int`` as the parser default. A new command is a module plus a name.
-_COMMANDS = ("demo",)
+_COMMANDS = ("demo", "pretrain", "generate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fnllm`` command line.
 
-    ``fnllm demo`` trains a small GPT on the built-in corpus with a progress bar, checkpoints and
-    resumes it, continues a prompt greedily, and (when the MiniLM package is installed) compares
-    sentence embeddings of a real pretrained BERT.
+    ``fnllm demo`` compares the ways of adapting a pretrained model (feature-based probes,
+    ``head``, ``bitfit``, ``last:N``, ``full``, ``lora``) on real labelled text and prints one
+    table; ``fnllm demo --pretrain`` pretrains a small GPT on the built-in corpus instead.
 
     Example:
         >>> import contextlib, io
         >>> out = io.StringIO()
         >>> with contextlib.redirect_stdout(out):
-        ...     status = main(["demo", "--steps", "2", "--no-progress", "--no-minilm"])
+        ...     argv = ["demo", "--pretrain", "--steps", "2", "--no-progress", "--no-minilm"]
+        ...     status = main(argv)
         >>> status, "params" in out.getvalue()
         (0, True)
 

@@ -1,13 +1,49 @@
-"""``fnllm demo``: pretrains a small GPT on the built-in corpus, checkpoints, resumes, reloads."""
+"""``fnllm demo``: every way of adapting a pretrained transformer, compared on real data.
+
+By default: the pretrained all-MiniLM-L6-v2 on the VADER study's human-rated movie-review
+sentences (positive vs negative). Feature-based probes (logistic regression, boosted trees)
+and finetuning strategies (``head``, ``bitfit``, ``last:1``, ``last:2``, ``full``, ``lora``)
+each train on the same split; one table compares trainable parameters, time and accuracy.
+``fnllm demo --pretrain`` runs the earlier demo (a small GPT pretrained from scratch).
+"""
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
+import shlex
+import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register"]
+from fnllm.cli import pretrain_demo
+
+__all__ = ["DEFAULT_STRATEGIES", "register"]
+
+DEFAULT_STRATEGIES = (
+    "features+logreg",
+    "features+boosting",
+    "head",
+    "bitfit",
+    "last:1",
+    "last:2",
+    "full",
+    "lora",
+)
+HEAD_EPOCHS = 10  # an epoch of `head` on cached features costs next to nothing
+_COLUMNS = (
+    "strategy",
+    "trainable",
+    "epochs",
+    "frozen pass reused",
+    "time (s)",
+    "val acc",
+    "val F1",
+    "test acc",
+    "test F1",
+)
 
 
 def register(sub: Any) -> None:
@@ -17,155 +53,333 @@ def register(sub: Any) -> None:
         >>> import argparse
         >>> parser = argparse.ArgumentParser(prog="fnllm")
         >>> register(parser.add_subparsers(dest="command"))
-        >>> parser.parse_args(["demo", "--steps", "3"]).steps
-        3
+        >>> args = parser.parse_args(["demo", "--quick", "--strategies", "head,lora"])
+        >>> args.quick, args.strategies
+        (True, 'head,lora')
 
     Args:
         sub: the object ``argparse.ArgumentParser.add_subparsers`` returned.
     """
-    demo = sub.add_parser("demo", help="pretrain a small GPT on the built-in corpus")
-    demo.add_argument("--seed", type=int, default=0, help="the run's key (default 0)")
-    demo.add_argument("--steps", type=int, default=200, help="train steps (default 200)")
-    demo.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: temp)")
-    demo.add_argument("--compile", action="store_true", help="torch.compile the train step")
-    demo.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (default 1: a tiny model)"
+    demo = sub.add_parser(
+        "demo",
+        help="compare ways of adapting a pretrained model (feature-based, head, last:N, LoRA...)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.add_argument("--no-minilm", action="store_true", help="skip the MiniLM part")
+    demo.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="a BERT or GPT-2 Hugging Face folder (default: all-MiniLM-L6-v2)",
+    )
+    demo.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a .csv or .jsonl file of texts and labels (default: VADER movie reviews)",
+    )
+    demo.add_argument("--text-column", default="text", help="text column of --data (text)")
+    demo.add_argument("--label-column", default="label", help="label column of --data (label)")
+    demo.add_argument(
+        "--strategies",
+        default=",".join(DEFAULT_STRATEGIES),
+        help="comma-separated rows (default: all eight)",
+    )
+    demo.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"finetuning epochs (default 1; head trains x{HEAD_EPOCHS})",
+    )
+    demo.add_argument("--train-size", type=int, default=None, help="training examples (1600)")
+    demo.add_argument("--val-size", type=int, default=None, help="validation examples (400)")
+    demo.add_argument("--test-size", type=int, default=None, help="test examples (800)")
+    demo.add_argument("--max-len", type=int, default=None, help="tokens per text (40)")
+    demo.add_argument("--batch-size", type=int, default=None, help="batch size (32)")
+    demo.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (8; alpha = 2 x rank)")
+    demo.add_argument("--quick", action="store_true", help="a tiny run that takes seconds")
+    demo.add_argument("--seed", type=int, default=0, help="the run's key (default 0)")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder for results.md/.png/.json (default ./fnllm-demo)",
+    )
+    demo.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="run the pretraining demo instead (a small GPT from scratch)",
+    )
+    pretrain_demo.add_arguments(demo)
     demo.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
-    if args.out is None:
-        with tempfile.TemporaryDirectory(prefix="fnllm-demo-") as tmp:
-            return _demo(args, Path(tmp))
-    return _demo(args, args.out)
+    if args.pretrain:
+        return pretrain_demo.run(args, parser)
+    quick = args.quick
+
+    def pick(value: int | None, quick_value: int, full_value: int) -> int:
+        return value if value is not None else (quick_value if quick else full_value)
+
+    sizes = {
+        "train": pick(args.train_size, 32, 1600),
+        "val": pick(args.val_size, 16, 400),
+        "test": pick(args.test_size, 32, 800),
+    }
+    max_len = pick(args.max_len, 24, 40)
+    batch_size = pick(args.batch_size, 16, 32)
+    epochs = pick(args.epochs, 1, 1)
+    for flag, value in (
+        ("--epochs", epochs),
+        ("--batch-size", batch_size),
+        ("--lora-rank", args.lora_rank),
+        *((f"--{k}-size", v) for k, v in sizes.items()),
+    ):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if max_len < 2:
+        parser.error(f"--max-len must be >= 2, got {max_len}")
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not names:
+        parser.error("--strategies: give at least one")
+    out = args.out or Path("fnllm-demo")
+    try:
+        return _demo(args, names, sizes, max_len, epochs, batch_size, out, parser)
+    except (FileNotFoundError, KeyError) as err:
+        parser.error(str(err).strip("'\""))
+    return 2  # pragma: no cover
 
 
-def _demo(args: argparse.Namespace, out: Path) -> int:
+def _demo(
+    args: argparse.Namespace,
+    names: list[str],
+    sizes: dict[str, int],
+    max_len: int,
+    epochs: int,
+    batch_size: int,
+    out: Path,
+    parser: argparse.ArgumentParser,
+) -> int:
     import torch
 
-    from fnllm import data, io, losses, optim, random, train, tree
-    from fnllm.models import GPT
+    from fnllm import data, io
+    from fnllm import random as jr
+    from fnllm.cli import _compare
+    from fnllm.finetune import Classifier, strategy
+    from fnllm.models import BERT
 
-    torch.set_num_threads(max(1, args.threads))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     progress = not args.no_progress
-    root = random.key(args.seed)
-    k_init, k_data, k_train = random.split(root, 3)
-
-    print(f"fnllm demo: torch {torch.__version__}, key {args.seed}, output in {out}")
-    corpus = data.Corpus(kind="bpe", vocab_size=384)
-    n_tokens = sum(len(d) for d in corpus.documents)
-    n_docs = len(corpus.documents)
-    print(f"corpus: {n_docs} documents, {n_tokens} tokens, BPE vocab {corpus.vocab_size}")
-
-    gpt = GPT(vocab_size=corpus.vocab_size, n_layer=2, n_head=4, d_model=128, max_len=64)
-    params = gpt.init(k_init)
-    print(f"model: {gpt}")
-    print(f"params: {tree.count(params):,} in {len(tree.paths(params))} tensors")
-
-    block, batch_size = 32, 8
-    loaders: dict[int, Any] = {}
-
-    def batch_at(step: int) -> dict[str, torch.Tensor]:
-        # epoch e has its own shuffle; the batch of a step depends only on (key, step)
-        first = loaders.setdefault(
-            0, data.gpt_batches(corpus, k_data, batch_size=batch_size, block_size=block)
-        )
-        epoch, i = divmod(step, len(first))
-        if epoch not in loaders:
-            loaders[epoch] = data.gpt_batches(
-                corpus, k_data, batch_size=batch_size, block_size=block, epoch=epoch
+    t0 = time.perf_counter()
+    model_dir = args.model_dir or io.pretrained_dir("all-MiniLM-L6-v2")
+    try:
+        base, base_params = io.from_hf(model_dir)
+    except (ValueError, TypeError) as err:
+        parser.error(f"--model-dir {model_dir}: {err}")
+    tokenizer = data.load_tokenizer(model_dir)
+    if args.data is None:
+        texts, labels, _ = data.load_vader()
+        classes: list[Any] = ["negative", "positive"]
+        source = "VADER movie-review sentences (Hutto & Gilbert 2014), |rating| >= 0.5"
+    else:
+        try:
+            texts, labels, classes = data.read_labelled(
+                args.data, args.text_column, args.label_column
             )
-        return loaders[epoch].batch(i)
-
-    def loss_fn(trainable: Any, frozen: Any, batch: dict[str, torch.Tensor], key: Any) -> Any:
-        logits = gpt.apply(tree.combine(trainable, frozen), batch["input_ids"])
-        return losses.cross_entropy(logits, batch["targets"])
-
-    # Freezing is a partition: here everything trains; "blocks.1.*" would train one block only.
-    trainable, frozen = tree.partition(params, "*")
-    warmup = min(10, args.steps // 10)
-    opt = optim.adamw(optim.warmup_cosine(3e-3, warmup, args.steps + 1), weight_decay=0.01)
-    ckpt = out / "checkpoints"
-    first_half = max(1, args.steps // 2)
-    print(f"\ntraining {first_half} steps, checkpoint, then resuming to {args.steps}:")
-    common = dict(
-        key=k_train,
-        compile=args.compile,
-        checkpoint_dir=ckpt,
-        checkpoint_every=max(1, args.steps // 4),
-        model=gpt,
-        progress=progress,
-    )
-    part1 = train.fit(loss_fn, opt, trainable, frozen, batch_at, steps=first_half, **common)
-    # a fresh call resumes from the newest checkpoint in `ckpt`, as after a crash
-    result = train.fit(loss_fn, opt, trainable, frozen, batch_at, steps=args.steps, **common)
-    losses_seen = [h["loss"] for h in part1.history + result.history]
-    print(f"loss: {losses_seen[0]:.3f} at step 1 -> {losses_seen[-1]:.3f} at step {result.step}")
-
-    trained = tree.combine(result.trainable, frozen)
-    model_file = out / "gpt.safetensors"
-    io.save_model(model_file, gpt, trained, meta={"steps": result.step})
-    gpt2, reloaded = io.load_model(model_file)
-    probe = batch_at(0)["input_ids"][:2]
-    same = torch.equal(gpt.apply(trained, probe), gpt2.apply(reloaded, probe))
+        except (ValueError, TypeError) as err:
+            parser.error(f"--data: {err}")
+        source = str(args.data)
+    pooling = "mean" if isinstance(base, BERT) else "last"
+    model = Classifier(base, n_classes=len(classes), pooling=pooling)
+    for name in names:
+        if name in _compare.PROBES:
+            continue
+        try:
+            strategy(name, model)
+        except ValueError as err:
+            parser.error(f"--strategies: {err}; or one of {list(_compare.PROBES)}")
+    root = jr.key(args.seed)
+    k_split, k_head, k_batch, k_train = jr.split(root, 4)
+    parts = data.stratified_split(k_split, labels, (0.8, 0.1, 0.1))
+    pad_id = tokenizer.token_to_id("[PAD]") or 0
+    width = min(max_len, base.max_len)
+    batches, truncated = {}, 0
+    for (split, n), idx, k in zip(sizes.items(), parts, jr.split(k_batch, 3)):
+        idx = idx[jr.permutation(k, idx.numel())][:n]  # a random subsample of the split
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids = data.encode_texts(tokenizer, [texts[i] for i in idx.tolist()], width)
+        # "encode_texts: N of M texts were longer than max_len ..." -> N
+        truncated += sum(
+            int(str(w.message).split()[1]) for w in caught if "truncated" in str(w.message)
+        )
+        batches[split] = data.length_batches(ids, labels[idx], batch_size, pad_id=pad_id)
+    params = model.init(k_head, base_params=base_params)
+    setup = _compare.Setup(model, params, batches)
+    counts = {s: sum(len(b["labels"]) for b in bs) for s, bs in batches.items()}
     print(
-        f"saved {model_file.name} ({model_file.stat().st_size / 1e6:.1f} MB); reload equal: {same}"
+        f"fnllm demo: {args.model_dir or 'all-MiniLM-L6-v2'} ({type(base).__name__}, "
+        f"{base.n_layer} layers, "
+        f"d={base.d_model}), {pooling} pooling, {torch.get_num_threads()} threads"
+    )
+    print(f"data: {source}; {len(texts)} texts, classes {classes}")
+    print(
+        f"      train {counts['train']}, val {counts['val']}, test {counts['test']} "
+        f"(stratified split, key {args.seed}), at most {width} tokens ({truncated} truncated)"
     )
 
-    prompt = "The river"
-    print(f"\ngreedy continuation of {prompt!r}:")
-    print("  " + _greedy(gpt, trained, corpus, prompt, 24))
-
-    if not args.no_minilm:
-        _minilm()
+    layers = {_compare.resume_layer(setup, n, args.lora_rank) for n in names}
+    _compare.frozen_pass(setup, layers, progress)
+    if setup.cache:
+        print(
+            f"frozen pass: {setup.cache_seconds:.1f} s for layers {sorted(setup.cache)} "
+            "(run once, reused by the rows that say so)"
+        )
+    rows = []
+    for i, name in enumerate(names):
+        if name in _compare.PROBES:
+            rows.append(_compare.run_probe(setup, name, args.quick))
+        else:
+            key = jr.fold_in(k_train, i)
+            n_epochs = epochs * HEAD_EPOCHS if name == "head" else epochs
+            rows.append(_compare.run_strategy(setup, name, n_epochs, args.lora_rank, key, progress))
+        r = rows[-1]
+        print(f"  {r.name}: test acc {r.test_acc:.3f} in {r.seconds:.1f} s", flush=True)
+    total = time.perf_counter() - t0
+    table = _table(rows)
+    print()
+    print(table)
+    print(f"\ntotal {total:.0f} s (frozen pass {setup.cache_seconds:.0f} s)")
+    out.mkdir(parents=True, exist_ok=True)
+    command = (
+        "fnllm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "fnllm demo"
+    )
+    _write_markdown(
+        out / "results.md",
+        rows,
+        command,
+        args.model_dir or "all-MiniLM-L6-v2",
+        source,
+        counts,
+        width,
+        total,
+        setup,
+    )
+    _write_plot(out / "results.png", rows)
+    (out / "results.json").write_text(
+        json.dumps({"rows": [r.__dict__ for r in rows], "total_seconds": total}, indent=1)
+    )
+    print(f"wrote {out / 'results.md'}, {out / 'results.png'}, {out / 'results.json'}")
     return 0
 
 
-def _greedy(gpt: Any, params: Any, corpus: Any, prompt: str, n: int) -> str:
-    import torch
-
-    ids = torch.tensor([corpus.encode(prompt)])
-    for _ in range(n):
-        logits = gpt.apply(params, ids[:, -gpt.max_len :])
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return corpus.decode(ids[0])
-
-
-def _minilm() -> None:
-    import torch
-
-    from fnllm import io
-
-    try:
-        directory = io.pretrained_dir("all-MiniLM-L6-v2")
-    except (FileNotFoundError, ImportError, ValueError) as err:
-        print(f"\n(MiniLM part skipped: {err})")
-        return
-    from tokenizers import Tokenizer
-
-    bert, params = io.from_hf(directory)
-    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    tok.no_padding()
-    tok.no_truncation()
-    sentences = [
-        "Toast is a simple yet delicious food.",
-        "It's often served with butter, jam, or honey.",
-        "The curious kitten deftly climbed the bookshelf.",
+def _cells(r: Any) -> list[str]:
+    return [
+        r.name,
+        f"{r.trainable:,}",
+        str(r.epochs),
+        r.reused,
+        f"{r.seconds:.1f}",
+        f"{r.val_acc:.3f}",
+        f"{r.val_f1:.3f}",
+        f"{r.test_acc:.3f}",
+        f"{r.test_f1:.3f}",
     ]
-    enc = [tok.encode(s).ids for s in sentences]
-    width = max(len(e) for e in enc)
-    ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
-    mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
-    with torch.no_grad():
-        hidden = bert.apply(params, ids, attention_mask=mask).last_hidden_state
-        emb = torch.nn.functional.normalize(io.mean_pool(hidden, mask), dim=-1)
-    sim = emb @ emb.T
-    print("\nall-MiniLM-L6-v2 (pretrained BERT, loaded with fnllm.io.from_hf): cosine similarity")
-    for i, s in enumerate(sentences):
-        row = " ".join(f"{sim[i, j]:5.2f}" for j in range(len(sentences)))
-        print(f"  {row}  {s}")
+
+
+def _table(rows: list[Any]) -> str:
+    cells = [list(_COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _write_markdown(
+    path: Path,
+    rows: list[Any],
+    command: str,
+    model_dir: Any,
+    source: str,
+    counts: dict[str, int],
+    width: int,
+    total: float,
+    setup: Any,
+) -> None:
+    import torch
+
+    lines = [
+        "# fnllm demo results",
+        "",
+        f"Command: `{command}` ({torch.get_num_threads()} threads, total {total:.0f} s, of which "
+        f"the shared frozen pass {setup.cache_seconds:.0f} s).",
+        "",
+        f"Model: `{model_dir}`. Data: {source}; train {counts['train']}, validation "
+        f"{counts['val']}, test {counts['test']}, at most {width} tokens per text.",
+        "",
+        "| " + " | ".join(_COLUMNS) + " |",
+        "| " + " | ".join("---" if i == 0 else "---:" for i in range(len(_COLUMNS))) + " |",
+    ]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    lines += [
+        "",
+        "*frozen pass reused*: the row starts its forward at that layer from hidden states "
+        "computed "
+        "once for all rows. *trainable* for boosting counts tree nodes.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def _write_plot(path: Path, rows: list[Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {r.name: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rows)}
+    for r in rows:
+        left.scatter(max(r.trainable, 1), r.test_acc, s=30, color=colors[r.name])
+        left.annotate(
+            r.name,
+            (max(r.trainable, 1), r.test_acc),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    left.set_xscale("log")
+    left.set_xlabel("trainable parameters (log)")
+    left.set_ylabel("test accuracy")
+    left.set_title("accuracy vs trainable parameters")
+    left.grid(alpha=0.3)
+    for r in rows:
+        if r.losses:
+            x = [(i + 1) / r.steps_per_epoch for i in range(len(r.losses))]
+            right.plot(x, _smooth(r.losses), label=r.name, lw=1.2, color=colors[r.name])
+    right.set_xlabel("epoch")
+    right.set_ylabel("training loss (smoothed)")
+    right.set_title("training loss")
+    right.grid(alpha=0.3)
+    if any(r.losses for r in rows):
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(values: list[float], window: int = 8) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out

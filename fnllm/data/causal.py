@@ -15,11 +15,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from fnllm.data import _checks
+from fnllm import _checks
 
 __all__ = ["causal_targets", "instruction_targets", "pack"]
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = _checks.IGNORE_INDEX
 
 
 def causal_targets(tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -35,12 +35,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fnllm import _checks
 from fnllm import random as jr
-from fnllm.data import _checks
 
 __all__ = ["mlm_mask"]
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = _checks.IGNORE_INDEX
 
 
 def mlm_mask(
@@ -112,7 +112,8 @@ def mlm_mask(
         _checks.check_mask("attention_mask", attention_mask, tokens)
     if whole_word is not None:
         _checks.check_mask("whole_word", whole_word, tokens)
-    _checks.check_ids_in_range("tokens", tokens, vocab_size)
+    if not _checks.tracing(tokens):
+        _checks.check_id_range("tokens", tokens, vocab_size)
 
     candidates = _candidates(tokens, excluded, attention_mask)
     if whole_word is None and not exact:
@@ -159,7 +160,7 @@ def _check_args(
         raise ValueError(
             f"mask_frac + random_frac: {mask_frac} + {random_frac} = {mask_frac + random_frac} > 1"
         )
-    excluded = _checks.check_ids("special_ids", (*special_ids, mask_id), vocab_size)
+    excluded = _checks.check_id_list("special_ids", (*special_ids, mask_id), vocab_size)
     if random_frac > 0.0 and len(excluded) >= vocab_size:
         raise ValueError(
             f"special_ids: all {vocab_size} ids are special, no id left for random replacement"

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fnllm import _checks
 from fnllm import random as jr
-from fnllm.data import _checks
 
 __all__ = ["pad_sequences", "sentence_pairs", "truncate_lengths"]
 

@@ -6,11 +6,12 @@
   the file alone rebuilds ``(model, params)``.
 - :func:`from_hf` / :func:`to_hf`: GPT-2 and BERT checkpoints in `transformers` layout.
 - :func:`pretrained_dir`: the bundled all-MiniLM-L6-v2 sentence encoder;
-  :func:`mean_pool` turns its token vectors into sentence embeddings.
+  :func:`mean_pool` (an alias of ``fnllm.nn.mean_pool``) turns its token vectors into
+  sentence embeddings.
 """
 
-from fnllm.io.checkpoint import load, load_meta, load_model, save, save_model
 from fnllm.io.hf import from_hf, hf_config, mean_pool, pretrained_dir, to_hf, to_hf_state_dict
+from fnllm.io.store import load, load_meta, load_model, save, save_model
 
 __all__ = [
     "from_hf",

@@ -3,6 +3,18 @@
 A model is a frozen dataclass of hyper-parameters; its parameters are a plain nested tree
 that ``init(key)`` creates and ``apply(params, ...)`` consumes. :func:`from_config` rebuilds
 either model from the dict that ``to_config()`` writes (checkpoint metadata uses it).
+
+What ``apply`` returns, one convention for both: the model's single output as a tensor, and
+a named tuple as soon as there is more than one. A decoder has one output, so
+``GPT.apply`` returns the logits tensor, and a :class:`GPTOutput` (``logits``,
+``hidden_states``) with ``output_hidden_states=True``. An encoder always has two (the hidden
+states and the pooled output), so ``BERT.apply`` always returns a :class:`BertOutput`
+(``last_hidden_state``, ``pooled``, ``hidden_states``). Fields are named as in Hugging Face's
+``transformers`` output classes.
+
+Each model file reads top-down: config, ``init``, ``apply``, one block, heads, config round
+trip; what both share (config checks, dropout keys, the parameter layout derived from
+``init``, the boundary checks) lives in the private ``fnllm.models._base``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ Parameter paths:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from fnllm import nn
 from fnllm import random as jr
-from fnllm.models.gpt import _cached_shapes, _check_inputs, _check_params, _from_config
+from fnllm.models import _base
 
 __all__ = ["BERT", "BertOutput", "BertPretrainOutput"]
 
@@ -131,26 +130,10 @@ class BERT:
     sop_head: bool = True
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "n_layer",
-            "n_head",
-            "d_model",
-            "d_ff",
-            "max_len",
-            "type_vocab_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"BERT: {name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(
-                f"BERT: d_model {self.d_model} is not divisible by n_head {self.n_head}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"BERT: dropout must be in [0, 1), got {self.dropout}")
-        if not self.ln_eps > 0:
-            raise ValueError(f"BERT: ln_eps must be positive, got {self.ln_eps}")
+        _base.check_config(
+            self,
+            ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_len", "type_vocab_size"),
+        )
         if self.sop_head and not self.pooler:
             raise ValueError("BERT: sop_head=True needs pooler=True (it reads the pooled output)")
 
@@ -218,51 +201,7 @@ class BERT:
         Returns:
             A dict from dotted path to shape tuple, in layer order.
         """
-        return dict(_cached_shapes(self))
-
-    def _build_param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Compute :meth:`param_shapes` (cached per config by ``_cached_shapes``)."""
-        V, D, F_ = self.vocab_size, self.d_model, self.d_ff
-        shapes: dict[str, tuple[int, ...]] = {
-            "embed.tokens.weight": (V, D),
-            "embed.positions.weight": (self.max_len, D),
-            "embed.token_types.weight": (self.type_vocab_size, D),
-            "embed.ln.weight": (D,),
-            "embed.ln.bias": (D,),
-        }
-        for i in range(self.n_layer):
-            b = f"blocks.{i}."
-            shapes.update(
-                {
-                    b + "attn.qkv.weight": (3 * D, D),
-                    b + "attn.qkv.bias": (3 * D,),
-                    b + "attn.proj.weight": (D, D),
-                    b + "attn.proj.bias": (D,),
-                    b + "ln_1.weight": (D,),
-                    b + "ln_1.bias": (D,),
-                    b + "mlp.fc.weight": (F_, D),
-                    b + "mlp.fc.bias": (F_,),
-                    b + "mlp.proj.weight": (D, F_),
-                    b + "mlp.proj.bias": (D,),
-                    b + "ln_2.weight": (D,),
-                    b + "ln_2.bias": (D,),
-                }
-            )
-        if self.pooler:
-            shapes.update({"pooler.weight": (D, D), "pooler.bias": (D,)})
-        if self.mlm_head:
-            shapes.update(
-                {
-                    "mlm.transform.weight": (D, D),
-                    "mlm.transform.bias": (D,),
-                    "mlm.ln.weight": (D,),
-                    "mlm.ln.bias": (D,),
-                    "mlm.bias": (V,),
-                }
-            )
-        if self.sop_head:
-            shapes.update({"sop.weight": (2, D), "sop.bias": (2,)})
-        return shapes
+        return _base.param_shapes(self)
 
     def check_params(self, params: Params) -> None:
         """Raise unless ``params`` has exactly this model's leaves and shapes.
@@ -286,7 +225,7 @@ class BERT:
             KeyError: a leaf is missing or unexpected (named by path).
             ValueError: a leaf has the wrong shape (named by path).
         """
-        _check_params(self, params)
+        _base.check_params(self, params)
 
     # ------------------------------------------------------------------ forward
 
@@ -334,7 +273,7 @@ class BERT:
             ``torch.func.vmap`` refuses ``None`` outputs, so a function mapped with it
             should return the fields it needs rather than the whole tuple.
         """
-        tokens, attention_mask = _check_inputs(self, params, tokens, attention_mask)
+        tokens, attention_mask = _base.check_inputs(self, params, tokens, attention_mask)
         if token_type_ids is not None:
             token_type_ids = nn.check_ids(
                 token_type_ids, self.type_vocab_size, name="token_type_ids"
@@ -346,14 +285,10 @@ class BERT:
                 )
         unbatched = tokens.ndim == 1
         if unbatched:
-            tokens = tokens[None]
-            attention_mask = None if attention_mask is None else attention_mask[None]
-            token_type_ids = None if token_type_ids is None else token_type_ids[None]
-
-        drop = self.dropout if key is not None else 0.0
-        keys: list[Tensor | None] = [None] * (self.n_layer + 1)
-        if drop > 0.0:
-            keys = list(jr.split(key, self.n_layer + 1))
+            tokens, attention_mask, token_type_ids = _base.batched(
+                tokens, attention_mask, token_type_ids
+            )
+        drop, keys = _base.dropout_keys(self, key)
 
         # Once per forward, shared by every block; None when nothing is padded (eager).
         mask = nn.make_attention_mask(attention_mask)
@@ -379,6 +314,98 @@ class BERT:
             pooled = None if pooled is None else pooled[0]
         return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)
 
+    def embed(
+        self,
+        params: Params,
+        tokens: Tensor,
+        *,
+        token_type_ids: Tensor | None = None,
+        key: Tensor | None = None,
+    ) -> Tensor:
+        """The embedding output, ``hidden_states[0]`` of :meth:`apply`, for ``[B, T]`` ids.
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import BERT
+            >>> model = BERT(vocab_size=16, n_layer=2, n_head=2, d_model=8, d_ff=16, max_len=8)
+            >>> params = model.init(random.key(0))
+            >>> tokens = torch.tensor([[1, 2, 3]])
+            >>> x = model.embed(params, tokens)
+            >>> out = model.apply(params, tokens, output_hidden_states=True)
+            >>> torch.equal(x, out.hidden_states[0])
+            True
+
+        Args:
+            params: the parameter tree.
+            tokens: int ids ``[B, T]`` (not checked here; :meth:`apply` checks them).
+            token_type_ids: segment ids like ``tokens``, or ``None`` (all zeros).
+            key: a ``fnllm.random`` key to enable dropout; ``None`` = eval.
+
+        Returns:
+            ``[B, T, D]`` hidden states.
+        """
+        drop = self.dropout if key is not None else 0.0
+        embed = params["embed"]
+        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
+        if token_type_ids is None:
+            x = x + embed["token_types"]["weight"][0]
+        else:
+            x = x + nn.embedding(embed["token_types"], token_type_ids)
+        x = nn.layer_norm(embed["ln"], x, eps=self.ln_eps)
+        return nn.dropout(key, x, drop)
+
+    def apply_blocks(
+        self,
+        params: Params,
+        x: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        key: Tensor | None = None,
+        impl: nn.Impl = "auto",
+    ) -> Tensor:
+        """Run blocks ``start .. stop-1`` on hidden states: a forward resumed at layer ``start``.
+
+        ``x`` is ``hidden_states[start]`` of :meth:`apply` (the input of block ``start``), so
+        frozen lower blocks can run once and their output be reused (``fnllm.finetune``).
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import BERT
+            >>> model = BERT(vocab_size=16, n_layer=2, n_head=2, d_model=8, d_ff=16, max_len=8)
+            >>> params = model.init(random.key(0))
+            >>> out = model.apply(params, torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+            >>> h = model.apply_blocks(params, out.hidden_states[1], start=1, stop=2)
+            >>> torch.allclose(h, out.hidden_states[2])
+            True
+
+        Args:
+            params: the parameter tree.
+            x: ``[B, T, D]`` hidden states entering block ``start``.
+            attention_mask: ``[B, T]`` keep-mask (1 = real token), or ``None``.
+            start: first block to run.
+            stop: one past the last block to run (default ``n_layer``).
+            key: a ``fnllm.random`` key to enable dropout; ``None`` = eval.
+            impl: attention implementation.
+
+        Returns:
+            ``[B, T, D]``: the output of block ``stop - 1`` (before GPT's final layer norm).
+        """
+        stop = self.n_layer if stop is None else stop
+        if not 0 <= start <= stop <= self.n_layer:
+            raise ValueError(f"apply_blocks: need 0 <= start {start} <= stop {stop} <= n_layer")
+        mask = nn.make_attention_mask(attention_mask)
+        drop = self.dropout if key is not None else 0.0
+        keys: list[Tensor | None] = [None] * (stop - start)
+        if drop > 0.0 and stop > start:
+            keys = list(jr.split(key, stop - start))
+        for block, k in zip(params["blocks"][start:stop], keys):
+            x = self._block(block, x, mask, k, drop, impl)
+        return x
+
     def _block(
         self,
         p: Params,
@@ -392,9 +419,7 @@ class BERT:
 
         ``mask`` comes from :func:`fnllm.nn.make_attention_mask`, or is ``None`` (no padding).
         """
-        k_attn = k_res1 = k_res2 = None
-        if key is not None:
-            k_attn, k_res1, k_res2 = jr.split(key, 3)
+        k_attn, k_res1, k_res2 = _base.block_keys(key)
         h = nn.attention(
             p["attn"],
             x,
@@ -523,7 +548,7 @@ class BERT:
         Returns:
             ``{"type": "bert", field: value, ...}``; :meth:`from_config` inverts it.
         """
-        return {"type": "bert", **dataclasses.asdict(self)}
+        return _base.to_config(self, "bert")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> BERT:
@@ -545,4 +570,4 @@ class BERT:
         Raises:
             ValueError: wrong ``"type"`` or unknown fields.
         """
-        return _from_config(cls, "bert", config)
+        return _base.from_config(cls, "bert", config)

@@ -16,20 +16,17 @@ and a language-model head tied to the token embedding (or a separate ``head`` ma
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import optree
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fnllm import nn, tree
+from fnllm import nn
 from fnllm import random as jr
+from fnllm.models import _base
 
 __all__ = ["GPT", "GPTOutput"]
 
@@ -103,18 +100,7 @@ class GPT:
     def __post_init__(self) -> None:
         if self.d_ff is None:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_len", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPT: {name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(
-                f"GPT: d_model {self.d_model} is not divisible by n_head {self.n_head}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPT: dropout must be in [0, 1), got {self.dropout}")
-        if not self.ln_eps > 0:
-            raise ValueError(f"GPT: ln_eps must be positive, got {self.ln_eps}")
+        _base.check_config(self, ("vocab_size", "n_layer", "n_head", "d_model", "max_len", "d_ff"))
 
     # ------------------------------------------------------------------ parameters
 
@@ -173,38 +159,7 @@ class GPT:
         Returns:
             A dict from dotted path to shape tuple, in layer order.
         """
-        return dict(_cached_shapes(self))
-
-    def _build_param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Compute :meth:`param_shapes` (cached per config by ``_cached_shapes``)."""
-        V, D, F_, L = self.vocab_size, self.d_model, self.d_ff, self.max_len
-        shapes: dict[str, tuple[int, ...]] = {
-            "embed.tokens.weight": (V, D),
-            "embed.positions.weight": (L, D),
-        }
-        for i in range(self.n_layer):
-            b = f"blocks.{i}."
-            shapes.update(
-                {
-                    b + "ln_1.weight": (D,),
-                    b + "ln_1.bias": (D,),
-                    b + "attn.qkv.weight": (3 * D, D),
-                    b + "attn.qkv.bias": (3 * D,),
-                    b + "attn.proj.weight": (D, D),
-                    b + "attn.proj.bias": (D,),
-                    b + "ln_2.weight": (D,),
-                    b + "ln_2.bias": (D,),
-                    b + "mlp.fc.weight": (F_, D),
-                    b + "mlp.fc.bias": (F_,),
-                    b + "mlp.proj.weight": (D, F_),
-                    b + "mlp.proj.bias": (D,),
-                }
-            )
-        shapes["ln_f.weight"] = (D,)
-        shapes["ln_f.bias"] = (D,)
-        if not self.tie_head:
-            shapes["head.weight"] = (V, D)
-        return shapes
+        return _base.param_shapes(self)
 
     def check_params(self, params: Params) -> None:
         """Raise unless ``params`` has exactly this model's leaves and shapes.
@@ -228,7 +183,7 @@ class GPT:
             KeyError: a leaf is missing or unexpected (named by path).
             ValueError: a leaf has the wrong shape (named by path).
         """
-        _check_params(self, params)
+        _base.check_params(self, params)
 
     # ------------------------------------------------------------------ forward
 
@@ -275,16 +230,11 @@ class GPT:
             Float logits ``[B, T, V]`` (``[T, V]`` for unbatched input), or a
             :class:`GPTOutput` when ``output_hidden_states`` is set.
         """
-        tokens, attention_mask = _check_inputs(self, params, tokens, attention_mask)
+        tokens, attention_mask = _base.check_inputs(self, params, tokens, attention_mask)
         unbatched = tokens.ndim == 1
         if unbatched:
-            tokens = tokens[None]
-            attention_mask = None if attention_mask is None else attention_mask[None]
-
-        drop = self.dropout if key is not None else 0.0
-        keys: list[Tensor | None] = [None] * (self.n_layer + 1)
-        if drop > 0.0:
-            keys = list(jr.split(key, self.n_layer + 1))
+            tokens, attention_mask = _base.batched(tokens, attention_mask)
+        drop, keys = _base.dropout_keys(self, key)
 
         # Once per forward, shared by every block; None when nothing is padded (eager).
         mask = nn.make_attention_mask(attention_mask, causal=True)
@@ -308,6 +258,85 @@ class GPT:
             return logits
         return GPTOutput(logits, (*hidden[:-1], x))
 
+    def embed(self, params: Params, tokens: Tensor, *, key: Tensor | None = None) -> Tensor:
+        """The embedding output, ``hidden_states[0]`` of :meth:`apply`, for ``[B, T]`` ids.
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import GPT
+            >>> model = GPT(vocab_size=16, n_layer=2, n_head=2, d_model=8, max_len=8)
+            >>> params = model.init(random.key(0))
+            >>> tokens = torch.tensor([[1, 2, 3]])
+            >>> x = model.embed(params, tokens)
+            >>> out = model.apply(params, tokens, output_hidden_states=True)
+            >>> torch.equal(x, out.hidden_states[0])
+            True
+
+        Args:
+            params: the parameter tree.
+            tokens: int ids ``[B, T]`` (not checked here; :meth:`apply` checks them).
+            key: a ``fnllm.random`` key to enable dropout; ``None`` = eval.
+
+        Returns:
+            ``[B, T, D]`` hidden states.
+        """
+        drop = self.dropout if key is not None else 0.0
+        embed = params["embed"]
+        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
+        return nn.dropout(key, x, drop)
+
+    def apply_blocks(
+        self,
+        params: Params,
+        x: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        key: Tensor | None = None,
+        impl: nn.Impl = "auto",
+    ) -> Tensor:
+        """Run blocks ``start .. stop-1`` on hidden states: a forward resumed at layer ``start``.
+
+        ``x`` is ``hidden_states[start]`` of :meth:`apply` (the input of block ``start``), so
+        frozen lower blocks can run once and their output be reused (``fnllm.finetune``).
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import GPT
+            >>> model = GPT(vocab_size=16, n_layer=3, n_head=2, d_model=8, max_len=8)
+            >>> params = model.init(random.key(0))
+            >>> out = model.apply(params, torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+            >>> h = model.apply_blocks(params, out.hidden_states[1], start=1, stop=2)
+            >>> torch.allclose(h, out.hidden_states[2])
+            True
+
+        Args:
+            params: the parameter tree.
+            x: ``[B, T, D]`` hidden states entering block ``start``.
+            attention_mask: ``[B, T]`` keep-mask (1 = real token), or ``None``.
+            start: first block to run.
+            stop: one past the last block to run (default ``n_layer``).
+            key: a ``fnllm.random`` key to enable dropout; ``None`` = eval.
+            impl: attention implementation.
+
+        Returns:
+            ``[B, T, D]``: the output of block ``stop - 1`` (before GPT's final layer norm).
+        """
+        stop = self.n_layer if stop is None else stop
+        if not 0 <= start <= stop <= self.n_layer:
+            raise ValueError(f"apply_blocks: need 0 <= start {start} <= stop {stop} <= n_layer")
+        mask = nn.make_attention_mask(attention_mask, causal=True)
+        drop = self.dropout if key is not None else 0.0
+        keys: list[Tensor | None] = [None] * (stop - start)
+        if drop > 0.0 and stop > start:
+            keys = list(jr.split(key, stop - start))
+        for block, k in zip(params["blocks"][start:stop], keys):
+            x = self._block(block, x, mask, k, drop, impl)
+        return x
+
     def _block(
         self,
         p: Params,
@@ -322,9 +351,7 @@ class GPT:
         ``mask`` comes from :func:`fnllm.nn.make_attention_mask` (causal folded in), or is
         ``None`` for plain causal attention.
         """
-        k_attn = k_res1 = k_res2 = None
-        if key is not None:
-            k_attn, k_res1, k_res2 = jr.split(key, 3)
+        k_attn, k_res1, k_res2 = _base.block_keys(key)
         h = nn.layer_norm(p["ln_1"], x, eps=self.ln_eps)
         h = nn.attention(
             p["attn"],
@@ -354,7 +381,7 @@ class GPT:
         Returns:
             ``{"type": "gpt", field: value, ...}``; :meth:`from_config` inverts it.
         """
-        return {"type": "gpt", **dataclasses.asdict(self)}
+        return _base.to_config(self, "gpt")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> GPT:
@@ -376,83 +403,4 @@ class GPT:
         Raises:
             ValueError: wrong ``"type"`` or unknown fields.
         """
-        return _from_config(cls, "gpt", config)
-
-
-# ---------------------------------------------------------------- shared boundary helpers
-# (used by models.bert as well; private to the models package)
-
-
-def _check_inputs(
-    model: Any, params: Params, tokens: Any, attention_mask: Any
-) -> tuple[Tensor, Tensor | None]:
-    """Validate tokens and mask (and, in eager mode, the parameter tree) for ``apply``."""
-    tokens = nn.check_ids(tokens, model.vocab_size, name="tokens")
-    if tokens.ndim not in (1, 2):
-        raise ValueError(f"tokens: expected shape [B, T] or [T], got {tuple(tokens.shape)}")
-    if tokens.shape[-1] > model.max_len:
-        raise ValueError(f"tokens: sequence length {tokens.shape[-1]} > max_len {model.max_len}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, Tensor):
-            raise TypeError(
-                f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}"
-            )
-        if attention_mask.shape != tokens.shape:
-            raise ValueError(
-                f"attention_mask: shape {tuple(attention_mask.shape)} != tokens shape "
-                f"{tuple(tokens.shape)}"
-            )
-        if attention_mask.is_complex():
-            raise TypeError(f"attention_mask: unsupported dtype {attention_mask.dtype}")
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask != 0
-    if not torch.compiler.is_compiling():
-        model.check_params(params)
-    return tokens, attention_mask
-
-
-def _check_params(model: Any, params: Params) -> None:
-    """``nn.check_shapes`` against ``model.param_shapes()``, with a fast path for good trees.
-
-    A valid tree is recognised by comparing its optree structure and leaf shapes with a
-    layout cached per (hashable) config: a few hundred microseconds for GPT-2's ~150 leaves,
-    which keeps the eager check cheap next to the forward pass. Anything else takes the slow
-    path, which names the offending path.
-    """
-    leaves, spec = optree.tree_flatten(params, none_is_leaf=False)
-    want_spec, want_shapes = _layout(model)
-    if spec == want_spec and all(
-        isinstance(leaf, Tensor) and leaf.shape == shape for leaf, shape in zip(leaves, want_shapes)
-    ):
-        return
-    nn.check_shapes(params, model.param_shapes())
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_shapes(model: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """``model.param_shapes()`` as immutable pairs, computed once per (hashable) config."""
-    return tuple(model._build_param_shapes().items())
-
-
-@functools.lru_cache(maxsize=64)
-def _layout(model: Any) -> tuple[Any, tuple[tuple[int, ...], ...]]:
-    """The expected tree structure and the leaf shapes in flattening order."""
-    shapes = model.param_shapes()
-    paths = list(shapes)
-    order, spec = optree.tree_flatten(
-        tree.unflatten({p: i for i, p in enumerate(paths)}), none_is_leaf=False
-    )
-    return spec, tuple(shapes[paths[i]] for i in order)
-
-
-def _from_config(cls: Any, kind: str, config: Mapping[str, Any]) -> Any:
-    """Build dataclass ``cls`` from a dict, checking the ``"type"`` tag and field names."""
-    values = dict(config)
-    tag = values.pop("type", kind)
-    if tag != kind:
-        raise ValueError(f"{cls.__name__}.from_config: type is {tag!r}, expected {kind!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}.from_config: unknown fields {unknown}")
-    return cls(**values)
+        return _base.from_config(cls, "gpt", config)

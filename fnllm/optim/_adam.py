@@ -12,26 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import optree
 import torch
 from torch import Tensor
 
-from fnllm import tree
-from fnllm.optim.base import (
-    GradientTransformation,
-    Mask,
-    Tree,
-    apply_updates,
-    check_count,
-    check_shapes,
-    check_state_keys,
-    flatten,
-    leaves_like,
-    make_mask,
-    new_count,
-    tracing,
-)
-from fnllm.optim.transforms import ScalarOrSchedule, _check_number
+from fnllm import _checks, tree
+from fnllm.optim import _helpers
+from fnllm.optim._helpers import Mask, Tree
+from fnllm.optim.base import GradientTransformation, apply_updates
+from fnllm.optim.transforms import ScalarOrSchedule
 
 __all__ = ["NO_DECAY", "adam", "adamw", "decay_mask"]
 
@@ -162,17 +150,17 @@ def _adam(
     mask: Mask,
 ) -> GradientTransformation:
     if not callable(lr):
-        lr = _check_number(f"{where}: lr", lr, nonnegative=True)
+        lr = _checks.check_number(f"{where}: lr", lr, nonnegative=True)
     for name, beta in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= _check_number(f"{where}: {name}", beta) < 1.0:
+        if not 0.0 <= _checks.check_number(f"{where}: {name}", beta) < 1.0:
             raise ValueError(f"{where}: {name} must be in [0, 1), got {beta}")
-    eps = _check_number(f"{where}: eps", eps, nonnegative=True)
-    wd = _check_number(f"{where}: weight_decay", weight_decay, nonnegative=True)
-    resolve = make_mask(where, mask)
+    eps = _checks.check_number(f"{where}: eps", eps, nonnegative=True)
+    wd = _checks.check_number(f"{where}: weight_decay", weight_decay, nonnegative=True)
+    resolve = _helpers.make_mask(where, mask)
     hyper = _Hyper(float(b1), float(b2), eps, wd)
 
     def init(params: Tree) -> dict[str, Any]:
-        leaves, spec = flatten(params)
+        leaves, spec = _helpers.flatten(params)
         for i, p in enumerate(leaves):
             if not isinstance(p, Tensor) or not p.is_floating_point():
                 path = tree.paths(params)[i]
@@ -180,24 +168,28 @@ def _adam(
                 raise TypeError(f"{where}: init: leaf {path!r} is not a floating tensor ({what})")
         if wd > 0.0 and leaves:
             resolve(params, spec, leaves)  # resolve the mask now, eagerly (see make_mask)
-        zeros = lambda: optree.tree_unflatten(spec, [torch.zeros_like(p) for p in leaves])
-        return {"count": new_count(leaves), "mu": zeros(), "nu": zeros()}
+        zeros = lambda: tree.unflatten_spec(spec, [torch.zeros_like(p) for p in leaves])
+        return {"count": _helpers.new_count(leaves), "mu": zeros(), "nu": zeros()}
 
     def prepare(grads: Tree, state: Any, params: Tree | None, need_params: bool) -> _Step:
-        check_state_keys(where, state, ("count", "mu", "nu"))
-        count = check_count(where, state["count"])
-        ml, spec = flatten(state["mu"])
-        gl = leaves_like(where, "grads", grads, spec, state["mu"], "the optimizer state")
-        check_shapes(where, "grads", gl, ml, spec, "the optimizer state")
-        vl = leaves_like(where, "state['nu']", state["nu"], spec, state["mu"], "state['mu']")
-        check_shapes(where, "state['nu']", vl, ml, spec, "state['mu']")
+        _helpers.check_state_keys(where, state, ("count", "mu", "nu"))
+        count = _helpers.check_count(where, state["count"])
+        ml, spec = _helpers.flatten(state["mu"])
+        gl = _helpers.leaves_like(where, "grads", grads, spec, state["mu"], "the optimizer state")
+        _helpers.check_shapes(where, "grads", gl, ml, spec, "the optimizer state")
+        vl = _helpers.leaves_like(
+            where, "state['nu']", state["nu"], spec, state["mu"], "state['mu']"
+        )
+        _helpers.check_shapes(where, "state['nu']", vl, ml, spec, "state['mu']")
         pl: list[Tensor] | None = None
         flags: tuple[bool, ...] = (False,) * len(gl)
         if wd > 0.0 or need_params:
             if params is None:
                 raise ValueError(f"{where}: update needs params when weight_decay > 0")
-            pl = leaves_like(where, "params", params, spec, state["mu"], "the optimizer state")
-            check_shapes(where, "params", pl, ml, spec, "the optimizer state")
+            pl = _helpers.leaves_like(
+                where, "params", params, spec, state["mu"], "the optimizer state"
+            )
+            _helpers.check_shapes(where, "params", pl, ml, spec, "the optimizer state")
             if wd > 0.0:
                 flags = resolve(params, spec, pl)
         lr_t = lr(count) if callable(lr) else lr
@@ -211,7 +203,7 @@ def _adam(
             u, m2, v2 = _updates_fused(s, hyper)
         else:
             u, m2, v2 = _updates_foreach(s, hyper)
-        unflat = lambda xs: optree.tree_unflatten(s.spec, list(xs))
+        unflat = lambda xs: tree.unflatten_spec(s.spec, list(xs))
         return unflat(u), {"count": s.count + 1, "mu": unflat(m2), "nu": unflat(v2)}
 
     def fused_step(grads: Tree, state: Any, params: Tree, donate: bool) -> tuple[Tree, Any]:
@@ -246,7 +238,7 @@ def _adam(
                         amsgrad=False,
                         maximize=False,
                     )
-        unflat = lambda xs: optree.tree_unflatten(s.spec, xs)
+        unflat = lambda xs: tree.unflatten_spec(s.spec, xs)
         return unflat(p2), {"count": s.count + 1, "mu": unflat(m2), "nu": unflat(v2)}
 
     return GradientTransformation(init, update, fused_step)
@@ -266,7 +258,7 @@ class _Step:
 
     def __init__(
         self,
-        spec: optree.PyTreeSpec,
+        spec: tree.TreeSpec,
         grads: list[Tensor],
         mu: list[Tensor],
         nu: list[Tensor],
@@ -338,9 +330,9 @@ def _updates_fused(s: _Step, h: _Hyper) -> tuple[list[Tensor], list[Tensor], lis
 
 def _fused_ok(s: _Step) -> bool:
     """Eager, and every leaf's grad, moments (and param) share a supported device and dtype."""
-    if tracing(s.grads[0], s.mu[0], s.count) or (s.params and tracing(s.params[0])):
+    if _checks.tracing(s.grads[0], s.mu[0], s.count) or (s.params and _checks.tracing(s.params[0])):
         return False
-    if isinstance(s.lr, Tensor) and tracing(s.lr):
+    if isinstance(s.lr, Tensor) and _checks.tracing(s.lr):
         return False
     lists = [s.grads, s.mu, s.nu] if s.params is None else [s.grads, s.mu, s.nu, s.params]
     for xs in lists[1:]:

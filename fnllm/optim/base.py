@@ -8,14 +8,13 @@ so they checkpoint, ``torch.compile`` and move between devices like parameters d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import optree
 import torch
-from torch import Tensor
 
 from fnllm import tree
+from fnllm.optim._helpers import Tree, check_shapes, flatten, leaves_like
 
 __all__ = [
     "GradientTransformation",
@@ -24,7 +23,6 @@ __all__ = [
     "step",
 ]
 
-Tree = Any
 State = Any
 InitFn = Callable[[Tree], State]
 UpdateFn = Callable[..., tuple[Tree, State]]
@@ -151,12 +149,12 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     ul = leaves_like("optim.apply_updates", "updates", updates, spec, params, "params")
     check_shapes("optim.apply_updates", "updates", ul, pl, spec, "params")
     if not pl:
-        return optree.tree_unflatten(spec, [])
+        return tree.unflatten_spec(spec, [])
     if all(p.dtype == u.dtype for p, u in zip(pl, ul)):
         new = list(torch._foreach_add(pl, ul))
     else:
         new = [(p + u).to(p.dtype) for p, u in zip(pl, ul)]
-    return optree.tree_unflatten(spec, new)
+    return tree.unflatten_spec(spec, new)
 
 
 def step(
@@ -206,178 +204,7 @@ def step(
     return apply_updates(params, updates), state
 
 
-# ----------------------------------------------------------------------------- shared helpers
-# Used by the transforms in this package; not part of the public API.
-
-
-def flatten(t: Tree) -> tuple[list[Any], optree.PyTreeSpec]:
-    """Leaves and structure of a tree (``None`` is an empty subtree, as in ``fnllm.tree``)."""
-    return optree.tree_flatten(t, none_is_leaf=False)
-
-
-def leaves_like(
-    where: str, name: str, t: Tree, spec: optree.PyTreeSpec, ref: Tree, ref_name: str
-) -> list[Any]:
-    """The leaves of ``t``, after checking it has the structure ``spec`` of ``ref``.
-
-    Eagerly this is ``spec.flatten_up_to`` (a fraction of a full flatten's cost); a subtree
-    where ``ref`` has a leaf comes back as a non-tensor "leaf", which :func:`check_shapes`
-    reports.
-    """
-    if torch.compiler.is_compiling():
-        # Tree specs are not traceable on every torch version; the structure was checked when
-        # the call ran eagerly, so here the leaf count (and the shapes) must do.
-        out = flatten(t)[0]
-        if len(out) != len(flatten(ref)[0]):
-            raise ValueError(f"{where}: {name} has {len(out)} leaves, {ref_name} has another count")
-        return out
-    try:
-        return spec.flatten_up_to(t)
-    except (ValueError, TypeError):
-        raise ValueError(structure_message(where, name, t, ref_name, ref)) from None
-
-
-def check_shapes(
-    where: str,
-    name: str,
-    got: Sequence[Any],
-    ref: Sequence[Any],
-    spec: optree.PyTreeSpec,
-    ref_name: str,
-) -> None:
-    """Raise naming the first leaf whose shape differs from the reference's."""
-    if all(isinstance(a, Tensor) and a.shape == b.shape for a, b in zip(got, ref)):
-        return
-    for i, (a, b) in enumerate(zip(got, ref)):
-        if not isinstance(a, Tensor):
-            path = _path_at(spec, i)
-            raise TypeError(f"{where}: {name} leaf {path!r} is not a tensor: {type(a).__name__}")
-        if a.shape != b.shape:
-            path = _path_at(spec, i)
-            raise ValueError(
-                f"{where}: {name} leaf {path!r} has shape {tuple(a.shape)} but {ref_name} has "
-                f"{tuple(b.shape)}"
-            )
-
-
-def structure_message(where: str, name: str, got: Tree, ref_name: str, ref: Tree) -> str:
-    """A message naming the paths present in one tree and missing in the other."""
-    try:
-        got_paths, ref_paths = tree.paths(got), tree.paths(ref)
-    except ValueError as e:  # a key that can not be written as a dotted path
-        return f"{where}: {name} does not have the structure of {ref_name} ({e})"
-    got_set, ref_set = set(got_paths), set(ref_paths)
-    only_got = [p for p in got_paths if p not in ref_set]
-    only_ref = [p for p in ref_paths if p not in got_set]
-    if only_got or only_ref:
-        return (
-            f"{where}: {name} does not match {ref_name}: paths only in {name}: "
-            f"{_few(only_got)}; only in {ref_name}: {_few(only_ref)}"
-        )
-    return (
-        f"{where}: {name} has the paths of {ref_name} but different containers "
-        f"(e.g. list vs tuple): {flatten(got)[1]} vs {flatten(ref)[1]}"
-    )
-
-
-Mask = Any  # a tree.Filter (glob, list of globs, predicate), a tree of bools, or None
-MaskFn = Callable[[Tree, optree.PyTreeSpec, Sequence[Tensor]], tuple[bool, ...]]
-
-
-def make_mask(where: str, mask: Mask) -> MaskFn:
-    """Turn a mask argument into ``resolve(ref_tree, spec, leaves) -> flags`` (one bool a leaf).
-
-    Filters are evaluated on each leaf's path and on a ``meta`` tensor with the leaf's shape
-    and dtype (so a predicate may look at ``leaf.ndim`` but not at values), once per tree
-    structure: the result is cached by structure in eager mode and is a trace-time constant
-    under ``torch.compile`` (glob matching itself can not be traced).
-    """
-    if mask is None:
-        return lambda ref, spec, leaves: (True,) * len(leaves)
-    is_globs = isinstance(mask, (list, tuple)) and all(isinstance(g, str) for g in mask)
-    if isinstance(mask, str) or callable(mask) or is_globs:
-        pred = tree.filter_fn(mask)
-
-        @torch.compiler.assume_constant_result
-        def flags_of(
-            paths: tuple[str, ...], metas: tuple[tuple[Any, Any], ...]
-        ) -> tuple[bool, ...]:
-            return tuple(
-                bool(pred(p, torch.empty(shape, dtype=dtype, device="meta")))
-                for p, (shape, dtype) in zip(paths, metas)
-            )
-
-        by_spec: dict[Any, tuple[bool, ...]] = {}
-        by_metas: dict[Any, tuple[bool, ...]] = {}
-
-        def resolve(
-            ref: Tree, spec: optree.PyTreeSpec, leaves: Sequence[Tensor]
-        ) -> tuple[bool, ...]:
-            if torch.compiler.is_compiling():
-                # Reuse what an eager call (``init`` makes one) resolved for these leaves;
-                # computing paths is not traceable on every torch version.
-                metas = tuple((tuple(x.shape), x.dtype) for x in leaves)
-                if metas in by_metas:
-                    return by_metas[metas]
-                return flags_of(_paths(ref), metas)
-            flags = by_spec.get(spec)
-            if flags is None:
-                if len(by_spec) > 16:
-                    by_spec.clear()
-                    by_metas.clear()
-                metas = tuple((tuple(x.shape), x.dtype) for x in leaves)
-                flags = by_spec[spec] = by_metas[metas] = flags_of(_paths(ref), metas)
-            return flags
-
-        return resolve
-    mleaves, mspec = flatten(mask)
-    for b in mleaves:
-        if not isinstance(b, bool):
-            raise TypeError(
-                f"{where}: mask must be a glob, a list of globs, a predicate (path, leaf) -> bool "
-                f"or a tree of Python bools; found a leaf {b!r}"
-            )
-    flags = tuple(mleaves)
-
-    def resolve_tree(
-        ref: Tree, spec: optree.PyTreeSpec, leaves: Sequence[Tensor]
-    ) -> tuple[bool, ...]:
-        if mspec != spec:
-            raise ValueError(structure_message(where, "mask", mask, "params", ref))
-        return flags
-
-    return resolve_tree
-
-
-def tracing(*tensors: Any) -> bool:
-    """True under ``torch.compile`` tracing or when a tensor is a ``torch.func`` wrapper."""
-    if torch.compiler.is_compiling():
-        return True
-    return any(
-        isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
-        for t in tensors
-    )
-
-
-def new_count(leaves: Sequence[Any]) -> Tensor:
-    """A fresh step counter: int64 zero on the device of the first tensor leaf."""
-    device = next((x.device for x in leaves if isinstance(x, Tensor)), None)
-    return torch.zeros((), dtype=torch.int64, device=device)
-
-
-def check_count(where: str, count: object) -> Tensor:
-    if not isinstance(count, Tensor) or count.ndim != 0:
-        raise ValueError(f"{where}: state 'count' must be a 0-d tensor, got {count!r}")
-    return count
-
-
-def check_state_keys(where: str, state: object, keys: Sequence[str]) -> dict[str, Any]:
-    if not isinstance(state, dict) or set(state) != set(keys):
-        got = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(
-            f"{where}: state must be the dict returned by init with keys {sorted(keys)}, got {got}"
-        )
-    return state
+# ----------------------------------------------------------------------------- helpers
 
 
 def _check_chain_state(state: object, n: int) -> None:
@@ -386,20 +213,3 @@ def _check_chain_state(state: object, n: int) -> None:
         raise ValueError(
             f"optim.chain: state must be a list of {n} states (one per transform), got {got}"
         )
-
-
-def _paths(t: Tree) -> tuple[str, ...]:
-    return tuple(".".join(str(k) for k in p) for p in optree.tree_paths(t, none_is_leaf=False))
-
-
-def _path_at(spec: optree.PyTreeSpec, i: int) -> str:
-    paths = optree.tree_paths(
-        optree.tree_unflatten(spec, [0] * spec.num_leaves), none_is_leaf=False
-    )
-    return ".".join(str(p) for p in paths[i])
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(repr(x) for x in items[:n])
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return f"[{shown}{more}]"

@@ -7,19 +7,16 @@ return new trees and keep any step count as a tensor in their state.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import optree
 import torch
 from torch import Tensor
 
-from fnllm.optim.base import (
-    GradientTransformation,
+from fnllm import _checks, tree
+from fnllm.optim._helpers import (
     Mask,
     Tree,
-    chain,
     check_count,
     check_shapes,
     check_state_keys,
@@ -28,6 +25,7 @@ from fnllm.optim.base import (
     make_mask,
     new_count,
 )
+from fnllm.optim.base import GradientTransformation, chain
 
 __all__ = [
     "add_decayed_weights",
@@ -82,21 +80,11 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     Returns:
         A stateless transformation (its state is ``{}``).
     """
-    max_norm = _check_number("clip_by_global_norm: max_norm", max_norm, positive=True)
+    max_norm = _checks.check_number("clip_by_global_norm: max_norm", max_norm, positive=True)
 
-    def init(params: Tree) -> dict[str, Any]:
-        del params
-        return {}
-
-    def update(updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
-        del params
-        leaves, spec = flatten(updates)
-        if not leaves:
-            return updates, state
-        coef = torch.clamp(max_norm / (_global_norm(leaves) + 1e-6), max=1.0)
-        return optree.tree_unflatten(spec, _scale_leaves(leaves, coef)), state
-
-    return GradientTransformation(init, update)
+    return _stateless_scale(
+        lambda leaves: torch.clamp(max_norm / (_global_norm(leaves) + 1e-6), max=1.0)
+    )
 
 
 def scale(factor: float) -> GradientTransformation:
@@ -115,20 +103,9 @@ def scale(factor: float) -> GradientTransformation:
     Returns:
         A stateless transformation.
     """
-    factor = _check_number("scale: factor", factor)
+    factor = _checks.check_number("scale: factor", factor)
 
-    def init(params: Tree) -> dict[str, Any]:
-        del params
-        return {}
-
-    def update(updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
-        del params
-        leaves, spec = flatten(updates)
-        if not leaves:
-            return updates, state
-        return optree.tree_unflatten(spec, _scale_leaves(leaves, factor)), state
-
-    return GradientTransformation(init, update)
+    return _stateless_scale(lambda leaves: factor)
 
 
 def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransformation:
@@ -166,7 +143,7 @@ def scale_by_schedule(schedule: Callable[[Tensor], Tensor]) -> GradientTransform
         leaves, spec = flatten(updates)
         factor = schedule(count)
         new = _scale_leaves(leaves, factor) if leaves else []
-        return optree.tree_unflatten(spec, new), {"count": count + 1}
+        return tree.unflatten_spec(spec, new), {"count": count + 1}
 
     return GradientTransformation(init, update)
 
@@ -190,7 +167,7 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
     if callable(lr):
         schedule = lr
         return scale_by_schedule(lambda count: -schedule(count))
-    return scale(-_check_number("scale_by_learning_rate: lr", lr, nonnegative=True))
+    return scale(-_checks.check_number("scale_by_learning_rate: lr", lr, nonnegative=True))
 
 
 def add_decayed_weights(weight_decay: float, mask: Mask = None) -> GradientTransformation:
@@ -216,7 +193,7 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> GradientTrans
     Returns:
         A stateless transformation; its ``update`` needs ``params``.
     """
-    wd = _check_number("add_decayed_weights: weight_decay", weight_decay, nonnegative=True)
+    wd = _checks.check_number("add_decayed_weights: weight_decay", weight_decay, nonnegative=True)
     resolve = make_mask("optim.add_decayed_weights", mask)
 
     def init(params: Tree) -> dict[str, Any]:
@@ -241,7 +218,7 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> GradientTrans
             decayed = torch._foreach_add([leaves[i] for i in idx], [pl[i] for i in idx], alpha=wd)
             for i, d in zip(idx, decayed):
                 new[i] = d
-        return optree.tree_unflatten(spec, new), state
+        return tree.unflatten_spec(spec, new), state
 
     return GradientTransformation(init, update)
 
@@ -270,11 +247,11 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     Returns:
         A transformation whose state is ``{"trace": tree of buffers}``.
     """
-    decay = _check_number("trace: decay", decay, nonnegative=True)
+    decay = _checks.check_number("trace: decay", decay, nonnegative=True)
 
     def init(params: Tree) -> dict[str, Any]:
         leaves, spec = flatten(params)
-        return {"trace": optree.tree_unflatten(spec, [torch.zeros_like(p) for p in leaves])}
+        return {"trace": tree.unflatten_spec(spec, [torch.zeros_like(p) for p in leaves])}
 
     def update(updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
         del params
@@ -288,7 +265,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
         new_buf = torch._foreach_mul(bufs, decay)
         torch._foreach_add_(new_buf, leaves)
         out = torch._foreach_add(leaves, new_buf, alpha=decay) if nesterov else new_buf
-        unflat = lambda xs: optree.tree_unflatten(spec, list(xs))
+        unflat = lambda xs: tree.unflatten_spec(spec, list(xs))
         return unflat(out), {"trace": unflat(new_buf)}
 
     return GradientTransformation(init, update)
@@ -347,16 +324,27 @@ def sgd(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _is_wrapped(x: Any) -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    return isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
+def _stateless_scale(coef_of: Callable[[list[Tensor]], float | Tensor]) -> GradientTransformation:
+    """A stateless transformation multiplying the updates by ``coef_of(leaves)``."""
+
+    def init(params: Tree) -> dict[str, Any]:
+        del params
+        return {}
+
+    def update(updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
+        del params
+        leaves, spec = flatten(updates)
+        if not leaves:
+            return updates, state
+        return tree.unflatten_spec(spec, _scale_leaves(leaves, coef_of(leaves))), state
+
+    return GradientTransformation(init, update)
 
 
 def _global_norm(leaves: Sequence[Tensor]) -> Tensor:
     if not leaves:
         return torch.zeros((), dtype=torch.float32)
-    if _is_wrapped(leaves[0]):  # under torch.func: plain per-leaf ops have batching rules
+    if _checks.wrapped(leaves[0]):  # under torch.func: plain per-leaf ops have batching rules
         norms = [torch.linalg.vector_norm(x.float()) for x in leaves]
     else:
         norms = list(torch._foreach_norm(list(leaves), 2, dtype=torch.float32))
@@ -365,21 +353,6 @@ def _global_norm(leaves: Sequence[Tensor]) -> Tensor:
 
 
 def _scale_leaves(leaves: Sequence[Tensor], factor: float | Tensor) -> list[Tensor]:
-    if _is_wrapped(leaves[0]) or (isinstance(factor, Tensor) and _is_wrapped(factor)):
+    if _checks.wrapped(leaves[0]) or (isinstance(factor, Tensor) and _checks.wrapped(factor)):
         return [x * factor for x in leaves]
     return list(torch._foreach_mul(list(leaves), factor))
-
-
-def _check_number(
-    name: str, value: object, *, positive: bool = False, nonnegative: bool = False
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name}: expected > 0, got {value}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{name}: expected >= 0, got {value}")
-    return value

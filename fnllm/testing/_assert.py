@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import torch
@@ -17,7 +18,9 @@ _TOLERANCES = {
 }
 
 
-def assert_same_structure(actual: Any, expected: Any, *, shapes: bool = True) -> None:
+def assert_same_structure(
+    actual: Any, expected: Any, *, shapes: bool = True, ordered: bool = False
+) -> None:
     """Assert two trees have the same containers and keys (and leaf shapes and dtypes).
 
     Example:
@@ -32,18 +35,23 @@ def assert_same_structure(actual: Any, expected: Any, *, shapes: bool = True) ->
         actual: the tree under test.
         expected: the reference tree.
         shapes: also compare tensor shapes and dtypes.
+        ordered: also require every dict's keys in the same order (it fixes
+            :func:`fnllm.tree.flatten` order, hence file and optimizer-state layouts).
 
     Raises:
         AssertionError: naming the first path where the trees differ.
     """
-    _walk(actual, expected, "", shapes=shapes, leaf_check=None)
+    _walk(actual, expected, "", shapes=shapes, leaf_check=None, ordered=ordered)
 
 
-def assert_trees_equal(actual: Any, expected: Any, *, bitwise: bool = False) -> None:
+def assert_trees_equal(
+    actual: Any, expected: Any, *, bitwise: bool = False, ordered: bool = False
+) -> None:
     """Assert two trees are equal: same structure, shapes, dtypes and values (NaN equals NaN).
 
     With ``bitwise=True`` tensor elements must have the same bits (``-0.0`` differs from
-    ``0.0``, NaN payloads count), as a checkpoint round trip should give.
+    ``0.0``, NaN payloads count) and plain leaves the same type and value (``True`` differs
+    from ``1``, ``-0.0`` from ``0.0``), as a checkpoint round trip should give.
 
     Example:
         >>> import torch
@@ -59,6 +67,7 @@ def assert_trees_equal(actual: Any, expected: Any, *, bitwise: bool = False) -> 
         actual: the tree under test.
         expected: the reference tree.
         bitwise: compare the bits of tensor elements rather than their values.
+        ordered: also require every dict's keys in the same order.
 
     Raises:
         AssertionError: naming the path, the first differing index and both values.
@@ -67,11 +76,16 @@ def assert_trees_equal(actual: Any, expected: Any, *, bitwise: bool = False) -> 
     def check(path: str, a: Any, e: Any) -> None:
         _equal_leaf(path, a, e, bitwise=bitwise)
 
-    _walk(actual, expected, "", shapes=True, leaf_check=check)
+    _walk(actual, expected, "", shapes=True, leaf_check=check, ordered=ordered)
 
 
 def assert_trees_close(
-    actual: Any, expected: Any, *, rtol: float | None = None, atol: float | None = None
+    actual: Any,
+    expected: Any,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    ordered: bool = False,
 ) -> None:
     """Assert two trees are close: ``|a - e| <= atol + rtol * |e|`` elementwise at every leaf.
 
@@ -96,6 +110,7 @@ def assert_trees_close(
         expected: the reference tree.
         rtol: relative tolerance for every floating leaf (default: per dtype).
         atol: absolute tolerance for every floating leaf (default: per dtype).
+        ordered: also require every dict's keys in the same order.
 
     Raises:
         AssertionError: naming the path, the worst index, both values and the tolerances.
@@ -104,7 +119,7 @@ def assert_trees_close(
     def check(path: str, a: Any, e: Any) -> None:
         _close_leaf(path, a, e, rtol, atol)
 
-    _walk(actual, expected, "", shapes=True, leaf_check=check)
+    _walk(actual, expected, "", shapes=True, leaf_check=check, ordered=ordered)
 
 
 def assert_frozen_unchanged(
@@ -153,7 +168,9 @@ def assert_frozen_unchanged(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _walk(a: Any, e: Any, path: str, *, shapes: bool, leaf_check: Any) -> None:
+def _walk(
+    a: Any, e: Any, path: str, *, shapes: bool, leaf_check: Any, ordered: bool = False
+) -> None:
     where = path or "<root>"
     if isinstance(a, dict) or isinstance(e, dict):
         if not (isinstance(a, dict) and isinstance(e, dict)):
@@ -164,8 +181,10 @@ def _walk(a: Any, e: Any, path: str, *, shapes: bool, leaf_check: Any) -> None:
             raise AssertionError(
                 f"trees differ at {where}: keys only in actual {only_a}, only in expected {only_e}"
             )
+        if ordered and list(a) != list(e):
+            raise AssertionError(f"trees differ at {where}: key order {list(a)} vs {list(e)}")
         for k in sorted(a, key=str):
-            _walk(a[k], e[k], _join(path, k), shapes=shapes, leaf_check=leaf_check)
+            _walk(a[k], e[k], _join(path, k), shapes=shapes, leaf_check=leaf_check, ordered=ordered)
         return
     if isinstance(a, (list, tuple)) or isinstance(e, (list, tuple)):
         if type(a) is not type(e):
@@ -173,7 +192,7 @@ def _walk(a: Any, e: Any, path: str, *, shapes: bool, leaf_check: Any) -> None:
         if len(a) != len(e):
             raise AssertionError(f"trees differ at {where}: length {len(a)} vs {len(e)}")
         for i, (x, y) in enumerate(zip(a, e)):
-            _walk(x, y, _join(path, i), shapes=shapes, leaf_check=leaf_check)
+            _walk(x, y, _join(path, i), shapes=shapes, leaf_check=leaf_check, ordered=ordered)
         return
     both = isinstance(a, torch.Tensor) and isinstance(e, torch.Tensor)
     if isinstance(a, torch.Tensor) != isinstance(e, torch.Tensor):
@@ -194,6 +213,8 @@ def _equal_leaf(path: str, a: Any, e: Any, *, bitwise: bool = False) -> None:
         problem = _difference(a, e, bitwise=bitwise)
         if problem:
             raise AssertionError(f"trees differ at {path}: {problem}")
+    elif bitwise and (type(a) is not type(e) or _float_bits(a) != _float_bits(e)):
+        raise AssertionError(f"trees differ at {path}: {a!r} ({_kind(a)}) vs {e!r} ({_kind(e)})")
     elif not (a == e or (a != a and e != e)):  # plain leaves; NaN equals NaN
         raise AssertionError(f"trees differ at {path}: {a!r} vs {e!r}")
 
@@ -239,6 +260,11 @@ def _difference(a: torch.Tensor, e: torch.Tensor, *, bitwise: bool = False) -> s
         f"{int((~same).sum())} of {same.numel()} elements differ; "
         f"first at {list(first)}: {_fmt(a[first])} vs {_fmt(e[first])}"
     )
+
+
+def _float_bits(x: Any) -> Any:
+    """A plain float as its 64 bits (so ``-0.0 != 0.0``); any other value as itself."""
+    return struct.pack("<d", x) if isinstance(x, float) else x
 
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -105,7 +105,7 @@ def with_params(configs: st.SearchStrategy) -> st.SearchStrategy[tuple[Any, Any]
     Example:
         >>> from hypothesis import given, settings
         >>> from fnllm import testing, tree
-        >>> @settings(max_examples=5)
+        >>> @settings(max_examples=5, deadline=None)  # the first init is slow
         ... @given(testing.with_params(testing.gpt_configs()))
         ... def test_init_matches_param_shapes(model_and_params):
         ...     model, params = model_and_params
@@ -191,7 +191,7 @@ def token_batches(
 
 
 def mlm_args(
-    *, max_vocab: int = 64, max_len: int = 16, max_batch: int = 4
+    *, max_vocab: int = 64, max_len: int = 16, max_batch: int = 4, min_tokens: int = 1
 ) -> st.SearchStrategy[dict[str, Any]]:
     """Draw valid keyword arguments for :func:`fnllm.data.mlm_mask`.
 
@@ -213,12 +213,16 @@ def mlm_args(
         max_vocab: largest vocabulary (at least 4: pad, mask and two more ids).
         max_len: longest sequence.
         max_batch: largest batch size.
+        min_tokens: fewest real tokens in a row (0 allows fully padded rows), as in
+            :func:`token_batches`.
 
     Returns:
         A strategy of argument dicts.
     """
     if max_vocab < 4:
         raise ValueError(f"mlm_args: max_vocab must be >= 4, got {max_vocab}")
+    if not isinstance(min_tokens, int) or not 0 <= min_tokens <= max_len:
+        raise ValueError(f"mlm_args: min_tokens {min_tokens!r} outside [0, max_len {max_len}]")
 
     @st.composite
     def _draw(draw: st.DrawFn) -> dict[str, Any]:
@@ -231,7 +235,9 @@ def mlm_args(
             st.lists(st.sampled_from(others), max_size=min(2, len(others) - 1), unique=True)
         )
         special = tuple(sorted({pad_id, *extra}))
-        batch = draw(token_batches(vocab, max_len, max_batch=max_batch, pad_id=pad_id))
+        batch = draw(
+            token_batches(vocab, max_len, max_batch=max_batch, pad_id=pad_id, min_tokens=min_tokens)
+        )
         mask_frac = draw(st.sampled_from([0.0, 0.5, 0.8, 1.0]))
         random_frac = draw(st.sampled_from([0.0, 0.1, round(1.0 - mask_frac, 6)]))
         return {

@@ -121,6 +121,9 @@ def trees(
     max_leaves: int = 8,
     min_leaves: int = 1,
     tuples: bool = False,
+    root: str = "dict",
+    empty: bool = False,
+    names: st.SearchStrategy[str] | None = None,
 ) -> st.SearchStrategy[Any]:
     """Draw parameter trees: a dict at the root, nested dicts and lists, tensor leaves.
 
@@ -128,6 +131,10 @@ def trees(
     towards fewer leaves and shallower nesting. Dict keys are parameter-like names (no dots,
     never digits), so every leaf has an unambiguous dotted path as in
     :func:`fnllm.tree.paths`. A tree with no leaves is an empty dict.
+
+    For code that must take any tree (a checkpoint writer, a tree utility), ``root="any"``
+    also draws a bare leaf or a list/tuple at the root, ``empty=True`` adds empty dicts,
+    lists (and tuples) as subtrees, and ``names`` draws the dict keys (say, with digits).
 
     Example:
         >>> from hypothesis import given, settings
@@ -143,19 +150,28 @@ def trees(
         max_leaves: most leaves in a tree.
         min_leaves: fewest leaves.
         tuples: also draw tuple containers.
+        root: ``"dict"`` (a dict at the root) or ``"any"`` (also a list, a tuple or a leaf).
+        empty: also draw empty containers as subtrees (and as the root of a leafless tree).
+        names: strategy of dict keys; default parameter-like names. Keys of one dict are
+            distinct; a strategy with fewer than 3 distinct values fails to draw.
 
     Returns:
         A strategy of trees.
     """
     _check_range("trees: leaves", min_leaves, max_leaves, low=0)
+    if root not in ("dict", "any"):
+        raise ValueError(f"trees: root {root!r} is not 'dict' or 'any'")
+    if names is not None and not isinstance(names, st.SearchStrategy):
+        raise TypeError(f"trees: names must be a strategy of str, got {names!r}")
     leaf = tensors() if leaves is None else leaves
     kinds = ["dict", "list", "tuple"] if tuples else ["dict", "list"]
+    shape = _Shape(kinds, root == "any", empty, names)
 
     @st.composite
     def _draw(draw: st.DrawFn) -> Any:
         n = draw(st.integers(min_leaves, max_leaves))
         drawn = draw(st.lists(leaf, min_size=n, max_size=n))
-        return _nest(draw, drawn, kinds, root=True)
+        return _nest(draw, drawn, shape, root=True)
 
     return _draw()
 
@@ -271,15 +287,34 @@ class _PathSet:
         return f"lambda path, leaf: path in {sorted(self.paths)!r}"
 
 
+class _Shape:
+    """How :func:`trees` nests its leaves: container kinds, root kind, empties, key names."""
+
+    def __init__(
+        self, kinds: list[str], any_root: bool, empty: bool, names: st.SearchStrategy | None
+    ) -> None:
+        self.kinds, self.any_root, self.empty, self.names = kinds, any_root, empty, names
+
+    def empty_container(self, draw: st.DrawFn) -> Any:
+        return {"dict": {}, "list": [], "tuple": ()}[draw(st.sampled_from(self.kinds))]
+
+    def keys(self, draw: st.DrawFn, n: int) -> list[str]:
+        if self.names is None:
+            return list(draw(st.permutations(_KEY_POOL)))[:n]
+        return draw(st.lists(self.names, min_size=n, max_size=n, unique=True))
+
+
 def _nest(
-    draw: st.DrawFn, leaves: list[Any], kinds: list[str], *, root: bool = False, depth: int = 0
+    draw: st.DrawFn, leaves: list[Any], shape: _Shape, *, root: bool = False, depth: int = 0
 ) -> Any:
     """Arrange ``leaves`` (in order) into a random nesting of dicts, lists and tuples."""
-    if len(leaves) == 1 and not root and (depth >= 4 or draw(st.booleans())):
+    if len(leaves) == 1 and (not root or shape.any_root) and (depth >= 4 or draw(st.booleans())):
         return leaves[0]
     if not leaves:
+        if root and shape.any_root and shape.empty:
+            return shape.empty_container(draw)
         return {}
-    kind = "dict" if root else draw(st.sampled_from(kinds))
+    kind = "dict" if root and not shape.any_root else draw(st.sampled_from(shape.kinds))
     # below depth 2 a container splits its leaves, so nesting ends
     fewest = 2 if depth >= 2 and len(leaves) > 1 else 1
     k = draw(st.integers(fewest, min(len(leaves), 3)))
@@ -289,11 +324,12 @@ def _nest(
         cuts = sorted(draw(st.sets(between, min_size=k - 1, max_size=k - 1)))
     bounds = [0, *cuts, len(leaves)]
     children = [
-        _nest(draw, leaves[a:b], kinds, depth=depth + 1) for a, b in itertools.pairwise(bounds)
+        _nest(draw, leaves[a:b], shape, depth=depth + 1) for a, b in itertools.pairwise(bounds)
     ]
+    if shape.empty and depth < 4 and draw(st.booleans()):
+        children.insert(draw(st.integers(0, len(children))), shape.empty_container(draw))
     if kind == "dict":
-        names = draw(st.permutations(_KEY_POOL))
-        return dict(zip(names, children))
+        return dict(zip(shape.keys(draw, len(children)), children))
     return children if kind == "list" else tuple(children)
 
 

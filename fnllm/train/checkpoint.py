@@ -19,7 +19,6 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
 from fnllm import io, tree
@@ -251,7 +250,7 @@ def _model_config(model: Any) -> Any:
 def _restore(name: str, what: str, loaded: Any, template: Any, device: Any) -> Any:
     """Put the loaded leaves into the template's structure, checking paths, shapes and dtypes."""
     got = tree.flatten(loaded)
-    t_leaves, t_def = optree.tree_flatten(template, none_is_leaf=False)
+    t_leaves, t_def = tree.flatten_spec(template)
     t_paths = list(tree.flatten(template))
     missing = [p for p in t_paths if p not in got]
     extra = [p for p in got if p not in set(t_paths)]
@@ -281,4 +280,4 @@ def _restore(name: str, what: str, loaded: Any, template: Any, device: Any) -> A
         raise ValueError(
             f"{name}: checkpoint does not match this model's {what}: " + "; ".join(problems[:8])
         )
-    return optree.tree_unflatten(t_def, out)
+    return tree.unflatten_spec(t_def, out)

@@ -7,9 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import optree
 import torch
-import torch.utils._pytree as pytree
 
 from fnllm import optim, tree
 
@@ -114,8 +112,10 @@ def make_step(
     autocast: torch.dtype | None = None,
     guard: bool = True,
 ) -> TrainStep:
-    """Build the pure train step ``(trainable, frozen, opt_state, batch, key) -> (trainable,
-    opt_state, metrics)``.
+    """Build the pure train step of a loss and an optimizer (compiled by default).
+
+    The step is ``step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state,
+    metrics)``.
 
     The step differentiates ``loss_fn`` with respect to ``trainable`` only (``frozen`` is
     detached), so no gradient, optimizer state or backward work exists for frozen leaves, and
@@ -276,14 +276,8 @@ def check_trainable(trainable: Any, frozen: Any) -> None:
 
 
 def _leaves(t: Any) -> list[Any]:
-    """Tensor leaves, in a form dynamo traces on any sparse tree.
-
-    (torch 2.13 + optree 0.20: ``optree.tree_leaves``/``tree_flatten``, hence
-    ``fnllm.tree.leaves``, graph-break under dynamo on a dict holding an empty container, as
-    the halves of a partition do; ``torch.utils._pytree`` does not. ``optree.tree_map`` is
-    fine.)
-    """
-    return [x for x in pytree.tree_leaves(t) if isinstance(x, torch.Tensor)]
+    """Tensor leaves (``tree.leaves`` traces on any sparse tree)."""
+    return [x for x in tree.leaves(t) if isinstance(x, torch.Tensor)]
 
 
 def _autograd_grad(objective: Callable[[Any], Any], trainable: Any) -> tuple[Any, Any]:
@@ -292,13 +286,13 @@ def _autograd_grad(objective: Callable[[Any], Any], trainable: Any) -> tuple[Any
     Same numbers (one autograd engine), less per-op overhead in eager mode; unused leaves get
     zero gradients, as ``torch.func.grad`` gives them.
     """
-    leaves, spec = optree.tree_flatten(trainable, none_is_leaf=False)
+    leaves, spec = tree.flatten_spec(trainable)
     inputs = [x.detach().requires_grad_() for x in leaves]
     with torch.enable_grad():
-        loss, aux = objective(optree.tree_unflatten(spec, inputs))
+        loss, aux = objective(tree.unflatten_spec(spec, inputs))
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-    return optree.tree_unflatten(spec, grads), tree.map(_detach, aux)
+    return tree.unflatten_spec(spec, grads), tree.map(_detach, aux)
 
 
 def _copy_into(dst: Any, src: Any) -> None:
@@ -308,7 +302,7 @@ def _copy_into(dst: Any, src: Any) -> None:
         if isinstance(d, torch.Tensor) and d is not x:
             d.copy_(x)
 
-    optree.tree_map(copy, dst, src, none_is_leaf=False)
+    tree.map(copy, dst, src)
 
 
 def _detach(x: Any) -> Any:
@@ -327,11 +321,11 @@ def _select(cond: torch.Tensor, new: Any, old: Any) -> Any:
             return torch.where(cond, n, o)
         return n
 
-    return optree.tree_map(pick, new, old, none_is_leaf=False)
+    return tree.map(pick, new, old)
 
 
 def _device_type(t: Any) -> str:
-    for x in pytree.tree_leaves(t):
+    for x in tree.leaves(t):
         if isinstance(x, torch.Tensor):
             return x.device.type
     return "cpu"

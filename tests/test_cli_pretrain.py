@@ -1,4 +1,4 @@
-"""The fnllm command line."""
+"""``fnllm demo --pretrain``: the pretraining demo."""
 
 from __future__ import annotations
 
@@ -13,7 +13,19 @@ from fnllm.cli import main
 
 def test_demo_trains_resumes_and_saves(tmp_path, capsys):
     assert (
-        main(["demo", "--steps", "12", "--no-progress", "--no-minilm", "--out", str(tmp_path)]) == 0
+        main(
+            [
+                "demo",
+                "--pretrain",
+                "--steps",
+                "12",
+                "--no-progress",
+                "--no-minilm",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
     )
     out = capsys.readouterr().out
     assert "reload equal: True" in out
@@ -26,7 +38,7 @@ def test_demo_trains_resumes_and_saves(tmp_path, capsys):
 
 def test_demo_rejects_bad_steps(capsys):
     with pytest.raises(SystemExit) as err:
-        main(["demo", "--steps", "0"])
+        main(["demo", "--pretrain", "--steps", "0"])
     assert err.value.code == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
 

@@ -1,249 +1,34 @@
-"""Functional, splittable random keys, bit-identical to ``jax.random`` (threefry2x32).
-
-A key is a plain ``torch.int64`` tensor of shape ``(2,)`` holding two unsigned 32-bit words
-(each in ``[0, 2**32)``), exactly the words of JAX's ``jax.random.key_data(key)`` /
-``jax.random.PRNGKey(seed)``. Every sampler is a pure function of its key: the same key gives
-the same numbers, on any device, eagerly, under ``torch.func.vmap`` (map over a batch of keys
-made by :func:`split`) and under ``torch.compile(fullgraph=True)``.
-
-The bit layout follows JAX with ``jax_threefry_partitionable=True`` (the default of current
-JAX): element ``i`` of a draw of shape ``shape`` hashes the 64-bit counter ``i`` (hi word,
-lo word) with the key; ``split(key, n)[i]`` is the hash of counter ``i``; ``fold_in(key, d)``
-is the hash of counter ``d``.
-
-What matches JAX (running on CPU) bit for bit: :func:`key`, :func:`split`, :func:`fold_in`,
-:func:`bits`, :func:`uniform` (float32, float16, bfloat16, any ``minval``/``maxval``),
-:func:`bernoulli`, :func:`randint`, :func:`permutation`, and :func:`normal` in float16 and
-bfloat16. What matches to a few ulp: :func:`normal` in float32 (JAX's ``erf_inv`` polynomial
-is reproduced, XLA's ``log1p`` is not: ~1% of values differ, by at most 3 ulp),
-:func:`gumbel` (torch's ``log`` vs XLA's), and so :func:`categorical`, whose samples agree
-with JAX unless two perturbed logits are within an ulp of each other (practically never).
-Scaled float32 uniforms emulate XLA's fused multiply-add in float64; that double rounding
-could differ from a true FMA only when ``minval`` is tiny next to the span (never seen).
-
-Why int64 and not ``torch.uint32``: ``torch.uint32`` lacks add/shift/compare kernels on CPU,
-so the hash runs on int64 values masked to 32 bits. :func:`to_jax_key` / :func:`from_jax_key`
-convert losslessly to and from JAX (``uint32[..., 2]`` key data or typed keys). Key words
-must lie in ``[0, 2**32)``: eager calls refuse other int64 words (they would alias other keys);
-int32 keys are read as the bit patterns of uint32 words.
-
-Speed: in eager mode a draw of 4096 values or more from :func:`bits`, float32 :func:`uniform`
-or :func:`bernoulli` (and so ``fnllm.nn.dropout``) runs the 20 threefry rounds as one kernel
-made by ``torch.compile`` with dynamic shapes (one compile per kind for every size, cached on
-disk by inductor: tens of seconds the first time on a machine, about a second in later
-processes); smaller draws, code traced by ``torch.compile`` (fused there anyway) and draws
-inside ``torch.func`` transforms use plain tensor ops. Both give the same bits.
-
-Example:
-    >>> from fnllm import random as jr
-    >>> k = jr.key(0)
-    >>> k1, k2 = jr.split(k)
-    >>> jr.uniform(k1, (3,))
-    tensor([0.8423, 0.1824, 0.2272])
+"""The samplers of :mod:`fnllm.random` (private; see that module): each is a pure function of
+a key, built on the threefry core in ``fnllm.random._keys``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = [
-    "KEY_DTYPE",
-    "bernoulli",
-    "bits",
-    "categorical",
-    "fold_in",
-    "from_jax_key",
-    "gumbel",
-    "key",
-    "normal",
-    "permutation",
-    "randint",
-    "split",
-    "to_jax_key",
-    "uniform",
-]
+from fnllm.random._erfinv import _ABOVE_MINUS_ONE, _erfinv_f32
+from fnllm.random._fast import _fast_draw
+from fnllm.random._keys import (
+    _MASK,
+    _check_key,
+    _check_shape,
+    _counters,
+    _eager,
+    _key_words,
+    _random_bits32,
+    _threefry,
+    split,
+)
+from fnllm.random._keys import key as key  # the examples below call key(0)
 
-KEY_DTYPE = torch.int64
-"""dtype of a key tensor: int64 holding two uint32 words."""
-
-_MASK = 0xFFFFFFFF
-_ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
-_PARITY = 0x1BD11BDA
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _BITS_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int64)
 _SQRT2 = 1.4142135623730951
-
-
-# ----------------------------------------------------------------------------------------------
-# keys
-
-
-def key(seed: int | Tensor, *, device: torch.device | str | None = None) -> Tensor:
-    """Make a key from an integer seed, like ``jax.random.key(seed)`` / ``PRNGKey(seed)``.
-
-    JAX (with 64-bit mode off, its default) keeps only the low 32 bits of the seed and sets
-    the high word to 0: ``key(-1)`` is ``[0, 2**32 - 1]`` and ``key(2**32 + 5)`` is ``[0, 5]``.
-    fnllm does the same for every seed, so keys agree with default JAX for all seeds.
-
-    Example:
-        >>> key(0)
-        tensor([0, 0])
-        >>> key(-1)
-        tensor([         0, 4294967295])
-
-    Args:
-        seed: a Python int in ``[-2**63, 2**64)`` or an integer tensor of shape ``()``
-            (under ``vmap`` a batch of seeds gives a batch of keys).
-        device: where to put the key (Python seeds only; a tensor seed keeps its device).
-
-    Returns:
-        An int64 tensor of shape ``(2,)``.
-    """
-    if isinstance(seed, Tensor):
-        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
-            raise TypeError(f"key: seed must be an integer tensor, got dtype {seed.dtype}")
-        if seed.dim() != 0:
-            raise ValueError(
-                f"key: seed tensor must have shape (), got {tuple(seed.shape)}; "
-                "use torch.func.vmap to make many keys"
-            )
-        lo = seed.to(torch.int64) & _MASK
-        return torch.stack([torch.zeros_like(lo), lo])
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"key: seed must be an int or an integer tensor, got {type(seed).__name__}")
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"key: seed {seed} outside [-2**63, 2**64)")
-    return torch.tensor([0, seed & _MASK], dtype=KEY_DTYPE, device=device)
-
-
-def split(key: Tensor, num: int | Sequence[int] = 2) -> Tensor:
-    """Split a key into ``num`` new independent keys, like ``jax.random.split``.
-
-    Example:
-        >>> split(key(0))
-        tensor([[1797259609, 2579123966],
-                [ 928981903, 3453687069]])
-        >>> split(key(0), 3).shape
-        torch.Size([3, 2])
-
-    Args:
-        key: a key (shape ``(2,)``).
-        num: how many keys (an int), or the shape of the batch of keys (a tuple).
-
-    Returns:
-        Keys of shape ``(num, 2)`` (or ``(*num, 2)``), on the key's device.
-    """
-    k0, k1 = _check_key("split", key)
-    shape = (num,) if isinstance(num, int) and not isinstance(num, bool) else num
-    shape = _check_shape("split: num", shape)
-    x0, x1 = _threefry(k0, k1, *_counters(shape, key.device))
-    return torch.stack([x0, x1], dim=-1)
-
-
-def fold_in(key: Tensor, data: int | Tensor) -> Tensor:
-    """Fold an integer into a key, giving a new key, like ``jax.random.fold_in``.
-
-    ``fold_in(key, i)`` equals ``split(key, n)[i]`` for any ``n > i``.
-
-    Example:
-        >>> fold_in(key(0), 1)
-        tensor([ 928981903, 3453687069])
-
-    Args:
-        key: a key (shape ``(2,)``).
-        data: a Python int in ``[0, 2**32)`` (JAX raises outside it too), or an integer
-            tensor of shape ``()`` whose value is taken modulo ``2**32`` (as JAX does for
-            integer arrays, e.g. ``-1`` folds in ``2**32 - 1``).
-
-    Returns:
-        A new key of shape ``(2,)``.
-    """
-    k0, k1 = _check_key("fold_in", key)
-    if isinstance(data, Tensor):
-        if data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:
-            raise TypeError(f"fold_in: data must be an integer tensor, got dtype {data.dtype}")
-        if data.dim() != 0:
-            raise ValueError(
-                f"fold_in: data must have shape (), got {tuple(data.shape)}; "
-                "use torch.func.vmap to fold in many values"
-            )
-        lo = data.to(device=key.device, dtype=torch.int64) & _MASK
-    elif isinstance(data, int) and not isinstance(data, bool):
-        if not 0 <= data <= _MASK:
-            raise ValueError(f"fold_in: data {data} outside [0, 2**32)")
-        lo = torch.tensor(data, dtype=torch.int64, device=key.device)
-    else:
-        raise TypeError(f"fold_in: data must be an int or a tensor, got {type(data).__name__}")
-    x0, x1 = _threefry(k0, k1, None, lo)
-    return torch.stack([x0, x1])
-
-
-def to_jax_key(key: Tensor) -> Any:
-    """Convert a key (or a batch of keys) to JAX's raw ``uint32[..., 2]`` key data.
-
-    The result works with every ``jax.random`` function (as a legacy ``PRNGKey``) and with
-    ``jax.random.wrap_key_data`` to make a typed key.
-
-    Example:
-        >>> to_jax_key(key(7)).tolist()
-        [0, 7]
-
-    Args:
-        key: an fnllm key of shape ``(..., 2)``.
-
-    Returns:
-        A ``jax.Array`` of dtype uint32 and the same shape.
-    """
-    import jax.numpy as jnp
-    import numpy as np
-
-    _check_key_dtype("to_jax_key", key)
-    if key.dim() == 0 or key.shape[-1] != 2:
-        raise ValueError(f"to_jax_key: key must have shape (..., 2), got {tuple(key.shape)}")
-    words = (key.detach().to("cpu", torch.int64) & _MASK).numpy().astype(np.uint32)
-    return jnp.asarray(words, dtype=jnp.uint32)
-
-
-def from_jax_key(jax_key: Any, *, device: torch.device | str | None = None) -> Tensor:
-    """Convert a JAX key (typed ``jax.random.key`` or raw ``uint32[..., 2]``) to an fnllm key.
-
-    Example:
-        >>> import numpy as np
-        >>> from_jax_key(np.array([0, 42], dtype=np.uint32))
-        tensor([ 0, 42])
-
-    Args:
-        jax_key: a typed threefry key array, or raw key data of shape ``(..., 2)``
-            (a jax or numpy uint32 array).
-        device: where to put the result.
-
-    Returns:
-        An int64 tensor of shape ``(..., 2)``.
-    """
-    import numpy as np
-
-    dtype = getattr(jax_key, "dtype", None)
-    if dtype is not None and "key" in str(dtype):
-        import jax
-
-        jax_key = jax.random.key_data(jax_key)
-    arr = np.asarray(jax_key)
-    if arr.dtype != np.uint32 or arr.ndim == 0 or arr.shape[-1] != 2:
-        raise ValueError(
-            f"from_jax_key: expected threefry key data uint32[..., 2], got {arr.dtype}{arr.shape}"
-        )
-    return torch.as_tensor(arr.astype(np.int64), device=device)
-
-
-# ----------------------------------------------------------------------------------------------
-# samplers
 
 
 def bits(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.int64) -> Tensor:
@@ -610,69 +395,6 @@ def permutation(key: Tensor, x: int | Tensor) -> Tensor:
     return perm if not isinstance(x, Tensor) else x[perm]
 
 
-# ----------------------------------------------------------------------------------------------
-# helpers
-
-
-def _check_key_dtype(name: str, key: Any) -> None:
-    if not isinstance(key, Tensor):
-        raise TypeError(f"{name}: key must be a tensor (see fnllm.random.key), got {type(key)}")
-    if key.dtype.is_floating_point or key.dtype.is_complex or key.dtype == torch.bool:
-        raise TypeError(
-            f"{name}: key must be an integer tensor (from fnllm.random.key/split), "
-            f"got dtype {key.dtype}"
-        )
-
-
-def _check_key(name: str, key: Any) -> tuple[Tensor, Tensor]:
-    """Validate a single key and return its two words as int64 scalars."""
-    key = _key_words(name, key)
-    return key[0], key[1]
-
-
-def _key_words(name: str, key: Any) -> Tensor:
-    """Validate a single key and return it as an int64 tensor of shape (2,)."""
-    _check_key_dtype(name, key)
-    if tuple(key.shape) != (2,):
-        if key.dim() >= 2 and key.shape[-1] == 2:
-            raise ValueError(
-                f"{name}: got a batch of keys of shape {tuple(key.shape)}; pass one key of "
-                "shape (2,), or map over the batch with torch.func.vmap"
-            )
-        raise ValueError(f"{name}: key must have shape (2,), got {tuple(key.shape)}")
-    _check_key_words(name, key)
-    if key.dtype != torch.int64:
-        key = key.to(torch.int64) & _MASK
-    return key
-
-
-def _eager(*tensors: Any) -> bool:
-    """True when values can be checked: not while compiling, no ``torch.func`` wrapper, not meta."""
-    if torch.compiler.is_compiling():
-        return False
-    return not any(
-        isinstance(t, Tensor)
-        and (torch._C._functorch.is_functorch_wrapped_tensor(t) or t.device.type == "meta")
-        for t in tensors
-    )
-
-
-def _check_key_words(name: str, key: Tensor) -> None:
-    """Eagerly refuse key words outside ``[0, 2**32)``: they would alias other keys.
-
-    int32 keys are taken as the bit patterns of uint32 words (as JAX's ``uint32`` data viewed
-    as ``int32``), so any int32 value is valid; other integer dtypes must hold the words.
-    """
-    if key.dtype in (torch.int32, torch.uint32, torch.uint8, torch.uint16) or not _eager(key):
-        return
-    bad = any(w < 0 or w > _MASK for w in key.tolist())  # two words: cheaper than tensor ops
-    if bad:
-        raise ValueError(
-            f"{name}: key {key.tolist()} has words outside the uint32 range [0, 2**32) "
-            "(it would alias another key); make keys with fnllm.random.key/split/fold_in"
-        )
-
-
 def _check_probability(name: str, arg: str, p: Tensor, *, upper_open: bool) -> None:
     """Eagerly check that every value of a probability tensor lies in [0, 1] (or [0, 1))."""
     if not _eager(p) or p.numel() == 0:
@@ -686,17 +408,6 @@ def _check_probability(name: str, arg: str, p: Tensor, *, upper_open: bool) -> N
         raise ValueError(f"{name}: {arg} {value}{where} outside {interval}")
 
 
-def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
-    if not isinstance(shape, (tuple, list, torch.Size)):
-        raise TypeError(f"{name} must be a tuple of ints, got {type(shape).__name__} {shape!r}")
-    for d in shape:
-        if isinstance(d, bool) or not isinstance(d, (int, torch.SymInt)):
-            raise TypeError(f"{name} must be a tuple of ints, got {shape!r}")
-        if isinstance(d, int) and d < 0:
-            raise ValueError(f"{name} must be non-negative, got {tuple(shape)}")
-    return tuple(shape)
-
-
 def _check_broadcast(name: str, what: str, arg_shape: tuple, shape: tuple) -> None:
     try:
         ok = tuple(torch.broadcast_shapes(arg_shape, shape)) == tuple(shape)
@@ -704,98 +415,6 @@ def _check_broadcast(name: str, what: str, arg_shape: tuple, shape: tuple) -> No
         ok = False
     if not ok:
         raise ValueError(f"{name}: {what} of shape {arg_shape} does not broadcast to {shape}")
-
-
-def _counters(shape: tuple[int, ...], device: torch.device) -> tuple[Tensor | None, Tensor]:
-    """The (hi, lo) words of a 64-bit iota of the given shape (hi is None when all zero)."""
-    n = math.prod(shape)
-    idx = torch.arange(n, dtype=torch.int64, device=device).reshape(shape)
-    if n <= 2**32:
-        return None, idx
-    return idx >> 32, idx & _MASK
-
-
-def _threefry(k0: Tensor, k1: Tensor, x0: Tensor | None, x1: Tensor) -> tuple[Tensor, Tensor]:
-    """Threefry-2x32 (20 rounds) of counters (x0, x1) under key (k0, k1); int64 in and out.
-
-    Works on int64 holding uint32 values. The first word is left unmasked between rounds
-    (its high bits never reach the low 32 bits: it is only added to and xor-ed), the second
-    is masked after each round because it is rotated.
-    """
-    ks = (k0, k1, k0 ^ k1 ^ _PARITY)
-    x0 = ks[0] if x0 is None else x0 + ks[0]
-    x1 = (x1 + ks[1]) & _MASK
-    for i in range(5):
-        for r in _ROT[i % 2]:
-            x0 = x0 + x1
-            x1 = (x0 ^ ((x1 << r) | (x1 >> (32 - r)))) & _MASK
-        x0 = x0 + ks[(i + 1) % 3]
-        x1 = (x1 + (ks[(i + 2) % 3] + (i + 1))) & _MASK
-    return x0 & _MASK, x1
-
-
-def _random_bits32(k0: Tensor, k1: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    x0, x1 = _threefry(k0, k1, *_counters(shape, device))
-    return x0 ^ x1
-
-
-# Eager draws of at least _FAST_MIN values run the threefry hash as one compiled kernel
-# (torch.compile with dynamic shapes: one compile per kind and device for every size), instead
-# of ~150 separate tensor ops. Smaller draws, traced code (which inductor fuses by itself) and
-# draws inside torch.func transforms take the op path; both give the same bits.
-_FAST_MIN = 4096
-_FAST_DEVICES = ("cpu",)
-_FAST_CACHE: dict[str, Any] = {}
-
-
-def _fast_draw(kind: str, key: Tensor, shape: tuple[int, ...]) -> Tensor | None:
-    """Draw with the compiled core, flat then reshaped; ``None`` where the op path must run.
-
-    ``key`` is a checked int64 key (``_key_words``).
-
-    Kinds: ``"bits"`` (32 random bits in int64), ``"unit"`` (float32 in [0, 1)). Each kind
-    is compiled on first use;
-    if compiling fails (no C++ compiler, ...) a warning says so once and every later draw
-    takes the op path.
-    """
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return None
-    n = math.prod(shape)
-    if n < _FAST_MIN or n > 2**32 or key.device.type not in _FAST_DEVICES:
-        return None
-    if _FAST_CACHE.get("broken"):
-        return None
-    fn = _FAST_CACHE.get(kind)
-    if fn is None:
-        fn = _FAST_CACHE[kind] = torch.compile(_FAST_CORES[kind], dynamic=True, fullgraph=True)
-    try:
-        with torch.no_grad():
-            out = fn(key, n)
-    except Exception as e:  # compile failures surface as many exception types
-        _FAST_CACHE["broken"] = True
-        warnings.warn(
-            f"fnllm.random: compiling the eager sampling core failed ({type(e).__name__}: "
-            f"{e}); eager draws fall back to plain tensor ops (same values, slower)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    return out.reshape(shape)
-
-
-def _core_bits(key: Tensor, n: int) -> Tensor:
-    x0, x1 = _threefry(key[0], key[1], None, torch.arange(n, dtype=torch.int64, device=key.device))
-    return x0 ^ x1
-
-
-def _core_unit(key: Tensor, n: int) -> Tensor:
-    return (_core_bits(key, n) >> 9).to(torch.float32) * 2.0**-23
-
-
-_FAST_CORES: dict[str, Callable[..., Tensor]] = {
-    "bits": _core_bits,
-    "unit": _core_unit,
-}
 
 
 def _unit_floats(
@@ -865,46 +484,3 @@ def _gumbel(
     # ~2**-29 chance per value), so eager, vmap and compiled code give the same bits.
     inner = torch.log(u.to(torch.float64)).to(dtype)
     return (-torch.log(-inner.to(torch.float64))).to(dtype)
-
-
-# nextafter(-1, 0) per dtype: the open lower end of normal()'s uniform, as in JAX.
-_ABOVE_MINUS_ONE = {
-    torch.float32: -1.0 + 2.0**-24,
-    torch.float16: -1.0 + 2.0**-11,
-    torch.bfloat16: -1.0 + 2.0**-8,
-    torch.float64: -1.0 + 2.0**-53,
-}
-
-
-# Single-precision erfinv polynomial (M. Giles, "Approximating the erfinv function", 2010),
-# which XLA uses for float32; evaluated in float64 steps rounded to float32 to mimic XLA's FMAs.
-_ERFINV_SMALL = (
-    2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
-    -0.00125372503, -0.00417768164, 0.246640727, 1.50140941,
-)  # fmt: skip
-_ERFINV_LARGE = (
-    -0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
-    -0.0076224613, 0.00943887047, 1.00167406, 2.83297682,
-)  # fmt: skip
-
-
-def _erfinv_f32(x: Tensor) -> Tensor:
-    # log1p in float64 rounded to float32: identical in eager, vmap and compiled code.
-    w = (-torch.log1p(-(x * x).to(torch.float64))).to(torch.float32)
-    small = w < 5.0
-    w = torch.where(small, w - 2.5, torch.sqrt(w) - 3.0).to(torch.float64)
-    f32 = torch.float32
-    p = torch.where(
-        small,
-        torch.tensor(_ERFINV_SMALL[0], dtype=f32, device=x.device),
-        torch.tensor(_ERFINV_LARGE[0], dtype=f32, device=x.device),
-    )
-    for a, b in zip(_ERFINV_SMALL[1:], _ERFINV_LARGE[1:]):
-        c = torch.where(
-            small,
-            torch.tensor(a, dtype=f32, device=x.device),
-            torch.tensor(b, dtype=f32, device=x.device),
-        ).to(torch.float64)
-        p = (p.to(torch.float64) * w + c).to(f32)
-    out = p * x
-    return torch.where(x.abs() == 1.0, x * torch.finfo(f32).max, out)

@@ -1,0 +1,273 @@
+"""Argument checks shared by every fnllm module (private; public names are re-exported by
+:mod:`fnllm.nn`).
+
+Static checks (Python scalars, dtypes, shapes) always run. Data-dependent checks (id ranges,
+lengths) read tensor values, which is not possible while ``torch.compile`` traces and not
+allowed inside ``torch.func`` transforms; two questions decide when they run:
+
+- :func:`checks_enabled`: no tensor at hand: eager and not inside ``vmap``;
+- :func:`tracing`: given the tensors to read: tracing, or one of them is a ``torch.func``
+  wrapper (``grad`` or ``vmap``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch._functorch.pyfunctorch import TransformType, retrieve_current_functorch_interpreter
+
+from fnllm import tree
+
+IGNORE_INDEX = -100  # the label of a position no loss counts (as in PyTorch and transformers)
+
+_SIGNED_INTS = (torch.int8, torch.int16, torch.int32, torch.int64)  # labels hold -100
+
+
+def in_vmap() -> bool:
+    """Whether the caller runs inside ``torch.func.vmap`` (at any level of nesting).
+
+    Works in eager mode and while ``torch.compile`` traces (the answer is a trace-time
+    constant, so it causes no graph break). ``torch.func.grad`` alone does not count.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import nn
+        >>> nn.in_vmap()
+        False
+        >>> torch.func.vmap(lambda x: x + nn.in_vmap())(torch.zeros(2))
+        tensor([1., 1.])
+
+    Returns:
+        ``True`` when a vmap transform is active.
+    """
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    if torch.compiler.is_compiling():
+        return _vmap_on_stack()
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    return any(level.key() == TransformType.Vmap for level in stack)
+
+
+def checks_enabled() -> bool:
+    """Whether data-dependent input checks can run: eager mode and not inside ``vmap``.
+
+    Example:
+        >>> from fnllm import nn
+        >>> nn.checks_enabled()
+        True
+
+    Returns:
+        ``False`` while ``torch.compile`` traces or inside ``torch.func.vmap``.
+    """
+    return not torch.compiler.is_compiling() and not in_vmap()
+
+
+def wrapped(x: object) -> bool:
+    """True for a ``torch.func`` wrapper tensor seen eagerly (False while compiling)."""
+    if torch.compiler.is_compiling():
+        return False
+    return isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def tracing(*tensors: object) -> bool:
+    """True under ``torch.compile`` tracing or when any tensor is a ``torch.func`` wrapper."""
+    return torch.compiler.is_compiling() or any(wrapped(t) for t in tensors)
+
+
+def check_ids(ids: Any, size: int, *, name: str = "tokens") -> Tensor:
+    """Validate integer ids for an embedding lookup of ``size`` rows.
+
+    The dtype check always runs; the range check (which reads the values) runs only when
+    :func:`checks_enabled`.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import nn
+        >>> nn.check_ids(torch.tensor([[1, 2], [3, 9]]), 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: tokens: id 9 at [1, 1] >= vocab_size 5
+
+    Args:
+        ids: the candidate ids.
+        size: the number of rows (ids must be in ``[0, size)``).
+        name: how the error message names ``ids`` (the bound is called ``vocab_size`` for
+            ``"tokens"`` and ``size`` otherwise).
+
+    Returns:
+        ``ids`` as an int64 or int32 tensor (other integer dtypes are widened to int64).
+
+    Raises:
+        TypeError: ``ids`` is not a tensor, or not of an integer dtype.
+        ValueError: an id is out of range; the message names the first one and its index.
+    """
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name}: expected an integer torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {ids.dtype}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        ids = ids.long()
+    if checks_enabled():
+        check_id_range(name, ids, size, bound="vocab_size" if name == "tokens" else "size")
+    return ids
+
+
+def check_id_range(
+    name: str, ids: Tensor, size: int, *, bound: str = "vocab_size", ignore: int | None = None
+) -> None:
+    """Raise naming the first id outside ``[0, size)`` (other than ``ignore``); one host sync.
+
+    The caller decides whether values may be read (:func:`checks_enabled`, :func:`tracing`).
+    """
+    if ids.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
+    if low >= 0 and high < size:
+        return
+    bad = (ids < 0) | (ids >= size)
+    if ignore is not None:
+        bad = bad & (ids != ignore)
+    if not bool(bad.any()):
+        return
+    where = [int(i) for i in bad.nonzero()[0]]
+    value = int(ids[tuple(where)])
+    rel = "< 0" if value < 0 else f">= {bound} {size}"
+    extra = f" (and is not ignore_index {ignore})" if ignore is not None else ""
+    raise ValueError(f"{name}: id {value} at {where} {rel}{extra}")
+
+
+def check_shapes(
+    params: Any, expected: Mapping[str, tuple[int, ...]], *, name: str = "params"
+) -> None:
+    """Check that a tree has exactly the leaves ``expected`` names, with those shapes.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import nn
+        >>> nn.check_shapes({"w": torch.zeros(2, 3)}, {"w": (2, 3)})
+        >>> nn.check_shapes({"w": torch.zeros(2, 3)}, {"w": (3, 2)})
+        Traceback (most recent call last):
+        ...
+        ValueError: params: w has shape (2, 3), expected (3, 2)
+
+    Args:
+        params: a nested dict/list tree of tensors.
+        expected: ``{dotted.path: shape}``.
+        name: how the error message names the tree.
+
+    Raises:
+        KeyError: a leaf is missing or unexpected (the message lists the paths).
+        TypeError: a leaf is not a tensor.
+        ValueError: a leaf has the wrong shape.
+    """
+    flat = tree.flatten(params)
+    # LoRA adapters (``*.lora_a``, ``lora_b``, ``lora_scale``) ride along with a linear's leaves
+    flat = {p: v for p, v in flat.items() if not p.rpartition(".")[2].startswith("lora_")}
+    check_keys(
+        f"{name}: ", [p for p in expected if p not in flat], [p for p in flat if p not in expected]
+    )
+    for path, shape in expected.items():
+        leaf = flat[path]
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{name}: {path} is a {type(leaf).__name__}, expected a tensor")
+        if tuple(leaf.shape) != tuple(shape):
+            raise ValueError(
+                f"{name}: {path} has shape {tuple(leaf.shape)}, expected {tuple(shape)}"
+            )
+
+
+def check_keys(prefix: str, missing: list[str], unexpected: list[str]) -> None:
+    """Raise one ``KeyError`` listing the missing and the unexpected keys, if there are any."""
+    if not (missing or unexpected):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {few(unexpected)}")
+    raise KeyError(prefix + "; ".join(parts))
+
+
+def few(items: list[str], limit: int = 8) -> str:
+    """Name up to ``limit`` items, then say how many more."""
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def check_int(name: str, value: object, *, low: int | None = None) -> int:
+    """Raise unless ``value`` is a Python int (not bool) at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name}: {value} < {low}")
+    return value
+
+
+def check_number(
+    name: str, value: object, *, positive: bool = False, nonnegative: bool = False
+) -> float:
+    """Raise unless ``value`` is a finite real number (with the sign asked for)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name}: expected > 0, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name}: expected >= 0, got {value}")
+    return value
+
+
+def check_int_tensor(name: str, x: object) -> Tensor:
+    """Raise unless ``x`` is a tensor of a signed integer dtype with at least one dimension."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected an integer torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _SIGNED_INTS:
+        raise ValueError(f"{name}: expected a signed integer dtype, got {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{name}: expected at least 1 dimension, got a scalar")
+    return x
+
+
+def check_mask(name: str, mask: object, like: Tensor) -> Tensor:
+    """Raise unless ``mask`` is a real (bool/int/float) tensor with the shape of ``like``.
+
+    Masks are read as ``mask != 0``.
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise ValueError(f"{name}: expected a bool, integer or float dtype, got {mask.dtype}")
+    if mask.shape != like.shape:
+        raise ValueError(f"{name}: shape {tuple(mask.shape)} != tokens shape {tuple(like.shape)}")
+    return mask
+
+
+def check_id_list(name: str, ids: Iterable[object], vocab_size: int) -> tuple[int, ...]:
+    """Validate a collection of Python token ids; return them sorted and deduplicated."""
+    out = set()
+    for i in ids:
+        if isinstance(i, Tensor) and i.numel() == 1:
+            i = int(i)
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"{name}: expected int ids, got {i!r}")
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"{name}: id {i} outside [0, vocab_size {vocab_size})")
+        out.add(i)
+    return tuple(sorted(out))
+
+
+def _vmap_on_stack() -> bool:
+    """Walk the functorch interpreter stack top-down (the form dynamo can trace)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    interpreter = retrieve_current_functorch_interpreter()
+    if interpreter.key() == TransformType.Vmap:
+        return True
+    with interpreter.lower():
+        return _vmap_on_stack()

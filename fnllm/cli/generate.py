@@ -1,0 +1,136 @@
+"""``fnllm generate``: sample from a GPT checkpoint or a transformers GPT-2 folder, streaming."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add the ``generate`` command to the ``fnllm`` parser's subparsers.
+
+    Example:
+        >>> import argparse
+        >>> parser = argparse.ArgumentParser(prog="fnllm")
+        >>> register(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["generate", "run/", "--prompt", "Hi", "--top-k", "5"])
+        >>> args.prompt, args.top_k, args.temperature
+        ('Hi', 5, 0.8)
+
+    Args:
+        sub: the object ``argparse.ArgumentParser.add_subparsers`` returned.
+    """
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a GPT checkpoint",
+        description=(
+            "Continue a prompt with a GPT, printing tokens as they come. SOURCE is a model "
+            "file written by fnllm (fnllm pretrain's model.safetensors, io.save_model), the "
+            "folder holding it, or a transformers GPT-2 folder (config.json + weights). The "
+            "tokenizer is the tokenizer.json next to the model unless --tokenizer is given."
+        ),
+    )
+    p.add_argument("source", type=Path, help="model file or folder")
+    p.add_argument("--prompt", default="", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="the sampling key (default 0)")
+    p.add_argument(
+        "--stop", action="append", default=None, help="stop at this token (repeatable; "
+        "default: the tokenizer's end-of-text token, if any)",
+    )  # fmt: skip
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json or its folder")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from fnllm import generate
+    from fnllm import random as jr
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        model, params, folder = _load(args.source)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        parser.error(f"{args.source}: {err}")
+    try:
+        tok = _tokenizer(args.tokenizer or folder)
+    except (OSError, ValueError) as err:
+        parser.error(f"tokenizer: {err} (give --tokenizer)")
+    prompt_ids = tok.encode(args.prompt, add_special_tokens=False).ids if args.prompt else []
+    if not prompt_ids:
+        eos = tok.token_to_id("<|endoftext|>")
+        if eos is None:
+            parser.error("--prompt: empty, and the tokenizer has no <|endoftext|> to start from")
+        prompt_ids = [eos]
+    stops = args.stop if args.stop is not None else ["<|endoftext|>"]
+    stop_ids = [tok.token_to_id(s) for s in stops]
+    missing = [s for s, i in zip(stops, stop_ids) if i is None]
+    if missing and args.stop is not None:
+        parser.error(f"--stop: {missing} not in the tokenizer's vocabulary")
+    stop_ids = [i for i in stop_ids if i is not None]
+    try:
+        steps = generate.stream(
+            jr.key(args.seed), model, params, [prompt_ids], args.max_new_tokens,
+            args.temperature, args.top_k, args.top_p, stop_ids, compile=args.compile,
+        )  # fmt: skip
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    new: list[int] = []
+    shown = ""
+    for step in steps:
+        token = int(step[0])
+        if token in stop_ids:
+            break
+        new.append(token)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(text[len(shown) :])
+            out.flush()
+            shown = text
+    out.write("\n")
+    return 0
+
+
+def _load(source: Path) -> tuple[Any, Any, Path]:
+    """``(model, params, folder)`` from an fnllm model file, its folder or a GPT-2 folder."""
+    from fnllm import io
+    from fnllm.models import GPT
+
+    if source.is_dir():
+        if (source / "model.safetensors").is_file() and not (source / "config.json").is_file():
+            model, params = io.load_model(source / "model.safetensors")
+        else:
+            model, params = io.from_hf(source)
+        folder = source
+    else:
+        model, params = io.load_model(source)
+        folder = source.parent
+    if not isinstance(model, GPT):
+        raise TypeError(f"the checkpoint holds a {type(model).__name__}, not a GPT")
+    return model, params, folder
+
+
+def _tokenizer(source: Path) -> Any:
+    """A ``tokenizer.json`` (file or folder), or a GPT-2 folder's vocab.json + merges.txt."""
+    from fnllm import data
+
+    legacy = [source / "vocab.json", source / "merges.txt"]
+    if not (source / "tokenizer.json").is_file() and all(p.is_file() for p in legacy):
+        from transformers import AutoTokenizer
+
+        return data.load_tokenizer(AutoTokenizer.from_pretrained(source))
+    return data.load_tokenizer(source)

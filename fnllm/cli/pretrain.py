@@ -1,0 +1,116 @@
+"""``fnllm pretrain``: a GPT or BERT from scratch on the Python documentation, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add the ``pretrain`` command to the ``fnllm`` parser's subparsers.
+
+    Example:
+        >>> import argparse
+        >>> parser = argparse.ArgumentParser(prog="fnllm")
+        >>> register(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["pretrain", "--out", "run", "--model", "bert"])
+        >>> args.model, args.steps
+        ('bert', None)
+
+    Args:
+        sub: the object ``argparse.ArgumentParser.add_subparsers`` returned.
+    """
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a GPT or BERT from scratch on the Python docs",
+        description=(
+            "Train a GPT (next token) or a BERT (MLM + sentence order) from scratch on the "
+            "Python documentation topics (pydoc_data) and standard-library docstrings, with a "
+            "BPE/WordPiece tokenizer trained on them and cached. Rerunning the same command "
+            "resumes from the newest checkpoint in OUT/checkpoints."
+        ),
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--model", choices=("gpt", "bert"), default="gpt", help="default gpt")
+    p.add_argument("--quick", action="store_true", help="a tiny run that takes seconds")
+    defaults = _defaults()
+    for name, kind, text in _NUMBERS:
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=kind, default=None, help=f"{text} (default {defaults[name]})")
+    p.add_argument("--no-docstrings", action="store_true", help="pydoc topics only")
+    p.add_argument("--cache-dir", type=Path, default=None, help="tokenizer cache (default OUT)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the train step")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run)
+
+
+_NUMBERS = (
+    ("steps", int, "train steps in total"),
+    ("batch_size", int, "sequences per step"),
+    ("block_size", int, "tokens per sequence"),
+    ("vocab_size", int, "tokenizer vocabulary size"),
+    ("n_layer", int, "transformer blocks"),
+    ("n_head", int, "attention heads"),
+    ("d_model", int, "model width"),
+    ("lr", float, "peak learning rate"),
+    ("seed", int, "the run's key"),
+    ("checkpoint_every", int, "checkpoint every N steps"),
+    ("eval_every", int, "validation every N steps (0: at the end)"),
+    ("val_fraction", float, "share of documents held out"),
+)
+
+
+def _defaults() -> dict[str, Any]:
+    from fnllm.pretraining import PretrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from fnllm.pretraining import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(out=args.out, model=args.model)
+    if args.quick:
+        cfg = cfg.quick()
+    given = {name: getattr(args, name) for name, _, _ in _NUMBERS}
+    given = {name: value for name, value in given.items() if value is not None}
+    for name, value in given.items():
+        low = 0 if name in ("seed", "eval_every") else 1
+        if name not in ("lr", "val_fraction") and value < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if given.get("lr", 1.0) <= 0:
+        parser.error(f"--lr must be > 0, got {given['lr']}")
+    cfg = dataclasses.replace(
+        cfg,
+        **given,
+        docstrings=cfg.docstrings and not args.no_docstrings,
+        cache_dir=args.cache_dir,
+        compile=args.compile,
+        progress=not args.no_progress,
+    )
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    elif args.quick:
+        torch.set_num_threads(1)  # a tiny model: one thread is fastest
+    print(f"fnllm pretrain: {cfg.model}, {cfg.steps} steps, output in {cfg.out}")
+    try:
+        summary = pretrain(cfg)
+    except ValueError as err:
+        parser.error(str(err))
+    print(
+        f"step {summary['step']}: train loss {summary['train_loss']:.3f}, validation loss "
+        f"{summary['val_loss']:.3f} (perplexity {summary['val_ppl']:.1f}); unigram entropy of "
+        f"the validation text {summary['unigram_entropy']:.3f}"
+    )
+    if "val_sop_accuracy" in summary:
+        print(f"validation sentence-order accuracy {summary['val_sop_accuracy']:.3f}")
+    out = Path(cfg.out)
+    print(f"model: {out / 'model.safetensors'}  loss curve: {out / 'loss.png'}")
+    return 0

@@ -1,0 +1,268 @@
+"""Text classification data: ``(text, label)`` files, tokenised, split and batched by length.
+
+- :func:`read_labelled`: texts and class ids from a CSV or JSONL file (columns by name).
+- :func:`encode_texts`: a ``tokenizers`` tokenizer's ids, truncated to ``max_len`` with a warning.
+- :func:`stratified_split`: train/validation/test indices from a key, each class split alike.
+- :func:`length_batches`: padded batches of similar lengths (little padding), order from a key.
+- :func:`load_vader`: the VADER study's 10,605 human-rated movie-review sentences.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fnllm import random as jr
+from fnllm.data.corpus import load_tokenizer
+from fnllm.data.pairs import pad_sequences
+
+__all__ = ["encode_texts", "length_batches", "read_labelled", "stratified_split"]
+
+
+def read_labelled(
+    path: str | os.PathLike, text_column: str = "text", label_column: str = "label"
+) -> tuple[list[str], Tensor, list[Any]]:
+    """Read ``(text, label)`` rows from a ``.csv`` (with a header) or ``.jsonl`` file.
+
+    Labels may be integers or strings; they become class ids ``0 .. C-1`` in sorted order.
+
+    Example:
+        >>> import os, tempfile
+        >>> from fnllm.data import read_labelled
+        >>> path = os.path.join(tempfile.mkdtemp(), "reviews.csv")
+        >>> _ = open(path, "w").write("review,stars\\ngreat,pos\\nawful,neg\\nfine,pos\\n")
+        >>> texts, labels, classes = read_labelled(path, "review", "stars")
+        >>> texts, labels, classes
+        (['great', 'awful', 'fine'], tensor([1, 0, 1]), ['neg', 'pos'])
+
+    Args:
+        path: a ``.csv`` or ``.jsonl`` file.
+        text_column: the text field's name.
+        label_column: the label field's name.
+
+    Returns:
+        ``(texts, labels [N] int64, classes)``: ``classes[labels[i]]`` is row ``i``'s label.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unknown suffix, a missing column (the message lists the present
+            ones), no rows, an empty text, or a single class.
+        TypeError: a label that is neither an integer nor a string.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"read_labelled: no such file {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            _check_columns(path, columns, text_column, label_column)
+            rows = [(r[text_column], _csv_label(r[label_column])) for r in reader]
+    elif suffix in (".jsonl", ".ndjson"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: not valid JSON: {err}") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}:{n}: expected a JSON object per line")
+                _check_columns(path, list(obj), text_column, label_column, line=n)
+                rows.append((obj[text_column], obj[label_column]))
+    else:
+        raise ValueError(f"read_labelled: {path} must end in .csv or .jsonl, not {suffix!r}")
+    if not rows:
+        raise ValueError(f"read_labelled: {path} has no rows")
+    for i, (text, label) in enumerate(rows):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"read_labelled: {path} row {i + 1}: empty or non-text {text!r}")
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise TypeError(
+                f"read_labelled: {path} row {i + 1}: label {label!r} is neither an integer "
+                "nor a string"
+            )
+    kinds = {type(label) for _, label in rows}
+    if len(kinds) > 1:
+        raise TypeError(f"read_labelled: {path} mixes integer and string labels")
+    classes = sorted({label for _, label in rows})
+    if len(classes) < 2:
+        raise ValueError(
+            f"read_labelled: {path} has a single class {classes[0]!r}; a classifier needs two"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([index[label] for _, label in rows], dtype=torch.int64)
+    return [t for t, _ in rows], labels, classes
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """Token ids of each text (with the tokenizer's special tokens), at most ``max_len`` each.
+
+    Longer texts are truncated (keeping the special tokens) and a warning says how many.
+
+    Example:
+        >>> from fnllm.data import default_documents, encode_texts, train_tokenizer
+        >>> tok = train_tokenizer(default_documents(), "wordpiece", vocab_size=300)
+        >>> ids = encode_texts(tok, ["a river", "the river ran on and on"], max_len=3)
+        >>> [len(x) for x in ids]
+        [2, 3]
+
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer``, a ``tokenizer.json`` path or a directory
+            holding one (see :func:`fnllm.data.load_tokenizer`).
+        texts: the texts.
+        max_len: the longest id list (the model's ``max_len`` or less).
+
+    Returns:
+        One id list per text.
+
+    Raises:
+        ValueError: ``max_len`` < 2.
+    """
+    if not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"encode_texts: max_len must be an int >= 2, got {max_len!r}")
+    tok = load_tokenizer(tokenizer)
+    tok.enable_truncation(max_len)
+    encodings = tok.encode_batch(list(texts))
+    cut = sum(1 for e in encodings if e.overflowing)
+    if cut:
+        warnings.warn(
+            f"encode_texts: {cut} of {len(encodings)} texts were longer than max_len "
+            f"{max_len} tokens and were truncated",
+            stacklevel=2,
+        )
+    return [e.ids for e in encodings]
+
+
+def stratified_split(
+    key: Tensor, labels: Tensor, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+) -> tuple[Tensor, ...]:
+    """Shuffle each class with ``key`` and cut it by ``fractions``: train/validation/test indices.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import random
+        >>> from fnllm.data import stratified_split
+        >>> labels = torch.tensor([0] * 10 + [1] * 10)
+        >>> train, val, test = stratified_split(random.key(0), labels, (0.6, 0.2, 0.2))
+        >>> [int((labels[i] == 1).sum()) for i in (train, val, test)]
+        [6, 2, 2]
+
+    Args:
+        key: a ``fnllm.random`` key.
+        labels: ``[N]`` class ids.
+        fractions: positive parts summing to 1 (any number of them).
+
+    Returns:
+        One sorted int64 index tensor per fraction; together they cover ``0 .. N-1`` once.
+
+    Raises:
+        ValueError: fractions not positive or not summing to 1; labels not ``[N]`` ints.
+    """
+    if not fractions or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(
+            f"stratified_split: fractions must be positive and sum to 1, got {fractions}"
+        )
+    if labels.ndim != 1 or labels.is_floating_point():
+        raise ValueError(
+            f"stratified_split: labels must be [N] ints, got {labels.dtype} {tuple(labels.shape)}"
+        )
+    parts: list[list[Tensor]] = [[] for _ in fractions]
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero()[:, 0]
+        members = members[jr.permutation(jr.fold_in(key, c), members.numel())]
+        bounds = torch.tensor([0.0, *fractions]).cumsum(0) * members.numel()
+        cuts = bounds.round().long().tolist()
+        for i in range(len(fractions)):
+            parts[i].append(members[cuts[i] : cuts[i + 1]])
+    return tuple(torch.cat(p).sort().values for p in parts)
+
+
+def length_batches(
+    ids: Sequence[Sequence[int]],
+    labels: Tensor,
+    batch_size: int,
+    *,
+    pad_id: int = 0,
+    key: Tensor | None = None,
+) -> list[dict[str, Tensor]]:
+    """Padded batches of examples of similar length; ``key`` shuffles the batch order.
+
+    Sorting by length keeps padding (wasted compute) small; each batch is padded to its own
+    longest example.
+
+    Example:
+        >>> import torch
+        >>> from fnllm.data import length_batches
+        >>> ids = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
+        >>> batches = length_batches(ids, torch.tensor([0, 1, 0, 1]), 2)
+        >>> [b["input_ids"].shape[1] for b in batches], batches[0]["index"]
+        ([2, 4], tensor([1, 2]))
+
+    Args:
+        ids: token id lists.
+        labels: ``[N]`` class ids.
+        batch_size: examples per batch (the last may be smaller).
+        pad_id: the padding id.
+        key: a ``fnllm.random`` key to shuffle the batch order (and ties); ``None``: by length.
+
+    Returns:
+        A list of ``{"input_ids", "attention_mask", "labels", "index"}`` dicts; ``index`` holds
+        the rows' positions in ``ids``.
+
+    Raises:
+        ValueError: ``batch_size`` < 1, or ``labels`` does not match ``ids``.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"length_batches: batch_size must be an int >= 1, got {batch_size!r}")
+    if labels.shape != (len(ids),):
+        raise ValueError(f"length_batches: labels shape {tuple(labels.shape)} != [{len(ids)}]")
+    lengths = torch.tensor([len(s) for s in ids], dtype=torch.float64)
+    if key is not None:  # random tie-breaking among equal lengths
+        k_ties, key = jr.split(key)
+        lengths = lengths + jr.uniform(k_ties, (len(ids),), torch.float64) * 0.5
+    order = torch.argsort(lengths, stable=True)
+    chunks = list(order.split(batch_size))
+    if key is not None:
+        chunks = [chunks[i] for i in jr.permutation(key, len(chunks)).tolist()]
+    out = []
+    for index in chunks:
+        x, n = pad_sequences([ids[i] for i in index.tolist()], pad_id)
+        mask = (torch.arange(x.shape[1]) < n[:, None]).long()
+        out.append(
+            {"input_ids": x, "attention_mask": mask, "labels": labels[index], "index": index}
+        )
+    return out
+
+
+def _check_columns(
+    path: Path, present: list[str], text: str, label: str, line: int | None = None
+) -> None:
+    missing = [c for c in (text, label) if c not in present]
+    if missing:
+        where = f"{path}" + (f":{line}" if line else "")
+        raise ValueError(
+            f"read_labelled: {where} has no column {missing[0]!r} (columns: {present}); "
+            "choose them with --text-column/--label-column"
+        )
+
+
+def _csv_label(value: str | None) -> Any:
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text

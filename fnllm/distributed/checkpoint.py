@@ -1,0 +1,232 @@
+"""Sharded train-state checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Why DCP and not "gather to rank 0 into one safetensors file": sharding exists because the
+whole train state (params plus two AdamW moments) may not fit one process. With DCP every
+rank writes only its own shards, in parallel, and no rank ever holds the whole tree; the
+checkpoint records each tensor's global shape and the pieces it was cut into, so it loads
+under any other world size (or in one process, without a process group) by reading exactly
+the byte ranges each new shard needs. A checkpoint is a directory ``step_<N>.dcp`` holding
+DCP's files and ``fnllm.json`` (step, key, world size, user metadata); it is written under a
+temporary name and renamed once complete, so a crash never leaves a half-written checkpoint
+that looks finished. Replicated (data-parallel) training uses
+:func:`fnllm.train.save_checkpoint` instead: rank 0 writes the usual single file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from fnllm import tree
+from fnllm.distributed.collectives import barrier, is_main, world_size
+from fnllm.train import Checkpoint
+
+__all__ = ["latest_sharded", "load_sharded", "save_sharded", "sharded_checkpoint_path"]
+
+_INFO = "fnllm.json"
+_NAME = re.compile(r"^step_(\d+)\.dcp$")
+_FORMAT = "fnllm-dcp-1"
+
+
+def sharded_checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """The folder of the sharded checkpoint of step ``step`` in ``directory``.
+
+    Example:
+        >>> from fnllm import distributed
+        >>> distributed.sharded_checkpoint_path("ckpt", 7).name
+        'step_00000007.dcp'
+
+    Args:
+        directory: the checkpoint directory.
+        step: the number of steps taken.
+
+    Returns:
+        ``directory/step_<N>.dcp``.
+    """
+    return Path(directory) / f"step_{step:08d}.dcp"
+
+
+def save_sharded(
+    path: str | os.PathLike,
+    *,
+    trainable: Any,
+    opt_state: Any,
+    step: int,
+    key: torch.Tensor,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Save a (sharded) train state to the folder ``path``; every rank writes its own shards.
+
+    Call it on every rank (it is a collective). Leaves may be DTensors (each rank writes its
+    shard) or plain tensors (written once). Without a process group it saves in one process.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from fnllm import distributed, random
+        >>> path = distributed.sharded_checkpoint_path(tempfile.mkdtemp(), 3)
+        >>> distributed.save_sharded(path, trainable={"w": torch.ones(2)}, opt_state=(),
+        ...                          step=3, key=random.key(0))
+        >>> distributed.load_sharded(path, trainable={"w": torch.zeros(2)}, opt_state=()).step
+        3
+
+    Args:
+        path: the checkpoint folder (replaced once the new one is complete).
+        trainable: the trainable params.
+        opt_state: the optimizer state.
+        step: the number of steps taken.
+        key: the run's base key.
+        meta: extra JSON-serialisable metadata.
+
+    Returns:
+        None.
+
+    Raises:
+        ValueError: ``step`` is negative.
+        CollectiveError: a rank died during the save.
+    """
+    if step < 0:
+        raise ValueError(f"save_sharded: step must be >= 0, got {step}")
+    final = Path(path)
+    tmp = final.with_name(final.name + ".tmp")
+    if is_main() and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier()
+    with _single_process_quiet():
+        dcp.save(_state(trainable, opt_state), checkpoint_id=str(tmp))
+    if is_main():
+        info = {
+            "format": _FORMAT,
+            "step": int(step),
+            "key": torch.as_tensor(key).tolist(),
+            "world_size": world_size(),
+            "meta": dict(meta or {}),
+        }
+        (tmp / _INFO).write_text(json.dumps(info))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier()
+
+
+def load_sharded(path: str | os.PathLike, *, trainable: Any, opt_state: Any) -> Checkpoint:
+    """Load a train state saved by :func:`save_sharded` into the layout of the templates.
+
+    The templates give structure, shapes, dtypes and placement: DTensor leaves on a mesh of any
+    size get their shards (the checkpoint may come from another world size), plain tensors get
+    the whole values (e.g. one process, no process group). The templates are not modified.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from fnllm import distributed, random
+        >>> path = distributed.sharded_checkpoint_path(tempfile.mkdtemp(), 1)
+        >>> distributed.save_sharded(path, trainable={"w": torch.ones(2)}, opt_state=(),
+        ...                          step=1, key=random.key(0))
+        >>> distributed.load_sharded(path, trainable={"w": torch.zeros(3)}, opt_state=())
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ...: 'trainable/w' has shape [2] in the checkpoint, [3] in the template
+
+    Args:
+        path: the checkpoint folder.
+        trainable: a template of the trainable params (e.g. the sharded initial params).
+        opt_state: a template of the optimizer state (e.g. ``optimizer.init(trainable)``).
+
+    Returns:
+        A :class:`fnllm.train.Checkpoint` (trainable, opt_state, step, key, meta).
+
+    Raises:
+        FileNotFoundError: no complete checkpoint at ``path``.
+        ValueError: the checkpoint holds other paths or shapes than the templates.
+    """
+    folder = Path(path)
+    if not (folder / _INFO).is_file():
+        raise FileNotFoundError(f"{folder}: not a complete sharded checkpoint (no {_INFO})")
+    info = json.loads((folder / _INFO).read_text())
+    if info.get("format") != _FORMAT:
+        raise ValueError(f"{folder}: not an fnllm sharded checkpoint: {info.get('format')!r}")
+    fresh = tree.map(_empty_like, (trainable, opt_state))
+    state = _state(*fresh)
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    _check_against(folder, saved, state)
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(folder))
+    key = torch.tensor(info["key"], dtype=torch.int64)
+    return Checkpoint(fresh[0], fresh[1], int(info["step"]), key, info["meta"])
+
+
+def latest_sharded(directory: str | os.PathLike) -> Path | None:
+    """The complete sharded checkpoint with the highest step in ``directory``, or None.
+
+    Example:
+        >>> import tempfile
+        >>> from fnllm import distributed
+        >>> distributed.latest_sharded(tempfile.mkdtemp()) is None
+        True
+
+    Args:
+        directory: a checkpoint directory (it need not exist).
+
+    Returns:
+        The folder ``step_<N>.dcp`` with the largest ``N`` that finished writing, or None.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p)
+        for p in d.iterdir()
+        if (m := _NAME.match(p.name)) and (p / _INFO).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _state(trainable: Any, opt_state: Any) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for part, t in (("trainable", trainable), ("opt_state", opt_state)):
+        for p, x in tree.flatten(t).items():
+            if isinstance(x, torch.Tensor):
+                out[f"{part}/{p}"] = x
+    return out
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it assumes one process when there is no process group: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load)")
+        yield
+
+
+def _empty_like(x: Any) -> Any:
+    return torch.empty_like(x) if isinstance(x, torch.Tensor) else x
+
+
+def _check_against(folder: Path, saved: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(state) - set(saved))
+    unexpected = sorted(set(saved) - set(state))
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder}: checkpoint does not match the templates: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    for name, x in state.items():
+        want = list(x.shape)  # a DTensor's shape is its global shape
+        have = list(getattr(saved[name], "size", want))
+        if have != want:
+            raise ValueError(
+                f"{folder}: {name!r} has shape {have} in the checkpoint, {want} in the template"
+            )

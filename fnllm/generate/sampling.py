@@ -1,0 +1,397 @@
+"""Sampling from a GPT with the KV cache: ``next_token``, ``sample``, ``stream``, ``pad_prompts``.
+
+:func:`next_token` applies temperature, top-k and top-p (nucleus) filtering and draws with an
+explicit key (greedy at temperature 0); :func:`sample` and :func:`stream` generate from a
+batch of prompts (a ``[B, T]`` tensor or ragged token lists, left-padded by
+:func:`pad_prompts`), all at once or one step at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fnllm import nn
+from fnllm import random as jr
+from fnllm.generate.cache import KVCache, _check_gpt, _decode, _forward, _logits, init_cache
+from fnllm.models import GPT
+
+__all__ = ["next_token", "pad_prompts", "sample", "stream"]
+
+Params = dict[str, Any]
+
+
+def next_token(
+    key: Tensor | None,
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """Pick the next token of every row from its logits: greedy, or sampled with a key.
+
+    At ``temperature=0`` this is ``argmax`` (the key is unused). Otherwise the logits are
+    divided by the temperature, cut to the ``top_k`` largest and to the nucleus (the fewest
+    most-likely tokens whose probability reaches ``top_p``), and one token is drawn with
+    :func:`fnllm.random.categorical`.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import generate, random
+        >>> logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+        >>> generate.next_token(None, logits, temperature=0.0)
+        tensor([1])
+        >>> keys = random.split(random.key(0), 50)
+        >>> picks = {int(generate.next_token(k, logits, top_k=2)) for k in keys}
+        >>> sorted(picks)
+        [1, 3]
+
+    Args:
+        key: a ``fnllm.random`` key (``None`` only for greedy decoding).
+        logits: float ``[..., V]``.
+        temperature: >= 0; 0 is greedy, 1 samples from the model's distribution.
+        top_k: keep only the ``top_k`` most likely tokens (``None``: all).
+        top_p: keep the nucleus of probability ``top_p`` in ``(0, 1]`` (``None``: all).
+
+    Returns:
+        int64 token ids ``logits.shape[:-1]``.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if temperature > 0 and key is None:
+        raise ValueError("key: sampling with temperature > 0 needs a fnllm.random key")
+    return _choose(key, logits, temperature, top_k, top_p)
+
+
+def pad_prompts(
+    prompts: Tensor | Sequence[Sequence[int]],
+    *,
+    attention_mask: Tensor | None = None,
+    pad_id: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Left-pad prompts into ``(tokens [B, T], attention_mask [B, T])``.
+
+    A list of token-id lists is padded on the left to its longest member; a tensor with an
+    ``attention_mask`` (padding on either side) is re-aligned to the right.
+
+    Example:
+        >>> from fnllm import generate
+        >>> tokens, mask = generate.pad_prompts([[5, 6, 7], [8]], pad_id=0)
+        >>> tokens
+        tensor([[5, 6, 7],
+                [0, 0, 8]])
+        >>> mask.int()
+        tensor([[1, 1, 1],
+                [0, 0, 1]], dtype=torch.int32)
+
+    Args:
+        prompts: int ``[B, T]`` (or ``[T]``) tensor, or a list of non-empty id lists.
+        attention_mask: for a tensor, ``[B, T]`` 1/True on real tokens (default: all real).
+        pad_id: the id written into padding.
+
+    Returns:
+        ``(tokens int64 [B, T], bool mask [B, T])``.
+    """
+    if isinstance(prompts, Tensor):
+        tokens = nn.check_ids(prompts, 2**62, name="prompts")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+            attention_mask = None if attention_mask is None else attention_mask[None]
+        if tokens.ndim != 2:
+            raise ValueError(f"prompts: expected [B, T] or [T], got shape {tuple(tokens.shape)}")
+        if attention_mask is None:
+            rows = tokens.tolist()
+        else:
+            if not isinstance(attention_mask, Tensor) or attention_mask.shape != tokens.shape:
+                raise ValueError(f"attention_mask: expected shape {tuple(tokens.shape)}")
+            keep = attention_mask.bool()
+            rows = [r[m].tolist() for r, m in zip(tokens, keep)]
+        device = tokens.device
+    else:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts: expected a tensor or a list of id lists, got {prompts!r}")
+        if attention_mask is not None:
+            raise ValueError("attention_mask: only for a tensor of prompts")
+        rows = []
+        for i, row in enumerate(prompts):
+            ids = row.tolist() if isinstance(row, Tensor) else row
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+                raise TypeError(f"prompts[{i}]: expected a list of token ids, got {row!r}")
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise TypeError(f"prompts[{i}]: token ids must be ints")
+            rows.append(list(ids))
+        device = None
+    if not rows:
+        raise ValueError("prompts: no prompts")
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompts[{i}]: empty prompt (give at least one token)")
+    width = max(len(r) for r in rows)
+    tokens = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+    return tokens, mask.to(tokens.device)
+
+
+def stream(
+    key: Tensor | None,
+    model: GPT,
+    params: Params,
+    prompts: Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] = (),
+    *,
+    attention_mask: Tensor | None = None,
+    pad_id: int = 0,
+    compile: bool = False,
+) -> Iterator[Tensor]:
+    """Generate one token per row per iteration: the streaming form of :func:`sample`.
+
+    Example:
+        >>> from fnllm import generate, random
+        >>> from fnllm.models import GPT
+        >>> gpt = GPT(vocab_size=32, n_layer=1, n_head=2, d_model=8, max_len=16)
+        >>> params = gpt.init(random.key(0))
+        >>> steps = list(generate.stream(random.key(1), gpt, params, [[1, 2], [3]], 4))
+        >>> len(steps), steps[0].shape
+        (4, torch.Size([2]))
+
+    Args:
+        key: a ``fnllm.random`` key (``None`` allowed when ``temperature=0``).
+        model: the :class:`~fnllm.models.GPT` config.
+        params: its parameter tree.
+        prompts: see :func:`sample`.
+        max_new_tokens: the most tokens to generate per row.
+        temperature: see :func:`next_token`.
+        top_k: see :func:`next_token`.
+        top_p: see :func:`next_token`.
+        stop_ids: a row is finished after emitting one of these ids.
+        attention_mask: for a tensor of prompts, 1/True on real tokens.
+        pad_id: the id padding the prompts and the rows that have finished.
+        compile: run the decode step under ``torch.compile(fullgraph=True)``.
+
+    Returns:
+        An iterator of int64 ``[B]`` tensors, one per step; it ends after
+        ``max_new_tokens`` steps or when every row has emitted a stop id.
+    """
+    _check_gpt(model)
+    _check_sampling(temperature, top_k, top_p)
+    if temperature > 0 and key is None:
+        raise ValueError("key: sampling with temperature > 0 needs a fnllm.random key")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+        raise TypeError(f"max_new_tokens: expected an int, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+    V = model.vocab_size
+    for name, ids in (("stop_ids", tuple(stop_ids)), ("pad_id", (pad_id,))):
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < V:
+                raise ValueError(f"{name}: id {i!r} is outside the vocabulary [0, {V})")
+    tokens, mask = pad_prompts(prompts, attention_mask=attention_mask, pad_id=pad_id)
+    bad = ((tokens < 0) | (tokens >= V)) & mask
+    if bool(bad.any()):
+        i, j = (int(n) for n in bad.nonzero()[0])
+        k = int(mask[i, :j].sum())
+        raise ValueError(
+            f"prompts[{i}][{k}]: id {int(tokens[i, j])} is outside the vocabulary [0, {V})"
+        )
+    T = tokens.shape[1]
+    size = T + max_new_tokens - 1
+    if size > model.max_len:
+        raise ValueError(
+            f"prompts: {T} prompt tokens + {max_new_tokens} new tokens need a cache of "
+            f"{size} positions > max_len {model.max_len}"
+        )
+    model.check_params(params)
+    weight = params["embed"]["tokens"]["weight"]
+    tokens, mask = tokens.to(weight.device), mask.to(weight.device)
+    return _generate(
+        key, model, params, tokens, mask, size, max_new_tokens,
+        (temperature, top_k, top_p), tuple(stop_ids), pad_id, compile,
+    )  # fmt: skip
+
+
+def sample(
+    key: Tensor | None,
+    model: GPT,
+    params: Params,
+    prompts: Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] = (),
+    *,
+    attention_mask: Tensor | None = None,
+    pad_id: int = 0,
+    compile: bool = False,
+) -> Tensor:
+    """Generate up to ``max_new_tokens`` tokens after each prompt, with a KV cache.
+
+    Step ``i`` draws with ``random.split(key, max_new_tokens)[i]``, so the same key gives the
+    same tokens. Rows are independent of their batch-mates: a left-padded row generates what
+    it would alone (up to float rounding).
+
+    Example:
+        >>> import torch
+        >>> from fnllm import generate, random
+        >>> from fnllm.models import GPT
+        >>> gpt = GPT(vocab_size=32, n_layer=2, n_head=2, d_model=16, max_len=16)
+        >>> params = gpt.init(random.key(0))
+        >>> out = generate.sample(None, gpt, params, [[1, 2, 3], [4]], 5, temperature=0)
+        >>> out.shape
+        torch.Size([2, 5])
+        >>> ids = torch.tensor([[1, 2, 3]])                # greedy by full recompute
+        >>> for _ in range(5):
+        ...     ids = torch.cat([ids, gpt.apply(params, ids)[:, -1:].argmax(-1)], dim=1)
+        >>> torch.equal(out[0], ids[0, 3:])
+        True
+
+    Args:
+        key: a ``fnllm.random`` key (``None`` allowed when ``temperature=0``).
+        model: the :class:`~fnllm.models.GPT` config.
+        params: its parameter tree.
+        prompts: int ``[B, T]`` tensor (with ``attention_mask`` for padding) or a list of
+            token-id lists of any lengths (left-padded here).
+        max_new_tokens: the most tokens to generate per row; the prompt width plus this,
+            minus one, must fit in ``model.max_len``.
+        temperature: 0 for greedy decoding, else the softmax temperature.
+        top_k: sample only among the ``top_k`` most likely tokens.
+        top_p: sample only from the nucleus of probability ``top_p`` in ``(0, 1]``.
+        stop_ids: a row is finished after emitting one of these ids; generation ends early
+            once every row has.
+        attention_mask: for a tensor of prompts, 1/True on real tokens.
+        pad_id: the id filling prompt padding and the positions after a row's stop id.
+        compile: run the decode step under ``torch.compile(fullgraph=True)`` (compiles once
+            per model, batch size and cache size; pays off after a few dozen tokens).
+
+    Returns:
+        int64 ``[B, N]`` new tokens, ``N <= max_new_tokens`` (shorter when every row stopped).
+
+    Raises:
+        ValueError: an empty prompt, prompts too long for the cache, a negative
+            temperature, ``top_p`` outside ``(0, 1]``, ``top_k < 1``, stop ids outside the
+            vocabulary.
+        TypeError: ``model`` is not a GPT, or the prompts are not token ids.
+    """
+    steps = list(
+        stream(
+            key,
+            model,
+            params,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            stop_ids,
+            attention_mask=attention_mask,
+            pad_id=pad_id,
+            compile=compile,
+        )
+    )
+    return torch.stack(steps, dim=1)
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _generate(
+    key: Tensor | None,
+    model: GPT,
+    params: Params,
+    tokens: Tensor,
+    mask: Tensor,
+    size: int,
+    n: int,
+    how: tuple[float, int | None, float | None],
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    compile: bool,
+) -> Iterator[Tensor]:
+    """The decode loop behind :func:`stream` (arguments already checked)."""
+    B = tokens.shape[0]
+    weight = params["embed"]["tokens"]["weight"]
+    device = weight.device
+    keys = jr.split(key.to(device), n) if how[0] > 0 else torch.zeros(n, 2, dtype=torch.int64)
+    cache = init_cache(model, B, size, dtype=weight.dtype, device=device)
+    with torch.no_grad():
+        x, cache = _forward(model, params, cache, tokens, mask)
+        tok = _choose(keys[0], _logits(model, params, x[:, -1]), *how)
+    stop = torch.tensor(stop_ids, dtype=torch.int64, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step = _compiled_step() if compile else _step
+    for i in range(n):
+        tok = torch.where(done, pad_id, tok)
+        yield tok
+        if stop_ids:
+            done = done | torch.isin(tok, stop)
+            if bool(done.all()):
+                return
+        if i + 1 < n:
+            with torch.no_grad():
+                tok, cache = step(model, params, cache, tok, keys[i + 1], *how)
+
+
+def _step(
+    model: GPT,
+    params: Params,
+    cache: KVCache,
+    tokens: Tensor,
+    key: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> tuple[Tensor, KVCache]:
+    """One decode step and the choice of the next token (what ``compile=True`` compiles)."""
+    logits, cache = _decode(model, params, cache, tokens)
+    return _choose(key, logits, temperature, top_k, top_p), cache
+
+
+@functools.cache
+def _compiled_step() -> Any:
+    """``_step`` under ``torch.compile(fullgraph=True)``, created once per process."""
+    return torch.compile(_step, fullgraph=True, dynamic=False)
+
+
+def _choose(
+    key: Tensor | None,
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> Tensor:
+    """:func:`next_token` without the checks."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        # keep a token while the probability of the tokens ranked above it is below top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -math.inf)
+    assert key is not None
+    return jr.categorical(key, logits)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise TypeError(f"temperature: expected a number, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")

@@ -1,0 +1,213 @@
+"""Instruction tuning (supervised finetuning): a JSONL format, prompt-masked batches, the loss.
+
+One record per line, ``{"instruction": ..., "response": ...}`` with an optional ``"input"``
+(the InstructGPT/Alpaca layout). :class:`InstructionFormat` renders a record's prompt; the
+response follows it and ends with EOS. :func:`sft_batch` builds right-padded batches whose
+targets skip the prompt (:func:`fnllm.data.instruction_targets`), so the model learns to answer,
+not to repeat instructions; :func:`sft_loss` is the loss for :func:`~fnllm.train.fit.fit`.
+
+:func:`read_jsonl` is shared with :mod:`fnllm.preference`: a corrupt line is reported with its
+line number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fnllm import data, losses, tree
+
+__all__ = ["InstructionFormat", "read_jsonl", "sft_batch", "sft_loss"]
+
+Encode = Callable[[str], Sequence[int]]
+
+
+def read_jsonl(
+    path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = ()
+) -> list[dict[str, str]]:
+    """Read a JSONL file of records whose ``required`` (and ``optional``) fields are strings.
+
+    Blank lines are skipped; anything else that is not a JSON object with the required string
+    fields raises a ``ValueError`` naming the file and the line number.
+
+    Example:
+        >>> import os, tempfile
+        >>> from fnllm.instruct import read_jsonl
+        >>> path = os.path.join(tempfile.mkdtemp(), "sft.jsonl")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write('{"instruction": "Say hi", "response": "hi"}\\n\\n{"oops"\\n')
+        >>> try:
+        ...     read_jsonl(path, ["instruction", "response"])
+        ... except ValueError as err:
+        ...     print(str(err).split("sft.jsonl")[1])
+        :3: not valid JSON (Expecting ':' delimiter: line 2 column 1 (char 8))
+
+    Args:
+        path: the file.
+        required: fields every record must have, as strings.
+        optional: fields a record may have (strings when present); others are ignored.
+
+    Returns:
+        One dict per record with the required and present optional fields.
+    """
+    records = []
+    where = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}:{lineno}: not valid JSON ({err})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}:{lineno}: expected a JSON object, got {obj!r:.60}")
+            record = {}
+            for name in (*required, *optional):
+                if name not in obj:
+                    if name in required:
+                        raise ValueError(f"{where}:{lineno}: missing field {name!r}")
+                    continue
+                if not isinstance(obj[name], str):
+                    raise ValueError(
+                        f"{where}:{lineno}: field {name!r} must be a string, "
+                        f"got {type(obj[name]).__name__}"
+                    )
+                record[name] = obj[name]
+            records.append(record)
+    return records
+
+
+@dataclass(frozen=True)
+class InstructionFormat:
+    """How an instruction record becomes a prompt (the response is appended as is).
+
+    Example:
+        >>> from fnllm.instruct import InstructionFormat
+        >>> fmt = InstructionFormat()
+        >>> fmt.prompt({"instruction": "Add 2 and 3.", "response": "5"})
+        '### Instruction:\\nAdd 2 and 3.\\n\\n### Response:\\n'
+        >>> fmt.prompt({"instruction": "Translate.", "input": "chat", "response": "cat"})
+        '### Instruction:\\nTranslate.\\n\\n### Input:\\nchat\\n\\n### Response:\\n'
+
+    Args:
+        template: the prompt without an input, with ``{instruction}``.
+        template_with_input: the prompt for records with a non-empty ``"input"``.
+    """
+
+    template: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+    template_with_input: str = (
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    )
+
+    def prompt(self, record: Mapping[str, str]) -> str:
+        """The prompt text of ``record`` (``instruction`` and optional ``input``)."""
+        if "instruction" not in record:
+            raise KeyError(f"record: missing 'instruction' (has {sorted(record)})")
+        if record.get("input"):
+            return self.template_with_input.format(**record)
+        return self.template.format(**record)
+
+
+def sft_batch(
+    records: Sequence[Mapping[str, str]],
+    encode: Encode,
+    *,
+    eos_id: int,
+    max_len: int,
+    pad_id: int = 0,
+    fmt: InstructionFormat = InstructionFormat(),
+) -> dict[str, Tensor]:
+    """A right-padded batch whose targets are the response tokens (and EOS) only.
+
+    Row ``i`` is ``encode(prompt) + encode(response) + [eos_id]``, cut to ``max_len`` tokens.
+
+    Example:
+        >>> from fnllm.instruct import InstructionFormat, sft_batch
+        >>> fmt = InstructionFormat(template="{instruction}=")
+        >>> batch = sft_batch([{"instruction": "1+1", "response": "2"}],
+        ...                   lambda s: list(s.encode()), eos_id=0, max_len=8, fmt=fmt)
+        >>> batch["input_ids"]
+        tensor([[49, 43, 49, 61, 50,  0]])
+        >>> batch["targets"]                       # only "2" and EOS are learned
+        tensor([[-100, -100, -100,   50,    0, -100]])
+
+    Args:
+        records: dicts with ``instruction``, ``response`` and optionally ``input``.
+        encode: text to token ids.
+        eos_id: appended after every response.
+        max_len: the longest row (the model's ``max_len``).
+        pad_id: the id written into padding.
+        fmt: the :class:`InstructionFormat`.
+
+    Returns:
+        ``{"input_ids", "attention_mask", "targets"}``, each ``[B, T]``; ``targets`` are aligned
+        with the logits (-100 on the prompt, on padding and on the last position).
+
+    Raises:
+        ValueError: no records, or a prompt that leaves no room for the response.
+        KeyError: a record without ``instruction`` or ``response``.
+    """
+    if not records:
+        raise ValueError("records: empty batch")
+    rows, prompt_lens = [], []
+    for i, rec in enumerate(records):
+        if "response" not in rec:
+            raise KeyError(f"records[{i}]: missing 'response' (has {sorted(rec)})")
+        prompt = list(encode(fmt.prompt(rec)))
+        if len(prompt) >= max_len:
+            raise ValueError(
+                f"records[{i}]: the prompt has {len(prompt)} tokens, no room for a response "
+                f"within max_len {max_len}"
+            )
+        rows.append((prompt + list(encode(rec["response"])) + [eos_id])[:max_len])
+        prompt_lens.append(len(prompt))
+    ids, mask = _right_pad(rows, pad_id)
+    targets = data.instruction_targets(
+        ids, prompt_len=torch.tensor(prompt_lens), attention_mask=mask
+    )
+    return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+
+
+def sft_loss(model: Any) -> Callable[..., Tensor]:
+    """The supervised-finetuning loss for :func:`~fnllm.train.fit.fit`: cross-entropy on responses.
+
+    Example:
+        >>> from fnllm import random, tree
+        >>> from fnllm.instruct import sft_batch, sft_loss
+        >>> from fnllm.models import GPT
+        >>> gpt = GPT(vocab_size=128, n_layer=1, n_head=2, d_model=16, max_len=64)
+        >>> batch = sft_batch([{"instruction": "hi", "response": "hello"}],
+        ...                   lambda s: list(s.encode()), eos_id=0, max_len=64)
+        >>> loss = sft_loss(gpt)(gpt.init(random.key(0)), {}, batch, None)
+        >>> round(float(loss), 1)                # about log(128) before training
+        4.8
+
+    Args:
+        model: a causal LM with ``apply(params, tokens, attention_mask=...) -> logits``.
+
+    Returns:
+        ``loss_fn(trainable, frozen, batch, key) -> loss`` (the token mean over response
+        tokens of the batch).
+    """
+
+    def loss_fn(trainable: Any, frozen: Any, batch: Mapping[str, Tensor], key: Any) -> Tensor:
+        params = tree.combine(trainable, frozen)
+        logits = model.apply(params, batch["input_ids"], attention_mask=batch["attention_mask"])
+        return losses.cross_entropy(logits, batch["targets"])
+
+    return loss_fn
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad id lists to ``[B, T]`` and return them with the bool mask of real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], dtype=torch.int64)
+    mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
+    return ids, mask

@@ -1,0 +1,68 @@
+"""Pure layers: each is an ``init_*(key, ...) -> params`` function plus ``f(params, x, ...)``.
+
+Parameters are plain dicts of tensors (``{"weight": ..., "bias": ...}``), so a model is a
+composition of these functions over a nested tree, and ``torch.func.grad``, ``vmap`` and
+``torch.compile`` see nothing but tensors. Weights follow PyTorch's layout (a linear weight is
+``[out, in]``), which keeps the arithmetic identical to ``torch.nn`` and the Hugging Face
+checkpoints one transpose away.
+
+Attention runs on :func:`torch.nn.functional.scaled_dot_product_attention` (``impl="sdpa"``)
+or on a plain matmul-softmax-matmul path (``impl="math"``) that batches under ``vmap``;
+``impl="auto"`` picks the math path inside ``torch.func.vmap`` (SDPA has no batching rule on
+CPU) and when attention dropout needs a key, SDPA otherwise.
+
+The boundary checks the models share are re-exported here: :func:`check_ids` and
+:func:`check_shapes`, plus :func:`in_vmap` and :func:`checks_enabled`, which say when a
+data-dependent check can run (they live in the private ``fnllm._checks``).
+"""
+
+from fnllm._checks import check_ids, check_shapes, checks_enabled, in_vmap
+from fnllm.nn._attention import (
+    attention,
+    attention_qkv,
+    dot_product_attention,
+    init_attention,
+    make_attention_mask,
+    merge_heads,
+)
+from fnllm.nn._layers import (
+    Impl,
+    Params,
+    dropout,
+    embedding,
+    gelu,
+    init_embedding,
+    init_layer_norm,
+    init_linear,
+    init_mlp,
+    layer_norm,
+    linear,
+    mean_pool,
+    mlp,
+)
+
+__all__ = [
+    "Impl",
+    "Params",
+    "attention",
+    "attention_qkv",
+    "check_ids",
+    "check_shapes",
+    "checks_enabled",
+    "dot_product_attention",
+    "dropout",
+    "embedding",
+    "gelu",
+    "in_vmap",
+    "init_attention",
+    "init_embedding",
+    "init_layer_norm",
+    "init_linear",
+    "init_mlp",
+    "layer_norm",
+    "linear",
+    "make_attention_mask",
+    "mean_pool",
+    "merge_heads",
+    "mlp",
+]

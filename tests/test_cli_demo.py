@@ -1,0 +1,196 @@
+"""``fnllm demo``: the comparison of adaptation strategies, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fnllm import data, io
+from fnllm import random as jr
+from fnllm.cli import main
+from fnllm.cli.demo import DEFAULT_STRATEGIES
+from fnllm.models import BERT, GPT
+
+COLUMNS = [
+    "strategy",
+    "trainable",
+    "epochs",
+    "frozen pass reused",
+    "time (s)",
+    "val acc",
+    "val F1",
+    "test acc",
+    "test F1",
+]
+
+
+def _rows(stdout: str) -> list[list[str]]:
+    """The printed table's header and rows (split on runs of 2+ spaces)."""
+    import re
+
+    lines = stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("strategy "))
+    rows = []
+    for ln in lines[start:]:
+        if not ln.strip():
+            break
+        if not set(ln.strip()) <= {"-", " "}:
+            rows.append(re.split(r"\s{2,}", ln.strip()))
+    return rows
+
+
+def _check_outputs(out_dir, names):
+    png = (out_dir / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out_dir / "results.md").read_text().splitlines()
+    table = [ln for ln in md if ln.startswith("|")]
+    assert [c.strip() for c in table[0].strip("|").split("|")] == COLUMNS
+    assert set(table[1].replace("|", "").replace(" ", "")) <= set("-:")
+    assert [ln.strip("|").split("|")[0].strip() for ln in table[2:]] == names
+    rows = json.loads((out_dir / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == names
+    for r in rows:
+        assert 0.0 <= r["test_acc"] <= 1.0 and r["trainable"] > 0
+
+
+def test_quick_demo_on_minilm_and_vader(tmp_path, capsys):
+    try:
+        io.pretrained_dir("all-MiniLM-L6-v2")
+        data.load_vader()
+    except (FileNotFoundError, ImportError) as err:
+        pytest.skip(str(err))
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows[0] == COLUMNS
+    assert [r[0] for r in rows[1:]] == list(DEFAULT_STRATEGIES)
+    reused = {r[0]: r[3] for r in rows[1:]}
+    assert reused["head"] == "6/6 blocks" and reused["last:2"] == "4/6 blocks"
+    assert reused["full"] == "-" and reused["lora"] == "-"
+    _check_outputs(tmp_path, list(DEFAULT_STRATEGIES))
+
+
+def _tiny_dir(tmp_path, kind: str):
+    """A random tiny model with a trained tokenizer, saved as a Hugging Face folder."""
+    texts = [
+        f"the film was {w} and {v}"
+        for w in ("great", "fun", "awful", "dull")
+        for v in ("long", "short", "loud", "calm", "odd")
+    ]
+    tok = data.train_tokenizer(texts, "wordpiece" if kind == "bert" else "bpe", vocab_size=300)
+    vocab = tok.get_vocab_size()
+    if kind == "bert":
+        model = BERT(
+            vocab_size=vocab,
+            n_layer=2,
+            n_head=2,
+            d_model=16,
+            d_ff=32,
+            max_len=32,
+            mlm_head=False,
+            sop_head=False,
+        )
+    else:
+        model = GPT(vocab_size=vocab, n_layer=2, n_head=2, d_model=16, max_len=32)
+    directory = tmp_path / kind
+    io.to_hf(model, model.init(jr.key(0)), directory)
+    tok.save(str(directory / "tokenizer.json"))
+    rows = "".join(f"{t},{'pos' if ('great' in t or 'fun' in t) else 'neg'}\n" for t in texts * 3)
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("review,sentiment\n" + rows)
+    return directory, csv
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt"])
+def test_demo_runs_on_a_users_model_and_csv(tmp_path, capsys, kind):
+    directory, csv = _tiny_dir(tmp_path, kind)
+    names = ["features+logreg", "head", "last:1", "lora"]
+    argv = [
+        "demo",
+        "--model-dir",
+        str(directory),
+        "--data",
+        str(csv),
+        "--text-column",
+        "review",
+        "--label-column",
+        "sentiment",
+        "--strategies",
+        ",".join(names),
+        "--train-size",
+        "40",
+        "--val-size",
+        "8",
+        "--test-size",
+        "8",
+        "--epochs",
+        "2",
+        "--lora-rank",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert [r[0] for r in rows[1:]] == names
+    assert {r[0]: r[2] for r in rows[1:]}["last:1"] == "2"
+    _check_outputs(tmp_path / "out", names)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--strategies", "head,everything"], "unknown name 'everything'"),
+        (["--strategies", "last:3"], "N must be in [1, 2]"),
+        (["--label-column", "stars"], "has no column 'stars'"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+    ],
+)
+def test_demo_bad_flags_exit_with_a_message(tmp_path, capsys, extra, message):
+    directory, csv = _tiny_dir(tmp_path, "bert")
+    argv = [
+        "demo",
+        "--model-dir",
+        str(directory),
+        "--data",
+        str(csv),
+        "--text-column",
+        "review",
+        "--label-column",
+        "sentiment",
+        "--no-progress",
+        *extra,
+    ]
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_model_dir_without_weights_or_of_another_architecture(tmp_path, capsys):
+    directory, csv = _tiny_dir(tmp_path, "bert")
+    (directory / "model.safetensors").unlink()
+    base = ["demo", "--data", str(csv), "--text-column", "review", "--label-column", "sentiment"]
+    with pytest.raises(SystemExit):
+        main([*base, "--model-dir", str(directory)])
+    err = capsys.readouterr().err
+    assert str(directory) in err and "safetensors" in err
+    other = tmp_path / "t5"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
+    with pytest.raises(SystemExit):
+        main([*base, "--model-dir", str(other)])
+    assert "t5" in capsys.readouterr().err
+
+
+def test_help_lists_the_demo():
+    out = subprocess.run(
+        [sys.executable, "-m", "fnllm.cli", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--model-dir" in out.stdout and "--pretrain" in out.stdout

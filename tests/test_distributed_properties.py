@@ -1,0 +1,76 @@
+"""Properties of fnllm.distributed's tree plumbing, in one process: bucketing and batch slices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fnllm import distributed, tree
+from fnllm.distributed.collectives import _bucketed
+
+
+@st.composite
+def _trees(draw: st.DrawFn) -> Any:
+    dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int64])
+    shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)
+    leaf = st.builds(lambda s, d, v: torch.full(s, v, dtype=d), shapes, dtypes, st.integers(-3, 3))
+    return draw(
+        st.recursive(
+            leaf,
+            lambda kids: st.one_of(
+                st.lists(kids, max_size=3),
+                st.dictionaries(st.sampled_from(["a", "b", "w", "x"]), kids, max_size=3),
+            ),
+            max_leaves=12,
+        )
+    )
+
+
+@settings(max_examples=60)
+@given(t=_trees(), bucket_bytes=st.integers(1, 200))
+def test_bucketing_keeps_structure_values_and_input_for_any_bucket_size(
+    t: Any, bucket_bytes: int
+) -> None:
+    calls: list[int] = []
+
+    def double(buf: torch.Tensor) -> None:
+        calls.append(buf.numel())
+        buf.mul_(2)
+
+    before = tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, t)
+    out = _bucketed(t, double, bucket_bytes / 2**20, "test", divisor=None)
+    assert tree.structure_equal(out, t, shapes=True)
+    for p, x in tree.flatten(t).items():
+        if isinstance(x, torch.Tensor):
+            y = tree.flatten(out)[p]
+            assert y.dtype == x.dtype and torch.equal(y, x * 2), p
+            assert torch.equal(x, tree.flatten(before)[p]), f"{p}: input modified"
+    leaves = [x for x in tree.leaves(t) if isinstance(x, torch.Tensor)]
+    assert sum(calls) == sum(x.numel() for x in leaves)
+    assert len(calls) <= len(leaves)  # never more calls than leaves
+    calls.clear()
+    _bucketed(t, double, 1.0, "test", divisor=None)  # 1 MB: everything fits one bucket a dtype
+    assert len(calls) == len({x.dtype for x in leaves})
+
+
+@settings(max_examples=60)
+@given(world=st.integers(1, 5), rows=st.integers(1, 4), width=st.integers(1, 3))
+def test_shard_batch_slices_concatenate_to_the_global_batch(
+    world: int, rows: int, width: int
+) -> None:
+    batch = {
+        "ids": torch.arange(world * rows * width).reshape(world * rows, width),
+        "mask": torch.ones(world * rows, dtype=torch.bool),
+        "scale": 0.5,
+    }
+    parts = [distributed.shard_batch(batch, r, world) for r in range(world)]
+    assert all(p["ids"].shape == (rows, width) for p in parts)
+    assert torch.equal(torch.cat([p["ids"] for p in parts]), batch["ids"])
+    assert all(p["scale"] == 0.5 for p in parts)
+    if world > 1:
+        with pytest.raises(ValueError, match="not divisible by world_size"):
+            distributed.shard_batch({"ids": torch.zeros(world * rows + 1)}, 0, world)
