@@ -2,9 +2,13 @@
 
 - the site builds with ``mkdocs build --strict`` and references nothing online;
 - the docs build's griffe extension really reports undocumented public objects;
-- every ``python`` code block of every page runs (blocks on one page share a namespace, in order);
+- every ``python`` code block of every page runs (blocks on one page share a namespace, in order):
+  executed blocks (``python exec="on"``) run inside the strict build (markdown-exec), where a
+  failing block or a promised figure that was not drawn fails the build; the others run here;
 - every public function and class of the package has a docstring with an example;
-- headless Chromium renders the home page and an API page (skipped without ``chromium``).
+- headless Chromium renders the home page, an API page, a guide and an example with figures,
+  the figures' ``<img>`` load, and the copy button leaves out ``>>>`` prompts and outputs
+  (skipped without ``chromium``).
 """
 
 from __future__ import annotations
@@ -91,6 +95,26 @@ def test_site_is_offline(site: Path) -> None:
         if re.search(r"@import\s+url\(\s*['\"]?https?:", css.read_text(encoding="utf-8")):
             offenders.append(f"{css.relative_to(site)}: remote @import")
     assert not offenders, "remote assets in the built site:\n" + "\n".join(offenders[:20])
+
+
+def test_search_index_holds_prose_not_code(site: Path) -> None:
+    """Code blocks and API source listings are left out of the search index (and previews)."""
+    import json
+
+    docs = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))["docs"]
+    text = "\n".join(d["text"] for d in docs)
+    assert "pure functions on trees" in text  # prose of the training guide is indexed
+    for code in ("jr.fold_in(key, 1)", "def next_token_loss", "&gt;&gt;&gt;", "import torch"):
+        assert code not in text, f"code {code!r} is in the search index"
+
+
+def test_site_has_theme_features(site: Path) -> None:
+    """Repository link, previous/next footer, light/dark toggle, copy script on every page."""
+    html = (site / "guides" / "training" / "index.html").read_text(encoding="utf-8")
+    assert 'class="md-source"' in html  # the repository link in the header
+    assert "md-footer__link--prev" in html and "md-footer__link--next" in html
+    assert 'data-md-color-scheme="slate"' in html  # the dark palette, with its toggle
+    assert "assets/copy.js" in html
 
 
 def test_api_pages_render_every_public_name(site: Path) -> None:
@@ -242,6 +266,16 @@ def test_guides_have_code_to_run() -> None:
     assert {"index.md", "guides/getting-started.md", "guides/training.md"} <= names, names
 
 
+def _executed_blocks(text: str) -> list[tuple[int, str]]:
+    """The python blocks markdown-exec runs during the build (info string ``exec="on"``)."""
+    lines = text.splitlines()
+    return [
+        (n, src)
+        for n, src in _code_blocks(text)
+        if re.search(r'\bexec="(on|1|true|yes)"', lines[n - 2])
+    ]
+
+
 def _requirements(text: str) -> list[str]:
     return [mod for m in _REQUIRES.finditer(text) for mod in m.group("mods").split()]
 
@@ -263,7 +297,9 @@ def test_page_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Mo
     while one of them does not exist yet the page is skipped; once it exists the page runs.
     """
     text = page.read_text(encoding="utf-8")
-    blocks = list(_code_blocks(text))
+    blocks = [(n, src) for n, src in _code_blocks(text) if (n, src) not in _executed_blocks(text)]
+    if not blocks:
+        pytest.skip("every block is executed by the strict build (markdown-exec)")
     missing = [m for m in _requirements(text) if not _module_exists(m)]
     if missing:
         pytest.skip(f"needs modules that do not exist yet: {missing}")
@@ -317,6 +353,97 @@ def test_code_block_parser_finds_blocks_and_line_numbers() -> None:
     assert blocks == [(3, "x = 1\n"), (11, "y = x + 1\n")]
     marked = "<!-- docs-test: requires fnllm.a b -->\nsee `<!-- docs-test: requires c -->`\n"
     assert _requirements(marked) == ["fnllm.a", "b"]
+
+
+def test_pages_do_not_mix_executed_and_plain_blocks() -> None:
+    """A page's blocks share one namespace: either the build runs them all or this suite does."""
+    mixed = []
+    for page in CODE_PAGES:
+        text = page.read_text(encoding="utf-8")
+        n_exec, n_all = len(_executed_blocks(text)), len(list(_code_blocks(text)))
+        if 0 < n_exec < n_all:
+            mixed.append(f"{page.relative_to(DOCS)}: {n_exec} of {n_all} blocks executed")
+    assert not mixed, "\n".join(mixed)
+
+
+def test_executed_pages_show_their_output(site: Path) -> None:
+    """Every executed block left its source and, where it prints, its output in the page."""
+    problems = []
+    for page in CODE_PAGES:
+        text = page.read_text(encoding="utf-8")
+        executed = _executed_blocks(text)
+        if not executed:
+            continue
+        rel = page.relative_to(DOCS).with_suffix("")
+        html = (site / (rel.parent if rel.name == "index" else rel) / "index.html").read_text(
+            encoding="utf-8"
+        )
+        promised = re.search(r"<!--\s*docs-figures:\s*(\d+)\s*-->", text)
+        n_fig = html.count('class="fnllm-figure"')
+        if promised and n_fig < int(promised.group(1)):
+            problems.append(f"{rel}: {n_fig} figures, {promised.group(1)} promised")
+        if "Traceback (most recent call last)" in html:
+            problems.append(f"{rel}: a traceback is shown")
+        printing = [src for n, src in executed if "print(" in src]
+        n_out = html.count('class="language-text highlight"') + n_fig
+        if printing and n_out == 0:
+            problems.append(f"{rel}: {len(printing)} printing blocks but no output shown")
+    assert not problems, "\n".join(problems)
+
+
+_MINI_CONFIG = """\
+site_name: mini
+docs_dir: docs
+theme: {name: mkdocs}
+plugins: [markdown-exec]
+hooks: [%s]
+markdown_extensions: [pymdownx.superfences]
+"""
+
+
+def _mini_build(tmp_path: Path, page: str) -> tuple[int, str]:
+    """Build a one-page site with the real hooks and markdown-exec, strictly."""
+    (tmp_path / "docs").mkdir(parents=True)
+    (tmp_path / "docs" / "index.md").write_text(textwrap.dedent(page), encoding="utf-8")
+    (tmp_path / "mkdocs.yml").write_text(_MINI_CONFIG % (DOCS / "_ext" / "hooks.py"))
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [*_MKDOCS, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+_FIGURE_PAGE = """\
+    # Page
+    <!-- docs-figures: 1 -->
+
+    ```python exec="on" session="mini" source="above" html="1"
+    from fnllm import plot
+    open("written.txt", "w").write("scratch")  # lands in the page's scratch directory
+    print(plot.to_html(plot.loss_curve([3.0, 2.0, 1.0])))
+    ```
+    """
+
+
+def test_strict_build_runs_executed_blocks_and_checks_figures(tmp_path: Path) -> None:
+    code, log = _mini_build(tmp_path / "ok", _FIGURE_PAGE)
+    assert code == 0, log[-3000:]
+    html = (tmp_path / "ok" / "site" / "index.html").read_text(encoding="utf-8")
+    assert html.count('class="fnllm-figure"') == 1
+    assert not (tmp_path / "ok" / "written.txt").exists()  # not in the project directory
+
+    code, log = _mini_build(tmp_path / "failing", _FIGURE_PAGE.replace("[3.0, 2.0, 1.0]", "[]"))
+    assert code != 0 and "runs: no values" in log, log[-3000:]
+
+    code, log = _mini_build(
+        tmp_path / "no-figure", _FIGURE_PAGE.replace("print(plot.to_html", "(plot.to_html")
+    )
+    assert code != 0 and "promises 1 figures" in log, log[-3000:]
 
 
 # ----------------------------------------------------------------------------- (c) public API
@@ -495,8 +622,20 @@ _ERROR_TEXT = (
             ["fnllm.tree.partition", "Getting started", "Parameters"],
             "docs-api-tree.png",
         ),
+        (
+            "/guides/training/",
+            "Training",
+            ["Freezing is a partition", 'class="fnllm-figure"'],
+            "docs-guide-training.png",
+        ),
+        (
+            "/examples/pretrain-gpt/",
+            "Pretrain a GPT",
+            ["Examples", 'class="fnllm-figure"', "Next"],
+            "docs-example-pretrain-gpt.png",
+        ),
     ],
-    ids=["home", "api-tree"],
+    ids=["home", "api-tree", "guide-training", "example-gpt"],
 )
 def test_chromium_renders_page(
     served: str, url_path: str, title: str, must_contain: list[str], shot: str
@@ -517,7 +656,9 @@ def test_chromium_renders_page(
     ARTIFACTS.mkdir(exist_ok=True)
     target = ARTIFACTS / shot
     target.unlink(missing_ok=True)
-    proc = _chromium("--window-size=1280,1600", f"--screenshot={target}", url)
+    # pages with figures are shot tall enough to hold the first one
+    height = 1600 if shot in ("docs-home.png", "docs-api-tree.png") else 3000
+    proc = _chromium(f"--window-size=1280,{height}", f"--screenshot={target}", url)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = target.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "screenshot is not a PNG"
@@ -563,3 +704,70 @@ def test_design_page_import_table_matches_the_code() -> None:
         if documented.get(m) != actual.get(m)
     ]
     assert not wrong, "docs/design.md import table is out of date:\n" + "\n".join(wrong)
+
+
+# A same-origin page that loads a built page in an iframe, waits for its figures to decode,
+# and writes what it found (and what the copy button would copy) into its own DOM, which
+# ``chromium --dump-dom`` then prints.
+_CHECK_PAGE = """<!doctype html><html><body><pre id="result">pending</pre>
+<iframe id="page" src="%s" width="1280" height="900"></iframe>
+<script>
+const frame = document.getElementById("page");
+frame.addEventListener("load", async () => {
+  const doc = frame.contentDocument, win = frame.contentWindow;
+  const imgs = [...doc.querySelectorAll("img.fnllm-figure")];
+  await Promise.all(imgs.map((img) => img.decode().catch(() => null)));
+  const code = doc.querySelector(".language-pycon code");
+  const out = {
+    images: imgs.map((img) => [img.complete, img.naturalWidth, img.naturalHeight]),
+    copied: code && win.fnllmCodeText ? win.fnllmCodeText(code) : null,
+  };
+  document.getElementById("result").textContent = "RESULT" + JSON.stringify(out) + "END";
+});
+</script></body></html>"""
+
+
+def _inspect_in_chromium(site: Path, served: str, url_path: str) -> dict[str, object]:
+    import html
+    import json
+
+    name = "_fnllm_check_" + re.sub(r"\W", "_", url_path) + ".html"
+    (site / name).write_text(_CHECK_PAGE % url_path, encoding="utf-8")
+    dom = _chromium("--dump-dom", f"{served}/{name}")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    m = re.search(r"RESULT(.*?)END", dom.stdout, re.S)
+    assert m, f"the check page did not report for {url_path}: {dom.stdout[-1500:]}"
+    return json.loads(html.unescape(m.group(1)))
+
+
+@pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and os.access(CHROMIUM, os.X_OK)),
+    reason=f"headless Chromium not installed at {CHROMIUM}",
+)
+@pytest.mark.parametrize("url_path", ["/", "/guides/training/", "/examples/pretrain-gpt/"])
+def test_chromium_figures_load(site: Path, served: str, url_path: str) -> None:
+    """Each figure on the page is an ``<img>`` the browser decodes to a non-empty picture."""
+    found = _inspect_in_chromium(site, served, url_path)
+    images = found["images"]
+    assert isinstance(images, list) and images, f"{url_path}: no fnllm figure in the page"
+    for complete, width, height in images:
+        assert complete and width > 0 and height > 0, f"{url_path}: figure failed: {images}"
+
+
+@pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and os.access(CHROMIUM, os.X_OK)),
+    reason=f"headless Chromium not installed at {CHROMIUM}",
+)
+def test_chromium_copy_leaves_out_prompts_and_outputs(site: Path, served: str) -> None:
+    """The copy button's text of a ``>>>`` example is its code lines without prompts."""
+    import html
+
+    copied = _inspect_in_chromium(site, served, "/api/tree/")["copied"]
+    page = (site / "api" / "tree" / "index.html").read_text(encoding="utf-8")
+    block = re.search(r'class="language-pycon highlight">(.*?)</code>', page, re.S)
+    assert block is not None
+    shown = html.unescape(re.sub(r"<[^>]+>", "", block.group(1))).splitlines()
+    code = [ln[4:] for ln in shown if ln.startswith((">>> ", "... "))]
+    outputs = [ln for ln in shown if ln and not ln.startswith((">>>", "..."))]
+    assert code and outputs, shown  # the example does print something
+    assert copied == "\n".join(code) + "\n"

@@ -1,0 +1,534 @@
+"""Figures a researcher would rather look at than read, drawn with matplotlib.
+
+Every function returns a ``matplotlib.figure.Figure`` built with the object-oriented API
+(``Figure`` plus the Agg canvas): no ``pyplot``, no global state, no display needed, so the
+functions are safe in tests, on servers and at docs-build time. Save a figure with
+``fig.savefig("loss.png")`` or embed it in HTML with :func:`to_html`.
+
+- :func:`loss_curve`: training loss per step (one or several runs, optional smoothing).
+- :func:`masking`: BERT's 80/10/10 corruption drawn on a sentence, one coloured box per token.
+- :func:`schedule`: a learning-rate schedule over steps.
+- :func:`partition_tree`: a parameter tree drawn as a tree, trainable vs frozen.
+- :func:`per_example_norms`: per-example gradient norms, with the clipping threshold.
+- :func:`ratio_bars`: benchmark ratios as bars, with goal lines.
+- :func:`to_html`: a figure as a self-contained ``<img>`` tag (inline PNG).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from fnllm import tree as _tree
+
+__all__ = [
+    "COLORS",
+    "loss_curve",
+    "masking",
+    "partition_tree",
+    "per_example_norms",
+    "ratio_bars",
+    "schedule",
+    "to_html",
+]
+
+#: The colours of the categories the figures draw (colour-blind-safe Okabe-Ito hues).
+COLORS: dict[str, str] = {
+    "kept": "#d9d9d9",
+    "mask": "#0072b2",
+    "random": "#d55e00",
+    "unchanged": "#009e73",
+    "trainable": "#0072b2",
+    "frozen": "#bbbbbb",
+    "mixed": "#e69f00",
+    "goal": "#d55e00",
+}
+
+_MASK_LABELS = {
+    "kept": "not picked",
+    "mask": "picked -> [MASK]",
+    "random": "picked -> random token",
+    "unchanged": "picked, unchanged",
+}
+
+
+def loss_curve(
+    runs: Sequence[float] | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
+    *,
+    key: str = "loss",
+    smooth: int = 1,
+    title: str = "Training loss",
+    log_y: bool = False,
+) -> Figure:
+    """Plot the training loss per step of one run or several.
+
+    Example:
+        >>> from fnllm import plot
+        >>> fig = plot.loss_curve({"gpt": [5.0, 4.0, 3.5], "bert": [6.0, 5.5, 5.0]})
+        >>> [line.get_label() for line in fig.axes[0].get_lines()]
+        ['gpt', 'bert']
+        >>> [float(v) for v in fig.axes[0].get_lines()[0].get_ydata()]
+        [5.0, 4.0, 3.5]
+
+    Args:
+        runs: a sequence of losses, a ``fit`` history (dicts holding ``key``), or a mapping
+            from run name to either.
+        key: the entry to plot when a run is a list of dicts (e.g. ``"grad_norm"``).
+        smooth: the width of a trailing moving average drawn over the raw curve (1: none).
+        title: the title of the figure.
+        log_y: draw the loss on a logarithmic axis.
+
+    Returns:
+        The figure, with one line per run (plus one smoothed line per run if ``smooth > 1``).
+
+    Raises:
+        ValueError: a run is empty, a value is not finite-convertible, or ``smooth < 1``.
+    """
+    if smooth < 1:
+        raise ValueError(f"smooth: must be >= 1, got {smooth}")
+    named = dict(runs) if isinstance(runs, Mapping) else {"": runs}
+    if not named:
+        raise ValueError("runs: no runs to plot")
+    fig, ax = _figure(6.0, 3.4)
+    raw_lines = []
+    for name, run in named.items():
+        values = _values(run, key, f"runs[{name!r}]" if name else "runs")
+        steps = list(range(1, len(values) + 1))
+        (line,) = ax.plot(steps, values, label=name or key, alpha=0.35 if smooth > 1 else 1.0)
+        raw_lines.append(line)
+        if smooth > 1:
+            avg = _moving_average(values, smooth)
+            ax.plot(steps, avg, color=line.get_color(), label=f"_{name or key} (smoothed)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(named) > 1:
+        ax.legend(handles=raw_lines)
+    return fig
+
+
+def masking(
+    tokens: torch.Tensor,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    decode: Callable[[int], str],
+    mask_id: int,
+    per_row: int = 12,
+    title: str = "MLM corruption (80/10/10)",
+) -> Figure:
+    """Draw BERT's masked-LM corruption of one sentence: one coloured box per token.
+
+    A token is *not picked* (label -100), *masked* (input is ``mask_id``), *random* (input is
+    another id) or *unchanged* (picked, but the model still sees the original). Each box shows
+    the original token, with what the model sees below it when that differs.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import plot
+        >>> tokens = torch.tensor([5, 6, 7, 8])
+        >>> inputs = torch.tensor([5, 1, 9, 8])
+        >>> labels = torch.tensor([-100, 6, 7, 8])
+        >>> fig = plot.masking(tokens, inputs, labels, decode=lambda i: f"t{i}", mask_id=1)
+        >>> fig.fnllm_categories
+        ['kept', 'mask', 'random', 'unchanged']
+
+    Args:
+        tokens: the original ids of one sequence, shape ``[T]`` (or ``[1, T]``).
+        inputs: the corrupted ids ``mlm_mask`` returned, same shape.
+        labels: the labels ``mlm_mask`` returned (-100 where nothing was picked), same shape.
+        decode: maps an id to the text drawn in its box (e.g. ``tokenizer.id_to_token``).
+        mask_id: the id of the ``[MASK]`` token.
+        per_row: how many tokens to draw per row.
+        title: the title of the figure.
+
+    Returns:
+        The figure; its attribute ``fnllm_categories`` lists each token's category in order.
+
+    Raises:
+        ValueError: the three tensors differ in shape or are not one sequence.
+    """
+    tok, inp, lab = (
+        _one_row(t, n) for t, n in ((tokens, "tokens"), (inputs, "inputs"), (labels, "labels"))
+    )
+    if not (tok.shape == inp.shape == lab.shape):
+        raise ValueError(
+            f"tokens, inputs, labels: shapes differ: {tuple(tok.shape)}, {tuple(inp.shape)}, "
+            f"{tuple(lab.shape)}"
+        )
+    if per_row < 1:
+        raise ValueError(f"per_row: must be >= 1, got {per_row}")
+    cats = []
+    for t, i, lb in zip(tok.tolist(), inp.tolist(), lab.tolist()):
+        if lb == -100:
+            cats.append("kept")
+        elif i == mask_id:
+            cats.append("mask")
+        elif i != t:
+            cats.append("random")
+        else:
+            cats.append("unchanged")
+    n = len(cats)
+    rows = max(1, -(-n // per_row))
+    fig, ax = _figure(min(1.05 * per_row, 1.05 * n) + 0.4, 1.0 * rows + 0.9)
+    for k, (t, i, cat) in enumerate(zip(tok.tolist(), inp.tolist(), cats)):
+        x, y = k % per_row, -(k // per_row)
+        ax.add_patch(_box(x, y, COLORS[cat]))
+        light = cat in ("mask", "random")
+        ax.text(
+            x + 0.45,
+            y + 0.55,
+            decode(t),
+            ha="center",
+            va="center",
+            fontsize=9,
+            color="white" if light else "black",
+            clip_on=True,
+        )
+        if cat in ("mask", "random"):
+            ax.text(
+                x + 0.45,
+                y + 0.2,
+                "-> " + decode(i),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white",
+                clip_on=True,
+            )
+    ax.set_xlim(-0.1, min(per_row, n) + 0.05)
+    ax.set_ylim(-(rows - 1) - 0.15, 1.05)
+    ax.set_axis_off()
+    handles = [_box(0, 0, COLORS[c]) for c in _MASK_LABELS]
+    ax.legend(
+        handles,
+        list(_MASK_LABELS.values()),
+        loc="upper center",
+        ncol=4,
+        fontsize=8,
+        bbox_to_anchor=(0.5, 0.0),
+        frameon=False,
+    )
+    ax.set_title(title)
+    fig.fnllm_categories = cats  # type: ignore[attr-defined]
+    return fig
+
+
+def schedule(
+    fn: Callable[[int], Any],
+    steps: int,
+    *,
+    title: str = "Learning-rate schedule",
+    marks: Sequence[int] = (),
+) -> Figure:
+    """Plot a schedule (step -> value) over ``range(steps)``.
+
+    Example:
+        >>> from fnllm import optim, plot
+        >>> s = optim.warmup_cosine(1.0, warmup_steps=2, total_steps=6)
+        >>> fig = plot.schedule(s, 8, marks=[2])
+        >>> [round(float(v), 2) for v in fig.axes[0].get_lines()[0].get_ydata()][:4]
+        [0.0, 0.5, 1.0, 0.85]
+
+    Args:
+        fn: the schedule, e.g. ``optim.warmup_cosine(...)``; called with each step.
+        steps: how many steps to draw.
+        title: the title of the figure.
+        marks: steps to mark with a dotted vertical line (e.g. the end of warmup).
+
+    Returns:
+        The figure with one line, the schedule's values.
+
+    Raises:
+        ValueError: ``steps < 1``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps: must be >= 1, got {steps}")
+    values = [float(fn(s)) for s in range(steps)]
+    fig, ax = _figure(6.0, 3.0)
+    ax.plot(range(steps), values, color=COLORS["trainable"])
+    for m in marks:
+        ax.axvline(m, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("value")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def partition_tree(
+    params: Any,
+    filter: Any,
+    *,
+    depth: int = 3,
+    title: str = "Trainable (blue) vs frozen (grey)",
+) -> Figure:
+    """Draw a parameter tree as a tree, each node coloured trainable, frozen or mixed.
+
+    The colouring uses :func:`fnllm.tree.partition` with ``filter``, exactly what training
+    would use; each label shows the node's number of parameters. Nodes deeper than ``depth``
+    are folded into their parent, which is *mixed* when its leaves are split.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import plot
+        >>> params = {"emb": torch.zeros(2), "head": {"w": torch.zeros(2), "b": torch.zeros(1)}}
+        >>> fig = plot.partition_tree(params, ["head.w"])
+        >>> fig.fnllm_nodes
+        {'emb': 'frozen', 'head': 'mixed', 'head.b': 'frozen', 'head.w': 'trainable'}
+
+    Args:
+        params: a parameter tree.
+        filter: what :func:`fnllm.tree.partition` takes: globs, a predicate, ...
+        depth: the deepest level drawn (1: the top-level entries only).
+        title: the title of the figure.
+
+    Returns:
+        The figure; its attribute ``fnllm_nodes`` maps each drawn path to its state.
+
+    Raises:
+        ValueError: ``depth < 1`` or the tree has no leaves.
+    """
+    if depth < 1:
+        raise ValueError(f"depth: must be >= 1, got {depth}")
+    trainable, _ = _tree.partition(params, filter)
+    train_paths = set(_tree.paths(trainable))
+    leaves = _tree.paths(params)
+    if not leaves:
+        raise ValueError("params: the tree has no leaves")
+    sizes = {p: _numel(v) for p, v in _tree.flatten(params).items()}
+    nodes: dict[str, set[bool]] = {}
+    counts: dict[str, int] = {}
+    for path in leaves:
+        parts = path.split(".")
+        for d in range(1, min(depth, len(parts)) + 1):
+            node = ".".join(parts[:d])
+            nodes.setdefault(node, set()).add(path in train_paths)
+            counts[node] = counts.get(node, 0) + sizes.get(path, 0)
+    states = {
+        p: ("mixed" if len(s) == 2 else "trainable" if True in s else "frozen")
+        for p, s in nodes.items()
+    }
+    fig, ax = _figure(6.0, 0.24 * len(states) + 0.8)
+    rows = list(states)
+    for r, path in enumerate(rows):
+        level = path.count(".")
+        y = -r
+        ax.plot([level * 0.6 - 0.35, level * 0.6 - 0.05], [y, y], color="#888888", lw=0.8)
+        parent = path.rsplit(".", 1)[0] if level else None
+        if parent is not None:
+            py = -rows.index(parent)
+            ax.plot([level * 0.6 - 0.35] * 2, [py - 0.35, y], color="#888888", lw=0.8)
+        ax.text(
+            level * 0.6,
+            y,
+            f"{path.rsplit('.', 1)[-1]}  ({_short(counts[path])})",
+            va="center",
+            fontsize=8,
+            color="black",
+            bbox={"boxstyle": "round,pad=0.2", "fc": COLORS[states[path]], "ec": "none"},
+        )
+    ax.set_xlim(-0.5, 0.6 * depth + 3)
+    ax.set_ylim(-len(rows) + 0.4, 0.6)
+    ax.set_axis_off()
+    handles = [_box(0, 0, COLORS[c]) for c in ("trainable", "frozen", "mixed")]
+    ax.legend(handles, ["trainable", "frozen", "mixed"], loc="upper right", fontsize=8)
+    ax.set_title(title)
+    fig.fnllm_nodes = states  # type: ignore[attr-defined]
+    return fig
+
+
+def per_example_norms(
+    norms: torch.Tensor | Sequence[float],
+    *,
+    clip: float | None = None,
+    title: str = "Per-example gradient norms",
+) -> Figure:
+    """Draw one bar per example's gradient norm, with the clipping threshold as a line.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import plot
+        >>> fig = plot.per_example_norms(torch.tensor([0.5, 2.0, 1.0]), clip=1.0)
+        >>> [round(float(p.get_height()), 1) for p in fig.axes[0].patches]
+        [0.5, 2.0, 1.0]
+
+    Args:
+        norms: one norm per example, e.g. ``grads.per_example_norm(g)``.
+        clip: the per-example clipping norm (DP-SGD's ``max_norm``), drawn as a line; bars
+            above it are coloured as clipped.
+        title: the title of the figure.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: ``norms`` is empty or not one-dimensional.
+    """
+    values = torch.as_tensor(norms, dtype=torch.float64).detach().cpu()
+    if values.ndim != 1 or values.numel() == 0:
+        raise ValueError(f"norms: need a non-empty 1-D sequence, got shape {tuple(values.shape)}")
+    vals = values.tolist()
+    fig, ax = _figure(6.0, 3.0)
+    colors = [
+        COLORS["random"] if clip is not None and v > clip else COLORS["trainable"] for v in vals
+    ]
+    ax.bar(range(len(vals)), vals, color=colors)
+    if clip is not None:
+        ax.axhline(clip, color="black", linestyle="--", linewidth=1, label=f"clip = {clip:g}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("example")
+    ax.set_ylabel("gradient norm")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def ratio_bars(
+    ratios: Mapping[str, float],
+    *,
+    goals: Mapping[str, float] | float | None = None,
+    title: str = "fnllm time / peer time (lower is better)",
+) -> Figure:
+    """Draw benchmark ratios as horizontal bars, with each workload's goal as a black tick.
+
+    Example:
+        >>> from fnllm import plot
+        >>> fig = plot.ratio_bars({"a": 0.5, "b": 1.2}, goals=1.0)
+        >>> [round(float(p.get_width()), 1) for p in fig.axes[0].patches]
+        [0.5, 1.2]
+
+    Args:
+        ratios: workload name -> ratio (fnllm time over the peer's time).
+        goals: one goal for all workloads, or workload -> goal (workloads without one get
+            none). Bars that miss their goal are drawn in the goal colour.
+        title: the title of the figure.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: ``ratios`` is empty, or ``goals`` names a workload not in ``ratios``.
+    """
+    if not ratios:
+        raise ValueError("ratios: nothing to draw")
+    names = list(ratios)
+    if goals is None:
+        goal = {}
+    elif isinstance(goals, Mapping):
+        unknown = sorted(set(goals) - set(names))
+        if unknown:
+            raise ValueError(f"goals: workloads not in ratios: {unknown}")
+        goal = dict(goals)
+    else:
+        goal = dict.fromkeys(names, float(goals))
+    fig, ax = _figure(6.5, 0.38 * len(names) + 1.0)
+    ys = list(range(len(names)))[::-1]
+    colors = [
+        COLORS["goal"] if n in goal and ratios[n] > goal[n] else COLORS["trainable"] for n in names
+    ]
+    ax.barh(ys, [float(ratios[n]) for n in names], color=colors, height=0.6)
+    for y, n in zip(ys, names):
+        if n in goal:
+            ax.plot([goal[n]] * 2, [y - 0.42, y + 0.42], color="black", linewidth=2)
+        ax.text(float(ratios[n]), y, f" {ratios[n]:.2f}", va="center", fontsize=8)
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_yticks(ys, names, fontsize=8)
+    ax.set_xlabel("ratio (black tick: goal)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def to_html(fig: Figure, *, alt: str = "figure", dpi: int = 110) -> str:
+    """Render a figure to PNG and return a self-contained ``<img>`` tag (a data URI).
+
+    The docs pages print this from executed blocks; a notebook can display it as HTML.
+
+    Example:
+        >>> from fnllm import plot
+        >>> tag = plot.to_html(plot.schedule(lambda s: s, 3), alt="ramp")
+        >>> tag.startswith('<img alt="ramp" src="data:image/png;base64,')
+        True
+
+    Args:
+        fig: the figure.
+        alt: the image's alternative text.
+        dpi: the resolution of the PNG.
+
+    Returns:
+        The HTML ``<img>`` tag.
+    """
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (
+        f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" '
+        'class="fnllm-figure" style="max-width:100%">'
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _figure(width: float, height: float) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _values(run: Sequence[Any], key: str, where: str) -> list[float]:
+    values = [r[key] if isinstance(r, Mapping) else r for r in run]
+    if not values:
+        raise ValueError(f"{where}: no values")
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: values must be numbers ({err})") from err
+
+
+def _moving_average(values: list[float], width: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= width:
+            total -= values[i - width]
+        out.append(total / min(i + 1, width))
+    return out
+
+
+def _one_row(t: torch.Tensor, name: str) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if t.ndim == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 1:
+        raise ValueError(f"{name}: need one sequence ([T] or [1, T]), got shape {tuple(t.shape)}")
+    return t
+
+
+def _numel(leaf: Any) -> int:
+    return int(leaf.numel()) if isinstance(leaf, torch.Tensor) else 0
+
+
+def _short(n: int) -> str:
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _box(x: float, y: float, color: str) -> Any:
+    from matplotlib.patches import FancyBboxPatch
+
+    return FancyBboxPatch((x, y), 0.9, 0.8, boxstyle="round,pad=0.02", fc=color, ec="white")
