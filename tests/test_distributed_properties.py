@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fnllm import distributed, tree
+from fnllm import distributed, random, tree
 from fnllm.distributed.collectives import _bucketed
 
 
@@ -74,3 +74,18 @@ def test_shard_batch_slices_concatenate_to_the_global_batch(
     if world > 1:
         with pytest.raises(ValueError, match="not divisible by world_size"):
             distributed.shard_batch({"ids": torch.zeros(world * rows + 1)}, 0, world)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_privatize_refuses_a_bad_noise_multiplier_before_any_collective(bad: float) -> None:
+    # a NaN/inf/negative multiplier must never mean "no noise": refused up front, no group needed
+    g = {"w": torch.ones(2, 3)}
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        distributed.privatize(random.key(0), g, clip=1.0, noise_multiplier=bad)
+
+
+def test_privatize_refuses_a_non_number_clip() -> None:
+    with pytest.raises(TypeError, match="clip"):
+        distributed.privatize(
+            random.key(0), {"w": torch.ones(2, 3)}, clip="1", noise_multiplier=1.0
+        )

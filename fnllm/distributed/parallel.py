@@ -16,9 +16,9 @@ from typing import Any, Literal
 import optree
 import torch
 
+from fnllm import _checks, tree
 from fnllm import grads as fgrads
 from fnllm import random as jr
-from fnllm import tree
 from fnllm.distributed.collectives import (
     all_reduce_mean,
     all_reduce_sum,
@@ -241,8 +241,11 @@ def privatize(
     Raises:
         ValueError: as :func:`fnllm.grads.privatize`; trees that differ across ranks.
     """
-    if noise_multiplier < 0:
-        raise ValueError(f"privatize: noise_multiplier must be >= 0, got {noise_multiplier}")
+    # privacy-relevant numbers: NaN, inf or a negative value would silently drop the noise
+    clip = _checks.check_number("privatize: clip", clip, positive=True)
+    noise_multiplier = _checks.check_number(
+        "privatize: noise_multiplier", noise_multiplier, nonnegative=True
+    )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"privatize: reduction must be 'mean' or 'sum', got {reduction!r}")
     local = fgrads.privatize(
