@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -195,3 +195,84 @@ def _layout(model: Any) -> tuple[Any, tuple[tuple[int, ...], ...]]:
     paths = list(shapes)
     order, spec = tree.flatten_spec(tree.unflatten({p: i for i, p in enumerate(paths)}))
     return spec, tuple(shapes[paths[i]] for i in order)
+
+
+class ModelConfig:
+    """What every model config shares: its parameter layout, checks and JSON form.
+
+    A model (:class:`~fnllm.models.GPT`, :class:`~fnllm.models.BERT`) is a frozen dataclass
+    of hyper-parameters deriving from this class and naming its ``kind``; the layout comes from
+    the model's own ``init`` (run once on the meta device and cached), so it is written once.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The expected ``{path: shape}`` of every parameter leaf.
+
+        Example:
+            >>> from fnllm.models import GPT
+            >>> shapes = GPT(vocab_size=10, n_layer=2, n_head=2, d_model=8).param_shapes()
+            >>> shapes["blocks.1.attn.qkv.weight"], len(shapes)
+            ((24, 8), 28)
+
+        Returns:
+            A dict from dotted path to shape tuple, in layer order.
+        """
+        return param_shapes(self)
+
+    def check_params(self, params: Params) -> None:
+        """Raise unless ``params`` has exactly this model's leaves, shapes and one dtype.
+
+        Example:
+            >>> from fnllm import random
+            >>> from fnllm.models import GPT
+            >>> gpt = GPT(vocab_size=10, n_layer=1, n_head=2, d_model=8)
+            >>> params = gpt.init(random.key(0))
+            >>> gpt.check_params(params)
+            >>> del params["ln_f"]["bias"]
+            >>> gpt.check_params(params)
+            Traceback (most recent call last):
+            ...
+            KeyError: 'params: missing ln_f.bias'
+
+        Args:
+            params: a candidate parameter tree (from ``init``, a checkpoint or ``io.from_hf``).
+
+        Raises:
+            KeyError: a leaf is missing or unexpected (named by path). ValueError: a leaf has
+                the wrong shape (named by path). TypeError: a leaf is not floating, or its dtype
+                differs from the others'.
+        """
+        check_params(self, params)
+
+    def to_config(self) -> dict[str, Any]:
+        """A plain-JSON dict of the config, tagged with the model's ``"type"``.
+
+        Example:
+            >>> from fnllm.models import BERT, GPT
+            >>> GPT(n_layer=2).to_config()["type"], BERT(n_layer=6).to_config()["n_layer"]
+            ('gpt', 6)
+
+        Returns:
+            ``{"type": kind, field: value, ...}``; :meth:`from_config` inverts it.
+        """
+        return to_config(self, self.kind)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Any:
+        """Rebuild a config from :meth:`to_config`'s dict.
+
+        Example:
+            >>> from fnllm.models import GPT
+            >>> gpt = GPT(n_layer=2, tie_head=False)
+            >>> GPT.from_config(gpt.to_config()) == gpt
+            True
+
+        Args:
+            config: field values; an optional ``"type"`` entry must name this model's kind.
+
+        Returns:
+            The config (a ``ValueError`` names a wrong ``"type"`` or an unknown field).
+        """
+        return from_config(cls, cls.kind, config)

@@ -20,9 +20,8 @@ Parameter paths:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +82,7 @@ class BertPretrainOutput(NamedTuple):
 
 
 @dataclass(frozen=True)
-class BERT:
+class BERT(_base.ModelConfig):
     """BERT configuration; ``init`` makes parameters and ``apply`` runs the encoder.
 
     The config is hashable and holds no tensors. The defaults are BERT-base.
@@ -114,6 +113,8 @@ class BERT:
         sop_head: include the 2-way sentence-order / next-sentence head (``sop`` leaves);
             it reads the pooled output, so it needs ``pooler=True``.
     """
+
+    kind: ClassVar[str] = "bert"
 
     vocab_size: int = 30522
     n_layer: int = 12
@@ -491,77 +492,3 @@ class BERT:
         return BertPretrainOutput(
             self.mlm_logits(params, out.last_hidden_state), self.sop_logits(params, out.pooled)
         )
-
-    # ------------------------------------------------------------------ layout checks
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The expected ``{path: shape}`` of every parameter leaf.
-
-        Example:
-            >>> from fnllm.models import BERT
-            >>> bert = BERT(vocab_size=10, n_layer=2, n_head=2, d_model=8, d_ff=16, max_len=8)
-            >>> shapes = bert.param_shapes()
-            >>> shapes["blocks.0.attn.qkv.weight"], shapes["mlm.bias"], len(shapes)
-            ((24, 8), (10,), 38)
-
-        Returns:
-            A dict from dotted path to shape tuple, in layer order.
-        """
-        return _base.param_shapes(self)
-
-    def check_params(self, params: Params) -> None:
-        """Raise unless ``params`` has exactly this model's leaves and shapes.
-
-        Example:
-            >>> import torch
-            >>> from fnllm import random
-            >>> from fnllm.models import BERT
-            >>> bert = BERT(vocab_size=10, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=8)
-            >>> params = bert.init(random.key(0))
-            >>> params["blocks"][0]["ln_2"]["bias"] = torch.zeros(9)
-            >>> bert.check_params(params)
-            Traceback (most recent call last):
-            ...
-            ValueError: params: blocks.0.ln_2.bias has shape (9,), expected (8,)
-
-        Args:
-            params: the tree to check (from :meth:`init`, a checkpoint or ``io.from_hf``).
-
-        Raises:
-            KeyError: missing or extra leaves, listed by path. ValueError: a leaf of the
-                wrong shape. TypeError: a leaf of another dtype than the rest.
-        """
-        _base.check_params(self, params)
-
-    # ------------------------------------------------------------------ config
-
-    def to_config(self) -> dict[str, Any]:
-        """A plain-JSON dict of the config, tagged ``"type": "bert"``.
-
-        Example:
-            >>> from fnllm.models import BERT
-            >>> cfg = BERT(n_layer=6, d_model=384, d_ff=1536).to_config()
-            >>> cfg["type"], cfg["n_layer"], cfg["ln_eps"]
-            ('bert', 6, 1e-12)
-
-        Returns:
-            ``{"type": "bert", field: value, ...}``; :meth:`from_config` inverts it.
-        """
-        return _base.to_config(self, "bert")
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> BERT:
-        """Build a :class:`BERT` from a dict such as :meth:`to_config` gives.
-
-        Example:
-            >>> from fnllm.models import BERT
-            >>> BERT.from_config({"type": "bert", "n_layer": 2}).n_layer
-            2
-
-        Args:
-            config: field values; a ``"type"`` entry, if present, must say ``"bert"``.
-
-        Returns:
-            The config (a ``ValueError`` names a wrong ``"type"`` or an unknown field).
-        """
-        return _base.from_config(cls, "bert", config)

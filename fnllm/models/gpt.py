@@ -17,9 +17,8 @@ and a language-model head tied to the token embedding (or a separate ``head`` ma
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -59,7 +58,7 @@ class GPTOutput(NamedTuple):
 
 
 @dataclass(frozen=True)
-class GPT:
+class GPT(_base.ModelConfig):
     """GPT-2 configuration; ``init`` makes parameters and ``apply`` runs the model.
 
     The config is hashable and holds no tensors, so ``torch.compile`` specialises on it.
@@ -85,6 +84,8 @@ class GPT:
         dropout: dropout rate on embeddings, attention probabilities and residual branches
             (active only when ``apply`` gets a key).
     """
+
+    kind: ClassVar[str] = "gpt"
 
     vocab_size: int = 50257
     n_layer: int = 12
@@ -327,82 +328,3 @@ class GPT:
         x = x + nn.dropout(k_res1, h, drop)
         h = nn.mlp(p["mlp"], nn.layer_norm(p["ln_2"], x, eps=self.ln_eps), approximate="tanh")
         return x + nn.dropout(k_res2, h, drop)
-
-    # ------------------------------------------------------------------ layout checks
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The expected ``{path: shape}`` of every parameter leaf.
-
-        Example:
-            >>> from fnllm.models import GPT
-            >>> shapes = GPT(vocab_size=10, n_layer=2, n_head=2, d_model=8).param_shapes()
-            >>> shapes["blocks.1.attn.qkv.weight"], len(shapes)
-            ((24, 8), 28)
-
-        Returns:
-            A dict from dotted path to shape tuple, in layer order.
-        """
-        return _base.param_shapes(self)
-
-    def check_params(self, params: Params) -> None:
-        """Raise unless ``params`` has exactly this model's leaves and shapes.
-
-        Example:
-            >>> from fnllm import random
-            >>> from fnllm.models import GPT
-            >>> gpt = GPT(vocab_size=10, n_layer=1, n_head=2, d_model=8)
-            >>> params = gpt.init(random.key(0))
-            >>> gpt.check_params(params)
-            >>> del params["ln_f"]["bias"]
-            >>> gpt.check_params(params)
-            Traceback (most recent call last):
-            ...
-            KeyError: 'params: missing ln_f.bias'
-
-        Args:
-            params: a candidate parameter tree.
-
-        Raises:
-            KeyError: a leaf is missing or unexpected (named by path).
-            ValueError: a leaf has the wrong shape (named by path).
-            TypeError: a leaf is not floating, or its dtype differs from the others'.
-        """
-        _base.check_params(self, params)
-
-    # ------------------------------------------------------------------ config
-
-    def to_config(self) -> dict[str, Any]:
-        """A plain-JSON dict of the config, tagged ``"type": "gpt"``.
-
-        Example:
-            >>> from fnllm.models import GPT
-            >>> cfg = GPT(n_layer=2).to_config()
-            >>> cfg["type"], cfg["n_layer"], cfg["d_ff"]
-            ('gpt', 2, 3072)
-
-        Returns:
-            ``{"type": "gpt", field: value, ...}``; :meth:`from_config` inverts it.
-        """
-        return _base.to_config(self, "gpt")
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> GPT:
-        """Rebuild a config from :meth:`to_config`'s dict.
-
-        Example:
-            >>> from fnllm.models import GPT
-            >>> gpt = GPT(n_layer=2, tie_head=False)
-            >>> GPT.from_config(gpt.to_config()) == gpt
-            True
-
-        Args:
-            config: a mapping of field names to values; an optional ``"type"`` must be
-                ``"gpt"``.
-
-        Returns:
-            The :class:`GPT` config.
-
-        Raises:
-            ValueError: wrong ``"type"`` or unknown fields.
-        """
-        return _base.from_config(cls, "gpt", config)
