@@ -245,17 +245,7 @@ def privatize(
     batch = _tensor_leaves(clipped, "privatize")[0].shape[0]
     summed = tree.map(lambda g: g.sum(0) if isinstance(g, torch.Tensor) else g, clipped)
     if noise_multiplier > 0:
-        n = sum(isinstance(g, torch.Tensor) for g in tree.leaves(summed))
-        keys = iter(jr.split(key, n) if n > 1 else [key])
-        std = clip * noise_multiplier
-
-        def _noise(g: Any) -> Any:
-            if not isinstance(g, torch.Tensor):
-                return g
-            z = jr.normal(next(keys), tuple(g.shape), dtype=torch.float32)
-            return g + (z.to(g.device) * std).to(g.dtype)
-
-        summed = tree.map(_noise, summed)
+        summed = _add_noise(key, summed, clip * noise_multiplier)
     if reduction == "mean":
         summed = tree.map(lambda g: g / batch if isinstance(g, torch.Tensor) else g, summed)
     return summed
@@ -355,6 +345,23 @@ def accumulate(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _add_noise(key: torch.Tensor, summed: Any, std: float) -> Any:
+    """Add ``std``-scaled float32 Gaussian noise to every tensor leaf, one split key per leaf.
+
+    The DP-SGD noise of :func:`privatize`, shared with ``fnllm.distributed.privatize``.
+    """
+    n = sum(isinstance(g, torch.Tensor) for g in tree.leaves(summed))
+    keys = iter(jr.split(key, n) if n > 1 else [key])
+
+    def _noise(g: Any) -> Any:
+        if not isinstance(g, torch.Tensor):
+            return g
+        z = jr.normal(next(keys), tuple(g.shape), dtype=torch.float32)
+        return g + (z.to(g.device) * std).to(g.dtype)
+
+    return tree.map(_noise, summed)
 
 
 def _resolve_in_dims(in_dims: InDims | None, n_args: int, who: str) -> tuple[Any, ...]:

@@ -16,24 +16,16 @@ def register(sub: Any) -> None:
     Example:
         >>> import argparse
         >>> parser = argparse.ArgumentParser(prog="fnllm")
-        >>> register(parser.add_subparsers(dest="command"))
-        >>> args = parser.parse_args(["pretrain", "--out", "run", "--model", "bert"])
-        >>> args.model, args.steps
-        ('bert', None)
+        >>> sub = parser.add_subparsers(dest="command")
+        >>> register(sub)
+        >>> parser.parse_args(["pretrain", "--out", "run", "--model", "bert"]).model
+        'bert'
 
     Args:
         sub: the object ``argparse.ArgumentParser.add_subparsers`` returned.
     """
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain a GPT or BERT from scratch on the Python docs",
-        description=(
-            "Train a GPT (next token) or a BERT (MLM + sentence order) from scratch on the "
-            "Python documentation topics (pydoc_data) and standard-library docstrings, with a "
-            "BPE/WordPiece tokenizer trained on them and cached. Rerunning the same command "
-            "resumes from the newest checkpoint in OUT/checkpoints."
-        ),
-    )
+    help_text = "pretrain a GPT or BERT from scratch on the Python docs"
+    p = sub.add_parser("pretrain", help=help_text, description=_DESCRIPTION)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--model", choices=("gpt", "bert"), default="gpt", help="default gpt")
     p.add_argument("--quick", action="store_true", help="a tiny run that takes seconds")
@@ -48,6 +40,13 @@ def register(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run)
 
+
+_DESCRIPTION = (
+    "Train a GPT (next token) or a BERT (MLM + sentence order) from scratch on the "
+    "Python documentation topics (pydoc_data) and standard-library docstrings, with a "
+    "BPE/WordPiece tokenizer trained on them and cached. Rerunning the same command "
+    "resumes from the newest checkpoint in OUT/checkpoints."
+)
 
 _NUMBERS = (
     ("steps", int, "train steps in total"),

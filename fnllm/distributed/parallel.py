@@ -18,7 +18,6 @@ import torch
 
 from fnllm import _checks, tree
 from fnllm import grads as fgrads
-from fnllm import random as jr
 from fnllm.distributed.collectives import (
     all_reduce_mean,
     all_reduce_sum,
@@ -255,17 +254,7 @@ def privatize(
     count = torch.tensor(float(first.shape[0]), dtype=torch.float64, device=first.device)
     total, count = all_reduce_sum((local, count), group, check=True)
     if noise_multiplier > 0:
-        leaves = [x for x in tree.leaves(total) if isinstance(x, torch.Tensor)]
-        keys = iter(jr.split(key, len(leaves)) if len(leaves) > 1 else [key])
-        std = clip * noise_multiplier
-
-        def noise(g: Any) -> Any:
-            if not isinstance(g, torch.Tensor):
-                return g
-            z = jr.normal(next(keys), tuple(g.shape), dtype=torch.float32)
-            return g + (z.to(g.device) * std).to(g.dtype)
-
-        total = tree.map(noise, total)
+        total = fgrads._add_noise(key, total, clip * noise_multiplier)
     if reduction == "mean":
         n = int(count.item())
         total = tree.map(lambda g: g / n if isinstance(g, torch.Tensor) else g, total)

@@ -161,11 +161,10 @@ def decode_step(
         >>> from fnllm import generate, random
         >>> from fnllm.models import GPT
         >>> gpt = GPT(vocab_size=32, n_layer=2, n_head=2, d_model=8, max_len=16)
-        >>> params = gpt.init(random.key(0))
-        >>> _, cache = generate.prefill(gpt, params, generate.init_cache(gpt, 1, 8),
-        ...                             torch.tensor([[3, 4, 5]]))
-        >>> logits, cache = generate.decode_step(gpt, params, cache, torch.tensor([6]))
-        >>> full = gpt.apply(params, torch.tensor([[3, 4, 5, 6]]))[:, -1]
+        >>> params, tokens = gpt.init(random.key(0)), torch.tensor([[3, 4, 5, 6]])
+        >>> _, cache = generate.prefill(gpt, params, generate.init_cache(gpt, 1, 8), tokens[:, :3])
+        >>> logits, cache = generate.decode_step(gpt, params, cache, tokens[:, 3])
+        >>> full = gpt.apply(params, tokens)[:, -1]
         >>> torch.allclose(logits, full, atol=1e-5), int(cache.length)
         (True, 4)
 

@@ -241,9 +241,8 @@ def sample(
 
     Example:
         >>> import torch
-        >>> from fnllm import generate, random
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=32, n_layer=2, n_head=2, d_model=16, max_len=16)
+        >>> from fnllm import generate, models, random
+        >>> gpt = models.GPT(vocab_size=32, n_layer=2, n_head=2, d_model=16, max_len=16)
         >>> params = gpt.init(random.key(0))
         >>> out = generate.sample(None, gpt, params, [[1, 2, 3], [4]], 5, temperature=0)
         >>> out.shape

@@ -74,12 +74,7 @@ def save(path: PathLike, tree: Any, meta: Mapping[str, Any] | None = None) -> No
         ValueError: a dict key is not a string, is empty or contains a dot; or a ``meta`` key is
             reserved.
     """
-    metadata = _safetensors.encode_meta(meta)
-    tensors, structure, aliases = _encode_tree(tree)
-    metadata[_safetensors.STRUCTURE_KEY] = json.dumps(structure, separators=(",", ":"))
-    if aliases:
-        metadata[_safetensors.ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
-    _safetensors.write_safetensors(path, tensors, metadata)
+    _write_tree(path, tree, _safetensors.encode_meta(meta))
 
 
 def load(
@@ -185,13 +180,8 @@ def save_model(
     """
     config = model.to_config()
     _safetensors.check_params(model, _safetensors.flat_tensors(params, "params"), where="params")
-    metadata = _safetensors.encode_meta(meta)
-    tensors, structure, aliases = _encode_tree(params)
-    metadata[_safetensors.STRUCTURE_KEY] = json.dumps(structure, separators=(",", ":"))
-    if aliases:
-        metadata[_safetensors.ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
-    metadata[_safetensors.CONFIG_KEY] = json.dumps(config, sort_keys=True)
-    _safetensors.write_safetensors(path, tensors, metadata)
+    config_entry = {_safetensors.CONFIG_KEY: json.dumps(config, sort_keys=True)}
+    _write_tree(path, params, _safetensors.encode_meta(meta), config_entry)
 
 
 def load_model(
@@ -278,6 +268,18 @@ def clean_temp_files(directory: PathLike) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- tree encoding
+
+
+def _write_tree(
+    path: PathLike, tree: Any, metadata: dict[str, str], extra: Mapping[str, str] | None = None
+) -> None:
+    """Encode ``tree`` and write it with ``metadata``, its structure, aliases and ``extra``."""
+    tensors, structure, aliases = _encode_tree(tree)
+    metadata[_safetensors.STRUCTURE_KEY] = json.dumps(structure, separators=(",", ":"))
+    if aliases:
+        metadata[_safetensors.ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
+    metadata.update(extra or {})
+    _safetensors.write_safetensors(path, tensors, metadata)
 
 
 def _encode_tree(tree: Any) -> tuple[dict[str, torch.Tensor], Any, dict[str, str]]:
