@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fnllm import losses, tree
-from fnllm.instruct import read_jsonl
+from fnllm.instruct import Encode, read_jsonl
 
 __all__ = [
     "dpo_loss",
@@ -37,7 +37,6 @@ __all__ = [
     "with_reference",
 ]
 
-Encode = Callable[[str], Sequence[int]]
 Batch = Mapping[str, Tensor]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fnllm.io._hf_common import Table, apply_table, refuse
+from fnllm.io._hf_common import Table, apply_table, refuse, require
 
 _BERT_ACTS = ("gelu", "gelu_python")  # exact erf GELU
 
@@ -58,12 +58,9 @@ def from_hf(
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     from fnllm.models.bert import BERT
 
-    act = cfg.get("hidden_act", "gelu")
-    if act not in _BERT_ACTS:
-        refuse(where, "hidden_act", act, "the exact GELU: " + ", ".join(_BERT_ACTS))
-    pos = cfg.get("position_embedding_type", "absolute")
-    if pos != "absolute":
-        refuse(where, "position_embedding_type", pos, "'absolute'")
+    exact_gelu = "the exact GELU: " + ", ".join(_BERT_ACTS)
+    require(where, cfg, "hidden_act", "gelu", _BERT_ACTS, exact_gelu)
+    require(where, cfg, "position_embedding_type", "absolute", ("absolute",), "'absolute'")
     for field in ("is_decoder", "add_cross_attention"):
         if cfg.get(field, False):
             refuse(where, field, cfg[field], False)

@@ -154,6 +154,15 @@ def refuse(where: str, field: str, value: Any, allowed: Any) -> None:
     )
 
 
+def require(
+    where: str, cfg: Mapping[str, Any], field: str, default: Any, allowed: Any, what: str
+) -> None:
+    """Refuse the config unless ``cfg[field]`` (``default`` when absent) is in ``allowed``."""
+    value = cfg.get(field, default)
+    if value not in allowed:
+        refuse(where, field, value, what)
+
+
 def apply_table(
     model: Any,
     table: list[tuple[str, str, list[str]]],

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fnllm.io._hf_common import Table, apply_table, refuse
+from fnllm.io._hf_common import Table, apply_table, refuse, require
 
 _GPT_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
 
@@ -46,9 +46,8 @@ def from_hf(
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     from fnllm.models.gpt import GPT
 
-    act = cfg.get("activation_function", "gelu_new")
-    if act not in _GPT_ACTS:
-        refuse(where, "activation_function", act, "the tanh GELU: " + ", ".join(_GPT_ACTS))
+    tanh_gelu = "the tanh GELU: " + ", ".join(_GPT_ACTS)
+    require(where, cfg, "activation_function", "gelu_new", _GPT_ACTS, tanh_gelu)
     for field, ok in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
                       ("scale_attn_weights", True)):  # fmt: skip
         if bool(cfg.get(field, ok)) != ok:
