@@ -43,13 +43,7 @@ def key(seed: int | Tensor, *, device: torch.device | str | None = None) -> Tens
         An int64 tensor of shape ``(2,)``.
     """
     if isinstance(seed, Tensor):
-        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
-            raise TypeError(f"key: seed must be an integer tensor, got dtype {seed.dtype}")
-        if seed.dim() != 0:
-            raise ValueError(
-                f"key: seed tensor must have shape (), got {tuple(seed.shape)}; "
-                "use torch.func.vmap to make many keys"
-            )
+        _check_int_scalar(seed, "key: seed", "key: seed tensor", "make many keys")
         lo = seed.to(torch.int64) & _MASK
         return torch.stack([torch.zeros_like(lo), lo])
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -103,13 +97,7 @@ def fold_in(key: Tensor, data: int | Tensor) -> Tensor:
     """
     k0, k1 = _check_key("fold_in", key)
     if isinstance(data, Tensor):
-        if data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:
-            raise TypeError(f"fold_in: data must be an integer tensor, got dtype {data.dtype}")
-        if data.dim() != 0:
-            raise ValueError(
-                f"fold_in: data must have shape (), got {tuple(data.shape)}; "
-                "use torch.func.vmap to fold in many values"
-            )
+        _check_int_scalar(data, "fold_in: data", "fold_in: data", "fold in many values")
         lo = data.to(device=key.device, dtype=torch.int64) & _MASK
     elif isinstance(data, int) and not isinstance(data, bool):
         if not 0 <= data <= _MASK:
@@ -234,6 +222,16 @@ def _check_key_words(name: str, key: Tensor) -> None:
         raise ValueError(
             f"{name}: key {key.tolist()} has words outside the uint32 range [0, 2**32) "
             "(it would alias another key); make keys with fnllm.random.key/split/fold_in"
+        )
+
+
+def _check_int_scalar(t: Tensor, name: str, shape_name: str, many: str) -> None:
+    """Refuse a tensor ``t`` that is not a 0-d integer tensor (``many``: what vmap would do)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() != 0:
+        raise ValueError(
+            f"{shape_name} must have shape (), got {tuple(t.shape)}; use torch.func.vmap to {many}"
         )
 
 

@@ -56,9 +56,7 @@ def bits(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.int6
         A tensor of the given shape and dtype on the key's device.
     """
     words = _key_words("bits", key)
-    shape = _check_shape("bits: shape", shape)
-    if dtype not in _BITS_DTYPES:
-        raise ValueError(f"bits: dtype must be one of {_BITS_DTYPES}, got {dtype}")
+    shape = _check_draw("bits", shape, dtype, _BITS_DTYPES)
     if dtype == torch.uint64:
         x0, x1 = _threefry(words[0], words[1], *_counters(shape, key.device))
         return ((x0 << 32) | x1).to(torch.uint64)
@@ -108,9 +106,7 @@ def uniform(
         A tensor of the given shape and dtype on the key's device.
     """
     words = _key_words("uniform", key)
-    shape = _check_shape("uniform: shape", shape)
-    if dtype not in _FLOATS:
-        raise ValueError(f"uniform: dtype must be one of {_FLOATS}, got {dtype}")
+    shape = _check_draw("uniform", shape, dtype, _FLOATS)
     if (
         isinstance(minval, (int, float))
         and isinstance(maxval, (int, float))
@@ -149,9 +145,7 @@ def normal(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.fl
         A tensor of the given shape and dtype on the key's device.
     """
     k0, k1 = _check_key("normal", key)
-    shape = _check_shape("normal: shape", shape)
-    if dtype not in _FLOATS:
-        raise ValueError(f"normal: dtype must be one of {_FLOATS}, got {dtype}")
+    shape = _check_draw("normal", shape, dtype, _FLOATS)
     lo = _ABOVE_MINUS_ONE[dtype]
     u = _uniform(k0, k1, shape, dtype, lo, 1.0, key.device)
     if dtype == torch.float64:
@@ -241,9 +235,7 @@ def randint(
         A tensor of the given shape and dtype on the key's device.
     """
     k0, k1 = _check_key("randint", key)
-    shape = _check_shape("randint: shape", shape)
-    if dtype not in _INTS:
-        raise ValueError(f"randint: dtype must be one of {_INTS}, got {dtype}")
+    shape = _check_draw("randint", shape, dtype, _INTS)
     info = torch.iinfo(dtype)
     lo_lim, hi_lim = max(info.min, -(2**31)), min(info.max, 2**31 - 1)
     hi_lim_max = hi_lim + 1 if info.bits < 32 else hi_lim
@@ -302,9 +294,7 @@ def gumbel(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.fl
         A tensor of the given shape and dtype on the key's device.
     """
     k0, k1 = _check_key("gumbel", key)
-    shape = _check_shape("gumbel: shape", shape)
-    if dtype not in _FLOATS:
-        raise ValueError(f"gumbel: dtype must be one of {_FLOATS}, got {dtype}")
+    shape = _check_draw("gumbel", shape, dtype, _FLOATS)
     return _gumbel(k0, k1, shape, dtype, key.device)
 
 
@@ -393,6 +383,16 @@ def permutation(key: Tensor, x: int | Tensor) -> Tensor:
         sort_keys = bits(sub, (n,), torch.int64)
         perm = perm[torch.argsort(sort_keys, stable=True)]
     return perm if not isinstance(x, Tensor) else x[perm]
+
+
+def _check_draw(
+    name: str, shape: Sequence[int], dtype: torch.dtype, dtypes: tuple[torch.dtype, ...]
+) -> tuple[int, ...]:
+    """Check a sampler's ``shape`` and ``dtype`` (one of ``dtypes``); return the shape."""
+    shape = _check_shape(f"{name}: shape", shape)
+    if dtype not in dtypes:
+        raise ValueError(f"{name}: dtype must be one of {dtypes}, got {dtype}")
+    return shape
 
 
 def _check_probability(name: str, arg: str, p: Tensor, *, upper_open: bool) -> None:
