@@ -12,6 +12,7 @@ resume, held-out validation and a loss-curve PNG).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -250,38 +251,28 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     corpus = data.Corpus(train_texts, tokenizer=tok)
     val_corpus = data.Corpus(val_texts, tokenizer=tok)
 
+    sizes = {
+        "vocab_size": corpus.vocab_size,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "d_model": cfg.d_model,
+        "max_len": cfg.block_size,
+    }
     if cfg.model == "gpt":
-        model: Any = GPT(
-            vocab_size=corpus.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            d_model=cfg.d_model, max_len=cfg.block_size,
-        )  # fmt: skip
-        loss_fn = _gpt_loss(model)
-        loader = _epochs(
-            lambda e: data.gpt_batches(
-                corpus, k_data, batch_size=cfg.batch_size, block_size=cfg.block_size, epoch=e
-            )
+        model: Any = GPT(**sizes)
+        loss_fn, targets = _gpt_loss(model), "targets"
+        batches = functools.partial(
+            data.gpt_batches, batch_size=cfg.batch_size, block_size=cfg.block_size
         )
-        val_batches = _val_batches(
-            data.gpt_batches(
-                val_corpus, k_val, batch_size=cfg.batch_size, block_size=cfg.block_size
-            )
-        )
-        baseline = unigram_entropy(torch.cat([b["targets"].flatten() for b in val_batches]))
     else:
-        model = BERT(
-            vocab_size=corpus.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            d_model=cfg.d_model, d_ff=4 * cfg.d_model, max_len=cfg.block_size,
-        )  # fmt: skip
-        loss_fn = _bert_loss(model)
-        loader = _epochs(
-            lambda e: data.bert_batches(
-                corpus, k_data, batch_size=cfg.batch_size, max_len=cfg.block_size, epoch=e
-            )
+        model = BERT(**sizes, d_ff=4 * cfg.d_model)
+        loss_fn, targets = _bert_loss(model), "labels"
+        batches = functools.partial(
+            data.bert_batches, batch_size=cfg.batch_size, max_len=cfg.block_size
         )
-        val_batches = _val_batches(
-            data.bert_batches(val_corpus, k_val, batch_size=cfg.batch_size, max_len=cfg.block_size)
-        )
-        baseline = unigram_entropy(torch.cat([b["labels"].flatten() for b in val_batches]))
+    loader = _epochs(lambda e: batches(corpus, k_data, epoch=e))
+    val_batches = _val_batches(batches(val_corpus, k_val))
+    baseline = unigram_entropy(torch.cat([b[targets].flatten() for b in val_batches]))
 
     def evaluate(trainable: Any, frozen: Any) -> dict[str, float]:
         params = tree.combine(trainable, frozen)
