@@ -86,6 +86,7 @@ class GPT(_base.ModelConfig):
     """
 
     kind: ClassVar[str] = "gpt"
+    _causal: ClassVar[bool] = True
 
     vocab_size: int = 50257
     n_layer: int = 12
@@ -247,57 +248,6 @@ class GPT(_base.ModelConfig):
         embed = params["embed"]
         x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
         return nn.dropout(key, x, drop)
-
-    def apply_blocks(
-        self,
-        params: Params,
-        x: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        start: int = 0,
-        stop: int | None = None,
-        key: Tensor | None = None,
-        impl: nn.Impl = "auto",
-    ) -> Tensor:
-        """Run blocks ``start .. stop-1`` on hidden states: a forward resumed at layer ``start``.
-
-        ``x`` is ``hidden_states[start]`` of :meth:`apply` (the input of block ``start``), so
-        frozen lower blocks can run once and their output be reused (``fnllm.finetune``).
-
-        Example:
-            >>> import torch
-            >>> from fnllm import random
-            >>> from fnllm.models import GPT
-            >>> model = GPT(vocab_size=16, n_layer=3, n_head=2, d_model=8, max_len=8)
-            >>> params = model.init(random.key(0))
-            >>> out = model.apply(params, torch.tensor([[1, 2, 3]]), output_hidden_states=True)
-            >>> h = model.apply_blocks(params, out.hidden_states[1], start=1, stop=2)
-            >>> torch.allclose(h, out.hidden_states[2])
-            True
-
-        Args:
-            params: the parameter tree.
-            x: ``[B, T, D]`` hidden states entering block ``start``.
-            attention_mask: ``[B, T]`` keep-mask (1 = real token), or ``None``.
-            start: first block to run.
-            stop: one past the last block to run (default ``n_layer``).
-            key: a ``fnllm.random`` key to enable dropout; ``None`` = eval.
-            impl: attention implementation.
-
-        Returns:
-            ``[B, T, D]``: the output of block ``stop - 1`` (before GPT's final layer norm).
-        """
-        stop = self.n_layer if stop is None else stop
-        if not 0 <= start <= stop <= self.n_layer:
-            raise ValueError(f"apply_blocks: need 0 <= start {start} <= stop {stop} <= n_layer")
-        mask = nn.make_attention_mask(attention_mask, causal=True)
-        drop = self.dropout if key is not None else 0.0
-        keys: list[Tensor | None] = [None] * (stop - start)
-        if drop > 0.0 and stop > start:
-            keys = list(jr.split(key, stop - start))
-        for block, k in zip(params["blocks"][start:stop], keys):
-            x = self._block(block, x, mask, k, drop, impl)
-        return x
 
     def _block(
         self,
