@@ -228,9 +228,9 @@ class GPT(_base.ModelConfig):
             >>> import torch
             >>> from fnllm import random
             >>> from fnllm.models import GPT
+            >>> tokens = torch.tensor([[1, 2, 3]])
             >>> model = GPT(vocab_size=16, n_layer=2, n_head=2, d_model=8, max_len=8)
             >>> params = model.init(random.key(0))
-            >>> tokens = torch.tensor([[1, 2, 3]])
             >>> x = model.embed(params, tokens)
             >>> out = model.apply(params, tokens, output_hidden_states=True)
             >>> torch.equal(x, out.hidden_states[0])
