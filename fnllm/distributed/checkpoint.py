@@ -129,8 +129,8 @@ def load_sharded(path: str | os.PathLike, *, trainable: Any, opt_state: Any) -> 
         >>> import tempfile, torch
         >>> from fnllm import distributed, random
         >>> path = distributed.sharded_checkpoint_path(tempfile.mkdtemp(), 1)
-        >>> distributed.save_sharded(path, trainable={"w": torch.ones(2)}, opt_state=(),
-        ...                          step=1, key=random.key(0))
+        >>> ones = {"w": torch.ones(2)}
+        >>> distributed.save_sharded(path, trainable=ones, opt_state=(), step=1, key=random.key(0))
         >>> distributed.load_sharded(path, trainable={"w": torch.zeros(3)}, opt_state=())
         ... # doctest: +ELLIPSIS
         Traceback (most recent call last):
