@@ -245,3 +245,14 @@ def test_ten_lengths_through_a_compiled_loss_compile_once_per_bucket():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert 1 <= counters["stats"]["unique_graphs"] <= len(widths)
     torch._dynamo.reset()
+
+
+def test_stratified_split_of_large_classes_is_a_keyed_partition():
+    labels = torch.arange(9000) % 2  # 4500 per class: the blockwise shuffle
+    parts = data.stratified_split(jr.key(3), labels, (0.5, 0.3, 0.2))
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(9000))
+    assert [int((labels[p] == 1).sum()) for p in parts] == [2250, 1350, 900]
+    other = data.stratified_split(jr.key(4), labels, (0.5, 0.3, 0.2))
+    assert not torch.equal(parts[0], other[0])
+    again = data.stratified_split(jr.key(3), labels, (0.5, 0.3, 0.2))
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))

@@ -204,12 +204,18 @@ def _demo(
             parser.error(f"--strategies: {err}; or one of {list(_compare.PROBES)}")
     root = jr.key(args.seed)
     k_split, k_head, k_batch, k_train = jr.split(root, 4)
-    parts = data.stratified_split(k_split, labels, (0.8, 0.1, 0.1))
+    total_n, wanted = len(labels), sum(sizes.values())
+    if wanted < total_n:  # stratified subsamples of the wanted sizes, drawn in one go
+        fractions = [n / total_n for n in sizes.values()] + [1 - wanted / total_n]
+        parts = data.stratified_split(k_split, labels, fractions)[:3]
+    else:
+        parts = data.stratified_split(k_split, labels, (0.8, 0.1, 0.1))
     pad_id = tokenizer.token_to_id("[PAD]") or 0
     width = min(max_len, base.max_len)
     batches, truncated = {}, 0
     for (split, n), idx, k in zip(sizes.items(), parts, jr.split(k_batch, 3)):
-        idx = idx[jr.permutation(k, idx.numel())][:n]  # a random subsample of the split
+        if idx.numel() > n:  # a random subsample of the split
+            idx = idx[jr.permutation(k, idx.numel())][:n]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ids = data.encode_texts(tokenizer, [texts[i] for i in idx.tolist()], width)

@@ -181,7 +181,7 @@ def stratified_split(
     parts: list[list[Tensor]] = [[] for _ in fractions]
     for c in torch.unique(labels).tolist():
         members = (labels == c).nonzero()[:, 0]
-        members = members[jr.permutation(jr.fold_in(key, c), members.numel())]
+        members = members[_shuffle(jr.fold_in(key, c), members.numel())]
         bounds = torch.tensor([0.0, *fractions]).cumsum(0) * members.numel()
         cuts = bounds.round().long().tolist()
         for i in range(len(fractions)):
@@ -311,3 +311,20 @@ def _bucket_width(length: int, widths: int | list[int] | None, longest: int) -> 
     else:
         width = next((w for w in widths if w >= length), length)
     return max(length, min(width, longest))
+
+
+# Below fnllm.random's compiled-kernel threshold (4096 values): a cold compile of the sampling
+# core costs ~25 s, far more than hashing a few thousand sort keys with plain ops.
+_SHUFFLE_BLOCK = 4000
+
+
+def _shuffle(key: Tensor, n: int) -> Tensor:
+    """A uniformly random permutation of ``0 .. n-1``: argsort of 64-bit keys, drawn in blocks."""
+    if n < _SHUFFLE_BLOCK:
+        return jr.permutation(key, n)
+    blocks = []
+    for j, start in enumerate(range(0, n, _SHUFFLE_BLOCK)):
+        hi, lo = jr.split(jr.fold_in(key, j))
+        m = min(_SHUFFLE_BLOCK, n - start)
+        blocks.append((jr.bits(hi, (m,), torch.int64) << 32) | jr.bits(lo, (m,), torch.int64))
+    return torch.argsort(torch.cat(blocks), stable=True)
