@@ -188,6 +188,8 @@ def _variable_rows(model_dir: str, args: argparse.Namespace, runs: int) -> None:
         peer_epoch = _peer_epoch(model_dir, args, compiled)
         c = compare(fn_epoch, peer_epoch, warmup=1, runs=runs)
         rows.append([f"full, dropout 0.1, {mode}", c.a.median, c.b.median, c.ratio])
+        print(f"{rows[-1][0]}: fnllm {c.a.median:.1f} ms, transformers {c.b.median:.1f} ms "
+              f"per epoch, ratio {c.ratio}", flush=True)  # fmt: skip
     print(
         f"fnllm finetune benchmark, variable lengths: {model_dir}, {args.var_batches} batches "
         f"of 16 x 10..{_VAR_LONGEST} tokens per epoch, {torch.get_num_threads()} threads, "
