@@ -13,6 +13,13 @@ cross-entropy, backward and the optimizer update:
   adapters on the fused ``qkv`` of rank 16, the same function class (a rank-16 adapter on
   ``qkv`` holds peft's two rank-8 adapters; see ``tests/test_finetune_lora.py``).
 
+Variable-length rows (``--rows variable``): full finetuning with dropout 0.1 on real padded
+batches, one timed run = one epoch over ``--var-batches`` batches of 16 random-length texts
+(10 to 64 tokens, padded by ``fnllm.data.length_batches`` to the buckets 32 and 64). ``eager``:
+fnllm's step with ``compile=False`` against ``BertForSequenceClassification`` in train mode;
+``compiled``: ``train.make_step(compile=True)`` against ``torch.compile`` of the Hugging Face
+model, both fed the same bucketed batches (the warm-up epoch holds the compiles, one per bucket).
+
 Times are medians of interleaved runs in one process (:func:`benchmarks._harness.compare`);
 the ratio is the median of paired ratios fnllm / peer. Peak memory is measured in a fresh
 subprocess per configuration: the highest resident set size sampled every millisecond during
@@ -20,6 +27,7 @@ three steps, minus the resident size just before them.
 
     .venv/bin/python -m benchmarks.finetune --quick        # a tiny random BERT, seconds
     .venv/bin/python -m benchmarks.finetune --threads 1    # MiniLM, batch 16 x 128
+    .venv/bin/python -m benchmarks.finetune --threads 1 --rows variable --no-memory
 """
 
 from __future__ import annotations
@@ -51,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     model_dir = _model_dir(args)
     runs = args.runs or (3 if args.quick else 8)
+    if args.rows in ("all", "variable"):
+        _variable_rows(model_dir, args, runs)
+    if args.rows == "variable":
+        return
     rows = []
     fn_ms: dict[str, float] = {}
     for name in CONFIGS:
@@ -164,6 +176,104 @@ def _peer_step(model_dir: str, name: str, args: argparse.Namespace) -> Any:
     return run
 
 
+# ----------------------------------------------------------------------------- variable lengths
+
+
+def _variable_rows(model_dir: str, args: argparse.Namespace, runs: int) -> None:
+    modes = ("eager",) if args.quick else ("eager", "compiled")
+    rows = []
+    for mode in modes:
+        compiled = mode == "compiled"
+        fn_epoch = _fnllm_epoch(model_dir, args, compiled)
+        peer_epoch = _peer_epoch(model_dir, args, compiled)
+        c = compare(fn_epoch, peer_epoch, warmup=1, runs=runs)
+        rows.append([f"full, dropout 0.1, {mode}", c.a.median, c.b.median, c.ratio])
+        print(f"{rows[-1][0]}: fnllm {c.a.median:.1f} ms, transformers {c.b.median:.1f} ms "
+              f"per epoch, ratio {c.ratio}", flush=True)  # fmt: skip
+    print(
+        f"fnllm finetune benchmark, variable lengths: {model_dir}, {args.var_batches} batches "
+        f"of 16 x 10..{_VAR_LONGEST} tokens per epoch, {torch.get_num_threads()} threads, "
+        f"{runs} interleaved runs"
+    )
+    print_table(
+        rows, header=("epoch", "fnllm ms", "transformers ms", "fnllm / peer"), title="epoch"
+    )
+
+
+_VAR_LONGEST = 64
+
+
+def _var_batches(args: argparse.Namespace, vocab: int) -> list[dict[str, torch.Tensor]]:
+    from fnllm import data
+    from fnllm import random as jr
+
+    n = 16 * args.var_batches
+    longest = min(_VAR_LONGEST, args.seq)
+    lengths = jr.randint(jr.key(4), (n,), min(10, longest), longest + 1).tolist()
+    ids = [jr.randint(jr.fold_in(jr.key(5), i), (k,), 1000 % vocab, vocab).tolist() for i, k in
+           enumerate(lengths)]  # fmt: skip
+    labels = jr.randint(jr.key(6), (n,), 0, 2)
+    return data.length_batches(ids, labels, 16, key=jr.key(7), bucket=[longest // 2, longest])
+
+
+def _fnllm_epoch(model_dir: str, args: argparse.Namespace, compiled: bool) -> Any:
+    from dataclasses import replace
+
+    from fnllm import io, losses, optim, train, tree
+    from fnllm import random as jr
+    from fnllm.finetune import Classifier
+
+    bert, base = io.from_hf(model_dir)
+    model = Classifier(replace(bert, dropout=0.1), 2, "cls")
+    params = model.init(jr.key(0), base_params=base)
+    batches = _var_batches(args, bert.vocab_size)
+
+    def loss_fn(tr: Any, fr: Any, batch: Any, key: Any) -> torch.Tensor:
+        logits = model.apply(tree.combine(tr, fr), batch[0], batch[1], key=key)
+        return losses.classification(logits, batch[2])
+
+    opt = optim.adamw(1e-5)
+    step = train.make_step(loss_fn, opt, compile={"dynamic": False} if compiled else False)
+    state = {"tr": tree.map(torch.clone, params), "opt": opt.init(params), "n": 0}
+
+    def run() -> None:
+        for b in batches:
+            state["n"] += 1
+            state["tr"], state["opt"], _ = step(
+                state["tr"],
+                {},
+                state["opt"],
+                (b["input_ids"], b["attention_mask"], b["labels"]),
+                jr.key(state["n"]),
+                donate=True,
+            )
+
+    return run
+
+
+def _peer_epoch(model_dir: str, args: argparse.Namespace, compiled: bool) -> Any:
+    import transformers
+
+    hf = transformers.BertForSequenceClassification.from_pretrained(
+        model_dir, num_labels=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
+    )
+    hf.train()
+    forward = torch.compile(hf, dynamic=False) if compiled else hf
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+    batches = _var_batches(args, hf.config.vocab_size)
+
+    def run() -> None:
+        for b in batches:
+            out = forward(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]
+            )
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return run
+
+
 # ----------------------------------------------------------------------------- peak memory
 
 
@@ -255,10 +365,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=0, help="timed runs per comparison")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument(
+        "--rows",
+        choices=("all", "fixed", "variable"),
+        default="all",
+        help="fixed: the 16 x 128 steps; variable: epochs of variable-length batches, dropout 0.1",
+    )
+    p.add_argument("--var-batches", type=int, default=None, help="batches per variable epoch")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.batch = args.batch or (4 if args.quick else 16)
     args.seq = args.seq or (32 if args.quick else 128)
+    args.var_batches = args.var_batches or (3 if args.quick else 6)
     return args
 
 

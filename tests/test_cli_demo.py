@@ -194,3 +194,34 @@ def test_help_lists_the_demo():
         check=True,
     )
     assert "--model-dir" in out.stdout and "--pretrain" in out.stdout
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_two_optimizers_over_a_partition_equal_each_run_on_its_half(fused):
+    import torch
+
+    from fnllm import optim, tree
+    from fnllm import random as jr
+    from fnllm.cli._compare import per_part
+
+    params = {
+        "base": {"blocks": [{"w": jr.normal(jr.key(i), (3, 2))} for i in range(2)]},
+        "head": {"w": jr.normal(jr.key(5), (2,)), "b": torch.zeros(2)},
+    }
+    grads = tree.map(lambda x: jr.normal(jr.key(7), x.shape), params)
+    is_head = ["head.*"]
+    fast, slow = optim.adamw(1e-1), (optim.adamw(1e-3) if fused else optim.sgd(1e-3))
+    both = per_part(is_head, fast, slow)
+    assert (both.fused_step is not None) == fused
+    head, body = tree.partition(params, is_head)
+    g_head, g_body = tree.partition(grads, is_head)
+    state, s_head, s_body = both.init(params), fast.init(head), slow.init(body)
+    for _ in range(3):
+        new, state = optim.step(both, grads, state, params)
+        head, s_head = optim.step(fast, g_head, s_head, head)
+        body, s_body = optim.step(slow, g_body, s_body, body)
+        params = new
+    want = tree.combine(head, body)
+    assert tree.paths(params) == tree.paths(want)
+    for a, b in zip(tree.leaves(params), tree.leaves(want)):
+        assert torch.equal(a, b)

@@ -119,7 +119,7 @@ def test_stratified_split_rejects_bad_fractions():
 def test_length_batches_hold_every_example_once_with_its_own_ids(lengths, batch_size):
     ids = [list(range(1, n + 1)) for n in lengths]
     labels = torch.arange(len(ids)) % 2
-    batches = data.length_batches(ids, labels, batch_size, key=jr.key(len(ids)))
+    batches = data.length_batches(ids, labels, batch_size, key=jr.key(len(ids)), bucket=None)
     seen = torch.cat([b["index"] for b in batches]).sort().values
     assert torch.equal(seen, torch.arange(len(ids)))
     for b in batches:
@@ -147,3 +147,112 @@ def test_vader_missing_names_the_path_and_the_setup(tmp_path, monkeypatch):
         data.load_vader()
     assert str(tmp_path / "vaderSentiment-3.3.2.tar.gz") in str(err.value)
     assert ".ci/setup" in str(err.value)
+
+
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=30),
+    st.integers(1, 6),
+    st.one_of(st.integers(1, 20), st.lists(st.integers(1, 48), min_size=1, max_size=4)),
+)
+def test_bucketed_batches_pad_to_a_bucket_width_and_keep_every_row(lengths, batch_size, bucket):
+    ids = [list(range(1, n + 1)) for n in lengths]
+    labels = torch.arange(len(ids)) % 2
+    plain = data.length_batches(ids, labels, batch_size, bucket=None)
+    bucketed = data.length_batches(ids, labels, batch_size, bucket=bucket)
+    assert len(plain) == len(bucketed)
+    for p, b in zip(plain, bucketed):
+        own, width = p["input_ids"].shape[1], b["input_ids"].shape[1]
+        # the allowed widths: the next multiple / listed width, capped at the longest example
+        if isinstance(bucket, int):
+            want = -(-own // bucket) * bucket
+        else:
+            want = min((w for w in bucket if w >= own), default=own)
+        assert width == max(own, min(want, max(lengths)))
+        assert torch.equal(b["input_ids"][:, :own], p["input_ids"])
+        assert torch.equal(b["attention_mask"][:, :own], p["attention_mask"])
+        assert not b["attention_mask"][:, own:].any()
+        assert (b["input_ids"][:, own:] == 0).all()
+        assert torch.equal(b["index"], p["index"]) and torch.equal(b["labels"], p["labels"])
+
+
+@pytest.mark.parametrize("bucket", [0, -16, [8, 0], [], "16", 2.5, True])
+def test_length_batches_reject_a_bad_bucket(bucket):
+    with pytest.raises(ValueError, match="bucket"):
+        data.length_batches([[1, 2]], torch.tensor([0]), 1, bucket=bucket)
+
+
+def _tiny_classifier(pooling: str):
+    from fnllm.finetune import Classifier
+    from fnllm.models import BERT, GPT
+
+    if pooling == "last":
+        base = GPT(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_len=32)
+    else:
+        base = BERT(
+            vocab_size=50, n_layer=2, n_head=2, d_model=16, d_ff=32, max_len=32,
+            mlm_head=False, sop_head=False,
+        )  # fmt: skip
+    model = Classifier(base, n_classes=3, pooling=pooling)
+    return model, model.init(jr.key(0))
+
+
+def _random_ids(n: int, low: int, high: int) -> list[list[int]]:
+    lens = jr.randint(jr.key(5), (n,), low, high + 1).tolist()
+    return [jr.randint(jr.fold_in(jr.key(6), i), (k,), 1, 50).tolist() for i, k in enumerate(lens)]
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
+def test_bucketing_does_not_change_a_classifiers_logits(pooling):
+    model, params = _tiny_classifier(pooling)
+    ids = _random_ids(24, 1, 30)
+    labels = torch.arange(24) % 3
+    with torch.no_grad():
+        out = {}
+        for bucket in (None, 16, [4, 32]):
+            batches = data.length_batches(ids, labels, 5, key=jr.key(1), bucket=bucket)
+            logits = torch.cat(
+                [model.apply(params, b["input_ids"], b["attention_mask"]) for b in batches]
+            )
+            index = torch.cat([b["index"] for b in batches])
+            out[str(bucket)] = logits[index.argsort()]
+    torch.testing.assert_close(out["16"], out["None"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["[4, 32]"], out["None"], rtol=1e-5, atol=1e-5)
+
+
+def test_ten_lengths_through_a_compiled_loss_compile_once_per_bucket():
+    from torch._dynamo.utils import counters
+
+    from fnllm import losses
+
+    model, params = _tiny_classifier("mean")
+    ids = _random_ids(40, 1, 32)  # 4 full batches of 4 ... 10 batches of 4 rows
+    labels = torch.arange(40) % 3
+    plain = data.length_batches(ids, labels, 4, bucket=None)
+    batches = data.length_batches(ids, labels, 4, bucket=16)
+    assert len({b["input_ids"].shape[1] for b in plain}) >= 8  # many lengths...
+    widths = {b["input_ids"].shape[1] for b in batches}
+    assert widths <= {16, 32}  # ...two buckets
+
+    def loss(p, x, mask, y):
+        return losses.classification(model.apply(p, x, mask), y)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=False)
+    for b, p in zip(batches, plain):
+        got = compiled(params, b["input_ids"], b["attention_mask"], b["labels"])
+        want = loss(params, p["input_ids"], p["attention_mask"], p["labels"])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert 1 <= counters["stats"]["unique_graphs"] <= len(widths)
+    torch._dynamo.reset()
+
+
+def test_stratified_split_of_large_classes_is_a_keyed_partition():
+    labels = torch.arange(9000) % 2  # 4500 per class: the blockwise shuffle
+    parts = data.stratified_split(jr.key(3), labels, (0.5, 0.3, 0.2))
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(9000))
+    assert [int((labels[p] == 1).sum()) for p in parts] == [2250, 1350, 900]
+    other = data.stratified_split(jr.key(4), labels, (0.5, 0.3, 0.2))
+    assert not torch.equal(parts[0], other[0])
+    again = data.stratified_split(jr.key(3), labels, (0.5, 0.3, 0.2))
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))

@@ -31,6 +31,9 @@ PROBES = ("features+logreg", "features+boosting")
 # Adam learning rates per strategy (peak of a warm-up + cosine schedule).
 LEARNING_RATES = {"head": 1e-2, "bitfit": 2e-3, "lora": 2e-3, "full": 1e-4}
 LAST_N_LR = 1e-4
+# The fresh head of ``last:N`` trains at its own rate (the ``head`` row's), not the blocks' small
+# one: one epoch at 1e-4 leaves a randomly initialised head underfit.
+HEAD_LR = 1e-2
 
 
 @dataclass
@@ -137,6 +140,7 @@ def run_strategy(
     k = frozen_prefix(model, params, filt)
     trainable, frozen = tree.partition(params, filt)
     lr = LEARNING_RATES.get(name, LAST_N_LR)
+    head_lr = HEAD_LR if name.startswith("last:") else None
     train_batches = setup.batches["train"]
     n_batches = len(train_batches)
     steps = epochs * n_batches
@@ -164,6 +168,9 @@ def run_strategy(
     start = time.perf_counter()
     warmup = max(1, steps // 10)
     opt = optim.adamw(optim.warmup_cosine(lr, warmup, steps + 1), weight_decay=0.01)
+    if head_lr is not None:
+        head_opt = optim.adamw(optim.warmup_cosine(head_lr, warmup, steps + 1), weight_decay=0.01)
+        opt = per_part(_is_head, head_opt, opt)
     result = train.fit(
         loss_fn,
         opt,
@@ -203,6 +210,42 @@ def run_strategy(
         losses=[h["loss"] for h in result.history],
         steps_per_epoch=n_batches,
     )
+
+
+def per_part(
+    selected: Any, first: optim.GradientTransformation, rest: optim.GradientTransformation
+) -> optim.GradientTransformation:
+    """Two optimizers over a partition: ``first`` for the leaves ``selected`` picks, ``rest``
+    for the others (optax's ``multi_transform`` with two labels)."""
+
+    def split(t: Any) -> tuple[Any, Any]:
+        return tree.partition(t, selected)
+
+    def init(params: Any) -> dict[str, Any]:
+        a, b = split(params)
+        return {"first": first.init(a), "rest": rest.init(b)}
+
+    def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        ga, gb = split(grads)
+        pa, pb = split(params) if params is not None else (None, None)
+        ua, sa = first.update(ga, state["first"], pa)
+        ub, sb = rest.update(gb, state["rest"], pb)
+        return tree.combine(ua, ub), {"first": sa, "rest": sb}
+
+    if first.fused_step is None or rest.fused_step is None:
+        return optim.GradientTransformation(init, update)
+
+    def fused_step(grads: Any, state: Any, params: Any, donate: bool) -> tuple[Any, Any]:
+        (ga, gb), (pa, pb) = split(grads), split(params)
+        na, sa = first.fused_step(ga, state["first"], pa, donate)
+        nb, sb = rest.fused_step(gb, state["rest"], pb, donate)
+        return tree.combine(na, nb), {"first": sa, "rest": sb}
+
+    return optim.GradientTransformation(init, update, fused_step)
+
+
+def _is_head(path: str, leaf: Any) -> bool:
+    return path == "head" or path.startswith("head.")
 
 
 def _with_adapters(setup: Setup, name: str, rank: int) -> Any:

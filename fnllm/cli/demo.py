@@ -204,12 +204,18 @@ def _demo(
             parser.error(f"--strategies: {err}; or one of {list(_compare.PROBES)}")
     root = jr.key(args.seed)
     k_split, k_head, k_batch, k_train = jr.split(root, 4)
-    parts = data.stratified_split(k_split, labels, (0.8, 0.1, 0.1))
+    total_n, wanted = len(labels), sum(sizes.values())
+    if wanted < total_n:  # stratified subsamples of the wanted sizes, drawn in one go
+        fractions = [n / total_n for n in sizes.values()] + [1 - wanted / total_n]
+        parts = data.stratified_split(k_split, labels, fractions)[:3]
+    else:
+        parts = data.stratified_split(k_split, labels, (0.8, 0.1, 0.1))
     pad_id = tokenizer.token_to_id("[PAD]") or 0
     width = min(max_len, base.max_len)
     batches, truncated = {}, 0
     for (split, n), idx, k in zip(sizes.items(), parts, jr.split(k_batch, 3)):
-        idx = idx[jr.permutation(k, idx.numel())][:n]  # a random subsample of the split
+        if idx.numel() > n:  # a random subsample of the split
+            idx = idx[jr.permutation(k, idx.numel())][:n]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ids = data.encode_texts(tokenizer, [texts[i] for i in idx.tolist()], width)
@@ -217,7 +223,11 @@ def _demo(
         truncated += sum(
             int(str(w.message).split()[1]) for w in caught if "truncated" in str(w.message)
         )
-        batches[split] = data.length_batches(ids, labels[idx], batch_size, pad_id=pad_id)
+        # the demo trains eagerly (no compile), so each batch is padded to its own longest text
+        # only; with train.fit(compile=True) keep length_batches' default buckets
+        batches[split] = data.length_batches(
+            ids, labels[idx], batch_size, pad_id=pad_id, bucket=None
+        )
     params = model.init(k_head, base_params=base_params)
     setup = _compare.Setup(model, params, batches)
     counts = {s: sum(len(b["labels"]) for b in bs) for s, bs in batches.items()}
@@ -248,12 +258,19 @@ def _demo(
             n_epochs = epochs * HEAD_EPOCHS if name == "head" else epochs
             rows.append(_compare.run_strategy(setup, name, n_epochs, args.lora_rank, key, progress))
         r = rows[-1]
-        print(f"  {r.name}: test acc {r.test_acc:.3f} in {r.seconds:.1f} s", flush=True)
+        print(
+            f"  {r.name}: test acc {r.test_acc:.3f} in {r.seconds:.1f} s "
+            f"(process CPU so far {time.process_time():.0f} s)",
+            flush=True,
+        )
     total = time.perf_counter() - t0
     table = _table(rows)
     print()
     print(table)
-    print(f"\ntotal {total:.0f} s (frozen pass {setup.cache_seconds:.0f} s)")
+    print(
+        f"\ntotal {total:.0f} s wall, {time.process_time():.0f} s CPU "
+        f"(frozen pass {setup.cache_seconds:.0f} s)"
+    )
     out.mkdir(parents=True, exist_ok=True)
     command = (
         "fnllm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "fnllm demo"
@@ -332,7 +349,10 @@ def _write_markdown(
         "",
         "*frozen pass reused*: the row starts its forward at that layer from hidden states "
         "computed "
-        "once for all rows. *trainable* for boosting counts tree nodes.",
+        "once for all rows. *trainable* for boosting counts tree nodes. Learning rates (AdamW, "
+        "warm-up + cosine): `head` 1e-2, `bitfit` and `lora` 2e-3, `full` 1e-4; `last:N` "
+        "trains its blocks at 1e-4 and its fresh head at its own 1e-2 (two optimizers over "
+        "the partition).",
         "",
     ]
     path.write_text("\n".join(lines))
