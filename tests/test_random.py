@@ -567,7 +567,8 @@ FAST_SHAPES = [(_fast._FAST_MIN,), (4099,), (3, 5, 7, 41), (64, 65)]  # odd size
 
 
 @pytest.mark.parametrize("shape", FAST_SHAPES)
-def test_fast_eager_draws_match_jax(shape: tuple) -> None:
+def test_fast_eager_draws_match_jax(shape: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FNLLM_EAGER_SAMPLER", "compiled")
     k, jk = fr.key(2024), jkey(2024)
     assert torch.equal(fr.bits(k, shape), fr.bits(k, shape))
     assert_same(fr.bits(k, shape, torch.uint32), jr.bits(jk, shape))
@@ -584,7 +585,8 @@ def test_fast_eager_draws_match_jax(shape: tuple) -> None:
     assert {"bits", "unit"} <= set(_fast._FAST_CACHE)  # the core did run
 
 
-def test_fast_core_equals_the_op_path_at_the_threshold() -> None:
+def test_fast_core_equals_the_op_path_at_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FNLLM_EAGER_SAMPLER", "compiled")
     k = fr.key(9)
     for n in (_fast._FAST_MIN - 1, _fast._FAST_MIN, _fast._FAST_MIN + 1):
         k0, k1 = k[0], k[1]
@@ -696,3 +698,31 @@ def test_probability_tensors_get_the_float_checks(p: float) -> None:
         fr.bernoulli(k, p, (3,))
     # the ends of the range are fine, as for floats
     assert torch.equal(fr.bernoulli(k, torch.tensor([0.0, 1.0])), torch.tensor([False, True]))
+
+
+def test_one_off_large_draws_do_not_compile_the_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "auto": a one-off draw (shuffling a data set) never pays a compile; a loop gets there
+    monkeypatch.setattr(_fast, "_FAST_CACHE", {})
+    monkeypatch.delenv("FNLLM_EAGER_SAMPLER", raising=False)
+    k = fr.key(5)
+    want = _keys._random_bits32(k[0], k[1], (5000,), k.device) & 0xFFFFFFFF
+    for i in range(_fast._FAST_AFTER - 2):  # one large draw each
+        fr.bits(fr.fold_in(k, i), (5000,))
+        assert "bits" not in _fast._FAST_CACHE, i
+    assert torch.equal(fr.bits(k, (5000,)).to(torch.int64) & 0xFFFFFFFF, want)  # the op path
+    assert "bits" not in _fast._FAST_CACHE
+    got = fr.bits(k, (5000,)).to(torch.int64) & 0xFFFFFFFF  # the _FAST_AFTER-th draw compiles
+    assert "bits" in _fast._FAST_CACHE
+    assert torch.equal(got, want)
+
+
+def test_ops_mode_never_compiles_and_bad_mode_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_fast, "_FAST_CACHE", {})
+    monkeypatch.setenv("FNLLM_EAGER_SAMPLER", "ops")
+    k = fr.key(6)
+    for _ in range(_fast._FAST_AFTER + 2):
+        fr.uniform(k, (5000,))
+    assert "unit" not in _fast._FAST_CACHE
+    monkeypatch.setenv("FNLLM_EAGER_SAMPLER", "fast please")
+    with pytest.raises(ValueError, match="FNLLM_EAGER_SAMPLER"):
+        fr.uniform(k, (5000,))

@@ -27,11 +27,12 @@ convert losslessly to and from JAX (``uint32[..., 2]`` key data or typed keys). 
 must lie in ``[0, 2**32)``: eager calls refuse other int64 words (they would alias other keys);
 int32 keys are read as the bit patterns of uint32 words.
 
-Speed: in eager mode a draw of 4096 values or more from :func:`bits`, float32 :func:`uniform`
-or :func:`bernoulli` (and so ``fnllm.nn.dropout``) runs the 20 threefry rounds as one kernel
-made by ``torch.compile`` with dynamic shapes (one compile per kind for every size, cached on
-disk by inductor: tens of seconds the first time on a machine, about a second in later
-processes); smaller draws, code traced by ``torch.compile`` (fused there anyway) and draws
+Speed: in eager mode, once a process has made 8 draws of 4096 values or more of a kind (so a
+training loop with ``fnllm.nn.dropout``, but not a one-off shuffle), :func:`bits`, float32
+:func:`uniform` and :func:`bernoulli` run the 20 threefry rounds as one kernel made by
+``torch.compile`` with dynamic shapes (one compile per kind for every size, cached on disk by
+inductor: tens of seconds the first time on a machine, about a second in later processes;
+``FNLLM_EAGER_SAMPLER=compiled`` compiles on the first large draw, ``=ops`` never); smaller draws, code traced by ``torch.compile`` (fused there anyway) and draws
 inside ``torch.func`` transforms use plain tensor ops. Both give the same bits.
 
 Example:

@@ -8,6 +8,7 @@ the plain ops (same bits) where compiling is impossible or pointless.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,15 @@ from fnllm.random._keys import _threefry
 # of ~150 separate tensor ops. Smaller draws, traced code (which inductor fuses by itself) and
 # draws inside torch.func transforms take the op path; both give the same bits.
 _FAST_MIN = 4096
-
+# A kind is compiled only once a process has made this many large eager draws of it: a training
+# loop (dropout in every block, every step) gets there within a step or two and then runs the
+# fused kernel, while a one-off draw (shuffling a data set once) never pays the compile, which
+# costs seconds (cached by inductor) to tens of seconds (a cold machine).
+_FAST_AFTER = 8
+# FNLLM_EAGER_SAMPLER: "auto" (the default: compile after _FAST_AFTER large draws), "compiled"
+# (compile on the first large draw), "ops" (never compile). Same values in every mode.
+_MODE_VARIABLE = "FNLLM_EAGER_SAMPLER"
+_MODES = ("auto", "compiled", "ops")
 
 _FAST_DEVICES = ("cpu",)
 _FAST_CACHE: dict[str, Any] = {}
@@ -34,7 +43,8 @@ def _fast_draw(kind: str, key: Tensor, shape: tuple[int, ...]) -> Tensor | None:
     ``key`` is a checked int64 key (``_key_words``).
 
     Kinds: ``"bits"`` (32 random bits in int64), ``"unit"`` (float32 in [0, 1)). Each kind
-    is compiled on first use;
+    is compiled once the process has made ``_FAST_AFTER`` large draws of it (at once with
+    ``FNLLM_EAGER_SAMPLER=compiled``, never with ``=ops``);
     if compiling fails (no C++ compiler, ...) a warning says so once and every later draw
     takes the op path.
     """
@@ -47,6 +57,10 @@ def _fast_draw(kind: str, key: Tensor, shape: tuple[int, ...]) -> Tensor | None:
         return None
     fn = _FAST_CACHE.get(kind)
     if fn is None:
+        mode = _mode()
+        seen = _FAST_CACHE[f"seen:{kind}"] = _FAST_CACHE.get(f"seen:{kind}", 0) + 1
+        if mode == "ops" or (mode == "auto" and seen < _FAST_AFTER):
+            return None
         fn = _FAST_CACHE[kind] = torch.compile(_FAST_CORES[kind], dynamic=True, fullgraph=True)
     try:
         with torch.no_grad():
@@ -61,6 +75,13 @@ def _fast_draw(kind: str, key: Tensor, shape: tuple[int, ...]) -> Tensor | None:
         )
         return None
     return out.reshape(shape)
+
+
+def _mode() -> str:
+    mode = os.environ.get(_MODE_VARIABLE, "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"{_MODE_VARIABLE}={mode!r}: expected one of {list(_MODES)}")
+    return mode
 
 
 def _core_bits(key: Tensor, n: int) -> Tensor:
