@@ -19,6 +19,7 @@ from torch import Tensor
 from fnllm import nn, tree
 from fnllm import random as jr
 from fnllm.models import BERT, GPT
+from fnllm.nn import mean_pool
 
 __all__ = ["Classifier", "Pooling", "mean_pool"]
 
@@ -310,35 +311,3 @@ class Classifier:
         if not torch.compiler.is_compiling():
             self.base.check_params(params["base"])
         return tokens, attention_mask
-
-
-def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    """Average token vectors over the real (unpadded) tokens: sentence embeddings.
-
-    This is the pooling of all-MiniLM-L6-v2 and other sentence-transformers models
-    (``fnllm.io.mean_pool`` is the same function at its old place).
-
-    Example:
-        >>> import torch
-        >>> from fnllm.finetune import mean_pool
-        >>> h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
-        >>> mean_pool(h, torch.tensor([[1, 1, 0]]))
-        tensor([[2., 3.]])
-
-    Args:
-        hidden: ``[..., T, D]`` token vectors.
-        attention_mask: ``[..., T]``, 1 (or True) for real tokens and 0 for padding.
-
-    Returns:
-        ``[..., D]`` means over the real tokens (zeros for a row with none).
-
-    Raises:
-        ValueError: the shapes do not line up.
-    """
-    if attention_mask.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"mean_pool: attention_mask shape {tuple(attention_mask.shape)} does not match "
-            f"hidden {tuple(hidden.shape)} without its last dimension"
-        )
-    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(-2) / m.sum(-2).clamp(min=1e-9)

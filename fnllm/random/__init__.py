@@ -32,7 +32,8 @@ training loop with ``fnllm.nn.dropout``, but not a one-off shuffle), :func:`bits
 :func:`uniform` and :func:`bernoulli` run the 20 threefry rounds as one kernel made by
 ``torch.compile`` with dynamic shapes (one compile per kind for every size, cached on disk by
 inductor: tens of seconds the first time on a machine, about a second in later processes;
-``FNLLM_EAGER_SAMPLER=compiled`` compiles on the first large draw, ``=ops`` never); smaller draws, code traced by ``torch.compile`` (fused there anyway) and draws
+``FNLLM_EAGER_SAMPLER=compiled`` compiles on the first large draw, ``=ops`` never); smaller
+draws, code traced by ``torch.compile`` (fused there anyway) and draws
 inside ``torch.func`` transforms use plain tensor ops. Both give the same bits.
 
 Example:
