@@ -27,6 +27,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fnllm import tree as _tree
+from fnllm._figure_parts import (
+    _box,
+    _figure,
+    _moving_average,
+    _numel,
+    _one_row,
+    _short,
+    _values,
+)
 
 __all__ = [
     "COLORS",
@@ -477,58 +486,3 @@ def to_html(fig: Figure, *, alt: str = "figure", dpi: int = 110) -> str:
         f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" '
         'class="fnllm-figure" style="max-width:100%">'
     )
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _figure(width: float, height: float) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
-def _values(run: Sequence[Any], key: str, where: str) -> list[float]:
-    values = [r[key] if isinstance(r, Mapping) else r for r in run]
-    if not values:
-        raise ValueError(f"{where}: no values")
-    try:
-        return [float(v) for v in values]
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: values must be numbers ({err})") from err
-
-
-def _moving_average(values: list[float], width: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= width:
-            total -= values[i - width]
-        out.append(total / min(i + 1, width))
-    return out
-
-
-def _one_row(t: torch.Tensor, name: str) -> torch.Tensor:
-    t = torch.as_tensor(t)
-    if t.ndim == 2 and t.shape[0] == 1:
-        t = t[0]
-    if t.ndim != 1:
-        raise ValueError(f"{name}: need one sequence ([T] or [1, T]), got shape {tuple(t.shape)}")
-    return t
-
-
-def _numel(leaf: Any) -> int:
-    return int(leaf.numel()) if isinstance(leaf, torch.Tensor) else 0
-
-
-def _short(n: int) -> str:
-    for unit, size in (("M", 1_000_000), ("k", 1_000)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
-def _box(x: float, y: float, color: str) -> Any:
-    from matplotlib.patches import FancyBboxPatch
-
-    return FancyBboxPatch((x, y), 0.9, 0.8, boxstyle="round,pad=0.02", fc=color, ec="white")

@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import optree
 import torch
 import torch.distributed as dist
 
@@ -397,8 +396,8 @@ def _pack(xs: list[torch.Tensor]) -> torch.Tensor:
 
 def _rebuild(like: Any, flat: dict[str, Any]) -> Any:
     """Put the leaves of ``flat`` (``tree.flatten`` order) back into the structure of ``like``."""
-    _, spec = optree.tree_flatten(like, none_is_leaf=False)
-    return optree.tree_unflatten(spec, list(flat.values()))
+    _, spec = tree.flatten_spec(like)
+    return tree.unflatten_spec(spec, list(flat.values()))
 
 
 def _describe(t: Any) -> list[tuple[str, str, tuple[int, ...], str]]:

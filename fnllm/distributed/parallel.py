@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-import optree
 import torch
 
 from fnllm import _checks, tree
@@ -85,8 +84,8 @@ def data_parallel(
         if not checked:
             check_same_structure(trainable, group, who="data_parallel: trainable")
             checked.append(True)
-        leaves, spec = optree.tree_flatten(trainable, none_is_leaf=False)
-        tr = optree.tree_unflatten(spec, list(_SyncGrads.apply(group, bucket_mb, *leaves)))
+        leaves, spec = tree.flatten_spec(trainable)
+        tr = tree.unflatten_spec(spec, list(_SyncGrads.apply(group, bucket_mb, *leaves)))
         out = loss_fn(tr, frozen, batch, key)
         loss, aux = out if isinstance(out, tuple) else (out, None)
         if average_loss:
