@@ -246,8 +246,19 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     val_texts = [texts[i] for i in sorted(order[:n_val])]
     train_texts = [texts[i] for i in sorted(order[n_val:])]
     kind = "bpe" if cfg.model == "gpt" else "wordpiece"
+    ranks = _launched_ranks()
+    if ranks > 1:  # under torchrun: data parallel over the ranks, rank 0 writes the files
+        from fnllm import distributed
+
+        distributed.init()
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 trains and caches the tokenizer first
     tok = cached_tokenizer(train_texts, kind, cfg.vocab_size, cfg.cache_dir or out)
-    tok.save(str(out / "tokenizer.json"))
+    if ranks > 1 and distributed.is_main():
+        tok.save(str(out / "tokenizer.json"))
+        distributed.barrier()
+    elif ranks == 1:
+        tok.save(str(out / "tokenizer.json"))
     corpus = data.Corpus(train_texts, tokenizer=tok)
     val_corpus = data.Corpus(val_texts, tokenizer=tok)
 
@@ -289,13 +300,23 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     trainable, frozen = tree.partition(params, "*")
     warmup = max(1, min(100, cfg.steps // 10))
     opt = optim.adamw(optim.warmup_cosine(cfg.lr, warmup, cfg.steps + 1), weight_decay=0.01)
-    result = train.fit(
-        loss_fn, opt, trainable, frozen, loader, key=k_train, steps=cfg.steps,
-        compile=cfg.compile, clip=1.0, eval_fn=evaluate,
-        eval_every=cfg.eval_every or cfg.steps, checkpoint_dir=out / "checkpoints",
-        checkpoint_every=cfg.checkpoint_every, model=model, progress=cfg.progress,
-        meta={"seed": cfg.seed},
-    )  # fmt: skip
+    if ranks > 1:
+        # each rank takes its slice of the global batch; gradients are averaged over ranks
+        result = distributed.fit(
+            loss_fn, opt, trainable, frozen, loader, key=k_train, steps=cfg.steps, clip=1.0,
+            checkpoint_dir=out / "checkpoints", checkpoint_every=cfg.checkpoint_every,
+            model=model, progress=cfg.progress, meta={"seed": cfg.seed},
+        )  # fmt: skip
+        if not distributed.is_main():
+            return {"step": result.step, "rank": distributed.rank()}
+    else:
+        result = train.fit(
+            loss_fn, opt, trainable, frozen, loader, key=k_train, steps=cfg.steps,
+            compile=cfg.compile, clip=1.0, eval_fn=evaluate,
+            eval_every=cfg.eval_every or cfg.steps, checkpoint_dir=out / "checkpoints",
+            checkpoint_every=cfg.checkpoint_every, model=model, progress=cfg.progress,
+            meta={"seed": cfg.seed},
+        )  # fmt: skip
     trained = tree.combine(result.trainable, frozen)
     last = result.evals[-1] if result.evals else {}
     if last.get("step") == result.step:
@@ -310,6 +331,15 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _launched_ranks() -> int:
+    """The world size ``torchrun`` set for this process (1 when started on its own)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return max(1, int(value))
+    except ValueError as err:
+        raise ValueError(f"WORLD_SIZE: expected an integer, got {value!r}") from err
 
 
 def _gpt_loss(model: GPT) -> Any:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fnllm import data, generate, io
+from fnllm import data, generate, io, tree
 from fnllm import random as jr
 from fnllm.cli import main
 from fnllm.models import BERT, GPT
@@ -154,3 +154,36 @@ def test_unigram_entropy_is_the_entropy_of_the_counts(ids: list[int], relabel: l
     assert unigram_entropy(ids) <= math.log(len(set(ids))) + 1e-12
     padded = torch.tensor([*ids, -100, -100])
     assert unigram_entropy(padded) == pytest.approx(unigram_entropy(ids))
+
+
+def test_pretrain_under_torchrun_equals_one_process(tmp_path, quick_run) -> None:
+    """`torchrun --nproc-per-node 2 -m fnllm.cli pretrain` is data parallel over the ranks.
+
+    Two gloo ranks, each on its half of every global batch with gradients averaged, end where
+    one process on the whole batch ends (float tolerance); only rank 0 writes the files.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "fnllm.cli", "pretrain", "--quick", "--out", str(out), "--no-progress",
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("fnllm pretrain:") == 1  # rank 0 reports, once
+    assert "on 2 ranks" in proc.stdout
+    _, two = io.load_model(out / "model.safetensors")
+    _, one = io.load_model(quick_run / "model.safetensors")
+    assert tree.paths(two) == tree.paths(one)
+    for a, b in zip(tree.leaves(two), tree.leaves(one), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

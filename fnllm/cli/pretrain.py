@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +99,17 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         torch.set_num_threads(args.threads)
     elif args.quick:
         torch.set_num_threads(1)  # a tiny model: one thread is fastest
-    print(f"fnllm pretrain: {cfg.model}, {cfg.steps} steps, output in {cfg.out}")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
+    world = os.environ.get("WORLD_SIZE", "1")
+    if main_rank:
+        ranks = f" on {world} ranks (data parallel)" if world != "1" else ""
+        print(f"fnllm pretrain: {cfg.model}, {cfg.steps} steps{ranks}, output in {cfg.out}")
     try:
         summary = pretrain(cfg)
     except ValueError as err:
         parser.error(str(err))
+    if not main_rank:
+        return 0
     print(
         f"step {summary['step']}: train loss {summary['train_loss']:.3f}, validation loss "
         f"{summary['val_loss']:.3f} (perplexity {summary['val_ppl']:.1f}); unigram entropy of "
