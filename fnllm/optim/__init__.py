@@ -11,11 +11,14 @@ An optimizer is a :class:`GradientTransformation`, a pair of pure functions::
     # or, in one fused kernel:  trainable, state = optim.apply_gradients(opt, grads, state,
     #                                                                     trainable)
 
+``adamw`` is ``chain(scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay, mask),
+scale_by_learning_rate(lr))``, run in one pass (a fused kernel in eager mode).
+
 Nothing is modified in place: every call returns new trees, and the step count is a tensor in
 the state, so ``update`` and ``apply_gradients`` compile with ``torch.compile(fullgraph=True)``.
 """
 
-from fnllm.optim._adam import NO_DECAY, adam, adamw, decay_mask
+from fnllm.optim._adam import NO_DECAY, adam, adamw, decay_mask, scale_by_adam
 from fnllm.optim.base import GradientTransformation, apply_gradients, apply_updates, chain, step
 from fnllm.optim.schedules import (
     Schedule,
@@ -52,6 +55,7 @@ __all__ = [
     "global_norm",
     "linear_warmup",
     "scale",
+    "scale_by_adam",
     "scale_by_learning_rate",
     "scale_by_schedule",
     "sgd",

@@ -117,11 +117,7 @@ def cosine_decay(init: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
 
 
 def warmup_cosine(
-    peak: float,
-    warmup_steps: int,
-    total_steps: int,
-    init: float = 0.0,
-    end: float = 0.0,
+    peak: float, warmup_steps: int, total_steps: int, init: float = 0.0, end: float = 0.0
 ) -> Schedule:
     """Linear warmup from ``init`` to ``peak``, then half-cosine decay to ``end``.
 
