@@ -177,6 +177,15 @@ def test_jax_key_round_trip() -> None:
     assert fr.from_jax_key(jr.PRNGKey(2**32 - 1)).dtype == fr.KEY_DTYPE
 
 
+def test_from_jax_key_refuses_other_prngs_and_other_data() -> None:
+    with pytest.raises(ValueError, match="jax_key: a typed key of 'rbg'"):
+        fr.from_jax_key(jr.key(0, impl="rbg"))
+    with pytest.raises(ValueError, match=r"jax_key: expected threefry key data .* got int32\(2,\)"):
+        fr.from_jax_key(np.zeros(2, dtype=np.int32))
+    with pytest.raises(ValueError, match=r"got uint32\(3,\)"):
+        fr.from_jax_key(np.zeros(3, dtype=np.uint32))
+
+
 # ---------------------------------------------------------------------------------------------
 # bits and uniform
 

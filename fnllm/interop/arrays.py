@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fnllm import random as _random
 from fnllm import tree as _tree
 from fnllm.interop import _common
 
@@ -163,6 +164,8 @@ def key_to_jax(key: Tensor, *, typed: bool = False) -> Any:
 def key_from_jax(jax_key: Any, *, device: torch.device | str | None = None) -> Tensor:
     """Convert a JAX key (typed or raw ``uint32[..., 2]`` data) to an ``fnllm.random`` key.
 
+    The interop spelling of :func:`fnllm.random.from_jax_key` (one implementation).
+
     Example:
         >>> import jax
         >>> from fnllm import interop, random
@@ -183,16 +186,5 @@ def key_from_jax(jax_key: Any, *, device: torch.device | str | None = None) -> T
         ValueError: a typed key of another PRNG implementation, or raw data that is not
             uint32 of shape ``(..., 2)``.
     """
-    jax = _common.jax()
-    dtype = getattr(jax_key, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        impl = str(jax.random.key_impl(jax_key))
-        if impl != "threefry2x32":
-            raise ValueError(f"key_from_jax: typed key uses {impl!r}; fnllm keys are threefry2x32")
-        jax_key = jax.random.key_data(jax_key)
-    arr = np.asarray(jax_key)
-    if arr.dtype != np.uint32 or arr.ndim == 0 or arr.shape[-1] != 2:
-        raise ValueError(
-            f"key_from_jax: expected threefry key data uint32[..., 2], got {arr.dtype}{arr.shape}"
-        )
-    return torch.as_tensor(arr.astype(np.int64), device=device)
+    _common.jax()  # a clear error when JAX is not installed
+    return _random.from_jax_key(jax_key, device=device)

@@ -144,24 +144,31 @@ def from_jax_key(jax_key: Any, *, device: torch.device | str | None = None) -> T
         tensor([ 0, 42])
 
     Args:
-        jax_key: a typed threefry key array, or raw key data of shape ``(..., 2)``
-            (a jax or numpy uint32 array).
-        device: where to put the result.
+        jax_key: a typed ``threefry2x32`` key array of any shape, or raw key data of shape
+            ``(..., 2)`` (a jax or numpy uint32 array).
+        device: where to put the result (default: CPU).
 
     Returns:
         An int64 tensor of shape ``(..., 2)``.
+
+    Raises:
+        ValueError: a typed key of another PRNG implementation, or raw data that is not
+            uint32 of shape ``(..., 2)``.
     """
     import numpy as np
 
     dtype = getattr(jax_key, "dtype", None)
-    if dtype is not None and "key" in str(dtype):
+    if dtype is not None and "key" in str(dtype):  # a typed key array: only then import jax
         import jax
 
+        impl = str(jax.random.key_impl(jax_key))
+        if impl != "threefry2x32":
+            raise ValueError(f"jax_key: a typed key of {impl!r}; fnllm keys are threefry2x32")
         jax_key = jax.random.key_data(jax_key)
     arr = np.asarray(jax_key)
     if arr.dtype != np.uint32 or arr.ndim == 0 or arr.shape[-1] != 2:
         raise ValueError(
-            f"from_jax_key: expected threefry key data uint32[..., 2], got {arr.dtype}{arr.shape}"
+            f"jax_key: expected threefry key data uint32[..., 2], got {arr.dtype}{arr.shape}"
         )
     return torch.as_tensor(arr.astype(np.int64), device=device)
 
