@@ -282,8 +282,10 @@ def gumbel(key: Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.fl
     does; ``u`` is bit-identical, the logs may differ from XLA's in the last bit.
 
     Example:
-        >>> gumbel(key(0), (3,))
-        tensor([ 2.9234,  3.8326, -0.0969])
+        >>> logits = torch.tensor([0.0, 2.0, -1.0])
+        >>> noise = gumbel(key(0), logits.shape)
+        >>> int((logits + noise).argmax())  # the Gumbel-max trick: a draw from softmax(logits)
+        1
 
     Args:
         key: a key (shape ``(2,)``).
