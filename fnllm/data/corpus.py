@@ -48,6 +48,14 @@ def split_sentences(text: str) -> list[str]:
     return [p for p in parts if p]
 
 
+def _token_id_property(token: str) -> property:
+    """A read-only ``Corpus`` attribute: the id of the special token ``token``.
+
+    (Defined above :class:`Corpus` because its class body calls it.)
+    """
+    return property(lambda self: self.token_id(token), doc=f"The ``{token}`` id.")
+
+
 class Corpus:
     """A tokenized corpus: documents as id lists (GPT) and as lists of sentences (BERT).
 
@@ -131,15 +139,12 @@ class Corpus:
             raise KeyError(f"token {token!r} is not in the {self.kind} vocabulary")
         return int(i)
 
-    @property
-    def cls_id(self) -> int:
-        """The ``[CLS]`` id."""
-        return self.token_id("[CLS]")
-
-    @property
-    def sep_id(self) -> int:
-        """The ``[SEP]`` id."""
-        return self.token_id("[SEP]")
+    cls_id = _token_id_property("[CLS]")
+    """The ``[CLS]`` id."""
+    sep_id = _token_id_property("[SEP]")
+    """The ``[SEP]`` id."""
+    mask_id = _token_id_property("[MASK]")
+    """The ``[MASK]`` id."""
 
     @property
     def pad_id(self) -> int:
@@ -147,11 +152,6 @@ class Corpus:
         if self.tokenizer.token_to_id("[PAD]") is None and self.kind == "bpe":
             return self.eos_id
         return self.token_id("[PAD]")
-
-    @property
-    def mask_id(self) -> int:
-        """The ``[MASK]`` id."""
-        return self.token_id("[MASK]")
 
     @property
     def eos_id(self) -> int:
