@@ -201,11 +201,7 @@ def sentence_order(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def classification(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    label_smoothing: float = 0.0,
-    reduction: Reduction = "mean",
+    logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0, reduction: Reduction = "mean"
 ) -> Tensor:
     """Sequence-classification loss: cross-entropy of ``logits [B, C]`` against ``labels [B]``.
 

@@ -36,6 +36,7 @@ from fnllm.io import _safetensors
 __all__ = ["clean_temp_files", "load", "load_meta", "load_model", "save", "save_model"]
 
 PathLike = str | os.PathLike
+Device = str | torch.device
 
 # Metadata keys fnllm writes itself; user ``meta`` may not use them.
 
@@ -78,11 +79,7 @@ def save(path: PathLike, tree: Any, meta: Mapping[str, Any] | None = None) -> No
 
 
 def load(
-    path: PathLike,
-    *,
-    with_meta: bool = False,
-    device: str | torch.device = "cpu",
-    verify: bool = True,
+    path: PathLike, *, with_meta: bool = False, device: Device = "cpu", verify: bool = True
 ) -> Any:
     """Load a tree saved by :func:`save` (or any safetensors file) from ``path``.
 
@@ -185,11 +182,7 @@ def save_model(
 
 
 def load_model(
-    path: PathLike,
-    *,
-    with_meta: bool = False,
-    device: str | torch.device = "cpu",
-    verify: bool = True,
+    path: PathLike, *, with_meta: bool = False, device: Device = "cpu", verify: bool = True
 ) -> Any:
     """Rebuild ``(model, params)`` from a file written by :func:`save_model`.
 
