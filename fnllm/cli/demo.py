@@ -364,6 +364,8 @@ def _write_plot(path: Path, rows: list[Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fnllm._figure_parts import _moving_average
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {r.name: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rows)}
     for r in rows:
@@ -383,7 +385,7 @@ def _write_plot(path: Path, rows: list[Any]) -> None:
     for r in rows:
         if r.losses:
             x = [(i + 1) / r.steps_per_epoch for i in range(len(r.losses))]
-            right.plot(x, _smooth(r.losses), label=r.name, lw=1.2, color=colors[r.name])
+            right.plot(x, _moving_average(r.losses, 8), label=r.name, lw=1.2, color=colors[r.name])
     right.set_xlabel("epoch")
     right.set_ylabel("training loss (smoothed)")
     right.set_title("training loss")
@@ -393,13 +395,3 @@ def _write_plot(path: Path, rows: list[Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _smooth(values: list[float], window: int = 8) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
