@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +33,9 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--model", choices=("gpt", "bert"), default="gpt", help="default gpt")
     p.add_argument("--quick", action="store_true", help="a tiny run that takes seconds")
-    defaults = _defaults()
-    for name, kind, text in _NUMBERS:
+    for name, kind, default, text in _numbers():
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=kind, default=None, help=f"{text} (default {defaults[name]})")
+        p.add_argument(flag, type=kind, default=None, help=f"{text} (default {default})")
     p.add_argument("--no-docstrings", action="store_true", help="pydoc topics only")
     p.add_argument("--cache-dir", type=Path, default=None, help="tokenizer cache (default OUT)")
     p.add_argument("--compile", action="store_true", help="torch.compile the train step")
@@ -49,26 +51,19 @@ _DESCRIPTION = (
     "resumes from the newest checkpoint in OUT/checkpoints."
 )
 
-_NUMBERS = (
-    ("steps", int, "train steps in total"),
-    ("batch_size", int, "sequences per step"),
-    ("block_size", int, "tokens per sequence"),
-    ("vocab_size", int, "tokenizer vocabulary size"),
-    ("n_layer", int, "transformer blocks"),
-    ("n_head", int, "attention heads"),
-    ("d_model", int, "model width"),
-    ("lr", float, "peak learning rate"),
-    ("seed", int, "the run's key"),
-    ("checkpoint_every", int, "checkpoint every N steps"),
-    ("eval_every", int, "validation every N steps (0: at the end)"),
-    ("val_fraction", float, "share of documents held out"),
-)
 
-
-def _defaults() -> dict[str, Any]:
+def _numbers() -> list[tuple[str, type, Any, str]]:
+    """``(name, type, default, help)`` of each number in ``PretrainConfig``, one flag each: its
+    help is the first line of the field's entry in the ``PretrainConfig`` docstring."""
     from fnllm.pretraining import PretrainConfig
 
-    return {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    types = typing.get_type_hints(PretrainConfig)
+    docs = dict(re.findall(r"^    (\w+): (.+)$", inspect.getdoc(PretrainConfig) or "", re.M))
+    return [
+        (f.name, types[f.name], f.default, docs[f.name].rstrip("."))
+        for f in dataclasses.fields(PretrainConfig)
+        if types[f.name] in (int, float)
+    ]
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -79,7 +74,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cfg = PretrainConfig(out=args.out, model=args.model)
     if args.quick:
         cfg = cfg.quick()
-    given = {name: getattr(args, name) for name, _, _ in _NUMBERS}
+    given = {name: getattr(args, name) for name, *_ in _numbers()}
     given = {name: value for name, value in given.items() if value is not None}
     for name, value in given.items():
         low = 0 if name in ("seed", "eval_every") else 1
