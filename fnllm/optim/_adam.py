@@ -5,11 +5,12 @@ eps), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))``, an
 same chain without the decay. The chain checks the arguments and builds the state (that of
 :func:`scale_by_adam`); the update then computes the chain's maths in one pass, in the order of
 operations of ``torch.optim.AdamW`` (``-lr / bc1 * m / denom - lr * wd * p``, where the chain
-rounds ``-lr * (m / bc1 / denom + wd * p)``): eagerly with torch's fused kernel on fresh buffers
-(``torch._fused_adam_``; :func:`fnllm.optim.apply_gradients` runs ``torch._fused_adamw_`` and
-updates the parameters in the same kernel), and with multi-tensor ``_foreach_*`` ops under
-``torch.compile`` (Inductor fuses them into a few kernels). Nothing the caller passed is
-modified.
+rounds ``-lr * (m / bc1 / denom + wd * p)``). Eagerly on CPU that pass is torch's fused kernel
+on fresh buffers (``torch._fused_adam_``; :func:`fnllm.optim.apply_gradients` runs
+``torch._fused_adamw_``, which updates the parameters in the same kernel); elsewhere, and
+under ``torch.compile``, it is multi-tensor ``_foreach_*`` ops (Inductor fuses them).
+:func:`scale_by_adam` takes the same two routes, so its moments equal adamw's bit for bit.
+Nothing the caller passed is modified.
 """
 
 from __future__ import annotations
