@@ -53,7 +53,12 @@ def _token_id_property(token: str) -> property:
 
     (Defined above :class:`Corpus` because its class body calls it.)
     """
-    return property(lambda self: self.token_id(token), doc=f"The ``{token}`` id.")
+
+    def get(self: Corpus) -> int:
+        return self.token_id(token)
+
+    get.__doc__ = f"The ``{token}`` id."
+    return property(get)
 
 
 class Corpus:
