@@ -1,7 +1,7 @@
 """BERT in `transformers` layout (private; registered in :mod:`fnllm.io.hf` as ``bert``).
 
 Query, key and value are concatenated into one ``qkv`` projection; the pooler, the MLM head
-and the sentence-order head are switched on exactly when their weights are present.
+and the sentence-pair head are switched on exactly when their weights are present.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def table(model: Any) -> list[tuple[str, str, list[str]]]:
         rows += dense("mlm.transform", "cls.predictions.transform.dense")
         rows += dense("mlm.ln", "cls.predictions.transform.LayerNorm")
         rows.append(("mlm.bias", "copy", ["cls.predictions.bias"]))
-    if model.sop_head:
+    if model.pair_head:
         rows += dense("sop", "cls.seq_relationship")
     return rows
 
@@ -109,7 +109,7 @@ def from_hf(
         dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
         pooler=any(k.startswith("pooler.") for k in stripped),
         mlm_head=mlm,
-        sop_head=any(k.startswith("cls.seq_relationship.") for k in stripped),
+        pair_head=any(k.startswith("cls.seq_relationship.") for k in stripped),
     )
     prefix = "bert." if has_prefix else ""
     params = apply_table(model, table(model), stripped, names, prefix, where)
@@ -118,11 +118,11 @@ def from_hf(
 
 def default_arch(model: Any) -> str:
     """The `transformers` class a BERT exports to by default (the one holding its heads)."""
-    if model.mlm_head and model.sop_head:
+    if model.mlm_head and model.pair_head:
         return "BertForPreTraining"
     if model.mlm_head:
         return "BertForMaskedLM"
-    if model.sop_head:
+    if model.pair_head:
         return "BertForNextSentencePrediction"
     return "BertModel"
 
@@ -138,12 +138,12 @@ def export(model: Any, arch: str) -> tuple[str, Table, Callable[[str], bool]]:
     if arch not in allowed:
         raise ValueError(f"to_hf: unsupported BERT architecture {arch!r}")
     needed = {a for a in allowed[arch] if a != "pooler" or arch != "BertModel"}
-    have = {"pooler": model.pooler, "mlm": model.mlm_head, "sop": model.sop_head}
+    have = {"pooler": model.pooler, "mlm": model.mlm_head, "sop": model.pair_head}
     lacking = sorted(a for a in needed if not have[a])
     if lacking:
         raise ValueError(
             f"to_hf: {arch} needs the {', '.join(lacking)} weights, which this BERT "
-            f"(pooler={model.pooler}, mlm_head={model.mlm_head}, sop_head={model.sop_head}) "
+            f"(pooler={model.pooler}, mlm_head={model.mlm_head}, pair_head={model.pair_head}) "
             "does not have"
         )
     prefix = "" if arch == "BertModel" else "bert."
