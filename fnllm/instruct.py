@@ -12,7 +12,6 @@ line number.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fnllm import data, losses, tree
+from fnllm.data._jsonl import json_objects
 
 __all__ = ["InstructionFormat", "read_jsonl", "sft_batch", "sft_loss"]
 
@@ -58,29 +58,20 @@ def read_jsonl(
     """
     records = []
     where = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    for lineno, obj in json_objects(path):
+        record = {}
+        for name in (*required, *optional):
+            if name not in obj:
+                if name in required:
+                    raise ValueError(f"{where}:{lineno}: missing field {name!r}")
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}:{lineno}: not valid JSON ({err})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}:{lineno}: expected a JSON object, got {obj!r:.60}")
-            record = {}
-            for name in (*required, *optional):
-                if name not in obj:
-                    if name in required:
-                        raise ValueError(f"{where}:{lineno}: missing field {name!r}")
-                    continue
-                if not isinstance(obj[name], str):
-                    raise ValueError(
-                        f"{where}:{lineno}: field {name!r} must be a string, "
-                        f"got {type(obj[name]).__name__}"
-                    )
-                record[name] = obj[name]
-            records.append(record)
+            if not isinstance(obj[name], str):
+                raise ValueError(
+                    f"{where}:{lineno}: field {name!r} must be a string, "
+                    f"got {type(obj[name]).__name__}"
+                )
+            record[name] = obj[name]
+        records.append(record)
     return records
 
 

@@ -244,8 +244,9 @@ def hf_config(model: Any, *, architecture: str | None = None) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict.
     """
-    arch = architecture or _arch_module(model).default_arch(model)
-    return _arch_module(model).config(model, arch)
+    module = _arch_module(model)
+    arch = architecture or module.default_arch(model)
+    return {"architectures": [arch], "model_type": module.MODEL_TYPE, **module.config(model)}
 
 
 def pretrained_dir(name: str = "all-MiniLM-L6-v2") -> Path:
