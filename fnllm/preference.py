@@ -135,10 +135,9 @@ def response_logprobs(
 
     Example:
         >>> import torch
-        >>> from fnllm import random
-        >>> from fnllm.models import GPT
+        >>> from fnllm import models, random
         >>> from fnllm.preference import response_logprobs
-        >>> gpt = GPT(vocab_size=16, n_layer=1, n_head=2, d_model=8, max_len=8)
+        >>> gpt = models.GPT(vocab_size=16, n_layer=1, n_head=2, d_model=8, max_len=8)
         >>> ids, mask = torch.tensor([[1, 2, 3, 0]]), torch.tensor([[1, 1, 1, 0]])
         >>> response_logprobs(gpt, gpt.init(random.key(0)), ids, mask, torch.tensor([[0, 1, 1, 0]]))
         tensor([-5.4455])
