@@ -268,14 +268,7 @@ class BERT(_base.ModelConfig):
 
         # Once per forward, shared by every block; None when nothing is padded (eager).
         mask = nn.make_attention_mask(attention_mask)
-        T = tokens.shape[-1]
-        embed = params["embed"]
-        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
-        if token_type_ids is None:
-            x = x + embed["token_types"]["weight"][0]
-        else:
-            x = x + _embed(embed["token_types"], token_type_ids)
-        x = nn.dropout(keys[-1], nn.layer_norm(embed["ln"], x, eps=self.ln_eps), drop)
+        x = self._embeddings(params["embed"], tokens, token_type_ids, keys[-1], drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
             x = self._block(block, x, mask, k, drop, impl)
@@ -321,15 +314,29 @@ class BERT(_base.ModelConfig):
         Returns:
             ``[B, T, D]`` hidden states.
         """
-        drop = self.dropout if key is not None else 0.0
         embed = params["embed"]
-        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
+        tokens = nn.check_ids(tokens, embed["tokens"]["weight"].shape[0], name="ids")
+        if token_type_ids is not None:
+            types = embed["token_types"]["weight"].shape[0]
+            token_type_ids = nn.check_ids(token_type_ids, types, name="ids")
+        drop = self.dropout if key is not None else 0.0
+        return self._embeddings(embed, tokens, token_type_ids, key, drop)
+
+    def _embeddings(
+        self,
+        embed: Params,
+        tokens: Tensor,
+        token_type_ids: Tensor | None,
+        key: Tensor | None,
+        drop: float,
+    ) -> Tensor:
+        """Word + position + token-type embeddings, layer norm, dropout (ids checked)."""
+        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
         if token_type_ids is None:
             x = x + embed["token_types"]["weight"][0]
         else:
-            x = x + nn.embedding(embed["token_types"], token_type_ids)
-        x = nn.layer_norm(embed["ln"], x, eps=self.ln_eps)
-        return nn.dropout(key, x, drop)
+            x = x + _embed(embed["token_types"], token_type_ids)
+        return nn.dropout(key, nn.layer_norm(embed["ln"], x, eps=self.ln_eps), drop)
 
     def _block(
         self,

@@ -201,10 +201,8 @@ class GPT(_base.ModelConfig):
 
         # Once per forward, shared by every block; None when nothing is padded (eager).
         mask = nn.make_attention_mask(attention_mask, causal=True)
-        T = tokens.shape[-1]
         embed = params["embed"]
-        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
-        x = nn.dropout(keys[-1], x, drop)
+        x = self._embeddings(embed, tokens, keys[-1], drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
             x = self._block(block, x, mask, k, drop, impl)
@@ -244,9 +242,13 @@ class GPT(_base.ModelConfig):
         Returns:
             ``[B, T, D]`` hidden states.
         """
-        drop = self.dropout if key is not None else 0.0
         embed = params["embed"]
-        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
+        tokens = nn.check_ids(tokens, embed["tokens"]["weight"].shape[0], name="ids")
+        return self._embeddings(embed, tokens, key, self.dropout if key is not None else 0.0)
+
+    def _embeddings(self, embed: Params, tokens: Tensor, key: Tensor | None, drop: float) -> Tensor:
+        """Token + position embeddings, then dropout (ids checked)."""
+        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
         return nn.dropout(key, x, drop)
 
     def _block(
