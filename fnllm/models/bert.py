@@ -26,7 +26,7 @@ optimizer state and path filter written so far names them so, and Hugging Face's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,10 @@ from torch import Tensor
 from fnllm import nn
 from fnllm import random as jr
 from fnllm.models import _base
+from fnllm.models._base import Params
 from fnllm.nn._layers import _embed
 
 __all__ = ["BERT", "BertOutput", "BertPretrainOutput"]
-
-Params = dict[str, Any]
 
 
 class BertOutput(NamedTuple):

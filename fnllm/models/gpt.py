@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,11 +26,10 @@ from torch import Tensor
 from fnllm import nn
 from fnllm import random as jr
 from fnllm.models import _base
+from fnllm.models._base import Params
 from fnllm.nn._layers import _embed
 
 __all__ = ["GPT", "GPTOutput"]
-
-Params = dict[str, Any]
 
 
 class GPTOutput(NamedTuple):
