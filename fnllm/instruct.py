@@ -152,12 +152,7 @@ def sft_batch(
         if "response" not in rec:
             raise KeyError(f"records[{i}]: missing 'response' (has {sorted(rec)})")
         prompt = list(encode(fmt.prompt(rec)))
-        if len(prompt) >= max_len:
-            raise ValueError(
-                f"records[{i}]: the prompt has {len(prompt)} tokens, no room for a response "
-                f"within max_len {max_len}"
-            )
-        rows.append((prompt + list(encode(rec["response"])) + [eos_id])[:max_len])
+        rows.append(_row(i, prompt, encode(rec["response"]), eos_id, max_len))
         prompt_lens.append(len(prompt))
     ids, mask = _right_pad(rows, pad_id)
     targets = data.instruction_targets(
@@ -194,6 +189,19 @@ def sft_loss(model: Any) -> Callable[..., Tensor]:
         return losses.cross_entropy(logits, batch["targets"])
 
     return loss_fn
+
+
+def _row(
+    i: int, prompt: list[int], response: Sequence[int], eos_id: int, max_len: int
+) -> list[int]:
+    """``prompt + response + [eos_id]`` cut to ``max_len``, for record ``i``, whose prompt must
+    leave room for at least one response token."""
+    if len(prompt) >= max_len:
+        raise ValueError(
+            f"records[{i}]: the prompt has {len(prompt)} tokens, no room for a response "
+            f"within max_len {max_len}"
+        )
+    return (prompt + list(response) + [eos_id])[:max_len]
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
