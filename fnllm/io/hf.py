@@ -13,7 +13,7 @@ registered here by model type (``_hf_gpt2``, ``_hf_bert``):
 - BERT (``BertModel``, ``BertForPreTraining``, ``BertForMaskedLM``,
   ``BertForNextSentencePrediction``; backbone names with or without ``bert.``): query, key and
   value are concatenated into one ``qkv`` projection; the pooler, the MLM head
-  (``cls.predictions.*``, decoder tied to the word embeddings) and the sentence-order head
+  (``cls.predictions.*``, decoder tied to the word embeddings) and the sentence-pair head
   (``cls.seq_relationship.*``) are switched on exactly when their weights are present.
 
 Weights are read with safetensors. ``pytorch_model.bin`` files are read only through
