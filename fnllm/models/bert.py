@@ -123,9 +123,8 @@ class BERT(_base.ModelConfig):
         mlm_head: include the masked-LM head (``mlm`` leaves).
         pair_head: include the 2-way sentence-pair head (``sop`` leaves; see the module
             docstring) for sentence-order or next-sentence prediction; it reads the pooled
-            output, so it needs ``pooler=True``.
-        sop_head: the old name of ``pair_head`` (deprecated; still accepted here, by
-            ``from_config`` and as the attribute ``model.sop_head``).
+            output, so it needs ``pooler=True``. Its old name ``sop_head`` is still accepted
+            (deprecated): ``BERT(sop_head=...)``, ``model.sop_head`` and saved configs.
     """
 
     kind: ClassVar[str] = "bert"
