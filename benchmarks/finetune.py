@@ -349,7 +349,7 @@ def _model_dir(args: argparse.Namespace) -> str:
         d_ff=256,
         max_len=64,
         mlm_head=False,
-        sop_head=False,
+        pair_head=False,
     )
     directory = tempfile.mkdtemp(prefix="fnllm-bench-")
     io.to_hf(bert, bert.init(jr.key(0)), directory)

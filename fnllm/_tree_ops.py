@@ -7,7 +7,7 @@ traces it without graph breaks on any tree, including the sparse halves of a par
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -117,34 +117,68 @@ def listify(node: Any, prefix: str) -> Any:
 
 
 def check_same_structure(a: Any, b: Any, prefix: str = "", shapes: bool = False) -> None:
+    def leaf(where: str, x: Any, y: Any) -> None:
+        if (x is None) != (y is None):
+            raise ValueError(f"tree: structures differ at {where}: {kind(x)} vs {kind(y)}")
+        if (
+            shapes
+            and isinstance(x, torch.Tensor)
+            and isinstance(y, torch.Tensor)
+            and (x.shape != y.shape or x.dtype != y.dtype)
+        ):
+            raise ValueError(
+                f"tree: leaf {where} differs: {tuple(x.shape)} {x.dtype} vs "
+                f"{tuple(y.shape)} {y.dtype}"
+            )
+
+    walk_together(a, b, prefix, leaf, _structures_differ)
+
+
+def walk_together(
+    a: Any,
+    b: Any,
+    prefix: str,
+    leaf: Callable[[str, Any, Any], None],
+    differ: Callable[[str, str, Any, Any], Any],
+    sort_keys: bool = False,
+    ordered: bool = False,
+) -> None:
+    """Walk two trees in step, calling ``leaf(path, x, y)`` at every pair of leaves.
+
+    Where the containers differ, ``differ(what, path, x, y)`` is called and must raise:
+    ``"kind"`` (``x``, ``y``: the two nodes), ``"keys"`` (the paths only in ``a``, only in
+    ``b``), ``"length"`` (the two lengths) or, with ``ordered``, ``"order"`` (the two key
+    lists). Dict keys are visited in ``a``'s order, or sorted with ``sort_keys``; the root's
+    path is ``"<root>"``.
+    """
     where = prefix or "<root>"
     if isinstance(a, dict) or isinstance(b, dict):
         if not (isinstance(a, dict) and isinstance(b, dict)):
-            raise ValueError(f"tree: structures differ at {where}: {kind(a)} vs {kind(b)}")
+            differ("kind", where, a, b)
         if set(a) != set(b):
-            missing = sorted(join(prefix, k) for k in set(a) - set(b))
-            extra = sorted(join(prefix, k) for k in set(b) - set(a))
-            raise ValueError(
-                f"tree: keys differ at {where}: only in first {missing}, only in second {extra}"
-            )
-        for k in a:
-            check_same_structure(a[k], b[k], join(prefix, k), shapes)
-        return
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            only_a = sorted(join(prefix, k) for k in set(a) - set(b))
+            differ("keys", where, only_a, sorted(join(prefix, k) for k in set(b) - set(a)))
+        if ordered and list(a) != list(b):
+            differ("order", where, list(a), list(b))
+        for k in sorted(a, key=str) if sort_keys else a:
+            walk_together(a[k], b[k], join(prefix, k), leaf, differ, sort_keys, ordered)
+    elif isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
         if type(a) is not type(b):
-            raise ValueError(f"tree: structures differ at {where}: {kind(a)} vs {kind(b)}")
+            differ("kind", where, a, b)
         if len(a) != len(b):
-            raise ValueError(f"tree: lengths differ at {where}: {len(a)} vs {len(b)}")
+            differ("length", where, len(a), len(b))
         for i, (x, y) in enumerate(zip(a, b)):
-            check_same_structure(x, y, join(prefix, i), shapes)
-        return
-    if (a is None) != (b is None):
-        raise ValueError(f"tree: structures differ at {where}: {kind(a)} vs {kind(b)}")
-    both_tensors = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-    if shapes and both_tensors and (a.shape != b.shape or a.dtype != b.dtype):
-        raise ValueError(
-            f"tree: leaf {where} differs: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
-        )
+            walk_together(x, y, join(prefix, i), leaf, differ, sort_keys, ordered)
+    else:
+        leaf(where, a, b)
+
+
+def _structures_differ(what: str, where: str, x: Any, y: Any) -> NoReturn:
+    if what == "keys":
+        raise ValueError(f"tree: keys differ at {where}: only in first {x}, only in second {y}")
+    if what == "length":
+        raise ValueError(f"tree: lengths differ at {where}: {x} vs {y}")
+    raise ValueError(f"tree: structures differ at {where}: {kind(x)} vs {kind(y)}")
 
 
 def kind(x: Any) -> str:

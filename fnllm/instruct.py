@@ -12,7 +12,6 @@ line number.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fnllm import data, losses, tree
+from fnllm.data._jsonl import json_objects
 
 __all__ = ["InstructionFormat", "read_jsonl", "sft_batch", "sft_loss"]
 
@@ -58,29 +58,20 @@ def read_jsonl(
     """
     records = []
     where = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    for lineno, obj in json_objects(path):
+        record = {}
+        for name in (*required, *optional):
+            if name not in obj:
+                if name in required:
+                    raise ValueError(f"{where}:{lineno}: missing field {name!r}")
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}:{lineno}: not valid JSON ({err})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}:{lineno}: expected a JSON object, got {obj!r:.60}")
-            record = {}
-            for name in (*required, *optional):
-                if name not in obj:
-                    if name in required:
-                        raise ValueError(f"{where}:{lineno}: missing field {name!r}")
-                    continue
-                if not isinstance(obj[name], str):
-                    raise ValueError(
-                        f"{where}:{lineno}: field {name!r} must be a string, "
-                        f"got {type(obj[name]).__name__}"
-                    )
-                record[name] = obj[name]
-            records.append(record)
+            if not isinstance(obj[name], str):
+                raise ValueError(
+                    f"{where}:{lineno}: field {name!r} must be a string, "
+                    f"got {type(obj[name]).__name__}"
+                )
+            record[name] = obj[name]
+        records.append(record)
     return records
 
 
@@ -161,12 +152,7 @@ def sft_batch(
         if "response" not in rec:
             raise KeyError(f"records[{i}]: missing 'response' (has {sorted(rec)})")
         prompt = list(encode(fmt.prompt(rec)))
-        if len(prompt) >= max_len:
-            raise ValueError(
-                f"records[{i}]: the prompt has {len(prompt)} tokens, no room for a response "
-                f"within max_len {max_len}"
-            )
-        rows.append((prompt + list(encode(rec["response"])) + [eos_id])[:max_len])
+        rows.append(_row(i, prompt, encode(rec["response"]), eos_id, max_len))
         prompt_lens.append(len(prompt))
     ids, mask = _right_pad(rows, pad_id)
     targets = data.instruction_targets(
@@ -203,6 +189,19 @@ def sft_loss(model: Any) -> Callable[..., Tensor]:
         return losses.cross_entropy(logits, batch["targets"])
 
     return loss_fn
+
+
+def _row(
+    i: int, prompt: list[int], response: Sequence[int], eos_id: int, max_len: int
+) -> list[int]:
+    """``prompt + response + [eos_id]`` cut to ``max_len``, for record ``i``, whose prompt must
+    leave room for at least one response token."""
+    if len(prompt) >= max_len:
+        raise ValueError(
+            f"records[{i}]: the prompt has {len(prompt)} tokens, no room for a response "
+            f"within max_len {max_len}"
+        )
+    return (prompt + list(response) + [eos_id])[:max_len]
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fnllm import losses, tree
-from fnllm.instruct import Encode, read_jsonl
+from fnllm.instruct import Encode, _right_pad, _row, read_jsonl
 
 __all__ = [
     "dpo_loss",
@@ -108,23 +108,17 @@ def preference_batch(
             if name not in rec:
                 raise KeyError(f"records[{i}]: missing {name!r} (has {sorted(rec)})")
         prompt = list(encode(rec["prompt"]))
-        if len(prompt) >= max_len:
-            raise ValueError(
-                f"records[{i}]: the prompt has {len(prompt)} tokens, no room for a response "
-                f"within max_len {max_len}"
-            )
         starts.append(len(prompt))
         for name in ("chosen", "rejected"):
-            rows[name].append((prompt + list(encode(rec[name])) + [eos_id])[:max_len])
-    width = max(len(r) for rs in rows.values() for r in rs)
+            rows[name].append(_row(i, prompt, encode(rec[name]), eos_id, max_len))
+    # chosen and rejected rows padded together, to one width
+    ids, mask = _right_pad(rows["chosen"] + rows["rejected"], pad_id)
+    response = mask & (torch.arange(ids.shape[1]) >= torch.tensor(starts * 2)[:, None])
     out: dict[str, Tensor] = {}
-    positions = torch.arange(width)
-    for name, rs in rows.items():
-        ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rs], dtype=torch.int64)
-        mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rs])
-        out[f"{name}_ids"] = ids
-        out[f"{name}_mask"] = mask
-        out[f"{name}_response"] = mask & (positions >= torch.tensor(starts)[:, None])
+    for name, half in (("chosen", slice(0, len(records))), ("rejected", slice(len(records), None))):
+        out[f"{name}_ids"] = ids[half]
+        out[f"{name}_mask"] = mask[half]
+        out[f"{name}_response"] = response[half]
     return out
 
 
@@ -135,10 +129,9 @@ def response_logprobs(
 
     Example:
         >>> import torch
-        >>> from fnllm import random
-        >>> from fnllm.models import GPT
+        >>> from fnllm import models, random
         >>> from fnllm.preference import response_logprobs
-        >>> gpt = GPT(vocab_size=16, n_layer=1, n_head=2, d_model=8, max_len=8)
+        >>> gpt = models.GPT(vocab_size=16, n_layer=1, n_head=2, d_model=8, max_len=8)
         >>> ids, mask = torch.tensor([[1, 2, 3, 0]]), torch.tensor([[1, 1, 1, 0]])
         >>> response_logprobs(gpt, gpt.init(random.key(0)), ids, mask, torch.tensor([[0, 1, 1, 0]]))
         tensor([-5.4455])

@@ -90,7 +90,7 @@ def _tiny_dir(tmp_path, kind: str):
             d_ff=32,
             max_len=32,
             mlm_head=False,
-            sop_head=False,
+            pair_head=False,
         )
     else:
         model = GPT(vocab_size=vocab, n_layer=2, n_head=2, d_model=16, max_len=32)

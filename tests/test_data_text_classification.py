@@ -190,7 +190,7 @@ def _tiny_classifier(pooling: str):
     else:
         base = BERT(
             vocab_size=50, n_layer=2, n_head=2, d_model=16, d_ff=32, max_len=32,
-            mlm_head=False, sop_head=False,
+            mlm_head=False, pair_head=False,
         )  # fmt: skip
     model = Classifier(base, n_classes=3, pooling=pooling)
     return model, model.init(jr.key(0))

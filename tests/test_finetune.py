@@ -27,7 +27,7 @@ def _bert(n_layer: int = 3, heads: bool = True) -> BERT:
         d_ff=32,
         max_len=16,
         mlm_head=heads,
-        sop_head=heads,
+        pair_head=heads,
     )
 
 

@@ -24,7 +24,7 @@ def _bert() -> BERT:
         d_ff=32,
         max_len=16,
         mlm_head=False,
-        sop_head=False,
+        pair_head=False,
     )
 
 

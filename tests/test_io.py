@@ -339,6 +339,19 @@ def test_load_model_refuses_a_config_that_does_not_match_the_weights(tmp_path):
         io.load_model(path)
 
 
+def test_load_model_reads_a_config_saved_with_sop_head(tmp_path):
+    path, bert = tmp_path / "m.safetensors", dataclasses.replace(_BERT, pair_head=False)
+    params = bert.init(random.key(0))
+    io.save_model(path, bert, params)
+    with safetensors.safe_open(path, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in list(f.keys())}, f.metadata()
+    meta["fnllm.config"] = meta["fnllm.config"].replace('"pair_head"', '"sop_head"')
+    safetensors.torch.save_file(tensors, path, metadata=meta)  # as written before the rename
+    model, loaded = io.load_model(path)
+    assert model == bert
+    testing.assert_trees_equal(loaded, params, bitwise=True)
+
+
 def test_load_model_on_a_plain_tree_file_says_so(tmp_path):
     io.save(tmp_path / "t.safetensors", {"w": torch.zeros(1)})
     with pytest.raises(ValueError, match="no model config"):

@@ -159,7 +159,7 @@ def _check_bert(model, params, ref, tokens, mask, types, kind: str) -> None:
         logits = ref.prediction_logits if kind == "BertForPreTraining" else ref.logits
         assert _maxdiff(model.mlm_logits(params, out.last_hidden_state), logits, mask) <= TOL
     if kind == "BertForPreTraining":
-        assert _maxdiff(model.sop_logits(params, out.pooled), ref.seq_relationship_logits) <= TOL
+        assert _maxdiff(model.pair_logits(params, out.pooled), ref.seq_relationship_logits) <= TOL
 
 
 @pytest.mark.parametrize(
@@ -187,7 +187,9 @@ def test_from_hf_bert_matches_transformers(tmp_path, kind, heads, strip_prefix):
     hf.config.save_pretrained(tmp_path)
     for src, cfg in ((tmp_path, None), (state, hf.config.to_dict())):
         model, params = io.from_hf(src, cfg)
-        assert (model.pooler, model.mlm_head, model.sop_head) == heads
+        assert (model.pooler, model.mlm_head, model.pair_head) == heads
+        with pytest.warns(DeprecationWarning, match="pair_head"):
+            assert model.sop_head == heads[2]  # the old name still reads
         _check_bert(model, params, ref, tokens, mask, types, kind)
 
 
@@ -203,9 +205,9 @@ def test_from_hf_bert_matches_transformers(tmp_path, kind, heads, strip_prefix):
         (BERT(vocab_size=50, n_layer=2, n_head=2, d_model=16, d_ff=24, max_len=16),
          "BertForPreTraining"),
         (BERT(vocab_size=50, n_layer=1, n_head=2, d_model=16, d_ff=24, max_len=16, pooler=False,
-              sop_head=False), "BertForMaskedLM"),
+              pair_head=False), "BertForMaskedLM"),
         (BERT(vocab_size=50, n_layer=1, n_head=2, d_model=16, d_ff=24, max_len=16, mlm_head=False,
-              sop_head=False), "BertModel"),
+              pair_head=False), "BertModel"),
         (BERT(vocab_size=50, n_layer=1, n_head=2, d_model=16, d_ff=24, max_len=16,
               mlm_head=False), "BertForNextSentencePrediction"),
     ],
@@ -237,7 +239,7 @@ def test_to_hf_loads_in_transformers_without_warnings_and_same_outputs(
             assert _maxdiff(model.mlm_logits(params, out.last_hidden_state), logits, mask) <= TOL
         if cls_name in ("BertForPreTraining", "BertForNextSentencePrediction"):
             sop = ref.seq_relationship_logits if cls_name == "BertForPreTraining" else ref.logits
-            assert _maxdiff(model.sop_logits(params, out.pooled), sop) <= TOL
+            assert _maxdiff(model.pair_logits(params, out.pooled), sop) <= TOL
         if cls_name == "BertModel":
             assert _maxdiff(out.pooled, ref.pooler_output) <= TOL
     # and back: exactly the same model and params
@@ -370,7 +372,7 @@ def test_minilm_mean_pooled_embeddings_match_transformers():
 
     model, params = io.from_hf(path)
     assert isinstance(model, BERT) and (model.n_layer, model.d_model) == (6, 384)
-    assert model.pooler and not model.mlm_head and not model.sop_head
+    assert model.pooler and not model.mlm_head and not model.pair_head
     ours = io.mean_pool(
         model.apply(params, ids, token_type_ids=types, attention_mask=mask).last_hidden_state,
         mask,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -334,7 +335,7 @@ def test_bert_default_token_types_are_zeros() -> None:
 
 @pytest.mark.parametrize(
     "flags",
-    [{}, {"pooler": False, "sop_head": False}, {"mlm_head": False}, {"sop_head": False}],
+    [{}, {"pooler": False, "pair_head": False}, {"mlm_head": False}, {"pair_head": False}],
 )
 def test_bert_param_shapes_describe_init(flags: dict) -> None:
     bert = _tiny_bert(**flags)
@@ -343,11 +344,36 @@ def test_bert_param_shapes_describe_init(flags: dict) -> None:
     assert {p: tuple(t.shape) for p, t in flat.items()} == bert.param_shapes()
     for head in ("pooler", "mlm", "sop"):
         assert (head in params) == flags.get(
-            {"pooler": "pooler", "mlm": "mlm_head", "sop": "sop_head"}[head], True
+            {"pooler": "pooler", "mlm": "mlm_head", "sop": "pair_head"}[head], True
         )
     out = bert.apply(params, torch.tensor([[1, 2, 3]]))
     assert (out.pooled is None) == (not bert.pooler)
     assert out.hidden_states is None
+
+
+def test_bert_sop_head_is_the_old_name_of_pair_head() -> None:
+    with pytest.warns(DeprecationWarning, match="use pair_head"):
+        old = _tiny_bert(sop_head=False)
+    assert old == _tiny_bert(pair_head=False) and "sop" not in old.init(jr.key(0))
+    with pytest.warns(DeprecationWarning, match="use pair_head"):
+        assert old.sop_head is False and _tiny_bert().sop_head is True
+    with pytest.raises(ValueError, match=r"sop_head .*old name of pair_head.* False"):
+        _tiny_bert(sop_head=False, pair_head=True)
+    assert dataclasses.replace(old, pair_head=True) == _tiny_bert()
+    # a config saved before the rename
+    config = old.to_config()
+    assert "sop_head" not in config
+    config["sop_head"] = config.pop("pair_head")
+    assert models.from_config(config) == BERT.from_config(config) == old
+    with pytest.raises(ValueError, match=r"sop_head .*old name of pair_head"):
+        BERT.from_config({**config, "pair_head": True})
+    # the logits keep their old names too
+    bert = _tiny_bert()
+    params = bert.init(jr.key(0))
+    out = bert.pretrain_apply(params, torch.tensor([[1, 2, 3]]))
+    assert out.sop_logits is out.pair_logits
+    pooled = bert.apply(params, torch.tensor([[1, 2, 3]])).pooled
+    assert torch.equal(bert.sop_logits(params, pooled), out.pair_logits)
 
 
 def test_bert_init_statistics() -> None:
@@ -362,13 +388,13 @@ def test_bert_init_statistics() -> None:
 
 
 def test_bert_heads_missing_raise() -> None:
-    bert = _tiny_bert(mlm_head=False, sop_head=False)
+    bert = _tiny_bert(mlm_head=False, pair_head=False)
     params = bert.init(jr.key(0))
     h = bert.apply(params, torch.tensor([[1, 2]]))
     with pytest.raises(KeyError, match="mlm"):
         bert.mlm_logits(params, h.last_hidden_state)
     with pytest.raises(KeyError, match="sop"):
-        bert.sop_logits(params, h.pooled)
+        bert.pair_logits(params, h.pooled)
     with pytest.raises(ValueError, match="pretrain_apply"):
         bert.pretrain_apply(params, torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="pooler"):
@@ -559,7 +585,7 @@ def test_config_validation() -> None:
         _tiny_gpt(),
         _tiny_gpt(tie_head=False, d_ff=40),
         _tiny_bert(),
-        _tiny_bert(pooler=False, sop_head=False),
+        _tiny_bert(pooler=False, pair_head=False),
     ],
 )
 def test_config_round_trips_through_json(model: GPT | BERT) -> None:

@@ -118,7 +118,7 @@ def test_bert_pretraining_runs_mlm_and_sentence_order(tmp_path) -> None:
     assert summary["step"] == 3 and 0.0 <= summary["val_sop_accuracy"] <= 1.0
     assert summary["val_loss"] > 0 and summary["unigram_entropy"] > 0
     model, _ = io.load_model(tmp_path / "model.safetensors")
-    assert isinstance(model, BERT) and model.mlm_head and model.sop_head
+    assert isinstance(model, BERT) and model.mlm_head and model.pair_head
 
 
 def test_python_docs_are_the_pydoc_topics_plus_docstrings() -> None:

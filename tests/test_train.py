@@ -492,6 +492,29 @@ def test_checkpoint_from_another_model_or_key_is_refused(tmp_path):
         train.load_checkpoint(plain, trainable=params, opt_state=opt.init(params))
 
 
+def test_load_checkpoint_reads_a_model_config_saved_with_sop_head(tmp_path):
+    import safetensors
+    import safetensors.torch
+
+    bert = BERT(vocab_size=16, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=8)
+    params, opt = bert.init(jr.key(0)), optim.sgd(0.1)
+    path = tmp_path / "ckpt.safetensors"
+    train.save_checkpoint(
+        path, trainable=params, opt_state=opt.init(params), step=3, key=jr.key(1), model=bert
+    )
+    with safetensors.safe_open(path, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in list(f.keys())}, f.metadata()
+    old = {k: v.replace('"pair_head"', '"sop_head"') for k, v in meta.items()}
+    assert old != meta  # the recorded config now uses the old name, as before the rename
+    safetensors.torch.save_file(tensors, path, metadata=old)
+    ck = train.load_checkpoint(path, trainable=params, opt_state=opt.init(params), model=bert)
+    assert ck.step == 3
+    testing.assert_trees_equal(ck.trainable, params, bitwise=True)
+    other = BERT(vocab_size=16, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=8, dropout=0.1)
+    with pytest.raises(ValueError, match="another model"):
+        train.load_checkpoint(path, trainable=params, opt_state=opt.init(params), model=other)
+
+
 def test_checkpoints_are_pruned_and_temporary_files_ignored(tmp_path):
     params, loss_fn, batch_of = _nan_setup()
     batch_ok = lambda s: {**batch_of(s), "scale": torch.tensor(1.0)}

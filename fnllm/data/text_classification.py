@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fnllm import random as jr
+from fnllm.data._jsonl import json_objects
 from fnllm.data.corpus import load_tokenizer
 from fnllm.data.pairs import pad_sequences
 
@@ -69,18 +69,9 @@ def read_labelled(
             rows = [(r[text_column], _csv_label(r[label_column])) for r in reader]
     elif suffix in (".jsonl", ".ndjson"):
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: not valid JSON: {err}") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path}:{n}: expected a JSON object per line")
-                _check_columns(path, list(obj), text_column, label_column, line=n)
-                rows.append((obj[text_column], obj[label_column]))
+        for n, obj in json_objects(path):
+            _check_columns(path, list(obj), text_column, label_column, line=n)
+            rows.append((obj[text_column], obj[label_column]))
     else:
         raise ValueError(f"read_labelled: {path} must end in .csv or .jsonl, not {suffix!r}")
     if not rows:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fnllm import nn, tree
 from fnllm import random as jr
-from fnllm.models import BERT, GPT
+from fnllm.models import BERT, GPT, _base
 from fnllm.nn import mean_pool
 
 __all__ = ["Classifier", "Pooling", "mean_pool"]
@@ -290,24 +290,12 @@ class Classifier:
             raise KeyError(f"params: expected keys ['base', 'head'], got {got}")
         if not 0 <= layer <= self.n_layer:
             raise ValueError(f"layer: {layer} is outside [0, n_layer={self.n_layer}]")
-        tokens = nn.check_ids(tokens, self.base.vocab_size, name="tokens")
-        if tokens.ndim != 2:
+        if isinstance(tokens, Tensor) and tokens.ndim != 2:
             raise ValueError(f"tokens: expected shape [B, T], got {tuple(tokens.shape)}")
-        if tokens.shape[-1] > self.base.max_len:
+        if isinstance(tokens, Tensor) and tokens.shape[-1] > self.base.max_len:
             raise ValueError(
                 f"tokens: sequence length {tokens.shape[-1]} > max_len {self.base.max_len} "
                 "(truncate the texts, e.g. data.encode_texts(max_len=...))"
             )
-        if attention_mask is not None:
-            if not isinstance(attention_mask, Tensor):
-                raise TypeError(
-                    f"attention_mask: expected a tensor, got {type(attention_mask).__name__}"
-                )
-            if attention_mask.shape != tokens.shape:
-                raise ValueError(
-                    f"attention_mask: shape {tuple(attention_mask.shape)} != tokens shape "
-                    f"{tuple(tokens.shape)}"
-                )
-        if not torch.compiler.is_compiling():
-            self.base.check_params(params["base"])
-        return tokens, attention_mask
+        # ids, mask and (eagerly) the base's tree, as the base model's own apply checks them
+        return _base.check_inputs(self.base, params["base"], tokens, attention_mask)

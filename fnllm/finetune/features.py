@@ -26,14 +26,12 @@ def extract_features(
 
     Example:
         >>> import torch
-        >>> from fnllm import random
-        >>> from fnllm.finetune import extract_features
-        >>> from fnllm.models import BERT
-        >>> bert = BERT(vocab_size=50, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=8)
+        >>> from fnllm import finetune, models, random
+        >>> bert = models.BERT(vocab_size=50, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=8)
         >>> params = bert.init(random.key(0))
         >>> batches = [{"input_ids": torch.tensor([[2, 5, 3], [2, 6, 0]]),
         ...             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}]
-        >>> extract_features(bert, params, batches, progress=False).shape
+        >>> finetune.extract_features(bert, params, batches, progress=False).shape
         torch.Size([2, 8])
 
     Args:

@@ -241,17 +241,13 @@ def attach(params: Params, adapter_leaves: Mapping[str, Tensor]) -> Params:
     """Put saved adapters onto a base tree (a new tree; ``params`` is not modified).
 
     Example:
-        >>> import torch
-        >>> from fnllm import random
+        >>> from fnllm import random, testing
         >>> from fnllm.finetune import lora
         >>> from fnllm.models import GPT
         >>> gpt = GPT(vocab_size=20, n_layer=1, n_head=2, d_model=8, max_len=8)
         >>> base = gpt.init(random.key(0))
         >>> lp = lora.init(random.key(1), base, rank=2)
-        >>> again = lora.attach(base, lora.adapters(lp))
-        >>> torch.equal(again["blocks"][0]["attn"]["qkv"]["lora_a"],
-        ...             lp["blocks"][0]["attn"]["qkv"]["lora_a"])
-        True
+        >>> testing.assert_trees_equal(lora.attach(base, lora.adapters(lp)), lp)  # lp again
 
     Args:
         params: the base model's tree (without adapters).

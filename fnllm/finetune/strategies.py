@@ -69,7 +69,7 @@ def strategy(name: str | Sequence[str], model: Any) -> Strategy:
         >>> from fnllm.finetune import Classifier, strategy
         >>> from fnllm.models import BERT
         >>> clf = Classifier(BERT(vocab_size=20, n_layer=3, n_head=2, d_model=8, d_ff=16,
-        ...                       max_len=8, mlm_head=False, sop_head=False))
+        ...                       max_len=8, mlm_head=False, pair_head=False))
         >>> strategy("last:1", clf).globs
         ('base.blocks.2', 'base.pooler', 'head')
         >>> trainable, frozen = tree.partition(clf.init(random.key(0)), strategy("head", clf))
@@ -167,7 +167,7 @@ def _heads(model: Any, base: GPT | BERT, prefix: str) -> tuple[str, ...]:
         return ("head",)
     if isinstance(base, GPT):
         return ("ln_f",) if base.tie_head else ("ln_f", "head")
-    names = (("pooler", base.pooler), ("mlm", base.mlm_head), ("sop", base.sop_head))
+    names = (("pooler", base.pooler), ("mlm", base.mlm_head), ("sop", base.pair_head))
     return tuple(n for n, present in names if present)
 
 

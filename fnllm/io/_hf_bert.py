@@ -1,7 +1,7 @@
 """BERT in `transformers` layout (private; registered in :mod:`fnllm.io.hf` as ``bert``).
 
 Query, key and value are concatenated into one ``qkv`` projection; the pooler, the MLM head
-and the sentence-order head are switched on exactly when their weights are present.
+and the sentence-pair head are switched on exactly when their weights are present.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from fnllm.io._hf_common import Table, apply_table, refuse, require
+from fnllm.io import _hf_common as common
 
 _BERT_ACTS = ("gelu", "gelu_python")  # exact erf GELU
+MODEL_TYPE = "bert"
 
 
 _BERT_IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -48,7 +49,7 @@ def table(model: Any) -> list[tuple[str, str, list[str]]]:
         rows += dense("mlm.transform", "cls.predictions.transform.dense")
         rows += dense("mlm.ln", "cls.predictions.transform.LayerNorm")
         rows.append(("mlm.bias", "copy", ["cls.predictions.bias"]))
-    if model.sop_head:
+    if model.pair_head:
         rows += dense("sop", "cls.seq_relationship")
     return rows
 
@@ -58,12 +59,11 @@ def from_hf(
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     from fnllm.models.bert import BERT
 
-    exact_gelu = "the exact GELU: " + ", ".join(_BERT_ACTS)
-    require(where, cfg, "hidden_act", "gelu", _BERT_ACTS, exact_gelu)
-    require(where, cfg, "position_embedding_type", "absolute", ("absolute",), "'absolute'")
+    common.require(where, cfg, "hidden_act", "gelu", _BERT_ACTS, "the exact GELU")
+    common.require(where, cfg, "position_embedding_type", "absolute", ("absolute",))
     for field in ("is_decoder", "add_cross_attention"):
         if cfg.get(field, False):
-            refuse(where, field, cfg[field], False)
+            common.refuse(where, field, cfg[field], False)
 
     has_prefix = any(k.startswith("bert.") for k in state)
     stripped: dict[str, torch.Tensor] = {}
@@ -98,36 +98,29 @@ def from_hf(
         )
     mlm = any(k.startswith("cls.predictions.") for k in stripped) or decoder_w is not None
     model = BERT(
-        vocab_size=cfg.get("vocab_size", 30522),
-        n_layer=cfg.get("num_hidden_layers", 12),
-        n_head=cfg.get("num_attention_heads", 12),
-        d_model=cfg.get("hidden_size", 768),
-        d_ff=cfg.get("intermediate_size", 3072),
-        max_len=cfg.get("max_position_embeddings", 512),
-        type_vocab_size=cfg.get("type_vocab_size", 2),
-        ln_eps=cfg.get("layer_norm_eps", 1e-12),
+        **common.read_fields(cfg, MODEL_TYPE),
         dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
         pooler=any(k.startswith("pooler.") for k in stripped),
         mlm_head=mlm,
-        sop_head=any(k.startswith("cls.seq_relationship.") for k in stripped),
+        pair_head=any(k.startswith("cls.seq_relationship.") for k in stripped),
     )
     prefix = "bert." if has_prefix else ""
-    params = apply_table(model, table(model), stripped, names, prefix, where)
+    params = common.apply_table(model, table(model), stripped, names, prefix, where)
     return model, params
 
 
 def default_arch(model: Any) -> str:
     """The `transformers` class a BERT exports to by default (the one holding its heads)."""
-    if model.mlm_head and model.sop_head:
+    if model.mlm_head and model.pair_head:
         return "BertForPreTraining"
     if model.mlm_head:
         return "BertForMaskedLM"
-    if model.sop_head:
+    if model.pair_head:
         return "BertForNextSentencePrediction"
     return "BertModel"
 
 
-def export(model: Any, arch: str) -> tuple[str, Table, Callable[[str], bool]]:
+def export(model: Any, arch: str) -> tuple[str, common.Table, Callable[[str], bool]]:
     """``(name prefix, table, keep(hf_name))`` for writing ``model`` as ``arch``."""
     allowed = {
         "BertModel": ("pooler",),
@@ -138,12 +131,12 @@ def export(model: Any, arch: str) -> tuple[str, Table, Callable[[str], bool]]:
     if arch not in allowed:
         raise ValueError(f"to_hf: unsupported BERT architecture {arch!r}")
     needed = {a for a in allowed[arch] if a != "pooler" or arch != "BertModel"}
-    have = {"pooler": model.pooler, "mlm": model.mlm_head, "sop": model.sop_head}
+    have = {"pooler": model.pooler, "mlm": model.mlm_head, "sop": model.pair_head}
     lacking = sorted(a for a in needed if not have[a])
     if lacking:
         raise ValueError(
             f"to_hf: {arch} needs the {', '.join(lacking)} weights, which this BERT "
-            f"(pooler={model.pooler}, mlm_head={model.mlm_head}, sop_head={model.sop_head}) "
+            f"(pooler={model.pooler}, mlm_head={model.mlm_head}, pair_head={model.pair_head}) "
             "does not have"
         )
     prefix = "" if arch == "BertModel" else "bert."
@@ -159,23 +152,14 @@ def export(model: Any, arch: str) -> tuple[str, Table, Callable[[str], bool]]:
     return prefix, rows, keep
 
 
-def config(model: Any, arch: str) -> dict[str, Any]:
-    """The `transformers` ``config.json`` contents for ``model`` as ``arch``."""
+def config(model: Any) -> dict[str, Any]:
+    """``config.json`` entries for ``model`` (``io.hf_config`` adds architecture and type)."""
     return {
-        "architectures": [arch],
-        "model_type": "bert",
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.d_model,
-        "num_hidden_layers": model.n_layer,
-        "num_attention_heads": model.n_head,
-        "intermediate_size": model.d_ff,
+        **common.write_fields(model, MODEL_TYPE),
         "hidden_act": "gelu",
-        "max_position_embeddings": model.max_len,
-        "type_vocab_size": model.type_vocab_size,
-        "layer_norm_eps": model.ln_eps,
+        "pad_token_id": 0,
         "hidden_dropout_prob": model.dropout,
         "attention_probs_dropout_prob": model.dropout,
-        "pad_token_id": 0,
         "tie_word_embeddings": True,
         "is_decoder": False,
         "add_cross_attention": False,

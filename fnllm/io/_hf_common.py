@@ -155,12 +155,47 @@ def refuse(where: str, field: str, value: Any, allowed: Any) -> None:
 
 
 def require(
-    where: str, cfg: Mapping[str, Any], field: str, default: Any, allowed: Any, what: str
+    where: str, cfg: Mapping[str, Any], field: str, default: Any, allowed: Any, what: str = ""
 ) -> None:
-    """Refuse the config unless ``cfg[field]`` (``default`` when absent) is in ``allowed``."""
+    """Refuse the config unless ``cfg[field]`` (``default`` when absent) is in ``allowed``;
+    the message lists ``allowed``, after ``what`` (``"the exact GELU"``) when given."""
     value = cfg.get(field, default)
     if value not in allowed:
-        refuse(where, field, value, what)
+        listed = f"{what}: " + ", ".join(allowed) if what else ", ".join(map(repr, allowed))
+        refuse(where, field, value, listed)
+
+
+# The config fields' names in `transformers`: fnllm field -> (GPT-2's key, BERT's key).
+CONFIG_KEYS: dict[str, tuple[str | None, str | None]] = {
+    "vocab_size": ("vocab_size", "vocab_size"),
+    "n_layer": ("n_layer", "num_hidden_layers"),
+    "n_head": ("n_head", "num_attention_heads"),
+    "d_model": ("n_embd", "hidden_size"),
+    "d_ff": ("n_inner", "intermediate_size"),
+    "max_len": ("n_positions", "max_position_embeddings"),
+    "type_vocab_size": (None, "type_vocab_size"),
+    "ln_eps": ("layer_norm_epsilon", "layer_norm_eps"),
+}
+
+
+def read_fields(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The fnllm config fields a `transformers` config of ``model_type`` sets.
+
+    A key the config lacks is left out, so the fnllm default applies: GPT's and BERT's
+    defaults are GPT-2 small's and BERT-base's, as are `transformers`' own.
+    """
+    keys = _config_keys(model_type)
+    return {ours: cfg[theirs] for ours, theirs in keys.items() if theirs in cfg}
+
+
+def write_fields(model: Any, model_type: str) -> dict[str, Any]:
+    """The `transformers` config entries for ``model``'s fields (inverse of read_fields)."""
+    return {theirs: getattr(model, ours) for ours, theirs in _config_keys(model_type).items()}
+
+
+def _config_keys(model_type: str) -> dict[str, str]:
+    column = {"gpt2": 0, "bert": 1}[model_type]
+    return {ours: keys[column] for ours, keys in CONFIG_KEYS.items() if keys[column] is not None}
 
 
 def apply_table(

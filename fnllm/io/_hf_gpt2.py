@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from fnllm.io._hf_common import Table, apply_table, refuse, require
+from fnllm.io import _hf_common as common
 
 _GPT_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
+MODEL_TYPE = "gpt2"
 
 
 _GPT2_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
@@ -46,25 +47,16 @@ def from_hf(
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     from fnllm.models.gpt import GPT
 
-    tanh_gelu = "the tanh GELU: " + ", ".join(_GPT_ACTS)
-    require(where, cfg, "activation_function", "gelu_new", _GPT_ACTS, tanh_gelu)
+    common.require(where, cfg, "activation_function", "gelu_new", _GPT_ACTS, "the tanh GELU")
     for field, ok in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
                       ("scale_attn_weights", True)):  # fmt: skip
         if bool(cfg.get(field, ok)) != ok:
-            refuse(where, field, cfg[field], ok)
+            common.refuse(where, field, cfg[field], ok)
     tie = bool(cfg.get("tie_word_embeddings", True))
-    n_embd = cfg.get("n_embd", 768)
-    model = GPT(
-        vocab_size=cfg.get("vocab_size", 50257),
-        n_layer=cfg.get("n_layer", 12),
-        n_head=cfg.get("n_head", 12),
-        d_model=n_embd,
-        max_len=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
-        d_ff=cfg.get("n_inner"),
-        tie_head=tie,
-        ln_eps=cfg.get("layer_norm_epsilon", 1e-5),
-        dropout=float(cfg.get("resid_pdrop", 0.1)),
-    )
+    fields = common.read_fields(cfg, MODEL_TYPE)
+    if "n_ctx" in cfg:
+        fields.setdefault("max_len", cfg["n_ctx"])  # older configs: n_ctx, no n_positions
+    model = GPT(**fields, tie_head=tie, dropout=float(cfg.get("resid_pdrop", 0.1)))
     stripped: dict[str, torch.Tensor] = {}
     extra_names: dict[str, str] = {}
     has_prefix = any(k.startswith("transformer.") for k in state)
@@ -77,7 +69,7 @@ def from_hf(
         stripped[name] = v
         extra_names[name] = k
     prefix = "transformer." if has_prefix else ""
-    params = apply_table(model, table(model), stripped, extra_names, prefix, where)
+    params = common.apply_table(model, table(model), stripped, extra_names, prefix, where)
     return model, params
 
 
@@ -86,29 +78,19 @@ def default_arch(model: Any) -> str:
     return "GPT2LMHeadModel"
 
 
-def export(model: Any, arch: str) -> tuple[str, Table, Callable[[str], bool]]:
+def export(model: Any, arch: str) -> tuple[str, common.Table, Callable[[str], bool]]:
     """``(name prefix, table, keep(hf_name))`` for writing ``model`` as ``arch``."""
     if arch not in ("GPT2LMHeadModel", "GPT2Model"):
         raise ValueError(f"to_hf: unsupported GPT architecture {arch!r}")
     prefix = "transformer." if arch == "GPT2LMHeadModel" else ""
-    rows = table(model)
-    keep = lambda hf: True
-    return prefix, rows, keep
+    return prefix, table(model), lambda hf: True
 
 
-def config(model: Any, arch: str) -> dict[str, Any]:
-    """The `transformers` ``config.json`` contents for ``model`` as ``arch``."""
+def config(model: Any) -> dict[str, Any]:
+    """``config.json`` entries for ``model`` (``io.hf_config`` adds architecture and type)."""
     return {
-        "architectures": [arch],
-        "model_type": "gpt2",
-        "vocab_size": model.vocab_size,
-        "n_positions": model.max_len,
-        "n_embd": model.d_model,
-        "n_layer": model.n_layer,
-        "n_head": model.n_head,
-        "n_inner": model.d_ff,
+        **common.write_fields(model, MODEL_TYPE),
         "activation_function": "gelu_new",
-        "layer_norm_epsilon": model.ln_eps,
         "resid_pdrop": model.dropout,
         "embd_pdrop": model.dropout,
         "attn_pdrop": model.dropout,

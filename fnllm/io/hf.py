@@ -13,7 +13,7 @@ registered here by model type (``_hf_gpt2``, ``_hf_bert``):
 - BERT (``BertModel``, ``BertForPreTraining``, ``BertForMaskedLM``,
   ``BertForNextSentencePrediction``; backbone names with or without ``bert.``): query, key and
   value are concatenated into one ``qkv`` projection; the pooler, the MLM head
-  (``cls.predictions.*``, decoder tied to the word embeddings) and the sentence-order head
+  (``cls.predictions.*``, decoder tied to the word embeddings) and the sentence-pair head
   (``cls.seq_relationship.*``) are switched on exactly when their weights are present.
 
 Weights are read with safetensors. ``pytorch_model.bin`` files are read only through
@@ -244,8 +244,9 @@ def hf_config(model: Any, *, architecture: str | None = None) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict.
     """
-    arch = architecture or _arch_module(model).default_arch(model)
-    return _arch_module(model).config(model, arch)
+    module = _arch_module(model)
+    arch = architecture or module.default_arch(model)
+    return {"architectures": [arch], "model_type": module.MODEL_TYPE, **module.config(model)}
 
 
 def pretrained_dir(name: str = "all-MiniLM-L6-v2") -> Path:

@@ -3,8 +3,8 @@
 The architecture is Hugging Face's ``BertModel``: word + position + token-type embeddings
 followed by a layer norm, then ``n_layer`` post-LN blocks (``ln_1(x + attn(x))``, then
 ``ln_2(x + mlp(x))`` with exact GELU), a pooler (``tanh(dense(h[:, 0]))``), an MLM head whose
-decoder is tied to the word embeddings, and a 2-way sentence-order / next-sentence head.
-Parameter paths:
+decoder is tied to the word embeddings, and a 2-way sentence-pair head on the pooled ``[CLS]``
+(``pair_head``: sentence-order or next-sentence prediction). Parameter paths:
 
     embed.tokens.weight [V, D]   embed.positions.weight [max_len, D]
     embed.token_types.weight [type_vocab_size, D]   embed.ln.{weight,bias} [D]
@@ -15,13 +15,18 @@ Parameter paths:
     pooler.{weight,bias} [D, D], [D]                          (pooler=True)
     mlm.transform.{weight,bias} [D, D], [D]  mlm.ln.{weight,bias} [D]  mlm.bias [V]
                                                               (mlm_head=True)
-    sop.{weight,bias} [2, D], [2]                             (sop_head=True)
+    sop.{weight,bias} [2, D], [2]                             (pair_head=True)
+
+The pair head's leaves keep the path ``sop`` (its first use, ALBERT's sentence-order
+prediction) although the head also serves next-sentence prediction: every checkpoint,
+optimizer state and path filter written so far names them so, and Hugging Face's
+``cls.seq_relationship`` maps to them either way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +35,10 @@ from torch import Tensor
 from fnllm import nn
 from fnllm import random as jr
 from fnllm.models import _base
+from fnllm.models._base import Params
 from fnllm.nn._layers import _embed
 
 __all__ = ["BERT", "BertOutput", "BertPretrainOutput"]
-
-Params = dict[str, Any]
 
 
 class BertOutput(NamedTuple):
@@ -74,13 +78,20 @@ class BertPretrainOutput(NamedTuple):
 
     Attributes:
         mlm_logits: ``[B, T, V]`` masked-LM logits.
-        sop_logits: ``[B, 2]`` sentence-order (or next-sentence) logits.
+        pair_logits: ``[B, 2]`` sentence-order (or next-sentence) logits; ``sop_logits`` is
+            its old name, still readable.
     """
 
     mlm_logits: Tensor
-    sop_logits: Tensor
+    pair_logits: Tensor
+
+    @property
+    def sop_logits(self) -> Tensor:
+        """The old name of :attr:`pair_logits`."""
+        return self.pair_logits
 
 
+@_base.renamed_fields(sop_head="pair_head")
 @dataclass(frozen=True)
 class BERT(_base.ModelConfig):
     """BERT configuration; ``init`` makes parameters and ``apply`` runs the encoder.
@@ -110,8 +121,10 @@ class BERT(_base.ModelConfig):
             (active only when ``apply`` gets a key).
         pooler: include the pooler (``pooler`` leaves, ``BertOutput.pooled``).
         mlm_head: include the masked-LM head (``mlm`` leaves).
-        sop_head: include the 2-way sentence-order / next-sentence head (``sop`` leaves);
-            it reads the pooled output, so it needs ``pooler=True``.
+        pair_head: include the 2-way sentence-pair head (``sop`` leaves; see the module
+            docstring) for sentence-order or next-sentence prediction; it reads the pooled
+            output, so it needs ``pooler=True``. Its old name ``sop_head`` is still accepted
+            (deprecated): ``BERT(sop_head=...)``, ``model.sop_head`` and saved configs.
     """
 
     kind: ClassVar[str] = "bert"
@@ -127,15 +140,15 @@ class BERT(_base.ModelConfig):
     dropout: float = 0.0
     pooler: bool = True
     mlm_head: bool = True
-    sop_head: bool = True
+    pair_head: bool = True
 
     def __post_init__(self) -> None:
         _base.check_config(
             self,
             ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_len", "type_vocab_size"),
         )
-        if self.sop_head and not self.pooler:
-            raise ValueError("BERT: sop_head=True needs pooler=True (it reads the pooled output)")
+        if self.pair_head and not self.pooler:
+            raise ValueError("BERT: pair_head=True needs pooler=True (it reads the pooled output)")
 
     # ------------------------------------------------------------------ parameters
 
@@ -156,7 +169,7 @@ class BERT(_base.ModelConfig):
             The parameter tree (see the module docstring for its layout).
         """
         D = self.d_model
-        k_tok, k_pos, k_type, k_blocks, k_pool, k_mlm, k_sop = jr.split(key, 7)
+        k_tok, k_pos, k_type, k_blocks, k_pool, k_mlm, k_pair = jr.split(key, 7)
         params: Params = {
             "embed": {
                 "tokens": nn.init_embedding(k_tok, self.vocab_size, D),
@@ -184,8 +197,8 @@ class BERT(_base.ModelConfig):
                 "ln": nn.init_layer_norm(key, D),
                 "bias": torch.zeros(self.vocab_size, device=key.device),
             }
-        if self.sop_head:
-            params["sop"] = nn.init_linear(k_sop, D, 2)
+        if self.pair_head:
+            params["sop"] = nn.init_linear(k_pair, D, 2)
         return params
 
     # ------------------------------------------------------------------ forward
@@ -253,14 +266,7 @@ class BERT(_base.ModelConfig):
 
         # Once per forward, shared by every block; None when nothing is padded (eager).
         mask = nn.make_attention_mask(attention_mask)
-        T = tokens.shape[-1]
-        embed = params["embed"]
-        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
-        if token_type_ids is None:
-            x = x + embed["token_types"]["weight"][0]
-        else:
-            x = x + _embed(embed["token_types"], token_type_ids)
-        x = nn.dropout(keys[-1], nn.layer_norm(embed["ln"], x, eps=self.ln_eps), drop)
+        x = self._embeddings(params["embed"], tokens, token_type_ids, keys[-1], drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
             x = self._block(block, x, mask, k, drop, impl)
@@ -306,15 +312,29 @@ class BERT(_base.ModelConfig):
         Returns:
             ``[B, T, D]`` hidden states.
         """
-        drop = self.dropout if key is not None else 0.0
         embed = params["embed"]
-        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
+        tokens = nn.check_ids(tokens, embed["tokens"]["weight"].shape[0], name="ids")
+        if token_type_ids is not None:
+            types = embed["token_types"]["weight"].shape[0]
+            token_type_ids = nn.check_ids(token_type_ids, types, name="ids")
+        drop = self.dropout if key is not None else 0.0
+        return self._embeddings(embed, tokens, token_type_ids, key, drop)
+
+    def _embeddings(
+        self,
+        embed: Params,
+        tokens: Tensor,
+        token_type_ids: Tensor | None,
+        key: Tensor | None,
+        drop: float,
+    ) -> Tensor:
+        """Word + position + token-type embeddings, layer norm, dropout (ids checked)."""
+        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
         if token_type_ids is None:
             x = x + embed["token_types"]["weight"][0]
         else:
-            x = x + nn.embedding(embed["token_types"], token_type_ids)
-        x = nn.layer_norm(embed["ln"], x, eps=self.ln_eps)
-        return nn.dropout(key, x, drop)
+            x = x + _embed(embed["token_types"], token_type_ids)
+        return nn.dropout(key, nn.layer_norm(embed["ln"], x, eps=self.ln_eps), drop)
 
     def _block(
         self,
@@ -372,7 +392,7 @@ class BERT(_base.ModelConfig):
         h = nn.layer_norm(p["ln"], h, eps=self.ln_eps)
         return F.linear(h, params["embed"]["tokens"]["weight"], p["bias"])
 
-    def sop_logits(self, params: Params, pooled: Tensor) -> Tensor:
+    def pair_logits(self, params: Params, pooled: Tensor) -> Tensor:
         """Sentence-order / next-sentence logits from the pooled output (HF ``seq_relationship``).
 
         Example:
@@ -380,7 +400,7 @@ class BERT(_base.ModelConfig):
             >>> from fnllm import random
             >>> from fnllm.models import BERT
             >>> bert = BERT(vocab_size=50, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=4)
-            >>> bert.sop_logits(bert.init(random.key(1)), torch.zeros(3, 8)).shape  # 3 pooled
+            >>> bert.pair_logits(bert.init(random.key(1)), torch.zeros(3, 8)).shape  # 3 pooled
             torch.Size([3, 2])
 
         Args:
@@ -391,8 +411,10 @@ class BERT(_base.ModelConfig):
             ``[..., 2]`` logits.
         """
         if "sop" not in params:
-            raise KeyError("params: missing sop (the model has no SOP head; sop_head=False?)")
+            raise KeyError("params: missing sop (the model has no pair head; pair_head=False?)")
         return nn.linear(params["sop"], pooled)
+
+    sop_logits = pair_logits  # the old name
 
     def pretrain_apply(
         self,
@@ -412,12 +434,12 @@ class BERT(_base.ModelConfig):
             >>> from fnllm.models import BERT
             >>> bert = BERT(vocab_size=100, n_layer=1, n_head=2, d_model=16, d_ff=32, max_len=8)
             >>> params = bert.init(random.key(0))
-            >>> mlm, sop = bert.pretrain_apply(params, torch.tensor([[2, 5, 3]]))
-            >>> mlm.shape, sop.shape
+            >>> mlm, pair = bert.pretrain_apply(params, torch.tensor([[2, 5, 3]]))
+            >>> mlm.shape, pair.shape
             (torch.Size([1, 3, 100]), torch.Size([1, 2]))
 
         Args:
-            params: the parameter tree (needs the ``mlm`` and ``sop`` heads).
+            params: the parameter tree (needs the ``mlm`` and ``sop`` (pair head) leaves).
             tokens: ids ``[B, T]`` (or ``[T]``).
             token_type_ids: segment ids like ``tokens``, or ``None``.
             attention_mask: 1/0 keep-mask like ``tokens``, or ``None``.
@@ -425,10 +447,10 @@ class BERT(_base.ModelConfig):
             impl: attention implementation.
 
         Returns:
-            A :class:`BertPretrainOutput` ``(mlm_logits [B, T, V], sop_logits [B, 2])``.
+            A :class:`BertPretrainOutput` ``(mlm_logits [B, T, V], pair_logits [B, 2])``.
         """
-        if not (self.mlm_head and self.sop_head):
-            raise ValueError("BERT.pretrain_apply needs mlm_head=True and sop_head=True")
+        if not (self.mlm_head and self.pair_head):
+            raise ValueError("BERT.pretrain_apply needs mlm_head=True and pair_head=True")
         out = self.apply(
             params,
             tokens,
@@ -437,7 +459,7 @@ class BERT(_base.ModelConfig):
             key=key,
             impl=impl,
         )
-        assert out.pooled is not None  # sop_head implies pooler
+        assert out.pooled is not None  # pair_head implies pooler
         return BertPretrainOutput(
-            self.mlm_logits(params, out.last_hidden_state), self.sop_logits(params, out.pooled)
+            self.mlm_logits(params, out.last_hidden_state), self.pair_logits(params, out.pooled)
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,11 +26,10 @@ from torch import Tensor
 from fnllm import nn
 from fnllm import random as jr
 from fnllm.models import _base
+from fnllm.models._base import Params
 from fnllm.nn._layers import _embed
 
 __all__ = ["GPT", "GPTOutput"]
-
-Params = dict[str, Any]
 
 
 class GPTOutput(NamedTuple):
@@ -201,10 +200,8 @@ class GPT(_base.ModelConfig):
 
         # Once per forward, shared by every block; None when nothing is padded (eager).
         mask = nn.make_attention_mask(attention_mask, causal=True)
-        T = tokens.shape[-1]
         embed = params["embed"]
-        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][:T]
-        x = nn.dropout(keys[-1], x, drop)
+        x = self._embeddings(embed, tokens, keys[-1], drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
             x = self._block(block, x, mask, k, drop, impl)
@@ -244,9 +241,13 @@ class GPT(_base.ModelConfig):
         Returns:
             ``[B, T, D]`` hidden states.
         """
-        drop = self.dropout if key is not None else 0.0
         embed = params["embed"]
-        x = nn.embedding(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
+        tokens = nn.check_ids(tokens, embed["tokens"]["weight"].shape[0], name="ids")
+        return self._embeddings(embed, tokens, key, self.dropout if key is not None else 0.0)
+
+    def _embeddings(self, embed: Params, tokens: Tensor, key: Tensor | None, drop: float) -> Tensor:
+        """Token + position embeddings, then dropout (ids checked)."""
+        x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
         return nn.dropout(key, x, drop)
 
     def _block(

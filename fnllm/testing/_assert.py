@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-from fnllm import tree
+from fnllm import _tree_ops, tree
 
 # Per-dtype defaults (rtol, atol), the same as ``torch.testing.assert_close``.
 _TOLERANCES = {
@@ -171,41 +171,32 @@ def assert_frozen_unchanged(
 def _walk(
     a: Any, e: Any, path: str, *, shapes: bool, leaf_check: Any, ordered: bool = False
 ) -> None:
-    where = path or "<root>"
-    if isinstance(a, dict) or isinstance(e, dict):
-        if not (isinstance(a, dict) and isinstance(e, dict)):
-            raise AssertionError(f"trees differ at {where}: {_kind(a)} vs {_kind(e)}")
-        if set(a) != set(e):
-            only_a = sorted(_join(path, k) for k in set(a) - set(e))
-            only_e = sorted(_join(path, k) for k in set(e) - set(a))
-            raise AssertionError(
-                f"trees differ at {where}: keys only in actual {only_a}, only in expected {only_e}"
-            )
-        if ordered and list(a) != list(e):
-            raise AssertionError(f"trees differ at {where}: key order {list(a)} vs {list(e)}")
-        for k in sorted(a, key=str):
-            _walk(a[k], e[k], _join(path, k), shapes=shapes, leaf_check=leaf_check, ordered=ordered)
-        return
-    if isinstance(a, (list, tuple)) or isinstance(e, (list, tuple)):
-        if type(a) is not type(e):
-            raise AssertionError(f"trees differ at {where}: {_kind(a)} vs {_kind(e)}")
-        if len(a) != len(e):
-            raise AssertionError(f"trees differ at {where}: length {len(a)} vs {len(e)}")
-        for i, (x, y) in enumerate(zip(a, e)):
-            _walk(x, y, _join(path, i), shapes=shapes, leaf_check=leaf_check, ordered=ordered)
-        return
-    both = isinstance(a, torch.Tensor) and isinstance(e, torch.Tensor)
-    if isinstance(a, torch.Tensor) != isinstance(e, torch.Tensor):
-        raise AssertionError(f"trees differ at {where}: {_kind(a)} vs {_kind(e)}")
-    if both and shapes:
-        if a.shape != e.shape:
-            raise AssertionError(
-                f"trees differ at {where}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
-            )
-        if a.dtype != e.dtype:
-            raise AssertionError(f"trees differ at {where}: dtype {a.dtype} vs {e.dtype}")
-    if leaf_check is not None:
-        leaf_check(where, a, e)
+    def leaf(where: str, x: Any, y: Any) -> None:
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            raise AssertionError(f"trees differ at {where}: {_kind(x)} vs {_kind(y)}")
+        if shapes and isinstance(x, torch.Tensor):
+            if x.shape != y.shape:
+                raise AssertionError(
+                    f"trees differ at {where}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
+                )
+            if x.dtype != y.dtype:
+                raise AssertionError(f"trees differ at {where}: dtype {x.dtype} vs {y.dtype}")
+        if leaf_check is not None:
+            leaf_check(where, x, y)
+
+    _tree_ops.walk_together(a, e, path, leaf, _trees_differ, sort_keys=True, ordered=ordered)
+
+
+def _trees_differ(what: str, where: str, a: Any, e: Any) -> NoReturn:
+    if what == "keys":
+        raise AssertionError(
+            f"trees differ at {where}: keys only in actual {a}, only in expected {e}"
+        )
+    if what == "order":
+        raise AssertionError(f"trees differ at {where}: key order {a} vs {e}")
+    if what == "length":
+        raise AssertionError(f"trees differ at {where}: length {a} vs {e}")
+    raise AssertionError(f"trees differ at {where}: {_kind(a)} vs {_kind(e)}")
 
 
 def _equal_leaf(path: str, a: Any, e: Any, *, bitwise: bool = False) -> None:
@@ -294,7 +285,3 @@ def _kind(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor{tuple(x.shape)} {x.dtype}"
     return type(x).__name__
-
-
-def _join(prefix: str, key: Any) -> str:
-    return f"{prefix}.{key}" if prefix else str(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,69 +35,53 @@ def gpt_configs(
     Returns:
         A strategy of GPT configs.
     """
-    _check_bounds(max_vocab, max_layers, max_heads, max_len)
 
-    @st.composite
-    def _draw(draw: st.DrawFn) -> GPT:
-        n_head = draw(st.integers(1, max_heads))
-        return GPT(
-            vocab_size=draw(st.integers(2, max_vocab)),
-            n_layer=draw(st.integers(1, max_layers)),
-            n_head=n_head,
-            d_model=n_head * draw(st.integers(1, 8)),
-            max_len=draw(st.integers(1, max_len)),
-            d_ff=draw(st.one_of(st.none(), st.integers(1, 32))),
-            tie_head=draw(st.booleans()),
-            dropout=draw(st.sampled_from([0.0, 0.1])),
-        )
+    def gpt_fields(draw: st.DrawFn) -> dict[str, Any]:
+        return {
+            "d_ff": draw(st.one_of(st.none(), st.integers(1, 32))),
+            "tie_head": draw(st.booleans()),
+        }
 
-    return _draw()
+    return _configs(GPT, gpt_fields, max_vocab, max_layers, max_heads, max_len)
 
 
 def bert_configs(
     *, max_vocab: int = 64, max_layers: int = 2, max_heads: int = 4, max_len: int = 16
 ) -> st.SearchStrategy[BERT]:
-    """Draw small, valid :class:`fnllm.BERT` configs (heads divide the width; SOP needs pooler).
+    """Draw small, valid :class:`fnllm.BERT` configs, as :func:`gpt_configs` does GPT's.
+
+    The pair head is drawn only with a pooler (it reads the pooled output).
 
     Example:
         >>> from hypothesis import given, settings
         >>> from fnllm import testing
         >>> @settings(max_examples=5)
-        ... @given(testing.bert_configs())
-        ... def test_sop_needs_pooler(model):
-        ...     assert model.pooler or not model.sop_head
-        >>> test_sop_needs_pooler()
+        ... @given(testing.bert_configs(max_layers=1))
+        ... def test_one_block_and_pair_head_needs_pooler(model):
+        ...     assert model.n_layer == 1 and (model.pooler or not model.pair_head)
+        >>> test_one_block_and_pair_head_needs_pooler()
 
     Args:
-        max_vocab: largest vocabulary (at least 2).
-        max_layers: most blocks.
-        max_heads: most attention heads.
-        max_len: largest ``max_len`` (number of positions).
+        max_vocab: as in :func:`gpt_configs`.
+        max_layers: as in :func:`gpt_configs`.
+        max_heads: as in :func:`gpt_configs`.
+        max_len: as in :func:`gpt_configs`.
 
     Returns:
         A strategy of BERT configs.
     """
-    _check_bounds(max_vocab, max_layers, max_heads, max_len)
 
-    @st.composite
-    def _draw(draw: st.DrawFn) -> BERT:
-        n_head = draw(st.integers(1, max_heads))
+    def bert_fields(draw: st.DrawFn) -> dict[str, Any]:
         pooler = draw(st.booleans())
-        return BERT(
-            vocab_size=draw(st.integers(2, max_vocab)),
-            n_layer=draw(st.integers(1, max_layers)),
-            n_head=n_head,
-            d_model=n_head * draw(st.integers(1, 8)),
-            d_ff=draw(st.integers(1, 32)),
-            max_len=draw(st.integers(1, max_len)),
-            type_vocab_size=draw(st.integers(1, 3)),
-            dropout=draw(st.sampled_from([0.0, 0.1])),
-            pooler=pooler,
-            mlm_head=draw(st.booleans()),
-            sop_head=pooler and draw(st.booleans()),
-        )
+        return {
+            "d_ff": draw(st.integers(1, 32)),
+            "type_vocab_size": draw(st.integers(1, 3)),
+            "pooler": pooler,
+            "mlm_head": draw(st.booleans()),
+            "pair_head": pooler and draw(st.booleans()),
+        }
 
-    return _draw()
+    return _configs(BERT, bert_fields, max_vocab, max_layers, max_heads, max_len)
 
 
 def with_params(configs: st.SearchStrategy) -> st.SearchStrategy[tuple[Any, Any]]:
@@ -267,11 +252,11 @@ def sentence_pair_args(
         >>> from hypothesis import given, settings
         >>> from fnllm import data, testing
         >>> @settings(max_examples=10)
-        ... @given(testing.sentence_pair_args())
-        ... def test_every_row_starts_with_cls(args):
-        ...     batch = data.sentence_pairs(**args)
-        ...     assert bool((batch["input_ids"][:, 0] == args["cls_id"]).all())
-        >>> test_every_row_starts_with_cls()
+        ... @given(testing.sentence_pair_args(max_batch=2))
+        ... def test_two_rows_each_starting_with_cls(args):
+        ...     ids = data.sentence_pairs(**args)["input_ids"]
+        ...     assert len(ids) <= 2 and bool((ids[:, 0] == args["cls_id"]).all())
+        >>> test_two_rows_each_starting_with_cls()
 
     Args:
         max_vocab: largest vocabulary (at least 4: pad, cls, sep and one word id).
@@ -311,7 +296,16 @@ def sentence_pair_args(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _check_bounds(max_vocab: int, max_layers: int, max_heads: int, max_len: int) -> None:
+def _configs(
+    cls: Any,
+    fields: Callable[[st.DrawFn], dict[str, Any]],
+    max_vocab: int,
+    max_layers: int,
+    max_heads: int,
+    max_len: int,
+) -> st.SearchStrategy[Any]:
+    """Configs ``cls(...)``: the sizes and dropout GPT and BERT draw alike (``d_model`` a
+    multiple of ``n_head``) plus the model's own ``fields(draw)``; the bounds are checked."""
     for name, value, low in (
         ("max_vocab", max_vocab, 2),
         ("max_layers", max_layers, 1),
@@ -320,3 +314,18 @@ def _check_bounds(max_vocab: int, max_layers: int, max_heads: int, max_len: int)
     ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"config strategy: {name} must be an int >= {low}, got {value!r}")
+
+    @st.composite
+    def _draw(draw: st.DrawFn) -> Any:
+        n_head = draw(st.integers(1, max_heads))
+        return cls(
+            vocab_size=draw(st.integers(2, max_vocab)),
+            n_layer=draw(st.integers(1, max_layers)),
+            n_head=n_head,
+            d_model=n_head * draw(st.integers(1, 8)),
+            max_len=draw(st.integers(1, max_len)),
+            dropout=draw(st.sampled_from([0.0, 0.1])),
+            **fields(draw),
+        )
+
+    return _draw()

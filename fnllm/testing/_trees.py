@@ -26,13 +26,15 @@ def keys() -> st.SearchStrategy[torch.Tensor]:
     """Draw ``fnllm.random`` keys (from any 32-bit seed; shrinks towards ``key(0)``).
 
     Example:
+        >>> import torch
         >>> from hypothesis import given, settings
         >>> from fnllm import random, testing
         >>> @settings(max_examples=5)
-        ... @given(testing.keys())
-        ... def test_split_gives_two_keys(key):
-        ...     assert random.split(key).shape == (2, 2)
-        >>> test_split_gives_two_keys()
+        ... @given(testing.keys(), testing.keys())
+        ... def test_split_is_a_function_of_the_key(a, b):
+        ...     assert random.split(a).shape == (2, 2)
+        ...     assert torch.equal(random.split(a), random.split(b)) == torch.equal(a, b)
+        >>> test_split_is_a_function_of_the_key()
 
     Returns:
         A strategy of int64 keys of shape ``(2,)``.

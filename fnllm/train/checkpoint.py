@@ -218,7 +218,7 @@ def load_checkpoint(
     info = meta.pop(_META_KEY, None)
     if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(loaded, dict):
         raise ValueError(f"{name}: not an fnllm train checkpoint (no {_META_KEY!r} metadata)")
-    saved_model = info.get("model")
+    saved_model = _current_config(info.get("model"), model)
     wanted_model = _model_config(model)
     if saved_model is not None and wanted_model is not None and saved_model != wanted_model:
         raise ValueError(
@@ -295,6 +295,18 @@ def _model_config(model: Any) -> Any:
         return None
     to_config = getattr(model, "to_config", None)
     return to_config() if callable(to_config) else repr(model)
+
+
+def _current_config(saved: Any, model: Any) -> Any:
+    """A saved model config as ``model``'s class writes it today (renamed fields read under
+    their new names), so an older checkpoint of the same model still matches."""
+    from_config = getattr(type(model), "from_config", None)
+    if not isinstance(saved, dict) or from_config is None:
+        return saved
+    try:
+        return from_config(saved).to_config()
+    except (ValueError, TypeError):
+        return saved  # another kind of model: the comparison names both
 
 
 def _restore(name: str, what: str, loaded: Any, template: Any, device: Any) -> Any:
