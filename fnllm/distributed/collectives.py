@@ -28,6 +28,7 @@ __all__ = [
     "check_same_structure",
     "init",
     "is_main",
+    "launched_world_size",
     "rank",
     "world_size",
 ]
@@ -94,6 +95,30 @@ def init(
         address = f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(backend, init_method=address, rank=0, world_size=1, timeout=wait)
     return dist.get_rank(), dist.get_world_size()
+
+
+def launched_world_size() -> int:
+    """The world size a launcher such as ``torchrun`` set for this process (``WORLD_SIZE``).
+
+    Read before any process group exists, to decide whether to run data parallel: 1 when the
+    process was started on its own.
+
+    Example:
+        >>> from fnllm import distributed
+        >>> distributed.launched_world_size()     # python script.py; under torchrun: N
+        1
+
+    Returns:
+        The number of processes, an int >= 1.
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` is set but is not an integer.
+    """
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return max(1, int(value))
+    except ValueError as err:
+        raise ValueError(f"WORLD_SIZE: expected an integer, got {value!r}") from err
 
 
 def rank(group: Any = None) -> int:
