@@ -19,19 +19,8 @@ import torch.distributed as dist
 
 from fnllm import tree
 
-__all__ = [
-    "CollectiveError",
-    "all_reduce_mean",
-    "all_reduce_sum",
-    "barrier",
-    "broadcast",
-    "check_same_structure",
-    "init",
-    "is_main",
-    "launched_world_size",
-    "rank",
-    "world_size",
-]
+# The public names are this module's functions and classes without a leading underscore (the
+# package re-exports them all; its ``__all__`` lists them).
 
 # Bucket sizes by backend. Measured with gloo on 2 CPU ranks (benchmarks/distributed.py): GPT
 # tiny's gradient (52 leaves, 20 MB) all-reduces in 0.4-0.6x the time of one call per leaf;
@@ -143,8 +132,9 @@ def world_size(group: Any = None) -> int:
 
     Example:
         >>> from fnllm import distributed
-        >>> distributed.world_size()
-        1
+        >>> global_batch = 8
+        >>> global_batch // distributed.world_size()   # rows per rank (all 8 in one process)
+        8
 
     Args:
         group: a process group (None: the default group).
@@ -160,11 +150,12 @@ def is_main(group: Any = None) -> bool:
 
     Example:
         >>> from fnllm import distributed
-        >>> distributed.is_main()
-        True
+        >>> if distributed.is_main():        # e.g. around a file write
+        ...     print("rank 0 writes")
+        rank 0 writes
 
     Args:
-        group: a process group (None: the default group).
+        group: the group whose first rank reports (None: the default group).
 
     Returns:
         Whether this is rank 0.
@@ -177,10 +168,10 @@ def barrier(group: Any = None) -> None:
 
     Example:
         >>> from fnllm import distributed
-        >>> distributed.barrier()
+        >>> distributed.barrier()     # e.g. until rank 0 has written a file the others read
 
     Args:
-        group: a process group (None: the default group).
+        group: the ranks that wait for each other (None: all of them).
 
     Returns:
         None.
