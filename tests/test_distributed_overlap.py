@@ -77,6 +77,28 @@ def _worker(rank: int, out: Path) -> None:
         torch.distributed.all_reduce = real
     io.save(out / f"trained_{rank}.safetensors", {"overlap": over, "after": after})
 
+    # bucket memory is reused only once the last step's gradients are gone
+    dp_loss = distributed.data_parallel(_loss_fn)
+    trainable, frozen = _start()
+
+    def grads_at(step: int) -> list[torch.Tensor]:
+        tr = tree.map(lambda x: x.detach().requires_grad_(), trainable)
+        loss = dp_loss(tr, frozen, distributed.shard_batch(_batch(step), rank, WORLD), None)
+        return list(torch.autograd.grad(loss, tree.leaves(tr)))
+
+    def memory(gs: list[torch.Tensor]) -> list[int]:
+        return sorted({g.untyped_storage().data_ptr() for g in gs})
+
+    grads_at(0)  # the first step learns the order
+    kept = grads_at(1)
+    copy = [g.clone() for g in kept]
+    third = grads_at(2)
+    report["kept_intact"] = all(torch.equal(a, b) for a, b in zip(kept, copy))
+    report["kept_memory_avoided"] = not set(memory(kept)) & set(memory(third))
+    before = memory(third)
+    del third
+    report["memory_reused"] = memory(grads_at(3)) == before
+
     # torch.func.grad cannot run autograd hooks: the after-backward path, same mean
     params, x = {"w": torch.ones(3), "b": torch.zeros(())}, _rows(rank)
     dp = distributed.data_parallel(lambda tr, fr, b, k: ((b @ tr["w"] + tr["b"]) ** 2).mean())
@@ -129,6 +151,13 @@ def test_buckets_start_while_backward_runs(run: Path) -> None:
         # from the second step on, the learned order puts the embedding's bucket last
         started = report["started_before_last_gradient"]
         assert len(started) == STEPS and all(n > 2 for n in started[1:]), started
+
+
+def test_bucket_memory_is_reused_only_when_no_gradient_refers_to_it(run: Path) -> None:
+    for r in range(WORLD):
+        report = json.loads((run / f"report_{r}.json").read_text())
+        assert report["kept_intact"] and report["kept_memory_avoided"]
+        assert report["memory_reused"]
 
 
 def test_func_grad_takes_the_after_backward_path(run: Path) -> None:

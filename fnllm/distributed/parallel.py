@@ -101,6 +101,7 @@ def data_parallel(
         return loss_fn
     checked: set[Any] = set()
     plans: dict[Any, _overlap.Plan] = {}
+    pools: dict[Any, list[torch.Tensor | None]] = {}  # bucket buffers by structure
     last: list[_overlap.Reducer] = []  # the previous call's, if its backward never ran
 
     def dp_loss(trainable: Any, frozen: Any, batch: Any, key: Any) -> Any:
@@ -115,7 +116,8 @@ def data_parallel(
             old.detach_hooks()
         last.clear()
         if overlap and _can_overlap(leaves):
-            last.append(_overlapped(leaves, spec, sig, plans, group, bucket_mb))
+            pool = pools.setdefault(sig, [])
+            last.append(_overlapped(leaves, spec, sig, plans, pool, group, bucket_mb))
             tr = trainable
         else:
             tr = tree.unflatten_spec(spec, list(_SyncGrads.apply(group, bucket_mb, *leaves)))
@@ -340,6 +342,7 @@ def _overlapped(
     spec: Any,
     sig: Any,
     plans: dict[Any, _overlap.Plan],
+    pool: list[torch.Tensor | None],
     group: Any,
     bucket_mb: float | None,
 ) -> _overlap.Reducer:
@@ -362,7 +365,7 @@ def _overlapped(
         names = tree.spec_paths(spec)
         return [names[i] for i in idx]
 
-    return _overlap.Reducer(plan, like, group, paths, on_order)
+    return _overlap.Reducer(plan, like, group, paths, on_order, pool)
 
 
 def _rank_default(r: int | None, group: Any) -> int:
