@@ -3,7 +3,8 @@
 :func:`data_parallel` turns a loss into one whose gradient is already the mean over ranks, so
 :func:`fnllm.train.make_step` (and anything built on ``grad``) becomes a data-parallel step with
 no change: clipping, the non-finite guard and the optimizer all see the averaged gradient, and
-every rank makes the same update. :func:`shard_data` gives each rank its slice of the global
+every rank makes the same update; its all-reduce runs during backward, bucket by bucket
+(``_overlap``). :func:`shard_data` gives each rank its slice of the global
 batch; :func:`privatize` is DP-SGD across ranks (per-example clipping on each rank, one sum
 over ranks, the noise added once).
 """
