@@ -269,3 +269,22 @@ def test_demo_under_torchrun_equals_one_process(tmp_path, capsys):
         assert b["losses"] == pytest.approx(a["losses"], rel=1e-4, abs=1e-5), a["name"]
         for k in ("val_acc", "test_acc", "val_f1", "test_f1"):
             assert b[k] == pytest.approx(a[k], abs=1e-6), (a["name"], k)
+
+
+def test_demo_under_torchrun_refuses_batches_the_ranks_do_not_divide(tmp_path, capsys, monkeypatch):
+    # WORLD_SIZE=2 without RANK: init() starts a group of one, the check uses the 2 launched
+    import torch.distributed as dist
+
+    directory, csv = _tiny_dir(tmp_path, "bert")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["demo", "--model-dir", str(directory), "--data", str(csv), "--text-column",
+            "review", "--label-column", "sentiment", "--no-progress", "--strategies", "head",
+            "--train-size", "6", "--batch-size", "3"]  # fmt: skip
+    try:
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert err.value.code == 2
+    assert "a batch of 3 examples does not divide" in capsys.readouterr().err
