@@ -68,7 +68,9 @@ def _rank_main(args: argparse.Namespace) -> None:
     say = distributed.log
     say(
         f"{world} ranks (gloo, 127.0.0.1), threads/rank {torch.get_num_threads()}, "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}, load average {_load()}, fnllm "
+        f"{'after-backward' if args.no_overlap else 'overlapped'} all-reduce, buckets "
+        f"{args.bucket_mb or distributed.collectives.BUCKET_MB['gloo']} MB"
     )
     reduce_rows = []
     for name in [names[-1]]:  # the biggest tree of the run
@@ -87,7 +89,7 @@ def _rank_main(args: argparse.Namespace) -> None:
     step_rows = []
     for name in names:
         w = WORKLOADS[name]
-        fn_step, ddp_step = _steps(w, rank, world)
+        fn_step, ddp_step = _steps(w, rank, world, args)
         fn_loss, ddp_loss = float(fn_step()[2]["loss"]), float(ddp_step())
         if abs(fn_loss - ddp_loss) > 1e-3 * max(1.0, abs(ddp_loss)):
             say(f"{name}: LOSSES DIFFER: fnllm {fn_loss:.6f} vs DDP {ddp_loss:.6f}")
@@ -105,7 +107,7 @@ def _rank_main(args: argparse.Namespace) -> None:
             header=("workload", "fnllm DP ms", "DDP ms", "ratio"),
             title=f"data-parallel train step on {world} ranks (eager)",
         )
-        print("goal: fnllm DP / DDP <= 1.0")
+        print(f"goal: fnllm DP / DDP <= 1.0 (load average at the end {_load()})")
     dist.destroy_process_group()
 
 
@@ -115,6 +117,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="ranks to start (without torchrun)")
     p.add_argument("--runs", type=int, default=0, help="timed runs per comparison")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads per rank")
+    p.add_argument(
+        "--bucket-mb", type=float, default=None, help="fnllm's bucket size (default: by backend)"
+    )
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="fnllm's after-backward all-reduce instead of the overlapped one",
+    )
     return p.parse_args(argv)
 
 
@@ -133,7 +143,9 @@ def _per_leaf_mean(g: Any) -> Any:
     return tree.map(one, g)
 
 
-def _steps(w: Any, rank: int, world: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def _steps(
+    w: Any, rank: int, world: int, args: argparse.Namespace
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
     model = w.model
     params = model.init(jr.key(0))
     tokens = jr.randint(jr.key(1), (w.batch, w.seq), 0, model.vocab_size)
@@ -143,7 +155,8 @@ def _steps(w: Any, rank: int, world: int) -> tuple[Callable[[], Any], Callable[[
         return losses.causal_lm(model.apply(tree.combine(trainable, frozen), batch), batch)
 
     opt = optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], weight_decay=WD)
-    step = train.make_step(distributed.data_parallel(loss_fn), opt, compile=False)
+    dp = distributed.data_parallel(loss_fn, bucket_mb=args.bucket_mb, overlap=not args.no_overlap)
+    step = train.make_step(dp, opt, compile=False)
     own = {"tr": tree.map(torch.clone, params)}
     own["state"] = opt.init(own["tr"])
     key = jr.key(2)
@@ -167,6 +180,13 @@ def _steps(w: Any, rank: int, world: int) -> tuple[Callable[[], Any], Callable[[
         return distributed.all_reduce_mean(loss.detach(), check=False)
 
     return fn_step, ddp_step
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover (not on every platform)
+        return "n/a"
 
 
 def _check_same(a: Any, b: Any) -> None:

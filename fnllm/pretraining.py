@@ -246,10 +246,10 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     val_texts = [texts[i] for i in sorted(order[:n_val])]
     train_texts = [texts[i] for i in sorted(order[n_val:])]
     kind = "bpe" if cfg.model == "gpt" else "wordpiece"
-    ranks = _launched_ranks()
-    if ranks > 1:  # under torchrun: data parallel over the ranks, rank 0 writes the files
-        from fnllm import distributed
+    from fnllm import distributed
 
+    ranks = distributed.launched_world_size()
+    if ranks > 1:  # under torchrun: data parallel over the ranks, rank 0 writes the files
         distributed.init()
         if not distributed.is_main():
             distributed.barrier()  # rank 0 trains and caches the tokenizer first
@@ -331,15 +331,6 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _launched_ranks() -> int:
-    """The world size ``torchrun`` set for this process (1 when started on its own)."""
-    value = os.environ.get("WORLD_SIZE", "1")
-    try:
-        return max(1, int(value))
-    except ValueError as err:
-        raise ValueError(f"WORLD_SIZE: expected an integer, got {value!r}") from err
 
 
 def _gpt_loss(model: GPT) -> Any:

@@ -225,3 +225,66 @@ def test_two_optimizers_over_a_partition_equal_each_run_on_its_half(fused):
     assert tree.paths(params) == tree.paths(want)
     for a, b in zip(tree.leaves(params), tree.leaves(want)):
         assert torch.equal(a, b)
+
+
+def test_demo_under_torchrun_equals_one_process(tmp_path, capsys):
+    """`torchrun --nproc-per-node 2 -m fnllm.cli demo` trains the finetuning rows data parallel.
+
+    Two gloo ranks, each on its half of every batch with gradients averaged, give the losses
+    and scores of one process (float tolerance); the scikit-learn probe runs on rank 0 alone;
+    only rank 0 prints and writes the files.
+    """
+    import os
+    import socket
+
+    try:
+        io.pretrained_dir("all-MiniLM-L6-v2")
+        data.load_vader()
+    except (FileNotFoundError, ImportError) as err:
+        pytest.skip(str(err))
+    names = ["features+logreg", "head", "last:1", "lora"]
+    flags = ["demo", "--quick", "--no-progress", "--strategies", ",".join(names)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "fnllm.cli", *flags, "--threads", "1", "--out", str(two)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("fnllm demo:") == 1 and "2 ranks" in proc.stdout
+    assert proc.stdout.count("wrote ") == 1
+    _check_outputs(two, names)
+    one = tmp_path / "one"
+    assert main([*flags, "--out", str(one)]) == 0
+    capsys.readouterr()
+    rows_1 = json.loads((one / "results.json").read_text())["rows"]
+    rows_2 = json.loads((two / "results.json").read_text())["rows"]
+    for a, b in zip(rows_1, rows_2, strict=True):
+        assert a["name"] == b["name"] and a["trainable"] == b["trainable"]
+        assert len(b["losses"]) == (0 if a["name"] == names[0] else 2 * b["epochs"])  # 32 / 16
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-4, abs=1e-5), a["name"]
+        for k in ("val_acc", "test_acc", "val_f1", "test_f1"):
+            assert b[k] == pytest.approx(a[k], abs=1e-6), (a["name"], k)
+
+
+def test_demo_under_torchrun_refuses_batches_the_ranks_do_not_divide(tmp_path, capsys, monkeypatch):
+    # WORLD_SIZE=2 without RANK: init() starts a group of one, the check uses the 2 launched
+    import torch.distributed as dist
+
+    directory, csv = _tiny_dir(tmp_path, "bert")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["demo", "--model-dir", str(directory), "--data", str(csv), "--text-column",
+            "review", "--label-column", "sentiment", "--no-progress", "--strategies", "head",
+            "--train-size", "6", "--batch-size", "3"]  # fmt: skip
+    try:
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert err.value.code == 2
+    assert "a batch of 3 examples does not divide" in capsys.readouterr().err

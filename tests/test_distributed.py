@@ -435,3 +435,18 @@ def _assert_close_trees(got: Any, want: Any, *, atol: float) -> None:
         if isinstance(w, torch.Tensor):
             assert g.shape == w.shape and g.dtype == w.dtype, p
             torch.testing.assert_close(g, w, atol=atol, rtol=1e-5, msg=lambda m, p=p: f"{p}: {m}")
+
+
+def test_launched_world_size_reads_torchruns_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.launched_world_size() == 1
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed.launched_world_size() == 4
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE: expected an integer, got 'two'"):
+        distributed.launched_world_size()
+
+
+def test_data_parallel_refuses_a_bucket_size_that_is_not_positive() -> None:
+    with pytest.raises(ValueError, match="data_parallel: bucket_mb must be > 0, got 0"):
+        distributed.data_parallel(_loss_fn, bucket_mb=0)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fnllm import losses, optim, train, tree
+from fnllm import distributed, losses, optim, train, tree
 from fnllm import random as jr
 from fnllm.finetune import (
     Classifier,
@@ -171,22 +171,27 @@ def run_strategy(
     if head_lr is not None:
         head_opt = optim.adamw(optim.warmup_cosine(head_lr, warmup, steps + 1), weight_decay=0.01)
         opt = per_part(_is_head, head_opt, opt)
-    result = train.fit(
-        loss_fn,
-        opt,
-        trainable,
-        frozen,
-        batch_at,
-        key=k_fit,
-        steps=steps,
-        compile=False,
-        progress=progress,
-        tokens_per_batch=lambda b: int(b["mask"].sum()),
-    )
+    if distributed.world_size() > 1:  # under torchrun: each rank trains on its rows of a batch
+        result = distributed.fit(
+            loss_fn, opt, trainable, frozen, batch_at, key=k_fit, steps=steps, progress=progress
+        )
+    else:
+        result = train.fit(
+            loss_fn,
+            opt,
+            trainable,
+            frozen,
+            batch_at,
+            key=k_fit,
+            steps=steps,
+            compile=False,
+            progress=progress,
+            tokens_per_batch=lambda b: int(b["mask"].sum()),
+        )
     trained = tree.combine(result.trainable, frozen)
-    scores = {}
+    scores = {s: (float("nan"), float("nan")) for s in ("val", "test")}
     with torch.no_grad():
-        for split in ("val", "test"):
+        for split in ("val", "test") if distributed.is_main() else ():  # only rank 0 reports
             batches = setup.batches[split]
             logits = torch.cat(
                 [

@@ -165,7 +165,7 @@ def _demo(
 ) -> int:
     import torch
 
-    from fnllm import data, io
+    from fnllm import data, distributed, io
     from fnllm import random as jr
     from fnllm.cli import _compare
     from fnllm.finetune import Classifier, strategy
@@ -173,7 +173,12 @@ def _demo(
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    progress = not args.no_progress
+    ranks = distributed.launched_world_size()
+    if ranks > 1:  # under torchrun: the finetuning rows train data parallel over the ranks
+        distributed.init()
+    main = distributed.is_main()  # rank 0 alone prints, draws and writes files
+    say = print if main else _quiet
+    progress = not args.no_progress and main
     t0 = time.perf_counter()
     model_dir = args.model_dir or io.pretrained_dir("all-MiniLM-L6-v2")
     try:
@@ -228,16 +233,24 @@ def _demo(
         batches[split] = data.length_batches(
             ids, labels[idx], batch_size, pad_id=pad_id, bucket=None
         )
+    uneven = [len(b["labels"]) for b in batches["train"] if len(b["labels"]) % ranks]
+    if uneven:
+        parser.error(
+            f"--batch-size {batch_size}, --train-size {sizes['train']}: under torchrun every "
+            f"training batch is split over the {ranks} ranks, but a batch of {uneven[0]} "
+            f"examples does not divide; pick sizes that are multiples of {ranks}"
+        )
     params = model.init(k_head, base_params=base_params)
     setup = _compare.Setup(model, params, batches)
     counts = {s: sum(len(b["labels"]) for b in bs) for s, bs in batches.items()}
-    print(
+    say(
         f"fnllm demo: {args.model_dir or 'all-MiniLM-L6-v2'} ({type(base).__name__}, "
         f"{base.n_layer} layers, "
         f"d={base.d_model}), {pooling} pooling, {torch.get_num_threads()} threads"
+        + (f", {ranks} ranks (finetuning rows data parallel)" if ranks > 1 else "")
     )
-    print(f"data: {source}; {len(texts)} texts, classes {classes}")
-    print(
+    say(f"data: {source}; {len(texts)} texts, classes {classes}")
+    say(
         f"      train {counts['train']}, val {counts['val']}, test {counts['test']} "
         f"(stratified split, key {args.seed}), at most {width} tokens ({truncated} truncated)"
     )
@@ -245,29 +258,36 @@ def _demo(
     layers = {_compare.resume_layer(setup, n, args.lora_rank) for n in names}
     _compare.frozen_pass(setup, layers, progress)
     if setup.cache:
-        print(
+        say(
             f"frozen pass: {setup.cache_seconds:.1f} s for layers {sorted(setup.cache)} "
             "(run once, reused by the rows that say so)"
         )
     rows = []
     for i, name in enumerate(names):
         if name in _compare.PROBES:
+            if not main:  # scikit-learn/XGBoost in one process: rank 0 alone fits the probe
+                continue
             rows.append(_compare.run_probe(setup, name, args.quick))
-        else:
+        else:  # under torchrun: every rank trains, on its slice of each batch
             key = jr.fold_in(k_train, i)
             n_epochs = epochs * HEAD_EPOCHS if name == "head" else epochs
             rows.append(_compare.run_strategy(setup, name, n_epochs, args.lora_rank, key, progress))
+        if not main:
+            continue
         r = rows[-1]
-        print(
+        say(
             f"  {r.name}: test acc {r.test_acc:.3f} in {r.seconds:.1f} s "
             f"(process CPU so far {time.process_time():.0f} s)",
             flush=True,
         )
+    if not main:
+        distributed.barrier()  # until rank 0 has written its files
+        return 0
     total = time.perf_counter() - t0
     table = _table(rows)
-    print()
-    print(table)
-    print(
+    say()
+    say(table)
+    say(
         f"\ntotal {total:.0f} s wall, {time.process_time():.0f} s CPU "
         f"(frozen pass {setup.cache_seconds:.0f} s)"
     )
@@ -291,7 +311,12 @@ def _demo(
         json.dumps({"rows": [r.__dict__ for r in rows], "total_seconds": total}, indent=1)
     )
     print(f"wrote {out / 'results.md'}, {out / 'results.png'}, {out / 'results.json'}")
+    distributed.barrier()
     return 0
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """``print`` on the ranks that do not report."""
 
 
 def _cells(r: Any) -> list[str]:

@@ -3,9 +3,9 @@
 Built on PyTorch's own distributed engine (process groups, ``torchrun``, DTensor,
 ``torch.distributed.checkpoint``): gloo on CPU, NCCL on GPU.
 
-- Collectives on trees: :func:`init`, :func:`rank`, :func:`world_size`, :func:`is_main`,
-  :func:`barrier`, bucketed :func:`all_reduce_mean` / :func:`all_reduce_sum`,
-  :func:`broadcast`, :func:`check_same_structure`.
+- Collectives on trees: :func:`init`, :func:`launched_world_size`, :func:`rank`,
+  :func:`world_size`, :func:`is_main`, :func:`barrier`, bucketed :func:`all_reduce_mean` /
+  :func:`all_reduce_sum`, :func:`broadcast`, :func:`check_same_structure`.
 - Data parallel: :func:`data_parallel` (a loss whose gradient is averaged over ranks, for
   :func:`fnllm.train.make_step`), :func:`shard_batch` / :func:`shard_data` (each rank's slice of
   the global batch), :func:`privatize` (DP-SGD with the noise added once).
@@ -31,6 +31,7 @@ from fnllm.distributed.collectives import (
     check_same_structure,
     init,
     is_main,
+    launched_world_size,
     rank,
     world_size,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "is_main",
     "is_sharded",
     "latest_sharded",
+    "launched_world_size",
     "load_sharded",
     "log",
     "make_mesh",

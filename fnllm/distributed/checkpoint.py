@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 
 from fnllm import tree
 from fnllm.distributed.collectives import barrier, is_main, world_size
-from fnllm.train import Checkpoint
+from fnllm.train import Checkpoint, checkpoint_path
 
 __all__ = ["latest_sharded", "load_sharded", "save_sharded", "sharded_checkpoint_path"]
 
@@ -39,7 +39,7 @@ _FORMAT = "fnllm-dcp-1"
 
 
 def sharded_checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
-    """The folder of the sharded checkpoint of step ``step`` in ``directory``.
+    """The folder for step ``step``: :func:`fnllm.train.checkpoint_path` with a ``.dcp`` suffix.
 
     Example:
         >>> from fnllm import distributed
@@ -47,13 +47,13 @@ def sharded_checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
         'step_00000007.dcp'
 
     Args:
-        directory: the checkpoint directory.
-        step: the number of steps taken.
+        directory: where the run keeps its checkpoints.
+        step: how many steps the saved state has taken.
 
     Returns:
-        ``directory/step_<N>.dcp``.
+        A ``Path``; sorted by name, a run's folders are in step order.
     """
-    return Path(directory) / f"step_{step:08d}.dcp"
+    return checkpoint_path(directory, step).with_suffix(".dcp")
 
 
 def save_sharded(

@@ -19,18 +19,8 @@ import torch.distributed as dist
 
 from fnllm import tree
 
-__all__ = [
-    "CollectiveError",
-    "all_reduce_mean",
-    "all_reduce_sum",
-    "barrier",
-    "broadcast",
-    "check_same_structure",
-    "init",
-    "is_main",
-    "rank",
-    "world_size",
-]
+# The public names are this module's functions and classes without a leading underscore (the
+# package re-exports them all; its ``__all__`` lists them).
 
 # Bucket sizes by backend. Measured with gloo on 2 CPU ranks (benchmarks/distributed.py): GPT
 # tiny's gradient (52 leaves, 20 MB) all-reduces in 0.4-0.6x the time of one call per leaf;
@@ -96,6 +86,30 @@ def init(
     return dist.get_rank(), dist.get_world_size()
 
 
+def launched_world_size() -> int:
+    """The world size a launcher such as ``torchrun`` set for this process (``WORLD_SIZE``).
+
+    Read before any process group exists, to decide whether to run data parallel: 1 when the
+    process was started on its own.
+
+    Example:
+        >>> from fnllm import distributed
+        >>> distributed.launched_world_size()     # python script.py; under torchrun: N
+        1
+
+    Returns:
+        The number of processes, an int >= 1.
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` is set but is not an integer.
+    """
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return max(1, int(value))
+    except ValueError as err:
+        raise ValueError(f"WORLD_SIZE: expected an integer, got {value!r}") from err
+
+
 def rank(group: Any = None) -> int:
     """This process's rank in ``group`` (0 when no process group was started).
 
@@ -118,8 +132,9 @@ def world_size(group: Any = None) -> int:
 
     Example:
         >>> from fnllm import distributed
-        >>> distributed.world_size()
-        1
+        >>> global_batch = 8
+        >>> global_batch // distributed.world_size()   # rows per rank (all 8 in one process)
+        8
 
     Args:
         group: a process group (None: the default group).
@@ -135,11 +150,12 @@ def is_main(group: Any = None) -> bool:
 
     Example:
         >>> from fnllm import distributed
-        >>> distributed.is_main()
-        True
+        >>> if distributed.is_main():        # e.g. around a file write
+        ...     print("rank 0 writes")
+        rank 0 writes
 
     Args:
-        group: a process group (None: the default group).
+        group: the group whose first rank reports (None: the default group).
 
     Returns:
         Whether this is rank 0.
@@ -152,10 +168,10 @@ def barrier(group: Any = None) -> None:
 
     Example:
         >>> from fnllm import distributed
-        >>> distributed.barrier()
+        >>> distributed.barrier()     # e.g. until rank 0 has written a file the others read
 
     Args:
-        group: a process group (None: the default group).
+        group: the ranks that wait for each other (None: all of them).
 
     Returns:
         None.

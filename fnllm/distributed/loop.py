@@ -142,28 +142,15 @@ def fit(
 
     def save(n: int) -> None:
         assert checkpoint_dir is not None
-        if shards:
-            save_sharded(
-                sharded_checkpoint_path(checkpoint_dir, n),
-                trainable=trainable,
-                opt_state=opt_state,
-                step=n,
-                key=key,
-                meta=meta,
-            )
+        state = {"trainable": trainable, "opt_state": opt_state, "step": n, "key": key}
+        if shards:  # every rank writes its own shards
+            save_sharded(sharded_checkpoint_path(checkpoint_dir, n), **state, meta=meta)
             if is_main():
                 _prune_sharded(checkpoint_dir, keep)
-        elif is_main():
+        elif is_main():  # whole tensors: rank 0 writes train's single file
             os.makedirs(checkpoint_dir, exist_ok=True)
-            train.save_checkpoint(
-                train.checkpoint_path(checkpoint_dir, n),
-                trainable=trainable,
-                opt_state=opt_state,
-                step=n,
-                key=key,
-                model=model,
-                meta=meta,
-            )
+            path = train.checkpoint_path(checkpoint_dir, n)
+            train.save_checkpoint(path, **state, model=model, meta=meta)
             train.prune_checkpoints(checkpoint_dir, keep)
         barrier()  # nobody runs ahead of a checkpoint that is not yet on disk
 

@@ -3,7 +3,8 @@
 :func:`data_parallel` turns a loss into one whose gradient is already the mean over ranks, so
 :func:`fnllm.train.make_step` (and anything built on ``grad``) becomes a data-parallel step with
 no change: clipping, the non-finite guard and the optimizer all see the averaged gradient, and
-every rank makes the same update. :func:`shard_data` gives each rank its slice of the global
+every rank makes the same update; its all-reduce runs during backward, bucket by bucket
+(``_overlap``). :func:`shard_data` gives each rank its slice of the global
 batch; :func:`privatize` is DP-SGD across ranks (per-example clipping on each rank, one sum
 over ranks, the noise added once).
 """
@@ -17,7 +18,9 @@ import torch
 
 from fnllm import _checks, tree
 from fnllm import grads as fgrads
+from fnllm.distributed import _overlap
 from fnllm.distributed.collectives import (
+    _bucket_mb,
     all_reduce_mean,
     all_reduce_sum,
     check_same_structure,
@@ -40,17 +43,31 @@ def data_parallel(
     *,
     bucket_mb: float | None = None,
     average_loss: bool = True,
+    overlap: bool = True,
 ) -> Callable[..., Any]:
     """Make ``loss_fn(trainable, frozen, batch, key)`` data-parallel over the ranks of ``group``.
 
     The returned loss is the same function, except that its gradient with respect to
-    ``trainable`` is averaged over the ranks (bucketed, see :func:`all_reduce_mean`) as
-    backward reaches the parameters. Pass it to :func:`fnllm.train.make_step` (eager,
-    ``compile=False``; compile ``loss_fn``'s model call instead) and each rank's step, given its
-    own slice of the global batch, makes the same update as one process on the whole batch
-    (when every rank's loss averages the same number of items, as with DDP). The first call
-    checks that all ranks pass the same ``trainable`` structure. In a single process it returns
-    ``loss_fn`` itself.
+    ``trainable`` is averaged over the ranks, in flat buckets. Pass it to
+    :func:`fnllm.train.make_step` (eager, ``compile=False``; compile ``loss_fn``'s model call
+    instead) and each rank's step, given its own slice of the global batch, makes the same
+    update as one process on the whole batch (when every rank's loss averages the same number
+    of items, as with DDP). The first call with a tree structure checks that all ranks pass the
+    same ``trainable`` structure, shapes and dtypes. In a single process it returns ``loss_fn``
+    itself.
+
+    Two paths, picked per call:
+
+    - **overlapped** (``overlap=True``, plain autograd: ``make_step``'s eager step,
+      ``loss.backward()``): a hook on each leaf copies its gradient into a bucket as soon as
+      backward has finished it, and a full bucket's ``all_reduce`` starts asynchronously
+      while backward computes the earlier layers, as DDP does. Buckets launch in the same order
+      on every rank: the reverse leaf order on the first step, then the gradients' arrival
+      order on rank 0's first backward.
+    - **after backward** (``overlap=False``, or inside ``torch.func`` transforms such as
+      ``grad``/``vmap`` for per-example gradients): one autograd node averages all gradients
+      at the end of backward. A leaf that gets a gradient on some ranks only (a loss that
+      skips a layer on one rank) needs this path; the overlapped one says so.
 
     Example:
         >>> import torch
@@ -70,22 +87,41 @@ def data_parallel(
             :func:`all_reduce_mean`).
         average_loss: report the mean loss over ranks (one scalar all-reduce), so the metrics
             and the non-finite guard agree on every rank; the gradient is unaffected.
+        overlap: overlap the all-reduce with backward where autograd allows it.
 
     Returns:
         The data-parallel loss, with the same signature.
+
+    Raises:
+        ValueError: ``bucket_mb`` <= 0. When it runs: the trees differ across ranks, or (on
+            the overlapped path) a leaf got a gradient on some ranks only.
     """
+    if bucket_mb is not None and not bucket_mb > 0:
+        raise ValueError(f"data_parallel: bucket_mb must be > 0, got {bucket_mb}")
     if world_size(group) == 1:
         return loss_fn
-    checked: list[bool] = []
+    checked: set[Any] = set()
+    plans: dict[Any, _overlap.Plan] = {}
+    pools: dict[Any, list[torch.Tensor | None]] = {}  # bucket buffers by structure
+    last: list[_overlap.Reducer] = []  # the previous call's, if its backward never ran
 
     def dp_loss(trainable: Any, frozen: Any, batch: Any, key: Any) -> Any:
         if torch.compiler.is_compiling():
             raise RuntimeError(_NO_COMPILE)
-        if not checked:
-            check_same_structure(trainable, group, who="data_parallel: trainable")
-            checked.append(True)
         leaves, spec = tree.flatten_spec(trainable)
-        tr = tree.unflatten_spec(spec, list(_SyncGrads.apply(group, bucket_mb, *leaves)))
+        sig = (spec, *(_signature(x) for x in leaves))
+        if sig not in checked:  # once per structure, not every step
+            check_same_structure(trainable, group, who="data_parallel: trainable")
+            checked.add(sig)
+        for old in last:
+            old.detach_hooks()
+        last.clear()
+        if overlap and _can_overlap(leaves):
+            pool = pools.setdefault(sig, [])
+            last.append(_overlapped(leaves, spec, sig, plans, pool, group, bucket_mb))
+            tr = trainable
+        else:
+            tr = tree.unflatten_spec(spec, list(_SyncGrads.apply(group, bucket_mb, *leaves)))
         out = loss_fn(tr, frozen, batch, key)
         loss, aux = out if isinstance(out, tuple) else (out, None)
         if average_loss:
@@ -283,6 +319,54 @@ class _SyncGrads(torch.autograd.Function):
         ]
         avg = all_reduce_mean(full, ctx.group, bucket_mb=ctx.bucket_mb, check=False)
         return (None, None, *avg)
+
+
+def _signature(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype, x.device, x.requires_grad)
+    return type(x)
+
+
+def _can_overlap(leaves: list[Any]) -> bool:
+    """Leaf tensors of plain autograd with no ``.grad`` yet (not inside ``torch.func``)."""
+    grads = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+    return (
+        torch.is_grad_enabled()
+        and bool(grads)
+        and all(x.is_leaf and x.grad is None for x in grads)
+        and not any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in grads)
+    )
+
+
+def _overlapped(
+    leaves: list[Any],
+    spec: Any,
+    sig: Any,
+    plans: dict[Any, _overlap.Plan],
+    pool: list[torch.Tensor | None],
+    group: Any,
+    bucket_mb: float | None,
+) -> _overlap.Reducer:
+    """A reducer whose hooks sit on the leaves that require grad (see ``_overlap.Reducer``)."""
+    idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
+    like = [leaves[i] for i in idx]
+    limit = int(_bucket_mb(bucket_mb, group) * 2**20)
+    meta = [_overlap.describe(x) for x in like]
+    plan = plans.get(sig)
+    if plan is None:
+        plan = plans[sig] = _overlap.make_plan(meta, None, limit, learned=False)
+    on_order = None
+    if not plan.learned:
+
+        def on_order(order: list[int]) -> None:
+            agreed = _overlap.broadcast_order(order, group)
+            plans[sig] = _overlap.make_plan(meta, agreed, limit, learned=True)
+
+    def paths() -> list[str]:
+        names = tree.spec_paths(spec)
+        return [names[i] for i in idx]
+
+    return _overlap.Reducer(plan, like, group, paths, on_order, pool)
 
 
 def _rank_default(r: int | None, group: Any) -> int:
