@@ -213,6 +213,7 @@ def _forward(
     positions = (seen + mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     causal = torch.arange(S, device=tokens.device)[None, :] <= slots[:, None]  # [T, S]
     attend = real[:, None, None, :] & causal  # [B, 1, T, S]
+    impl = "math" if T == 1 else "auto"  # one query: fused by the compiler, no flash set-up
     embed = params["embed"]
     x = nn.embedding(embed["tokens"], tokens) + nn.embedding(embed["positions"], positions)
     keys, values = [], []
@@ -223,7 +224,7 @@ def _forward(
         v_cache = write(v_cache, 2, slots, v.to(v_cache.dtype))
         keys.append(k_cache)
         values.append(v_cache)
-        y = nn.dot_product_attention(q, k_cache, v_cache, mask=attend)
+        y = nn.dot_product_attention(q, k_cache, v_cache, mask=attend, impl=impl)
         x = x + nn.linear(p["attn"]["proj"], nn.merge_heads(y))
         h = nn.mlp(p["mlp"], nn.layer_norm(p["ln_2"], x, eps=model.ln_eps), approximate="tanh")
         x = x + h

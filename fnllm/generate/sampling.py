@@ -14,9 +14,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fnllm import nn
+from fnllm import nn, tree
 from fnllm import random as jr
 from fnllm.generate.cache import KVCache, _check_gpt, _forward, _logits, init_cache
 from fnllm.models import GPT
@@ -354,10 +355,11 @@ def _generate(
         with torch.no_grad():
             x, _ = _forward(model, params, cache, tokens, mask, inplace=True)
             out[:, 0] = _choose(keys[0], _logits(model, params, x[:, -1]), *how)
+            decode_params, head = _decode_layout(model, params)
         for i in range(n):
             if i:
                 with torch.no_grad():
-                    step(model, params, cache, state, how, pad_id)
+                    step(model, decode_params, head, cache, state, how, pad_id)
             if stop_ids:
                 torch.logical_or(state.done, torch.isin(out[:, i], stop), out=state.done)
             yield i
@@ -383,6 +385,7 @@ class _State(NamedTuple):
 def _token(
     model: GPT,
     params: Params,
+    head: Tensor,
     cache: KVCache,
     state: _State,
     how: tuple[float, int | None, float | None],
@@ -398,9 +401,28 @@ def _token(
     out, step, keys, done = state
     tokens = out.index_select(1, step - 1)  # [B, 1]
     x, _ = _forward(model, params, cache, tokens, torch.ones_like(tokens), inplace=True)
-    picked = _choose(keys.index_select(0, step)[0], _logits(model, params, x[:, 0]), *how)
+    picked = _choose(keys.index_select(0, step)[0], F.linear(x[:, 0], head), *how)
     out.index_copy_(1, step, torch.where(done, pad_id, picked)[:, None])
     step.add_(1)
+
+
+def _decode_layout(model: GPT, params: Params) -> tuple[Params, Tensor]:
+    """The blocks' params with every matrix stored transposed, and the LM head likewise (CPU).
+
+    Same shapes and values, column-major memory: ``x @ W.T`` then reads ``W.T`` row by row,
+    which CPU BLAS does 2-3x faster than the row-major layout for a few rows of ``x`` (and
+    up to 1.5x for one). The copy is made once per call and read once per token; on other
+    devices the params are used as they are.
+    """
+    head = params["embed"]["tokens"]["weight"] if model.tie_head else params["head"]["weight"]
+    if head.device.type != "cpu":
+        return params, head
+
+    def transposed(w: Tensor) -> Tensor:
+        return w.t().contiguous().t() if w.ndim == 2 else w
+
+    blocks = [tree.map(transposed, block) for block in params["blocks"]]
+    return {**params, "blocks": blocks}, transposed(head)
 
 
 @functools.cache
