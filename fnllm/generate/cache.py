@@ -202,7 +202,10 @@ def _forward(
 
     Mirrors ``GPT.apply`` (pre-LN blocks, GELU-tanh MLP, final layer norm), with positions
     counted over real tokens and attention over the cache's real slots up to each query.
-    Returns the final hidden states ``[B, T, D]`` (after ``ln_f``) and the new cache.
+    Returns the final hidden states ``[B, T, D]`` (after ``ln_f``) and the new cache. With
+    ``inplace=True`` the cache's own tensors are written (``index_copy_``, ``add_``) and
+    returned: only for a cache nobody else holds (the one :func:`~fnllm.generate.sample`
+    allocates); the public functions always pass ``False``.
     """
     mask = mask.bool()
     T, S = tokens.shape[1], cache.mask.shape[1]
