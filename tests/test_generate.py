@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fnllm import generate, io
+from fnllm import generate, io, tree
 from fnllm import random as jr
 from fnllm.models import BERT, GPT
 
@@ -116,12 +116,36 @@ def test_decode_step_compiles_once_without_graph_breaks(params: dict) -> None:
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
     assert not counters["recompiles"]
-    # sample's own compiled step (decode + top-k/top-p pick) gives what the eager loop gives
+    # sample's own compiled token step (decode in place + top-k/top-p pick + output write):
+    # one graph for all steps, no breaks, the tokens of the eager loop
+    counters.clear()
     kw = dict(max_new_tokens=6, temperature=0.8, top_k=10, top_p=0.9)
     eager = generate.sample(jr.key(5), GPT_TINY, params, PROMPTS, **kw)
     assert torch.equal(
         generate.sample(jr.key(5), GPT_TINY, params, PROMPTS, **kw, compile=True), eager
     )
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    assert not counters["recompiles"]
+
+
+def test_in_place_loop_equals_the_pure_decode_step(params: dict) -> None:
+    """sample updates buffers it owns in place; a loop over the pure functions agrees."""
+    key, n = jr.key(11), 7
+    before = {k: v.clone() for k, v in tree.flatten(params).items()}
+    out = generate.sample(key, GPT_TINY, params, PROMPTS, n, temperature=0.9, top_k=20)
+    keys = jr.split(key, n)
+    tokens, mask = generate.pad_prompts(PROMPTS)
+    cache = generate.init_cache(GPT_TINY, 3, tokens.shape[1] + n - 1)
+    logits, cache = generate.prefill(GPT_TINY, params, cache, tokens, mask)
+    want = []
+    for i in range(n):
+        if i:
+            logits, cache = generate.decode_step(GPT_TINY, params, cache, want[-1])
+        want.append(generate.next_token(keys[i], logits, temperature=0.9, top_k=20))
+    assert torch.equal(out, torch.stack(want, 1))
+    after = tree.flatten(params)  # the caller's tree is untouched
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_same_key_same_tokens_and_keys_matter(params: dict) -> None:

@@ -196,38 +196,44 @@ def _decode(model: GPT, params: Params, cache: KVCache, tokens: Tensor) -> tuple
 
 
 def _forward(
-    model: GPT, params: Params, cache: KVCache, tokens: Tensor, mask: Tensor
+    model: GPT, params: Params, cache: KVCache, tokens: Tensor, mask: Tensor, inplace: bool = False
 ) -> tuple[Tensor, KVCache]:
     """GPT's blocks over ``tokens [B, T]`` written at slots ``length .. length + T - 1``.
 
     Mirrors ``GPT.apply`` (pre-LN blocks, GELU-tanh MLP, final layer norm), with positions
     counted over real tokens and attention over the cache's real slots up to each query.
-    Returns the final hidden states ``[B, T, D]`` (after ``ln_f``) and the new cache.
+    Returns the final hidden states ``[B, T, D]`` (after ``ln_f``) and the new cache. With
+    ``inplace=True`` the cache's own tensors are written (``index_copy_``, ``add_``) and
+    returned: only for a cache nobody else holds (the one :func:`~fnllm.generate.sample`
+    allocates); the public functions always pass ``False``.
     """
     mask = mask.bool()
     T, S = tokens.shape[1], cache.mask.shape[1]
     slots = cache.length + torch.arange(T, device=tokens.device)  # [T]
-    real = cache.mask.index_copy(1, slots, mask)  # [B, S]
     seen = cache.mask.sum(-1, keepdim=True)  # real tokens before this block, [B, 1]
+    write = Tensor.index_copy_ if inplace else Tensor.index_copy
+    real = write(cache.mask, 1, slots, mask)  # [B, S]
     positions = (seen + mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     causal = torch.arange(S, device=tokens.device)[None, :] <= slots[:, None]  # [T, S]
     attend = real[:, None, None, :] & causal  # [B, 1, T, S]
+    impl = "math" if T == 1 else "auto"  # one query: fused by the compiler, no flash set-up
     embed = params["embed"]
     x = nn.embedding(embed["tokens"], tokens) + nn.embedding(embed["positions"], positions)
     keys, values = [], []
     for p, k_cache, v_cache in zip(params["blocks"], cache.keys, cache.values):
         h = nn.layer_norm(p["ln_1"], x, eps=model.ln_eps)
         q, k, v = nn.attention_qkv(p["attn"], h, n_head=model.n_head)
-        k_cache = k_cache.index_copy(2, slots, k.to(k_cache.dtype))
-        v_cache = v_cache.index_copy(2, slots, v.to(v_cache.dtype))
+        k_cache = write(k_cache, 2, slots, k.to(k_cache.dtype))
+        v_cache = write(v_cache, 2, slots, v.to(v_cache.dtype))
         keys.append(k_cache)
         values.append(v_cache)
-        y = nn.dot_product_attention(q, k_cache, v_cache, mask=attend)
+        y = nn.dot_product_attention(q, k_cache, v_cache, mask=attend, impl=impl)
         x = x + nn.linear(p["attn"]["proj"], nn.merge_heads(y))
         h = nn.mlp(p["mlp"], nn.layer_norm(p["ln_2"], x, eps=model.ln_eps), approximate="tanh")
         x = x + h
     x = nn.layer_norm(params["ln_f"], x, eps=model.ln_eps)
-    return x, KVCache(tuple(keys), tuple(values), real, cache.length + T)
+    length = cache.length.add_(T) if inplace else cache.length + T
+    return x, KVCache(tuple(keys), tuple(values), real, length)
 
 
 def _logits(model: GPT, params: Params, x: Tensor) -> Tensor:
