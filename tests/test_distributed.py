@@ -174,7 +174,7 @@ def _dying_worker(rank: int, out: Path) -> None:
     try:
         distributed.fit(
             _loss_fn, opt, trainable, frozen, data, key=random.key(1), steps=6,
-            checkpoint_dir=out / "ck", checkpoint_every=2, progress=False,
+            checkpoint=train.Checkpointing(out / "ck", every=2), progress=False,
         )  # fmt: skip
         msg = "no error"
     except distributed.CollectiveError as e:
@@ -450,3 +450,58 @@ def test_launched_world_size_reads_torchruns_environment(monkeypatch: pytest.Mon
 def test_data_parallel_refuses_a_bucket_size_that_is_not_positive() -> None:
     with pytest.raises(ValueError, match="data_parallel: bucket_mb must be > 0, got 0"):
         distributed.data_parallel(_loss_fn, bucket_mb=0)
+
+
+def test_fit_takes_train_checkpointing_and_the_old_keywords_alike(tmp_path: Path) -> None:
+    """``checkpoint=train.Checkpointing(...)`` saves and prunes as the older keywords do, and a
+    run started with one spelling resumes with the other and ends where one run ends."""
+    trainable, frozen, opt = _start()
+    common = {"key": random.key(1), "progress": False}
+    new = distributed.fit(
+        _loss_fn, opt, trainable, frozen, _global_batch, steps=4,
+        checkpoint=train.Checkpointing(tmp_path / "ck", every=2, keep=1), **common,
+    )  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_00000004.safetensors"]
+    resumed = distributed.fit(
+        _loss_fn, opt, trainable, frozen, _global_batch, steps=6,
+        checkpoint_dir=tmp_path / "ck", checkpoint_every=2, keep=1, **common,
+    )  # fmt: skip
+    assert [h["step"] for h in new.history] == [1, 2, 3, 4]
+    assert [h["step"] for h in resumed.history] == [5, 6]
+    assert train.latest_checkpoint(tmp_path / "ck").name == "step_00000006.safetensors"
+    whole = distributed.fit(_loss_fn, opt, trainable, frozen, _global_batch, steps=6, **common)
+    _assert_close_trees(resumed.trainable, whole.trainable, atol=0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"checkpoint": "a", "checkpoint_dir": "b"}, ValueError, "either checkpoint= or"),
+        ({"checkpoint_every": 2}, ValueError, "checkpoint_every=2 has no effect"),
+        ({"checkpoint_dir": "a", "keep": 0}, ValueError, "keep"),
+        ({"checkpointdir": "a"}, TypeError, r"unexpected keyword arguments \['checkpointdir'\]"),
+        ({"meta": {"seed": 0}}, ValueError, "meta is stored only in checkpoints"),
+        ({"steps": -1}, ValueError, "steps must be an int >= 0, got -1"),
+        ({"resume": "yes"}, TypeError, "resume must be a bool"),
+        ({"key": 0}, TypeError, "key must be a fnllm.random key tensor"),
+    ],
+)
+def test_fit_checks_its_arguments_as_train_fit_does(
+    tmp_path: Path, kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    trainable, frozen, opt = _start()
+    args = {"key": random.key(1), "steps": 2, "progress": False, **kwargs}
+    with pytest.raises(error, match=match):
+        distributed.fit(_loss_fn, opt, trainable, frozen, _global_batch, **args)
+
+
+def test_fit_refuses_to_overwrite_checkpoints(tmp_path: Path) -> None:
+    trainable, frozen, opt = _start()
+    ck = train.Checkpointing(tmp_path / "ck", overwrite=True)
+    with pytest.raises(ValueError, match=r"Checkpointing\(overwrite=True\) is for train.fit"):
+        distributed.fit(
+            _loss_fn, opt, trainable, frozen, _global_batch, key=random.key(1), steps=2,
+            checkpoint=ck, resume=False, progress=False,
+        )  # fmt: skip
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        distributed.fit(None, opt, trainable, frozen, _global_batch, key=random.key(1), steps=2)

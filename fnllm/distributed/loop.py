@@ -32,6 +32,7 @@ from fnllm.distributed.checkpoint import (
 from fnllm.distributed.collectives import barrier, broadcast, is_main
 from fnllm.distributed.parallel import data_parallel, shard_data
 from fnllm.distributed.sharding import is_sharded, sharded
+from fnllm.train import _run  # fit's argument checks and checkpoint options, shared
 
 __all__ = ["fit", "log"]
 
@@ -47,13 +48,12 @@ def fit(
     steps: int,
     opt_state: Any = None,
     clip: float | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
-    keep: int = 2,
+    checkpoint: train.Checkpointing | str | os.PathLike | None = None,
     resume: bool = True,
     model: Any = None,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    **legacy: Any,
 ) -> train.FitResult:
     """Train on every rank of the default process group, each on its slice of ``data(step)``.
 
@@ -87,14 +87,16 @@ def fit(
         steps: the total number of steps to reach.
         opt_state: the initial optimizer state (default ``optimizer.init(trainable)``).
         clip: clip the global gradient norm (over all ranks' averaged gradient).
-        checkpoint_dir: where to save and resume checkpoints (the same path on every rank: a
-            shared file system across hosts).
-        checkpoint_every: save every this many steps (0: only at the end).
-        keep: how many of the newest checkpoints to keep.
-        resume: resume from the newest checkpoint in ``checkpoint_dir``.
+        checkpoint: a :class:`fnllm.train.Checkpointing` (directory, every, keep) or just a
+            directory, as for :func:`fnllm.train.fit`; the same path on every rank (a shared
+            file system across hosts). ``overwrite=True`` is refused: with ``resume=False``
+            the run writes its checkpoints beside those already in the folder.
+        resume: resume from the newest checkpoint in the folder.
         model: the model config, recorded in (replicated) checkpoints.
-        meta: extra JSON metadata stored in checkpoints.
+        meta: extra JSON metadata stored in checkpoints (needs ``checkpoint``).
         progress: show a progress bar (on rank 0 only).
+        **legacy: ``checkpoint_dir``, ``checkpoint_every``, ``keep`` (the older spelling of
+            ``checkpoint``).
 
     Returns:
         A :class:`fnllm.train.FitResult`; ``history`` holds the mean loss over ranks.
@@ -104,13 +106,17 @@ def fit(
             differ across ranks, a checkpoint that does not match.
         CollectiveError: another rank died or timed out.
     """
-    for name, value in (("steps", steps), ("checkpoint_every", checkpoint_every)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"fit: {name} must be an int >= 0, got {value!r}")
-    if keep < 1:
-        raise ValueError(f"fit: keep must be >= 1, got {keep}")
-    if not isinstance(key, torch.Tensor):
-        raise TypeError(f"fit: key must be a fnllm.random key tensor, got {type(key).__name__}")
+    ckpt = _run.checkpointing(checkpoint, legacy)
+    _run.check_args(
+        loss_fn=loss_fn, optimizer=optimizer, key=key, steps=steps, eval_fn=None, eval_every=0,
+        ckpt=ckpt, resume=resume, meta=meta, on_nonfinite="skip", progress=progress,
+        tokens_per_batch=None, donate=False, compile=False,
+    )  # fmt: skip
+    if ckpt is not None and ckpt.overwrite:
+        raise ValueError(
+            "fit: distributed.fit does not delete checkpoints: Checkpointing(overwrite=True) "
+            "is for train.fit; clear the folder first or use another one"
+        )
     local_data = shard_data(data)
     shards = is_sharded(trainable)
     wrapped = sharded(loss_fn) if shards else data_parallel(loss_fn)
@@ -123,12 +129,12 @@ def fit(
         opt_state = broadcast(opt_state)
 
     start = 0
-    if checkpoint_dir is not None and resume:
+    if ckpt is not None and resume:
         if shards:
-            found = latest_sharded(checkpoint_dir)
+            found = latest_sharded(ckpt.directory)
             ck = found and load_sharded(found, trainable=trainable, opt_state=opt_state)
         else:
-            found = train.latest_checkpoint(checkpoint_dir)
+            found = train.latest_checkpoint(ckpt.directory)
             ck = found and train.load_checkpoint(
                 found, trainable=trainable, opt_state=opt_state, model=model
             )
@@ -136,22 +142,22 @@ def fit(
             if not torch.equal(torch.as_tensor(ck.key).to(key.device), key):
                 raise ValueError(
                     f"fit: {found} was written by a run with another key; start a new "
-                    "checkpoint_dir"
+                    "checkpoint folder"
                 )
             trainable, opt_state, start = ck.trainable, ck.opt_state, ck.step
 
     def save(n: int) -> None:
-        assert checkpoint_dir is not None
+        assert ckpt is not None
         state = {"trainable": trainable, "opt_state": opt_state, "step": n, "key": key}
         if shards:  # every rank writes its own shards
-            save_sharded(sharded_checkpoint_path(checkpoint_dir, n), **state, meta=meta)
+            save_sharded(sharded_checkpoint_path(ckpt.directory, n), **state, meta=meta)
             if is_main():
-                _prune_sharded(checkpoint_dir, keep)
+                _prune_sharded(ckpt.directory, ckpt.keep)
         elif is_main():  # whole tensors: rank 0 writes train's single file
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            path = train.checkpoint_path(checkpoint_dir, n)
+            os.makedirs(ckpt.directory, exist_ok=True)
+            path = train.checkpoint_path(ckpt.directory, n)
             train.save_checkpoint(path, **state, model=model, meta=meta)
-            train.prune_checkpoints(checkpoint_dir, keep)
+            train.prune_checkpoints(ckpt.directory, ckpt.keep)
         barrier()  # nobody runs ahead of a checkpoint that is not yet on disk
 
     history: list[dict[str, Any]] = []
@@ -181,10 +187,9 @@ def fit(
             done = s + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if checkpoint_dir is not None and checkpoint_every and done % checkpoint_every == 0:
+            if ckpt is not None and ckpt.every and done % ckpt.every == 0:
                 save(done)
-        last_saved = checkpoint_every and done % checkpoint_every == 0
-        if checkpoint_dir is not None and done > start and not last_saved:
+        if ckpt is not None and done > start and not (ckpt.every and done % ckpt.every == 0):
             save(done)
     finally:
         bar.close()

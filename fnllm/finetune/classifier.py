@@ -202,24 +202,8 @@ class Classifier:
     ) -> Tensor:
         """Finish a forward from ``hidden = prefix(params, tokens, layer)``: logits ``[B, C]``.
 
-        Example:
-            >>> import torch
-            >>> from fnllm import random
-            >>> from fnllm.finetune import Classifier
-            >>> from fnllm.models import GPT
-            >>> clf = Classifier(GPT(vocab_size=50, n_layer=2, n_head=2, d_model=8, max_len=8),
-            ...                  pooling="mean")
-            >>> params = clf.init(random.key(0))
-            >>> h = clf.prefix(params, torch.tensor([[4, 5, 6]]), 2)
-            >>> clf.apply_from(params, h, 2).shape
-            torch.Size([1, 2])
-
-        Args:
-            params: the classifier's tree.
-            hidden: ``[B, T, D]`` hidden states entering block ``layer``.
-            layer: the block to resume at.
-            attention_mask: the ``[B, T]`` keep-mask used for the prefix, or ``None``.
-            key: a ``fnllm.random`` key for dropout; ``None`` = eval.
+        The head applied to :meth:`features`, which takes the same arguments and whose example
+        shows both.
 
         Returns:
             ``[B, n_classes]`` logits.
@@ -240,19 +224,24 @@ class Classifier:
             >>> import torch
             >>> from fnllm import random
             >>> from fnllm.finetune import Classifier
-            >>> from fnllm.models import BERT
-            >>> clf = Classifier(BERT(vocab_size=50, n_layer=1, n_head=2, d_model=8, d_ff=16,
-            ...                       max_len=8), pooling="mean")
+            >>> from fnllm.models import GPT
+            >>> clf = Classifier(GPT(vocab_size=50, n_layer=2, n_head=2, d_model=8, max_len=8),
+            ...                  pooling="mean")
             >>> params = clf.init(random.key(0))
-            >>> h = clf.prefix(params, torch.tensor([[2, 5, 3]]), 0)
-            >>> clf.features(params, h, 0).shape
-            torch.Size([1, 8])
+            >>> h = clf.prefix(params, torch.tensor([[4, 5, 6]]), 1)   # after block 0
+            >>> feats = clf.features(params, h, 1)
+            >>> logits = clf.apply_from(params, h, 1)
+            >>> feats.shape, logits.shape
+            (torch.Size([1, 8]), torch.Size([1, 2]))
+            >>> head = params["head"]
+            >>> torch.allclose(logits, feats @ head["weight"].T + head["bias"])
+            True
 
         Args:
             params: the classifier's tree.
             hidden: ``[B, T, D]`` hidden states entering block ``layer``.
             layer: the block to resume at (``n_layer``: pool ``hidden`` directly).
-            attention_mask: ``[B, T]`` keep-mask or ``None``.
+            attention_mask: the ``[B, T]`` keep-mask used for the prefix, or ``None``.
             key: a ``fnllm.random`` key for dropout; ``None`` = eval.
 
         Returns:

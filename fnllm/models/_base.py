@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -58,6 +58,16 @@ def block_keys(key: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor
         return None, None, None
     k_attn, k_res1, k_res2 = jr.split(key, 3)
     return k_attn, k_res1, k_res2
+
+
+class Forward(NamedTuple):
+    """What every block of one forward shares: the attention mask, made once by
+    :func:`fnllm.nn.make_attention_mask` (``None``: no padding), the dropout rate in effect
+    and the attention implementation."""
+
+    mask: Tensor | None
+    drop: float
+    impl: nn.Impl
 
 
 def batched(*xs: Tensor | None) -> list[Tensor | None]:
@@ -266,6 +276,11 @@ class ModelConfig:
     _causal: ClassVar[bool] = False
     _renamed: ClassVar[dict[str, str]] = {}  # old field name -> new (see renamed_fields)
 
+    def _block(self, p: Params, x: Tensor, key: Tensor | None, fwd: Forward) -> Tensor:
+        """One block on hidden states ``x`` (each model defines it; ``apply`` and
+        :meth:`apply_blocks` run them in turn); ``key`` draws its dropout."""
+        raise NotImplementedError
+
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """The expected ``{path: shape}`` of every parameter leaf.
 
@@ -377,11 +392,11 @@ class ModelConfig:
         stop = self.n_layer if stop is None else stop
         if not 0 <= start <= stop <= self.n_layer:
             raise ValueError(f"apply_blocks: need 0 <= start {start} <= stop {stop} <= n_layer")
-        mask = nn.make_attention_mask(attention_mask, causal=self._causal)
         drop = self.dropout if key is not None else 0.0
+        fwd = Forward(nn.make_attention_mask(attention_mask, causal=self._causal), drop, impl)
         keys: list[Tensor | None] = [None] * (stop - start)
         if drop > 0.0 and stop > start:
             keys = list(jr.split(key, stop - start))
         for block, k in zip(params["blocks"][start:stop], keys):
-            x = self._block(block, x, mask, k, drop, impl)
+            x = self._block(block, x, k, fwd)
         return x

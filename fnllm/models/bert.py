@@ -264,12 +264,12 @@ class BERT(_base.ModelConfig):
             )
         drop, keys = _base.dropout_keys(self, key)
 
-        # Once per forward, shared by every block; None when nothing is padded (eager).
-        mask = nn.make_attention_mask(attention_mask)
+        # The mask is made once per forward for every block; None when nothing is padded (eager).
+        fwd = _base.Forward(nn.make_attention_mask(attention_mask), drop, impl)
         x = self._embeddings(params["embed"], tokens, token_type_ids, keys[-1], drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
-            x = self._block(block, x, mask, k, drop, impl)
+            x = self._block(block, x, k, fwd)
             hidden.append(x)
 
         pooled = None
@@ -336,28 +336,18 @@ class BERT(_base.ModelConfig):
             x = x + _embed(embed["token_types"], token_type_ids)
         return nn.dropout(key, nn.layer_norm(embed["ln"], x, eps=self.ln_eps), drop)
 
-    def _block(
-        self,
-        p: Params,
-        x: Tensor,
-        mask: Tensor | None,
-        key: Tensor | None,
-        drop: float,
-        impl: nn.Impl,
-    ) -> Tensor:
-        """One post-LN block: ``ln_1(x + attn(x))``, then ``ln_2(x + mlp(x))``.
-
-        ``mask`` comes from :func:`fnllm.nn.make_attention_mask`, or is ``None`` (no padding).
-        """
+    def _block(self, p: Params, x: Tensor, key: Tensor | None, fwd: _base.Forward) -> Tensor:
+        """One post-LN block: ``ln_1(x + attn(x))``, then ``ln_2(x + mlp(x))``."""
+        drop = fwd.drop
         k_attn, k_res1, k_res2 = _base.block_keys(key)
         h = nn.attention(
             p["attn"],
             x,
             n_head=self.n_head,
-            mask=mask,
+            mask=fwd.mask,
             key=k_attn,
             dropout=drop,
-            impl=impl,
+            impl=fwd.impl,
         )
         x = nn.layer_norm(p["ln_1"], x + nn.dropout(k_res1, h, drop), eps=self.ln_eps)
         h = nn.dropout(k_res2, nn.mlp(p["mlp"], x), drop)

@@ -198,13 +198,13 @@ class GPT(_base.ModelConfig):
             tokens, attention_mask = _base.batched(tokens, attention_mask)
         drop, keys = _base.dropout_keys(self, key)
 
-        # Once per forward, shared by every block; None when nothing is padded (eager).
-        mask = nn.make_attention_mask(attention_mask, causal=True)
+        # The mask is made once per forward for every block; None when nothing is padded (eager).
+        fwd = _base.Forward(nn.make_attention_mask(attention_mask, causal=True), drop, impl)
         embed = params["embed"]
         x = self._embeddings(embed, tokens, keys[-1], drop)
         hidden = [x]
         for block, k in zip(params["blocks"], keys):
-            x = self._block(block, x, mask, k, drop, impl)
+            x = self._block(block, x, k, fwd)
             hidden.append(x)
         x = nn.layer_norm(params["ln_f"], x, eps=self.ln_eps)
         head = embed["tokens"]["weight"] if self.tie_head else params["head"]["weight"]
@@ -250,20 +250,13 @@ class GPT(_base.ModelConfig):
         x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
         return nn.dropout(key, x, drop)
 
-    def _block(
-        self,
-        p: Params,
-        x: Tensor,
-        mask: Tensor | None,
-        key: Tensor | None,
-        drop: float,
-        impl: nn.Impl,
-    ) -> Tensor:
+    def _block(self, p: Params, x: Tensor, key: Tensor | None, fwd: _base.Forward) -> Tensor:
         """One pre-LN block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``.
 
-        ``mask`` comes from :func:`fnllm.nn.make_attention_mask` (causal folded in), or is
-        ``None`` for plain causal attention.
+        ``fwd.mask`` has the causal triangle folded in, or is ``None`` for plain causal
+        attention.
         """
+        mask, drop = fwd.mask, fwd.drop
         k_attn, k_res1, k_res2 = _base.block_keys(key)
         h = nn.layer_norm(p["ln_1"], x, eps=self.ln_eps)
         h = nn.attention(
@@ -274,7 +267,7 @@ class GPT(_base.ModelConfig):
             mask=mask,
             key=k_attn,
             dropout=drop,
-            impl=impl,
+            impl=fwd.impl,
         )
         x = x + nn.dropout(k_res1, h, drop)
         h = nn.mlp(p["mlp"], nn.layer_norm(p["ln_2"], x, eps=self.ln_eps), approximate="tanh")
