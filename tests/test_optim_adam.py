@@ -211,3 +211,19 @@ def test_empty_tree_counts_the_step():
     t = optim.scale_by_adam()
     updates, state = t.update({}, t.init({}))
     assert updates == {} and int(state["count"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: optim.adamw(1e-3, b1=1.5), "optim.adamw: b1 must be in [0, 1)"),
+        (lambda: optim.adamw(1e-3, weight_decay=-1.0), "optim.adamw: weight_decay"),
+        (lambda: optim.adamw(float("nan")), "optim.adamw: lr"),
+        (lambda: optim.adam(1e-3, b2=1.0), "optim.adam: b2 must be in [0, 1)"),
+        (lambda: optim.adam(-1.0), "optim.adam: lr"),
+    ],
+)
+def test_adam_and_adamw_argument_errors_name_the_function_called(make, message):
+    with pytest.raises(ValueError) as err:
+        make()
+    assert str(err.value).startswith(message)

@@ -174,12 +174,14 @@ def adamw(
     Raises:
         ValueError: a hyper-parameter is out of range.
     """
+    where = "optim.adamw"  # checked under the name called, before the parts check again
+    hyper, lr = _hyperparams(where, b1, b2, eps, weight_decay), _helpers.check_lr(where, lr)
     definition = chain(
         scale_by_adam(b1, b2, eps),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(lr),
     )
-    return _one_pass("optim.adamw", definition, lr, b1, b2, eps, weight_decay, mask)
+    return _one_pass(where, definition, lr, hyper, mask)
 
 
 def adam(
@@ -207,8 +209,10 @@ def adam(
     Returns:
         The transformation; its state is that of :func:`adamw`.
     """
+    where = "optim.adam"
+    hyper, lr = _hyperparams(where, b1, b2, eps), _helpers.check_lr(where, lr)
     definition = chain(scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr))
-    return _one_pass("optim.adam", definition, lr, b1, b2, eps, 0.0, None)
+    return _one_pass(where, definition, lr, hyper, None)
 
 
 # ----------------------------------------------------------------------------- implementation
@@ -218,28 +222,24 @@ def _one_pass(
     where: str,
     definition: GradientTransformation,
     lr: ScalarOrSchedule,
-    b1: float,
-    b2: float,
-    eps: float,
-    weight_decay: float,
+    hyper: _AdamHyperparams,
     mask: Mask,
 ) -> GradientTransformation:
     """``definition``, a chain ``scale_by_adam [-> add_decayed_weights] -> scale_by_learning_rate``
-    whose parts have checked these arguments, computed in one pass.
+    (arguments checked by the caller under its own name, then by the parts), in one pass.
 
     Its state is the first part's: the decay and a float learning rate keep none, and a
     schedule's count is the Adam count.
     """
-    lr = _helpers.check_lr(where, lr)
-    hyper = _AdamHyperparams(float(b1), float(b2), float(eps), float(weight_decay))
     wd = hyper.wd
     resolve = _helpers.make_mask(where, mask)
 
     def init(params: Tree) -> dict[str, Any]:
-        state = definition.init(params)[0]
+        state = definition.init(params)[0]  # the first part's; the others keep none
         leaves, spec = _helpers.flatten(params)
         if wd > 0.0 and leaves:
-            resolve(params, spec, leaves)  # resolve the mask now, eagerly (see make_mask)
+            # Resolve this closure's mask now, eagerly: a compiled update reuses it (make_mask).
+            resolve(params, spec, leaves)
         return state
 
     def prepare(grads: Tree, state: Any, params: Tree | None, need_params: bool) -> _Step:
@@ -289,12 +289,15 @@ class _AdamHyperparams(NamedTuple):
     wd: float
 
 
-def _hyperparams(where: str, b1: float, b2: float, eps: float) -> _AdamHyperparams:
+def _hyperparams(
+    where: str, b1: float, b2: float, eps: float, weight_decay: float = 0.0
+) -> _AdamHyperparams:
     for name, beta in (("b1", b1), ("b2", b2)):
         if not 0.0 <= _checks.check_number(f"{where}: {name}", beta) < 1.0:
             raise ValueError(f"{where}: {name} must be in [0, 1), got {beta}")
     eps = _checks.check_number(f"{where}: eps", eps, nonnegative=True)
-    return _AdamHyperparams(float(b1), float(b2), eps, 0.0)
+    wd = _checks.check_number(f"{where}: weight_decay", weight_decay, nonnegative=True)
+    return _AdamHyperparams(float(b1), float(b2), float(eps), float(wd))
 
 
 class _Step:
