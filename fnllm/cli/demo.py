@@ -403,6 +403,8 @@ def _write_plot(path: Path, rows: list[Any]) -> None:
             fontsize=8,
         )
     left.set_xscale("log")
+    low, high = left.get_xlim()
+    left.set_xlim(low, high * 4)  # room for the rightmost point's label
     left.set_xlabel("trainable parameters (log)")
     left.set_ylabel("test accuracy")
     left.set_title("accuracy vs trainable parameters")
