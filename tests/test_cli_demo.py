@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from _tiny import tiny_bert, tiny_gpt
 
 from fnllm import data, io
 from fnllm import random as jr
 from fnllm.cli import main
 from fnllm.cli.demo import DEFAULT_STRATEGIES
-from fnllm.models import BERT, GPT
 
 COLUMNS = [
     "strategy",
@@ -82,18 +82,9 @@ def _tiny_dir(tmp_path, kind: str):
     tok = data.train_tokenizer(texts, "wordpiece" if kind == "bert" else "bpe", vocab_size=300)
     vocab = tok.get_vocab_size()
     if kind == "bert":
-        model = BERT(
-            vocab_size=vocab,
-            n_layer=2,
-            n_head=2,
-            d_model=16,
-            d_ff=32,
-            max_len=32,
-            mlm_head=False,
-            pair_head=False,
-        )
+        model = tiny_bert(vocab_size=vocab, max_len=32, mlm_head=False, pair_head=False)
     else:
-        model = GPT(vocab_size=vocab, n_layer=2, n_head=2, d_model=16, max_len=32)
+        model = tiny_gpt(vocab_size=vocab, max_len=32)
     directory = tmp_path / kind
     io.to_hf(model, model.init(jr.key(0)), directory)
     tok.save(str(directory / "tokenizer.json"))

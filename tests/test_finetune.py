@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny import tiny_bert, tiny_gpt
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
@@ -15,20 +16,11 @@ from fnllm.models import BERT, GPT
 
 
 def _gpt(n_layer: int = 3, tie_head: bool = True) -> GPT:
-    return GPT(vocab_size=40, n_layer=n_layer, n_head=2, d_model=16, max_len=16, tie_head=tie_head)
+    return tiny_gpt(n_layer=n_layer, tie_head=tie_head)
 
 
 def _bert(n_layer: int = 3, heads: bool = True) -> BERT:
-    return BERT(
-        vocab_size=40,
-        n_layer=n_layer,
-        n_head=2,
-        d_model=16,
-        d_ff=32,
-        max_len=16,
-        mlm_head=heads,
-        pair_head=heads,
-    )
+    return tiny_bert(n_layer=n_layer, mlm_head=heads, pair_head=heads)
 
 
 def _selected(model, params, name) -> set[str]:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _tiny import tiny_bert, tiny_gpt
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,20 +17,11 @@ from fnllm.models import BERT, GPT
 
 
 def _bert() -> BERT:
-    return BERT(
-        vocab_size=40,
-        n_layer=2,
-        n_head=2,
-        d_model=16,
-        d_ff=32,
-        max_len=16,
-        mlm_head=False,
-        pair_head=False,
-    )
+    return tiny_bert(mlm_head=False, pair_head=False)
 
 
 def _gpt() -> GPT:
-    return GPT(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_len=16)
+    return tiny_gpt()
 
 
 def _randomise_b(params, key):
