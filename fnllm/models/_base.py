@@ -19,6 +19,8 @@ from torch import Tensor
 
 from fnllm import nn, tree
 from fnllm import random as jr
+from fnllm.models import _cache
+from fnllm.models._cache import CacheStep, KVCache
 
 Params = dict[str, Any]
 
@@ -63,11 +65,16 @@ def block_keys(key: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor
 class Forward(NamedTuple):
     """What every block of one forward shares: the attention mask, made once by
     :func:`fnllm.nn.make_attention_mask` (``None``: no padding), the dropout rate in effect
-    and the attention implementation."""
+    and the attention implementation; for a cached forward, the positions of the new tokens,
+    the model's per-forward extras (:meth:`ModelConfig._extras`, e.g. rotary tables) and the
+    cache bookkeeping (:class:`fnllm.models._cache.CacheStep`)."""
 
     mask: Tensor | None
     drop: float
     impl: nn.Impl
+    positions: Tensor | None = None
+    extra: Any = None
+    step: CacheStep | None = None
 
 
 def batched(*xs: Tensor | None) -> list[Tensor | None]:
@@ -276,9 +283,126 @@ class ModelConfig:
     _causal: ClassVar[bool] = False
     _renamed: ClassVar[dict[str, str]] = {}  # old field name -> new (see renamed_fields)
 
-    def _block(self, p: Params, x: Tensor, key: Tensor | None, fwd: Forward) -> Tensor:
-        """One block on hidden states ``x`` (each model defines it; ``apply`` and
-        :meth:`apply_blocks` run them in turn); ``key`` draws its dropout."""
+    # Fields every model config has (declared here for the type checker; each model's own
+    # dataclass defines them).
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    max_len: int
+    dropout: float
+
+    # ------------------------------------------------------------------ the model protocol
+    # What other modules ask a model instead of testing its class (DESIGN.md: no module
+    # outside models/ tests for a concrete model class). Each model answers for itself.
+
+    #: Hugging Face ``model_type`` values this config reads and writes (``io.from_hf``).
+    hf_model_types: ClassVar[tuple[str, ...]] = ()
+    #: The pooling a feature extractor or classifier uses by default.
+    default_pooling: ClassVar[str] = "last"
+    #: Globs (``tree`` dialect) of the linear layers LoRA adapts by default.
+    lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: Path of the norm applied after the last block (``None``: none).
+    final_norm: ClassVar[str | None] = None
+
+    @property
+    def is_decoder(self) -> bool:
+        """Whether the model predicts the next token (and so can generate with a KV cache)."""
+        return self._causal
+
+    def block_paths(self) -> tuple[str, ...]:
+        """The paths of the blocks, bottom to top (``"blocks.0"``, ...): ``last:N`` trains
+        the last ``N``."""
+        return tuple(f"blocks.{i}" for i in range(self.n_layer))
+
+    def head_paths(self) -> tuple[str, ...]:
+        """What the ``head`` strategy trains on the bare model (heads and the final norm)."""
+        raise NotImplementedError(f"{type(self).__name__}.head_paths")
+
+    def finish(self, params: Params, x: Tensor) -> Tensor:
+        """The output of the last block to the final hidden states (the final norm, if any)."""
+        return x
+
+    def pool_first(self, params: Params, first: Tensor) -> Tensor:
+        """``cls`` pooling of the first token's final hidden state (BERT: its pooler)."""
+        return first
+
+    def pool_first_paths(self) -> tuple[str, ...]:
+        """The leaves :meth:`pool_first` reads (trained with ``last:N`` under cls pooling)."""
+        return ()
+
+    def logits(self, params: Params, x: Tensor) -> Tensor:
+        """Next-token logits ``[..., V]`` from final hidden states ``[..., D]`` (decoders)."""
+        raise TypeError(self._not_decoder("logits"))
+
+    def kv_shape(self) -> tuple[int, int]:
+        """``(n_kv_head, head_dim)`` of one layer's cached keys and values."""
+        n_head = self.n_head
+        return getattr(self, "n_kv_head", n_head), self.d_model // n_head
+
+    def init_cache(
+        self,
+        batch_size: int,
+        size: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """An empty :class:`~fnllm.models._cache.KVCache` of ``size`` slots (decoders)."""
+        self.check_decoder("init_cache")
+        n_kv, head_dim = self.kv_shape()
+        return _cache.empty(
+            self.n_layer, batch_size, size, n_kv, head_dim, dtype=dtype, device=device
+        )
+
+    def apply_cached(
+        self,
+        params: Params,
+        tokens: Tensor,
+        attention_mask: Tensor,
+        cache: KVCache,
+        *,
+        inplace: bool = False,
+    ) -> tuple[Tensor, KVCache]:
+        """The model's forward over ``tokens [B, T]`` written into ``cache`` (no checks).
+
+        Prefill and decode are this one forward: :func:`~fnllm.models._cache.begin` makes the
+        slots, positions and attention mask, every block reads and writes its cache slot, and
+        the result is the final hidden states ``[B, T, D]`` (after :meth:`finish`) with the
+        new cache; :meth:`logits` turns them into next-token logits. ``generate`` checks the
+        inputs and runs the sampling loop on top.
+        """
+        raise TypeError(self._not_decoder("apply_cached"))
+
+    def check_decoder(self, where: str) -> None:
+        """Raise a named ``TypeError`` unless the model is a decoder."""
+        if not self.is_decoder:
+            raise TypeError(self._not_decoder(where))
+
+    def _not_decoder(self, where: str) -> str:
+        return (
+            f"{where}: {type(self).__name__} is an encoder, not a decoder: it has no "
+            "next-token head or KV cache (use a GPT or Llama config)"
+        )
+
+    def _extras(self, positions: Tensor, dtype: torch.dtype) -> Any:
+        """Per-forward values every block reads, made once from the token positions
+        (Llama: the rotary cos/sin tables); ``None`` by default."""
+        return None
+
+    def _block(
+        self,
+        p: Params,
+        x: Tensor,
+        key: Tensor | None,
+        fwd: Forward,
+        kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Any:
+        """One block on hidden states ``x`` (each model defines it; ``apply``,
+        :meth:`apply_blocks` and :meth:`apply_cached` run them in turn); ``key`` draws its
+        dropout. With a cache slot ``kv = (k_cache, v_cache)`` (and ``fwd.step`` set) the
+        block writes its new keys and values with :func:`fnllm.models._cache.write`, attends
+        over the cache and returns ``(x, (k_cache, v_cache))``; without, it returns ``x``."""
         raise NotImplementedError
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
