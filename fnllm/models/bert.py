@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fnllm import nn
 from fnllm import random as jr
-from fnllm.models import _base
+from fnllm.models import _base, _config
 from fnllm.models._base import Params
 from fnllm.nn._layers import _embed
 
@@ -91,7 +91,7 @@ class BertPretrainOutput(NamedTuple):
         return self.pair_logits
 
 
-@_base.renamed_fields(sop_head="pair_head")
+@_config.renamed_fields(sop_head="pair_head")
 @dataclass(frozen=True)
 class BERT(_base.ModelConfig):
     """BERT configuration; ``init`` makes parameters and ``apply`` runs the encoder.
