@@ -3,8 +3,10 @@
 :func:`from_hf` maps a `transformers` directory (``config.json`` + ``model.safetensors``), a
 state dict or a live `transformers` model to an fnllm ``(model, params)``; :func:`to_hf` writes
 a directory that ``transformers`` ``from_pretrained`` loads with no missing or unexpected
-weights. The mapping is explicit, one table per architecture, each in its own private module
-registered here by model type (``_hf_gpt2``, ``_hf_bert``):
+weights. The mapping is explicit, one table per architecture: each model config names its
+codec (``fnllm.models._hf_gpt2``, ``fnllm.models._hf_bert``; the interface is documented in
+``fnllm.models._hf``), and this module dispatches on :func:`fnllm.models.hf_codec` and does
+the file reading and writing:
 
 - GPT-2 (``GPT2LMHeadModel`` names ``transformer.h.0.attn.c_attn.weight``, ``GPT2Model`` the
   same without ``transformer.``): Conv1D weights are stored ``[in, out]`` and are transposed to
@@ -33,17 +35,15 @@ from typing import Any
 
 import torch
 
+from fnllm import models as _models
 from fnllm import tree as _tree
-from fnllm.io import _hf_bert, _hf_common, _hf_gpt2, _safetensors
+from fnllm.io import _hf_common, _safetensors
+from fnllm.models import _hf
 from fnllm.nn import mean_pool
 
 __all__ = ["from_hf", "hf_config", "mean_pool", "pretrained_dir", "to_hf", "to_hf_state_dict"]
 
 PathLike = str | os.PathLike
-
-# Hugging Face model_type -> the module that maps that architecture
-_ARCHITECTURES: dict[str, ModuleType] = {"gpt2": _hf_gpt2, "bert": _hf_bert}
-_BY_KIND = {"gpt": "gpt2", "bert": "bert"}  # fnllm config "type" -> model_type
 
 # name -> (importable package, sub-directory holding the files, pip distribution name)
 _PRETRAINED = {
@@ -95,8 +95,8 @@ def from_hf(
             a tensor fails the checksum fnllm stored with it.
     """
     state, hf_cfg, where = _hf_common.read_source(src, config)
-    model_type = _hf_common.model_type(hf_cfg, state, where)
-    model, params = _ARCHITECTURES[model_type].from_hf(state, hf_cfg, where)
+    codec = _codec_of_config(hf_cfg, where)
+    model, params = codec.from_hf(state, hf_cfg, where)
     if dtype is not None:
         params = {k: v.to(dtype) if v.is_floating_point() else v for k, v in params.items()}
     return model, _tree.unflatten(params)
@@ -208,8 +208,10 @@ def to_hf_state_dict(
     """
     flat = _safetensors.flat_tensors(params, "params")
     _safetensors.check_params(model, flat, where="params")
-    arch = architecture or _arch_module(model).default_arch(model)
-    prefix, table, keep = _arch_module(model).export(model, arch)
+    codec = _codec_of_model(model, "to_hf_state_dict")
+    arch = architecture or codec.default_arch(model)
+    prefix, table, keep = codec.export(model, arch)
+    unprefixed = getattr(codec, "UNPREFIXED", _hf.UNPREFIXED)
     out: dict[str, torch.Tensor] = {}
     for path, op, names in table:
         x = flat[path].detach()
@@ -222,7 +224,7 @@ def to_hf_state_dict(
         for name, piece in zip(names, pieces):
             if not keep(name):
                 continue
-            full = name if name.startswith(("cls.", "lm_head.")) else prefix + name
+            full = name if name.startswith(unprefixed) else prefix + name
             out[full] = piece.contiguous()
     return out
 
@@ -244,9 +246,9 @@ def hf_config(model: Any, *, architecture: str | None = None) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict.
     """
-    module = _arch_module(model)
-    arch = architecture or module.default_arch(model)
-    return {"architectures": [arch], "model_type": module.MODEL_TYPE, **module.config(model)}
+    codec = _codec_of_model(model, "hf_config")
+    arch = architecture or codec.default_arch(model)
+    return {"architectures": [arch], "model_type": model.hf_model_types[0], **codec.config(model)}
 
 
 def pretrained_dir(name: str = "all-MiniLM-L6-v2") -> Path:
@@ -289,8 +291,35 @@ def pretrained_dir(name: str = "all-MiniLM-L6-v2") -> Path:
     )
 
 
-def _arch_module(model: Any) -> ModuleType:
-    kind = str(model.to_config().get("type", type(model).__name__)).lower()
-    if kind not in _BY_KIND:
-        raise TypeError(f"to_hf: expected a GPT or BERT model, got {type(model).__name__}")
-    return _ARCHITECTURES[_BY_KIND[kind]]
+def _codec_of_config(cfg: Mapping[str, Any], where: str) -> ModuleType:
+    """The codec of a `transformers` config: its ``model_type`` (an old config without one is
+    recognised by a codec's ``LEGACY_KEY``), and its ``architectures`` must be ones the codec
+    reads."""
+    mt = cfg.get("model_type")
+    if mt is None:
+        for t in _models.hf_model_types():
+            legacy = getattr(_models.hf_codec(t), "LEGACY_KEY", None)
+            if legacy is not None and legacy in cfg:
+                mt = t
+                break
+    try:
+        codec = _models.hf_codec(mt)
+    except ValueError as e:
+        raise ValueError(f"from_hf: {where}: {e}") from None
+    archs = cfg.get("architectures") or []
+    unknown = [a for a in archs if a not in codec.ARCHITECTURES]
+    if unknown:
+        raise ValueError(
+            f"from_hf: {where}: unsupported architectures {unknown} for model_type {mt!r} "
+            f"(supported: {', '.join(codec.ARCHITECTURES)})"
+        )
+    return codec
+
+
+def _codec_of_model(model: Any, where: str) -> ModuleType:
+    if not isinstance(model, _models.ModelConfig) or not model.hf_model_types:
+        raise TypeError(
+            f"{where}: expected a model config with a Hugging Face codec (one of "
+            f"{', '.join(map(repr, _models.hf_model_types()))}), got {type(model).__name__}"
+        )
+    return _models.hf_codec(model.hf_model_types[0])

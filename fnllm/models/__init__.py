@@ -19,18 +19,34 @@ trip; what both share (config checks, dropout keys, the parameter layout derived
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
+from fnllm.models._base import ModelConfig
 from fnllm.models.bert import BERT, BertOutput, BertPretrainOutput
 from fnllm.models.gpt import GPT, GPTOutput
 
-__all__ = ["BERT", "GPT", "BertOutput", "BertPretrainOutput", "GPTOutput", "from_config"]
+__all__ = [
+    "BERT",
+    "GPT",
+    "BertOutput",
+    "BertPretrainOutput",
+    "GPTOutput",
+    "ModelConfig",
+    "from_config",
+    "hf_codec",
+    "hf_model_types",
+]
 
-_TYPES: dict[str, Any] = {"gpt": GPT, "bert": BERT}
+# The registered model configs, by ``kind`` (their ``to_config()["type"]``): from_config and
+# the Hugging Face registry (hf_codec) find every architecture here. Add a new config class
+# to this tuple.
+_TYPES: dict[str, Any] = {cls.kind: cls for cls in (GPT, BERT)}
 
 
-def from_config(config: Mapping[str, Any]) -> GPT | BERT:
+def from_config(config: Mapping[str, Any]) -> Any:
     """Rebuild a model config from a ``to_config()`` dict, dispatching on its ``"type"``.
 
     Example:
@@ -41,10 +57,11 @@ def from_config(config: Mapping[str, Any]) -> GPT | BERT:
         'BERT'
 
     Args:
-        config: a mapping with ``"type"`` (``"gpt"`` or ``"bert"``) and config fields.
+        config: a mapping with ``"type"`` (a registered kind: ``"gpt"``, ``"bert"``, ...)
+            and config fields.
 
     Returns:
-        The :class:`GPT` or :class:`BERT` config.
+        The model config (:class:`GPT`, :class:`BERT`, ...).
 
     Raises:
         ValueError: a missing or unknown ``"type"``, or unknown fields.
@@ -53,3 +70,47 @@ def from_config(config: Mapping[str, Any]) -> GPT | BERT:
     if kind not in _TYPES:
         raise ValueError(f"models.from_config: type must be one of {sorted(_TYPES)}, got {kind!r}")
     return _TYPES[kind].from_config(config)
+
+
+def hf_model_types() -> tuple[str, ...]:
+    """The Hugging Face ``model_type`` values fnllm reads, from every registered config.
+
+    Example:
+        >>> from fnllm import models
+        >>> {"gpt2", "bert"} <= set(models.hf_model_types())
+        True
+
+    Returns:
+        Each config class's ``hf_model_types``, in registration order.
+    """
+    return tuple(t for cls in _TYPES.values() for t in cls.hf_model_types)
+
+
+def hf_codec(model_type: str) -> ModuleType:
+    """The codec module mapping a Hugging Face ``model_type`` to fnllm (``io.from_hf/to_hf``).
+
+    The config class whose ``hf_model_types`` lists ``model_type`` names the module in its
+    ``hf_codec_module``; the module's interface is documented in ``fnllm.models._hf``.
+
+    Example:
+        >>> from fnllm import models
+        >>> codec = models.hf_codec("gpt2")
+        >>> codec.default_arch(models.GPT(n_layer=1)), "GPT2Model" in codec.ARCHITECTURES
+        ('GPT2LMHeadModel', True)
+
+    Args:
+        model_type: ``config.json``'s ``model_type`` (``"gpt2"``, ``"bert"``, ...).
+
+    Returns:
+        The codec module.
+
+    Raises:
+        ValueError: no registered config reads ``model_type`` (the supported ones listed).
+    """
+    for cls in _TYPES.values():
+        if model_type in cls.hf_model_types and cls.hf_codec_module:
+            return importlib.import_module(cls.hf_codec_module)
+    raise ValueError(
+        f"unsupported Hugging Face model_type {model_type!r} "
+        f"(supported: {', '.join(map(repr, hf_model_types()))})"
+    )

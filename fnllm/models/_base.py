@@ -224,6 +224,8 @@ class ModelConfig:
 
     #: Hugging Face ``model_type`` values this config reads and writes (``io.from_hf``).
     hf_model_types: ClassVar[tuple[str, ...]] = ()
+    #: The module of the Hugging Face codec for those types (interface: ``models._hf``).
+    hf_codec_module: ClassVar[str | None] = None
     #: The pooling a feature extractor or classifier uses by default.
     default_pooling: ClassVar[str] = "last"
     #: Globs (``tree`` dialect) of the linear layers LoRA adapts by default.

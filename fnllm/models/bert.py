@@ -128,6 +128,8 @@ class BERT(_base.ModelConfig):
     """
 
     kind: ClassVar[str] = "bert"
+    hf_model_types: ClassVar[tuple[str, ...]] = ("bert",)
+    hf_codec_module: ClassVar[str | None] = "fnllm.models._hf_bert"
 
     vocab_size: int = 30522
     n_layer: int = 12

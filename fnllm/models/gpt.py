@@ -86,6 +86,8 @@ class GPT(_base.ModelConfig):
 
     kind: ClassVar[str] = "gpt"
     _causal: ClassVar[bool] = True
+    hf_model_types: ClassVar[tuple[str, ...]] = ("gpt2",)
+    hf_codec_module: ClassVar[str | None] = "fnllm.models._hf_gpt2"
 
     vocab_size: int = 50257
     n_layer: int = 12

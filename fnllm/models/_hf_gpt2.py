@@ -1,4 +1,5 @@
-"""GPT-2 in `transformers` layout (private; registered in :mod:`fnllm.io.hf` as ``gpt2``).
+"""GPT-2's Hugging Face codec (private; :class:`~fnllm.models.GPT` names it, see
+:mod:`fnllm.models._hf` for the interface).
 
 ``GPT2LMHeadModel`` names ``transformer.h.0.attn.c_attn.weight`` (``GPT2Model`` the same
 without ``transformer.``). Conv1D weights are stored ``[in, out]`` and are transposed to
@@ -13,10 +14,21 @@ from typing import Any
 
 import torch
 
-from fnllm.io import _hf_common as common
+from fnllm.models import _hf as common
 
 _GPT_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
-MODEL_TYPE = "gpt2"
+MODEL_TYPES = ("gpt2",)
+ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
+LEGACY_KEY = "n_embd"
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "d_model": "n_embd",
+    "d_ff": "n_inner",
+    "max_len": "n_positions",
+    "ln_eps": "layer_norm_epsilon",
+}
 
 
 _GPT2_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
@@ -53,7 +65,7 @@ def from_hf(
         if bool(cfg.get(field, ok)) != ok:
             common.refuse(where, field, cfg[field], ok)
     tie = bool(cfg.get("tie_word_embeddings", True))
-    fields = common.read_fields(cfg, MODEL_TYPE)
+    fields = common.read_fields(cfg, CONFIG_KEYS)
     if "n_ctx" in cfg:
         fields.setdefault("max_len", cfg["n_ctx"])  # older configs: n_ctx, no n_positions
     model = GPT(**fields, tie_head=tie, dropout=float(cfg.get("resid_pdrop", 0.1)))
@@ -80,7 +92,7 @@ def default_arch(model: Any) -> str:
 
 def export(model: Any, arch: str) -> tuple[str, common.Table, Callable[[str], bool]]:
     """``(name prefix, table, keep(hf_name))`` for writing ``model`` as ``arch``."""
-    if arch not in ("GPT2LMHeadModel", "GPT2Model"):
+    if arch not in ARCHITECTURES:
         raise ValueError(f"to_hf: unsupported GPT architecture {arch!r}")
     prefix = "transformer." if arch == "GPT2LMHeadModel" else ""
     return prefix, table(model), lambda hf: True
@@ -89,7 +101,7 @@ def export(model: Any, arch: str) -> tuple[str, common.Table, Callable[[str], bo
 def config(model: Any) -> dict[str, Any]:
     """``config.json`` entries for ``model`` (``io.hf_config`` adds architecture and type)."""
     return {
-        **common.write_fields(model, MODEL_TYPE),
+        **common.write_fields(model, CONFIG_KEYS),
         "activation_function": "gelu_new",
         "resid_pdrop": model.dropout,
         "embd_pdrop": model.dropout,

@@ -1,4 +1,5 @@
-"""BERT in `transformers` layout (private; registered in :mod:`fnllm.io.hf` as ``bert``).
+"""BERT's Hugging Face codec (private; :class:`~fnllm.models.BERT` names it, see
+:mod:`fnllm.models._hf` for the interface).
 
 Query, key and value are concatenated into one ``qkv`` projection; the pooler, the MLM head
 and the sentence-pair head are switched on exactly when their weights are present.
@@ -12,10 +13,27 @@ from typing import Any
 
 import torch
 
-from fnllm.io import _hf_common as common
+from fnllm.models import _hf as common
 
 _BERT_ACTS = ("gelu", "gelu_python")  # exact erf GELU
-MODEL_TYPE = "bert"
+MODEL_TYPES = ("bert",)
+ARCHITECTURES = (
+    "BertModel",
+    "BertForPreTraining",
+    "BertForMaskedLM",
+    "BertForNextSentencePrediction",
+)
+LEGACY_KEY = "hidden_size"
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads",
+    "d_model": "hidden_size",
+    "d_ff": "intermediate_size",
+    "max_len": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "ln_eps": "layer_norm_eps",
+}
 
 
 _BERT_IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -98,7 +116,7 @@ def from_hf(
         )
     mlm = any(k.startswith("cls.predictions.") for k in stripped) or decoder_w is not None
     model = BERT(
-        **common.read_fields(cfg, MODEL_TYPE),
+        **common.read_fields(cfg, CONFIG_KEYS),
         dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
         pooler=any(k.startswith("pooler.") for k in stripped),
         mlm_head=mlm,
@@ -155,7 +173,7 @@ def export(model: Any, arch: str) -> tuple[str, common.Table, Callable[[str], bo
 def config(model: Any) -> dict[str, Any]:
     """``config.json`` entries for ``model`` (``io.hf_config`` adds architecture and type)."""
     return {
-        **common.write_fields(model, MODEL_TYPE),
+        **common.write_fields(model, CONFIG_KEYS),
         "hidden_act": "gelu",
         "pad_token_id": 0,
         "hidden_dropout_prob": model.dropout,
