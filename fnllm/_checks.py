@@ -164,9 +164,11 @@ def check_shapes(
         TypeError: a leaf is not a tensor.
         ValueError: a leaf has the wrong shape.
     """
+    from fnllm.nn._adapters import is_adapter_leaf  # nn imports this module
+
     flat = tree.flatten(params)
-    # LoRA adapters (``*.lora_a``, ``lora_b``, ``lora_scale``) ride along with a linear's leaves
-    flat = {p: v for p, v in flat.items() if not p.rpartition(".")[2].startswith("lora_")}
+    # adapter leaves (fnllm.nn._adapters) ride along with a linear layer's leaves
+    flat = {p: v for p, v in flat.items() if not is_adapter_leaf(p)}
     check_keys(
         f"{name}: ", [p for p in expected if p not in flat], [p for p in flat if p not in expected]
     )

@@ -4,6 +4,10 @@ Every leaf has a *path*: the keys and list indexes from the root, joined with do
 (``"blocks.3.attn.qkv.weight"``). Filters select leaves by path, so freezing, weight-decay
 masks and checkpoint keys all speak the same language.
 
+Globs speak one dialect everywhere (:func:`glob_match`): :func:`partition`, optimizer masks,
+``finetune.strategy`` and LoRA targets all use it, and :func:`check_globs` is the one
+"this glob matches nothing" check.
+
 A partition is just two sparse trees: unselected dict entries are dropped and unselected
 list/tuple slots hold an empty tuple ``()``, so both halves are ordinary trees that
 ``torch.func.grad``, ``vmap`` and ``torch.compile`` accept as they are.
@@ -30,11 +34,13 @@ __all__ = [
     "Tree",
     "TreeSpec",
     "cast",
+    "check_globs",
     "combine",
     "count",
     "filter_fn",
     "flatten",
     "flatten_spec",
+    "glob_match",
     "leaves",
     "map",
     "partition",
@@ -329,9 +335,9 @@ def structure_equal(a: Tree, b: Tree, *, shapes: bool = False) -> bool:
 def filter_fn(filter: Filter) -> Predicate:
     """Turn a filter (glob, list of globs or predicate) into a predicate ``(path, leaf) -> bool``.
 
-    A glob matches a leaf when it matches the leaf's path or any dotted prefix of it, so
-    ``"head"`` selects everything under ``head`` and ``"blocks.*.attn.*"`` every attention leaf
-    (``*`` crosses dots, as in :mod:`fnmatch`).
+    A glob selects a leaf as :func:`glob_match` says: when it matches the leaf's path or any
+    prefix of it that ends at a dot, so ``"head"`` selects everything under ``head`` and
+    ``"blocks.*.attn.*"`` every attention leaf.
 
     Example:
         >>> from fnllm import tree
@@ -362,11 +368,86 @@ def filter_fn(filter: Filter) -> Predicate:
 
     def _match(path: str, leaf: Any) -> bool:
         del leaf
-        parts = path.split(".")
-        prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
-        return any(fnmatch.fnmatchcase(p, g) for g in globs for p in prefixes)
+        return glob_match(path, globs)
 
     return _match
+
+
+def glob_match(path: str, globs: str | Sequence[str]) -> bool:
+    """Whether a glob (or any of several) matches ``path``: fnllm's one glob dialect.
+
+    The rule, used by every filter in fnllm (:func:`partition`, optimizer masks,
+    ``finetune.strategy``, LoRA targets): a glob matches ``path`` when
+    :func:`fnmatch.fnmatchcase` matches it against ``path`` itself or against a prefix of
+    ``path`` that ends at a dot boundary (``"blocks.0.attn"`` of
+    ``"blocks.0.attn.qkv.weight"``, never ``"blocks.0.at"``). ``*`` matches any characters,
+    dots included; ``?`` one character; ``[seq]`` a character class; matching is
+    case-sensitive. So ``"head"`` matches ``head`` and everything under it, ``"*.bias"`` every
+    bias, ``"blocks.1.*"`` everything in block 1 (but not ``blocks.10``).
+
+    Example:
+        >>> from fnllm import tree
+        >>> tree.glob_match("blocks.1.attn.qkv.weight", "blocks.1")
+        True
+        >>> tree.glob_match("blocks.10.attn.qkv.weight", ["blocks.1", "blocks.1.*"])
+        False
+        >>> tree.glob_match("blocks.0.attn.qkv", "*.attn.qkv"), tree.glob_match("head", "hea")
+        (True, False)
+
+    Args:
+        path: a dotted path (of a leaf, or of a sub-tree such as a linear layer).
+        globs: one glob or a sequence of globs (any may match).
+
+    Returns:
+        ``True`` when some glob matches ``path`` or one of its dotted prefixes.
+    """
+    globs = (globs,) if isinstance(globs, str) else globs
+    parts = path.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    return any(fnmatch.fnmatchcase(p, g) for g in globs for p in prefixes)
+
+
+def check_globs(
+    globs: Sequence[str],
+    paths: Sequence[str],
+    *,
+    where: str,
+    what: str = "leaf",
+    each: bool = True,
+    hint: str = "",
+) -> None:
+    """Raise a ``ValueError`` naming a glob that matches none of ``paths`` (:func:`glob_match`).
+
+    The one "glob matches nothing" check: a typo in a glob would otherwise silently select
+    nothing (freeze what was meant to train, switch weight decay off, adapt no layer).
+
+    Example:
+        >>> from fnllm import tree
+        >>> tree.check_globs(["head", "*.bias"], ["head.weight", "blocks.0.ln.bias"], where="demo")
+        >>> tree.check_globs(["haed"], ["head.weight"], where="demo")
+        Traceback (most recent call last):
+        ...
+        ValueError: demo: glob 'haed' matches no leaf (paths: head.weight)
+
+    Args:
+        globs: the globs to check.
+        paths: the paths they should select among.
+        where: the caller, first in the message (``"tree.partition"``).
+        what: what a path names, for the message (``"leaf"``, ``"linear layer"``).
+        each: every glob must match (default); ``False``: at least one of them.
+        hint: appended to the message (what to do instead).
+
+    Raises:
+        ValueError: a glob (``each``) or all of them (not ``each``) match no path.
+    """
+    paths = list(paths)
+    shown = ", ".join(paths[:6]) + (" ..." if len(paths) > 6 else "")
+    if each:
+        for glob in globs:
+            if not any(glob_match(p, glob) for p in paths):
+                raise ValueError(f"{where}: glob {glob!r} matches no {what} (paths: {shown}){hint}")
+    elif not any(glob_match(p, globs) for p in paths):
+        raise ValueError(f"{where}: globs {list(globs)} match no {what} (paths: {shown}){hint}")
 
 
 def partition(tree: Tree, filter: Filter, *, allow_unmatched: bool = False) -> tuple[Tree, Tree]:
@@ -406,7 +487,8 @@ def partition(tree: Tree, filter: Filter, *, allow_unmatched: bool = False) -> t
     # glob matching is not traced: the check runs eagerly
     eager = not torch.compiler.is_compiling()
     if isinstance(filter, (list, tuple)) and not allow_unmatched and eager:
-        _check_globs_match(tree, tuple(filter))
+        hint = "; pass allow_unmatched=True if that is meant"
+        check_globs(tuple(filter), paths(tree), where="tree.partition", hint=hint)
     return _ops.partition(tree, pred, "")
 
 
@@ -436,15 +518,3 @@ def combine(*trees: Tree) -> Tree:
     for other in trees[1:]:
         out = _ops.combine2(out, other, "")
     return out
-
-
-def _check_globs_match(tree: Tree, globs: tuple[str, ...]) -> None:
-    all_paths = paths(tree)
-    for glob in globs:
-        one = filter_fn(glob)
-        if not any(one(p, None) for p in all_paths):
-            shown = ", ".join(all_paths[:6]) + (" ..." if len(all_paths) > 6 else "")
-            raise ValueError(
-                f"tree.partition: glob {glob!r} matches no leaf (paths: {shown}); "
-                "pass allow_unmatched=True if that is meant"
-            )

@@ -21,14 +21,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from fnllm import nn, tree
 from fnllm import random as jr
-from fnllm import tree
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -43,8 +42,8 @@ __all__ = [
 ]
 
 Params = Any
-DEFAULT_TARGETS = ("*.attn.qkv", "*.attn.proj")
-_LEAVES = ("lora_a", "lora_b", "lora_scale")
+DEFAULT_TARGETS = ("*.attn.qkv", "*.attn.proj")  # GPT's and BERT's lora_targets
+_LEAVES = nn.ADAPTER_LEAVES
 
 
 def init(
@@ -52,9 +51,10 @@ def init(
     params: Params,
     rank: int | Mapping[str, int] = 8,
     alpha: float = 16.0,
-    targets: str | Sequence[str] = DEFAULT_TARGETS,
+    targets: str | Sequence[str] | None = None,
     *,
     rslora: bool = False,
+    model: Any = None,
 ) -> Params:
     """Add LoRA adapters to the targeted linear layers (A random, B zero: same function).
 
@@ -78,8 +78,13 @@ def init(
         rank: the adapters' rank ``r``, or a ``{glob: rank}`` mapping (first match wins)
             for per-layer ranks.
         alpha: the scale numerator: ``s = alpha / r``.
-        targets: globs over the paths of linear layers (a dict with a 2-D ``weight``).
+        targets: globs over the paths of linear layers (a dict with a 2-D ``weight``), in
+            fnllm's glob dialect (:func:`fnllm.tree.glob_match`: a glob matching a layer's
+            path or a dotted prefix of it, so ``"blocks.0"`` adapts every linear layer of
+            block 0). Default: ``model.lora_targets`` when ``model`` is given, else
+            :data:`DEFAULT_TARGETS` (GPT's and BERT's attention projections).
         rslora: use rank-stabilised scaling ``alpha / sqrt(r)``.
+        model: the model config ``params`` belongs to; only its default targets are read.
 
     Returns:
         The tree with ``lora_a`` ``[r, in]`` (uniform in ``+-1/sqrt(in)``), ``lora_b``
@@ -90,6 +95,8 @@ def init(
             a targeted layer matches no glob of a rank mapping; ``alpha`` is not positive.
         TypeError: ``targets`` or ``rank`` has the wrong type.
     """
+    if targets is None:
+        targets = DEFAULT_TARGETS if model is None else model.lora_targets
     globs = (targets,) if isinstance(targets, str) else tuple(targets)
     if not globs or not all(isinstance(g, str) for g in globs):
         raise TypeError(f"lora.init: targets must be glob strings, got {targets!r}")
@@ -101,7 +108,7 @@ def init(
         if isinstance(node, dict):
             weight = node.get("weight")
             if isinstance(weight, Tensor) and weight.ndim == 2 and _matches(path, globs):
-                if "lora_a" in node:
+                if nn.has_adapter(node):
                     raise ValueError(f"lora.init: {path} already has adapters")
                 found.append(path)
                 return {**node, **_adapter(key, path, weight, rank, alpha, rslora)}
@@ -114,10 +121,10 @@ def init(
 
     out = visit(params, "")
     if not found:
-        raise ValueError(
-            f"lora.init: targets {list(globs)} match no linear layer (a dict with a 2-D weight); "
-            f"linear layers here: {_linears(params)[:6]}"
-        )
+        tree.check_globs(
+            globs, _linears(params), where="lora.init: targets", what="linear layer", each=False,
+            hint=" (a linear layer is a dict with a 2-D weight)",
+        )  # fmt: skip
     return out
 
 
@@ -146,12 +153,12 @@ def merge(params: Params) -> Params:
 
     def fold(node: Any, path: str) -> Any:
         if isinstance(node, dict):
-            if "lora_a" in node:
-                a, b, s = node["lora_a"], node["lora_b"], node["lora_scale"]
+            if nn.has_adapter(node):
+                a = node[nn.ADAPTER_TRAINED[0]]
                 if a.ndim != 2:
                     raise ValueError(f"lora.merge: {path} holds stacked adapters {tuple(a.shape)}")
                 rest = {k: v for k, v in node.items() if k not in _LEAVES}
-                rest["weight"] = node["weight"] + s * (b @ a)
+                rest["weight"] = nn.adapter_weight(node)
                 return rest
             return {k: fold(v, f"{path}.{k}") for k, v in node.items()}
         if isinstance(node, (list, tuple)):
@@ -359,7 +366,8 @@ def pick(params: Params, index: Tensor) -> Params:
 
 
 def _matches(path: str, globs: tuple[str, ...]) -> bool:
-    return any(fnmatchcase(path, g) for g in globs)
+    """A linear layer's path against target globs, in fnllm's one dialect (tree.glob_match)."""
+    return tree.glob_match(path, globs)
 
 
 def _linears(params: Params) -> list[str]:
@@ -381,17 +389,14 @@ def _adapter(
     bound = 1.0 / math.sqrt(in_f)
     a = jr.uniform(k, (r, in_f), weight.dtype, -bound, bound).to(weight.device)
     scale = alpha / math.sqrt(r) if rslora else alpha / r
-    return {
-        "lora_a": a,
-        "lora_b": torch.zeros(out_f, r, dtype=weight.dtype, device=weight.device),
-        "lora_scale": torch.tensor(scale, dtype=weight.dtype, device=weight.device),
-    }
+    b = torch.zeros(out_f, r, dtype=weight.dtype, device=weight.device)
+    return nn.lora_leaves(a, b, torch.tensor(scale, dtype=weight.dtype, device=weight.device))
 
 
 def _rank_for(path: str, rank: Any) -> int:
     if isinstance(rank, Mapping):
         for glob, r in rank.items():
-            if fnmatchcase(path, glob):
+            if tree.glob_match(path, glob):
                 return _check_rank(r, path)
         raise ValueError(f"lora.init: {path} matches no glob of the rank mapping {dict(rank)}")
     return _check_rank(rank, path)

@@ -9,21 +9,22 @@
 | ``"lora"`` | the LoRA adapter leaves (``*.lora_a``, ``*.lora_b``) and the head |
 | globs | a list of globs (or one glob string with ``*`` or ``.``), as ``tree.partition`` takes |
 
-The head is a classifier's ``head``; on a bare GPT, ``ln_f`` and an untied ``head``; on a
-bare BERT, ``pooler``, ``mlm`` and ``sop``. No strategy ever selects a LoRA ``lora_scale``
-leaf: the scale is a fixed hyper-parameter.
+The head is a classifier's ``head``; on a bare model, what the model names in
+``head_paths()`` (GPT: ``ln_f`` and an untied ``head``; BERT: ``pooler``, ``mlm`` and
+``sop``). The blocks, the final norm and the pooler are the model's too (``block_paths()``,
+``final_norm``, ``pool_first_paths()``): no strategy knows an architecture. No strategy ever
+selects an adapter's fixed scale (``lora_scale``): it is a hyper-parameter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
 
-from fnllm import tree
+from fnllm import nn, tree
 from fnllm.finetune.classifier import Classifier
-from fnllm.models import BERT, GPT
+from fnllm.models import ModelConfig
 
 __all__ = ["NAMES", "Strategy", "frozen_prefix", "strategy"]
 
@@ -34,8 +35,8 @@ NAMES = ("full", "head", "last:N", "bitfit", "lora")
 class Strategy:
     """A named set of globs; calling it is the ``(path, leaf) -> bool`` filter.
 
-    A glob matches a leaf's path or any dotted prefix of it (as in :func:`fnllm.tree.filter_fn`);
-    ``*.lora_scale`` leaves never match.
+    A glob matches a leaf as :func:`fnllm.tree.glob_match` says (its path or a dotted
+    prefix of it); adapters' fixed scales (``*.lora_scale``) never match.
 
     Example:
         >>> from fnllm.finetune import Strategy
@@ -54,15 +55,13 @@ class Strategy:
     def __call__(self, path: str, leaf: Any) -> bool:
         """Whether the leaf at ``path`` trains under this strategy."""
         del leaf
-        parts = path.split(".")
-        if parts[-1] == "lora_scale":
+        if path.rsplit(".", 1)[-1] in nn.ADAPTER_FIXED:
             return False
-        prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
-        return any(fnmatchcase(p, g) for g in self.globs for p in prefixes)
+        return tree.glob_match(path, self.globs)
 
 
 def strategy(name: str | Sequence[str], model: Any) -> Strategy:
-    """The filter of a finetuning strategy for ``model`` (a Classifier, GPT or BERT config).
+    """The filter of a finetuning strategy for ``model`` (a Classifier or a model config).
 
     Example:
         >>> from fnllm import random, tree
@@ -86,15 +85,16 @@ def strategy(name: str | Sequence[str], model: Any) -> Strategy:
 
     Raises:
         ValueError: an unknown name, or ``last:N`` with ``N`` outside ``[1, n_layer]``.
-        TypeError: ``model`` is not a Classifier, GPT or BERT config.
+        TypeError: ``model`` is not a Classifier or a model config.
     """
     if isinstance(model, Classifier):
         prefix, base = "base.", model.base
-    elif isinstance(model, (GPT, BERT)):
+    elif isinstance(model, ModelConfig):
         prefix, base = "", model
     else:
         raise TypeError(
-            f"strategy: model must be a Classifier, GPT or BERT config, got {type(model).__name__}"
+            "strategy: model must be a Classifier or a model config (GPT, BERT, ...), "
+            f"got {type(model).__name__}"
         )
     if not isinstance(name, str):
         globs = tuple(name)
@@ -111,13 +111,13 @@ def strategy(name: str | Sequence[str], model: Any) -> Strategy:
     if name == "bitfit":
         return Strategy(name, ("*.bias", *heads))
     if name == "lora":
-        return Strategy(name, ("*.lora_a", "*.lora_b", *heads))
+        return Strategy(name, (*(f"*.{leaf}" for leaf in nn.ADAPTER_TRAINED), *heads))
     if name.startswith("last:"):
         n = _last_n(name, base.n_layer)
-        blocks = tuple(f"{prefix}blocks.{i}" for i in range(base.n_layer - n, base.n_layer))
-        norm = (f"{prefix}ln_f",) if isinstance(base, GPT) else ()
-        if isinstance(model, Classifier) and model.pooling == "cls" and isinstance(base, BERT):
-            norm = ("base.pooler",) if base.pooler else ()
+        blocks = tuple(prefix + p for p in base.block_paths()[base.n_layer - n :])
+        norm = (prefix + base.final_norm,) if base.final_norm else ()
+        if isinstance(model, Classifier) and model.pooling == "cls":
+            norm += tuple(prefix + p for p in base.pool_first_paths())
         return Strategy(name, tuple(dict.fromkeys((*blocks, *norm, *heads))))
     raise ValueError(
         f"strategy: unknown name {name!r}; choose one of {list(NAMES)} or a list of globs"
@@ -148,27 +148,30 @@ def frozen_prefix(model: Any, params: Any, filter: Any) -> int:
         The number of frozen bottom blocks, in ``[0, n_layer]``.
     """
     prefix = "base." if isinstance(model, Classifier) else ""
+    base = model.base if isinstance(model, Classifier) else model
     n_layer = model.n_layer
     trainable, _ = tree.partition(params, filter)
+    blocks = [prefix + p for p in base.block_paths()]
+    norm = (base.final_norm,) if base.final_norm else ()
+    after = [prefix + p for p in (*norm, *base.pool_first_paths(), *base.head_paths())]
     lowest = n_layer
     for path in tree.paths(trainable):
         if not path.startswith(prefix):
             continue
-        rest = path[len(prefix) :].split(".")
-        if rest[0] == "embed":
-            return 0
-        if rest[0] == "blocks":
-            lowest = min(lowest, int(rest[1]))
+        for i, b in enumerate(blocks[:lowest]):
+            if path.startswith(b + "."):
+                lowest = i
+                break
+        else:
+            if not tree.glob_match(path, after):  # below the blocks: the embeddings
+                return 0
     return lowest
 
 
-def _heads(model: Any, base: GPT | BERT, prefix: str) -> tuple[str, ...]:
+def _heads(model: Any, base: ModelConfig, prefix: str) -> tuple[str, ...]:
     if isinstance(model, Classifier):
         return ("head",)
-    if isinstance(base, GPT):
-        return ("ln_f",) if base.tie_head else ("ln_f", "head")
-    names = (("pooler", base.pooler), ("mlm", base.mlm_head), ("sop", base.pair_head))
-    return tuple(n for n, present in names if present)
+    return base.head_paths()
 
 
 def _last_n(name: str, n_layer: int) -> int:

@@ -1,4 +1,4 @@
-"""Sampling from a GPT with the KV cache: ``next_token``, ``sample``, ``stream``, ``pad_prompts``.
+"""Sampling from a decoder with a KV cache: ``next_token``, ``sample``, ``stream``, ``pad_prompts``.
 
 :func:`next_token` applies temperature, top-k and top-p (nucleus) filtering and draws with an
 explicit key (greedy at temperature 0); :func:`sample` and :func:`stream` generate from a
@@ -14,13 +14,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fnllm import nn, tree
 from fnllm import random as jr
-from fnllm.generate.cache import KVCache, _check_gpt, _forward, _logits, init_cache
-from fnllm.models import GPT
+from fnllm.generate.cache import KVCache, _check_decoder, init_cache
 
 __all__ = ["next_token", "pad_prompts", "sample", "stream"]
 
@@ -140,7 +138,7 @@ def pad_prompts(
 
 def stream(
     key: Tensor | None,
-    model: GPT,
+    model: Any,
     params: Params,
     prompts: Tensor | Sequence[Sequence[int]],
     max_new_tokens: int = 64,
@@ -166,7 +164,7 @@ def stream(
 
     Args:
         key: a ``fnllm.random`` key (``None`` allowed when ``temperature=0``).
-        model: the :class:`~fnllm.models.GPT` config.
+        model: a decoder config (:class:`~fnllm.models.GPT`, ...).
         params: its parameter tree.
         prompts: see :func:`sample`.
         max_new_tokens: the most tokens to generate per row.
@@ -191,7 +189,7 @@ def stream(
 
 def sample(
     key: Tensor | None,
-    model: GPT,
+    model: Any,
     params: Params,
     prompts: Tensor | Sequence[Sequence[int]],
     max_new_tokens: int = 64,
@@ -226,7 +224,7 @@ def sample(
 
     Args:
         key: a ``fnllm.random`` key (``None`` allowed when ``temperature=0``).
-        model: the :class:`~fnllm.models.GPT` config.
+        model: a decoder config (:class:`~fnllm.models.GPT`, ...).
         params: its parameter tree.
         prompts: int ``[B, T]`` tensor (with ``attention_mask`` for padding) or a list of
             token-id lists of any lengths (left-padded here).
@@ -249,7 +247,7 @@ def sample(
         ValueError: an empty prompt, prompts too long for the cache, a negative
             temperature, ``top_p`` outside ``(0, 1]``, ``top_k < 1``, stop ids outside the
             vocabulary.
-        TypeError: ``model`` is not a GPT, or the prompts are not token ids.
+        TypeError: ``model`` is not a decoder, or the prompts are not token ids.
     """
     out, steps = _start(
         key, model, params, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids,
@@ -266,7 +264,7 @@ def sample(
 
 def _start(
     key: Tensor | None,
-    model: GPT,
+    model: Any,
     params: Params,
     prompts: Tensor | Sequence[Sequence[int]],
     max_new_tokens: int,
@@ -279,7 +277,7 @@ def _start(
     compile: bool,
 ) -> tuple[Tensor, Iterator[int]]:
     """Check the arguments of :func:`sample`/:func:`stream` and set up the decode loop."""
-    _check_gpt(model)
+    _check_decoder(model, "sample")
     _check_sampling(temperature, top_k, top_p)
     if temperature > 0 and key is None:
         raise ValueError("key: sampling with temperature > 0 needs a fnllm.random key")
@@ -308,7 +306,7 @@ def _start(
             f"{size} positions > max_len {model.max_len}"
         )
     model.check_params(params)
-    weight = params["embed"]["tokens"]["weight"]
+    weight = tree.leaves(params)[0]  # one dtype and device for every leaf (check_params)
     tokens, mask = tokens.to(weight.device), mask.to(weight.device)
     return _generate(
         key, model, params, tokens, mask, size, max_new_tokens,
@@ -318,7 +316,7 @@ def _start(
 
 def _generate(
     key: Tensor | None,
-    model: GPT,
+    model: Any,
     params: Params,
     tokens: Tensor,
     mask: Tensor,
@@ -337,7 +335,7 @@ def _generate(
     one call and, with ``stop_ids``, one stop test.
     """
     B = tokens.shape[0]
-    weight = params["embed"]["tokens"]["weight"]
+    weight = tree.leaves(params)[0]
     device = weight.device
     if how[0] > 0:
         assert key is not None
@@ -353,13 +351,13 @@ def _generate(
 
     def loop() -> Iterator[int]:
         with torch.no_grad():
-            x, _ = _forward(model, params, cache, tokens, mask, inplace=True)
-            out[:, 0] = _choose(keys[0], _logits(model, params, x[:, -1]), *how)
-            decode_params, head = _decode_layout(model, params)
+            x, _ = model.apply_cached(params, tokens, mask, cache, inplace=True)
+            out[:, 0] = _choose(keys[0], model.logits(params, x[:, -1]), *how)
+            decode_params = _decode_layout(params)
         for i in range(n):
             if i:
                 with torch.no_grad():
-                    step(model, decode_params, head, cache, state, how, pad_id)
+                    step(model, decode_params, cache, state, how, pad_id)
             if stop_ids:
                 torch.logical_or(state.done, torch.isin(out[:, i], stop), out=state.done)
             yield i
@@ -383,9 +381,8 @@ class _State(NamedTuple):
 
 
 def _token(
-    model: GPT,
+    model: Any,
     params: Params,
-    head: Tensor,
     cache: KVCache,
     state: _State,
     how: tuple[float, int | None, float | None],
@@ -400,29 +397,28 @@ def _token(
     """
     out, step, keys, done = state
     tokens = out.index_select(1, step - 1)  # [B, 1]
-    x, _ = _forward(model, params, cache, tokens, torch.ones_like(tokens), inplace=True)
-    picked = _choose(keys.index_select(0, step)[0], F.linear(x[:, 0], head), *how)
+    x, _ = model.apply_cached(params, tokens, torch.ones_like(tokens), cache, inplace=True)
+    picked = _choose(keys.index_select(0, step)[0], model.logits(params, x[:, 0]), *how)
     out.index_copy_(1, step, torch.where(done, pad_id, picked)[:, None])
     step.add_(1)
 
 
-def _decode_layout(model: GPT, params: Params) -> tuple[Params, Tensor]:
-    """The blocks' params with every matrix stored transposed, and the LM head likewise (CPU).
+def _decode_layout(params: Params) -> Params:
+    """The params with every matrix stored transposed (CPU): the blocks' and the LM head's.
 
     Same shapes and values, column-major memory: ``x @ W.T`` then reads ``W.T`` row by row,
     which CPU BLAS does 2-3x faster than the row-major layout for a few rows of ``x`` (and
     up to 1.5x for one). The copy is made once per call and read once per token; on other
-    devices the params are used as they are.
+    devices the params are used as they are. (Embedding tables are copied too: a lookup
+    reads one strided row per token, which costs nothing next to the matmuls.)
     """
-    head = params["embed"]["tokens"]["weight"] if model.tie_head else params["head"]["weight"]
-    if head.device.type != "cpu":
-        return params, head
+    if tree.leaves(params)[0].device.type != "cpu":
+        return params
 
     def transposed(w: Tensor) -> Tensor:
         return w.t().contiguous().t() if w.ndim == 2 else w
 
-    blocks = [tree.map(transposed, block) for block in params["blocks"]]
-    return {**params, "blocks": blocks}, transposed(head)
+    return tree.map(transposed, params)
 
 
 @functools.cache

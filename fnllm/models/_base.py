@@ -276,8 +276,30 @@ class ModelConfig:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        """An empty :class:`~fnllm.models._cache.KVCache` of ``size`` slots (decoders)."""
+        """An empty :class:`~fnllm.models._cache.KVCache` of ``size`` slots (decoders).
+
+        Example:
+            >>> from fnllm.models import GPT
+            >>> cache = GPT(vocab_size=32, n_layer=2, n_head=2, d_model=8).init_cache(3, 10)
+            >>> len(cache.keys), cache.keys[0].shape, int(cache.length)
+            (2, torch.Size([3, 2, 10, 4]), 0)
+
+        Args:
+            batch_size: number of rows.
+            size: number of slots (prompt width plus new tokens); at most ``max_len``.
+            dtype: dtype of keys and values (the params' dtype).
+            device: where to allocate.
+
+        Raises:
+            TypeError: the model is an encoder. ValueError: a size is not a positive int,
+                or ``size > max_len``.
+        """
         self.check_decoder("init_cache")
+        for name, value in (("batch_size", batch_size), ("size", size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if size > self.max_len:
+            raise ValueError(f"size: {size} slots > max_len {self.max_len}")
         n_kv, head_dim = self.kv_shape()
         return _cache.empty(
             self.n_layer, batch_size, size, n_kv, head_dim, dtype=dtype, device=device
@@ -308,9 +330,10 @@ class ModelConfig:
             raise TypeError(self._not_decoder(where))
 
     def _not_decoder(self, where: str) -> str:
+        kind = type(self).__name__
         return (
-            f"{where}: {type(self).__name__} is an encoder, not a decoder: it has no "
-            "next-token head or KV cache (use a GPT or Llama config)"
+            f"{where}: model: expected a fnllm.models.GPT, got {kind} (or another decoder, such "
+            f"as Llama; {kind} is an encoder: it has no next-token head or KV cache)"
         )
 
     def _extras(self, positions: Tensor, dtype: torch.dtype) -> Any:

@@ -12,16 +12,32 @@ into keys and values, which positions it embeds) is the model's; what does not i
    ``[B, 1, T, S]`` attention mask over the cache and the updated slot mask;
 2. :func:`write` once per layer: the layer's new keys and values into its cache tensors;
 3. :func:`finish` once per forward: the new :class:`KVCache`.
+
+:func:`check` and :func:`check_inputs` are the eager boundary checks of a cached forward
+(``apply(..., cache=)`` and ``fnllm.generate`` share them); :func:`apply_checked` is
+``apply(..., cache=)``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["CacheStep", "KVCache", "begin", "empty", "finish", "write"]
+from fnllm import nn
+
+__all__ = [
+    "CacheStep",
+    "KVCache",
+    "apply_checked",
+    "begin",
+    "check",
+    "check_inputs",
+    "empty",
+    "finish",
+    "write",
+]
 
 
 class KVCache(NamedTuple):
@@ -40,7 +56,7 @@ class KVCache(NamedTuple):
         (2, torch.Size([3, 2, 10, 4]), torch.Size([3, 10]), 0)
 
     Attributes:
-        keys: one ``[B, n_kv_head, size, head_dim]`` tensor per layer.
+        keys: one ``[B, n_kv_head, size, head_dim]`` tensor per layer (``model.kv_shape()``).
         values: one tensor per layer, shaped like ``keys``.
         mask: bool ``[B, size]``, True where a slot holds a real (not padding) token.
         length: int64 scalar tensor, the number of slots written so far.
@@ -132,3 +148,56 @@ def finish(cache: KVCache, step: CacheStep, keys: list[Tensor], values: list[Ten
     T = step.slots.shape[0]
     length = cache.length.add_(T) if step.inplace else cache.length + T
     return KVCache(tuple(keys), tuple(values), step.real, length)
+
+
+def check(model: Any, cache: Any, batch: int, needed: int) -> None:
+    """The cache fits the model (layers, ``model.kv_shape()``) and the batch, and has
+    ``needed`` free slots (eager only: it reads ``cache.length``)."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache: expected a KVCache, got {type(cache).__name__}")
+    if len(cache.keys) != model.n_layer or len(cache.values) != model.n_layer:
+        raise ValueError(f"cache: {len(cache.keys)} layers, the model has {model.n_layer}")
+    want = (batch, *model.kv_shape()[:1], cache.mask.shape[-1], *model.kv_shape()[1:])
+    if tuple(cache.keys[0].shape) != want or cache.mask.shape[0] != batch:
+        raise ValueError(
+            f"cache: keys of shape {tuple(cache.keys[0].shape)} do not fit a batch of {batch} "
+            f"for this model (expected {want})"
+        )
+    free = cache.mask.shape[-1] - int(cache.length)
+    if needed > free:
+        raise ValueError(f"cache: {needed} tokens do not fit in the {free} free slots")
+
+
+def check_inputs(
+    model: Any, params: Any, tokens: Any, attention_mask: Any, cache: Any, where: str
+) -> tuple[Tensor, Tensor]:
+    """Check a cached forward's inputs: a decoder, ids ``[B, T]``, a ``[B, T]`` mask with
+    padding on the left only (default: all real) and, in eager mode, the parameter tree
+    and the cache (:func:`check`). Returns the ids and the bool mask."""
+    model.check_decoder(where)
+    tokens = nn.check_ids(tokens, model.vocab_size, name="tokens")
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens: expected shape [B, T] with T >= 1, got {tuple(tokens.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(tokens, dtype=torch.bool)
+    elif not isinstance(attention_mask, Tensor) or attention_mask.shape != tokens.shape:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else attention_mask
+        raise ValueError(f"attention_mask: expected shape {tuple(tokens.shape)}, got {got}")
+    attention_mask = attention_mask.bool()
+    if nn.checks_enabled():
+        model.check_params(params)
+        check(model, cache, tokens.shape[0], tokens.shape[1])
+        if not bool(attention_mask[:, -1].all()):
+            row = int((~attention_mask[:, -1]).nonzero()[0])
+            raise ValueError(f"attention_mask: row {row} ends in padding (pad on the left)")
+    return tokens, attention_mask
+
+
+def apply_checked(
+    model: Any, params: Any, tokens: Any, attention_mask: Any, cache: Any
+) -> tuple[Tensor, KVCache]:
+    """``model.apply(params, tokens, attention_mask=..., cache=cache)``: the checked cached
+    forward, logits ``[B, T, V]`` for every new token and the new cache."""
+    tokens, attention_mask = check_inputs(model, params, tokens, attention_mask, cache, "apply")
+    x, cache = model.apply_cached(params, tokens, attention_mask, cache)
+    return model.logits(params, x), cache

@@ -130,6 +130,8 @@ class BERT(_base.ModelConfig):
     kind: ClassVar[str] = "bert"
     hf_model_types: ClassVar[tuple[str, ...]] = ("bert",)
     hf_codec_module: ClassVar[str | None] = "fnllm.models._hf_bert"
+    default_pooling: ClassVar[str] = "mean"
+    lora_targets: ClassVar[tuple[str, ...]] = ("*.attn.qkv", "*.attn.proj")
 
     vocab_size: int = 30522
     n_layer: int = 12
@@ -276,7 +278,7 @@ class BERT(_base.ModelConfig):
 
         pooled = None
         if self.pooler:
-            pooled = torch.tanh(nn.linear(params["pooler"], x[:, 0]))
+            pooled = self.pool_first(params, x[:, 0])
         if unbatched:
             x = x[0]
             hidden = [h[0] for h in hidden]
@@ -338,8 +340,17 @@ class BERT(_base.ModelConfig):
             x = x + _embed(embed["token_types"], token_type_ids)
         return nn.dropout(key, nn.layer_norm(embed["ln"], x, eps=self.ln_eps), drop)
 
-    def _block(self, p: Params, x: Tensor, key: Tensor | None, fwd: _base.Forward) -> Tensor:
-        """One post-LN block: ``ln_1(x + attn(x))``, then ``ln_2(x + mlp(x))``."""
+    def _block(
+        self,
+        p: Params,
+        x: Tensor,
+        key: Tensor | None,
+        fwd: _base.Forward,
+        kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """One post-LN block: ``ln_1(x + attn(x))``, then ``ln_2(x + mlp(x))`` (no cache:
+        BERT is an encoder, ``kv`` must be ``None``)."""
+        assert kv is None, "BERT is an encoder: it has no KV cache"
         drop = fwd.drop
         k_attn, k_res1, k_res2 = _base.block_keys(key)
         h = nn.attention(
@@ -354,6 +365,29 @@ class BERT(_base.ModelConfig):
         x = nn.layer_norm(p["ln_1"], x + nn.dropout(k_res1, h, drop), eps=self.ln_eps)
         h = nn.dropout(k_res2, nn.mlp(p["mlp"], x), drop)
         return nn.layer_norm(p["ln_2"], x + h, eps=self.ln_eps)
+
+    # ------------------------------------------------------------------ the model protocol
+
+    def head_paths(self) -> tuple[str, ...]:
+        """The heads present: ``pooler``, ``mlm`` and ``sop``.
+
+        Example:
+            >>> from fnllm.models import BERT
+            >>> BERT(n_layer=1).head_paths(), BERT(n_layer=1, pair_head=False).head_paths()
+            (('pooler', 'mlm', 'sop'), ('pooler', 'mlm'))
+        """
+        names = (("pooler", self.pooler), ("mlm", self.mlm_head), ("sop", self.pair_head))
+        return tuple(n for n, present in names if present)
+
+    def pool_first(self, params: Params, first: Tensor) -> Tensor:
+        """The pooler, ``tanh(dense(first))``, when the model has one; else ``first``."""
+        if not self.pooler:
+            return first
+        return torch.tanh(nn.linear(params["pooler"], first))
+
+    def pool_first_paths(self) -> tuple[str, ...]:
+        """``("pooler",)`` when the model has one."""
+        return ("pooler",) if self.pooler else ()
 
     # ------------------------------------------------------------------ heads
 

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from fnllm import nn
 from fnllm import random as jr
-from fnllm.models import _base
+from fnllm.models import _base, _cache
 from fnllm.models._base import Params
+from fnllm.models._cache import KVCache
 from fnllm.nn._layers import _embed
 
 __all__ = ["GPT", "GPTOutput"]
@@ -88,6 +89,9 @@ class GPT(_base.ModelConfig):
     _causal: ClassVar[bool] = True
     hf_model_types: ClassVar[tuple[str, ...]] = ("gpt2",)
     hf_codec_module: ClassVar[str | None] = "fnllm.models._hf_gpt2"
+    default_pooling: ClassVar[str] = "last"
+    lora_targets: ClassVar[tuple[str, ...]] = ("*.attn.qkv", "*.attn.proj")
+    final_norm: ClassVar[str | None] = "ln_f"
 
     vocab_size: int = 50257
     n_layer: int = 12
@@ -160,12 +164,21 @@ class GPT(_base.ModelConfig):
         key: Tensor | None = None,
         output_hidden_states: bool = False,
         impl: nn.Impl = "auto",
-    ) -> Tensor | GPTOutput:
-        """Run the model: token ids to next-token logits.
+        cache: KVCache | None = None,
+    ) -> Any:
+        """Run the model: token ids to next-token logits (with a KV cache: and the new cache).
 
         In eager mode the inputs and the parameter tree are checked first (ids in range,
         length, mask shape, every leaf's path and shape); under ``torch.compile`` and inside
         ``vmap`` the data-dependent checks are skipped.
+
+        With ``cache=`` (a :class:`~fnllm.models._cache.KVCache` from :meth:`init_cache`)
+        the tokens continue the sequences the cache holds: they are written at its next
+        slots and attend to everything before, and the result is ``(logits [B, T, V], new
+        cache)`` (the cache passed in is not modified). This is the same forward as
+        ``generate`` runs (:meth:`apply_cached`, here with checks): prefill with the
+        left-padded prompts, then feed one token per row. Positions count real tokens only,
+        so a left-padded row gets the logits it would get alone.
 
         Example:
             >>> import torch
@@ -178,6 +191,10 @@ class GPT(_base.ModelConfig):
             >>> out = gpt.apply(params, tokens, attention_mask=mask, output_hidden_states=True)
             >>> out.logits.shape, len(out.hidden_states)
             (torch.Size([2, 4, 100]), 3)
+            >>> cache = gpt.init_cache(batch_size=2, size=6)   # continue with a KV cache
+            >>> logits, cache = gpt.apply(params, tokens[:, :1], cache=cache)
+            >>> logits.shape, int(cache.length)
+            (torch.Size([2, 1, 100]), 1)
 
         Args:
             params: the parameter tree from :meth:`init` (or a checkpoint).
@@ -189,11 +206,18 @@ class GPT(_base.ModelConfig):
             key: a ``fnllm.random`` key to enable dropout (training); ``None`` = eval.
             output_hidden_states: also return every layer's hidden states.
             impl: attention implementation, ``"auto"``, ``"sdpa"`` or ``"math"``.
+            cache: a KV cache to continue (``tokens`` ``[B, T]``, left padding only, no
+                ``key`` and no ``output_hidden_states``).
 
         Returns:
             Float logits ``[B, T, V]`` (``[T, V]`` for unbatched input), or a
-            :class:`GPTOutput` when ``output_hidden_states`` is set.
+            :class:`GPTOutput` when ``output_hidden_states`` is set; with ``cache``, the
+            pair ``(logits [B, T, V], new cache)``.
         """
+        if cache is not None:
+            if key is not None or output_hidden_states:
+                raise ValueError("apply: cache= runs without dropout and hidden states")
+            return _cache.apply_checked(self, params, tokens, attention_mask, cache)
         tokens, attention_mask = _base.check_inputs(self, params, tokens, attention_mask)
         unbatched = tokens.ndim == 1
         if unbatched:
@@ -208,9 +232,8 @@ class GPT(_base.ModelConfig):
         for block, k in zip(params["blocks"], keys):
             x = self._block(block, x, k, fwd)
             hidden.append(x)
-        x = nn.layer_norm(params["ln_f"], x, eps=self.ln_eps)
-        head = embed["tokens"]["weight"] if self.tie_head else params["head"]["weight"]
-        logits = F.linear(x, head)
+        x = self.finish(params, x)
+        logits = self.logits(params, x)
 
         if unbatched:
             logits = logits[0]
@@ -252,25 +275,90 @@ class GPT(_base.ModelConfig):
         x = _embed(embed["tokens"], tokens) + embed["positions"]["weight"][: tokens.shape[-1]]
         return nn.dropout(key, x, drop)
 
-    def _block(self, p: Params, x: Tensor, key: Tensor | None, fwd: _base.Forward) -> Tensor:
+    def _block(
+        self,
+        p: Params,
+        x: Tensor,
+        key: Tensor | None,
+        fwd: _base.Forward,
+        kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Any:
         """One pre-LN block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``.
 
         ``fwd.mask`` has the causal triangle folded in, or is ``None`` for plain causal
-        attention.
+        attention. With a cache slot ``kv`` (a cached forward, ``fwd.step`` set) the new keys
+        and values are written into it, attention runs over the cache's slots, and the
+        result is ``(x, kv)``.
         """
         mask, drop = fwd.mask, fwd.drop
         k_attn, k_res1, k_res2 = _base.block_keys(key)
         h = nn.layer_norm(p["ln_1"], x, eps=self.ln_eps)
-        h = nn.attention(
-            p["attn"],
-            h,
-            n_head=self.n_head,
-            causal=mask is None,  # a prepared mask has the causal triangle folded in
-            mask=mask,
-            key=k_attn,
-            dropout=drop,
-            impl=fwd.impl,
-        )
+        if kv is None:
+            h = nn.attention(
+                p["attn"],
+                h,
+                n_head=self.n_head,
+                causal=mask is None,  # a prepared mask has the causal triangle folded in
+                mask=mask,
+                key=k_attn,
+                dropout=drop,
+                impl=fwd.impl,
+            )
+        else:
+            assert fwd.step is not None
+            q, k, v = nn.attention_qkv(p["attn"], h, n_head=self.n_head)
+            kv = _cache.write(fwd.step, kv[0], kv[1], k, v)
+            y = nn.dot_product_attention(q, kv[0], kv[1], mask=fwd.step.attend, impl=fwd.impl)
+            h = nn.linear(p["attn"]["proj"], nn.merge_heads(y))
         x = x + nn.dropout(k_res1, h, drop)
         h = nn.mlp(p["mlp"], nn.layer_norm(p["ln_2"], x, eps=self.ln_eps), approximate="tanh")
-        return x + nn.dropout(k_res2, h, drop)
+        x = x + nn.dropout(k_res2, h, drop)
+        return x if kv is None else (x, kv)
+
+    # ------------------------------------------------------------------ the model protocol
+
+    def head_paths(self) -> tuple[str, ...]:
+        """``ln_f`` and, untied, ``head`` (a tied head is the token embedding, not trained).
+
+        Example:
+            >>> from fnllm.models import GPT
+            >>> GPT(n_layer=1).head_paths(), GPT(n_layer=1, tie_head=False).head_paths()
+            (('ln_f',), ('ln_f', 'head'))
+        """
+        return ("ln_f",) if self.tie_head else ("ln_f", "head")
+
+    def finish(self, params: Params, x: Tensor) -> Tensor:
+        """The final layer norm ``ln_f``."""
+        return nn.layer_norm(params["ln_f"], x, eps=self.ln_eps)
+
+    def logits(self, params: Params, x: Tensor) -> Tensor:
+        """The language-model head, tied to the token embedding unless ``tie_head=False``."""
+        head = params["embed"]["tokens"]["weight"] if self.tie_head else params["head"]["weight"]
+        return F.linear(x, head)
+
+    def apply_cached(
+        self,
+        params: Params,
+        tokens: Tensor,
+        attention_mask: Tensor,
+        cache: KVCache,
+        *,
+        inplace: bool = False,
+    ) -> tuple[Tensor, KVCache]:
+        """Embeddings at the cache's positions, every block with its cache slot, ``ln_f``.
+
+        The unchecked core of ``apply(..., cache=)`` and of ``fnllm.generate`` (see
+        :meth:`fnllm.models._base.ModelConfig.apply_cached`): returns the final hidden states
+        ``[B, T, D]`` and the new cache.
+        """
+        step = _cache.begin(cache, attention_mask, inplace=inplace)
+        impl: nn.Impl = "math" if tokens.shape[1] == 1 else "auto"  # one query: no flash set-up
+        fwd = _base.Forward(None, 0.0, impl, step.positions, None, step)
+        embed = params["embed"]
+        x = nn.embedding(embed["tokens"], tokens) + nn.embedding(embed["positions"], step.positions)
+        keys, values = [], []
+        for p, k_cache, v_cache in zip(params["blocks"], cache.keys, cache.values):
+            x, (k_cache, v_cache) = self._block(p, x, None, fwd, (k_cache, v_cache))
+            keys.append(k_cache)
+            values.append(v_cache)
+        return self.finish(params, x), _cache.finish(cache, step, keys, values)

@@ -14,9 +14,23 @@ CPU) and when attention dropout needs a key, SDPA otherwise.
 The boundary checks the models share are re-exported here: :func:`check_ids` and
 :func:`check_shapes`, plus :func:`in_vmap` and :func:`checks_enabled`, which say when a
 data-dependent check can run (they live in the private ``fnllm._checks``).
+
+Adapters (LoRA) reach a linear layer through one small protocol: the adapter leaves beside
+its weight (:data:`ADAPTER_LEAVES`), the delta they add (:func:`adapter_delta`), their
+builder (:func:`lora_leaves`) and the folded weight (:func:`adapter_weight`).
 """
 
 from fnllm._checks import check_ids, check_shapes, checks_enabled, in_vmap
+from fnllm.nn._adapters import (
+    ADAPTER_FIXED,
+    ADAPTER_LEAVES,
+    ADAPTER_TRAINED,
+    adapter_delta,
+    adapter_weight,
+    has_adapter,
+    is_adapter_leaf,
+    lora_leaves,
+)
 from fnllm.nn._attention import (
     attention,
     attention_qkv,
@@ -42,8 +56,13 @@ from fnllm.nn._layers import (
 )
 
 __all__ = [
+    "ADAPTER_FIXED",
+    "ADAPTER_LEAVES",
+    "ADAPTER_TRAINED",
     "Impl",
     "Params",
+    "adapter_delta",
+    "adapter_weight",
     "attention",
     "attention_qkv",
     "check_ids",
@@ -53,14 +72,17 @@ __all__ = [
     "dropout",
     "embedding",
     "gelu",
+    "has_adapter",
     "in_vmap",
     "init_attention",
     "init_embedding",
     "init_layer_norm",
     "init_linear",
     "init_mlp",
+    "is_adapter_leaf",
     "layer_norm",
     "linear",
+    "lora_leaves",
     "make_attention_mask",
     "mean_pool",
     "merge_heads",

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fnllm import random as jr
 from fnllm._checks import check_ids, check_int, check_number, checks_enabled
+from fnllm.nn._adapters import adapter_delta, has_adapter
 
 Params: TypeAlias = dict[str, Any]
 Impl: TypeAlias = Literal["auto", "sdpa", "math"]
@@ -83,18 +84,9 @@ def linear(params: Params, x: Tensor) -> Tensor:
             f"linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
         )
     y = F.linear(x, weight, bias)
-    if "lora_a" in params:  # LoRA adapter leaves (fnllm.finetune.lora); W stays untouched
-        y = y + _lora_delta(params, x)
+    if has_adapter(params):  # an adapter (fnllm.nn._adapters); W stays untouched
+        y = y + adapter_delta(params, x)
     return y
-
-
-def _lora_delta(params: Params, x: Tensor) -> Tensor:
-    """``scale * (x A^T) B^T``; ``[S, ...]`` adapters picked per row apply one set per example."""
-    a, b, scale = params["lora_a"], params["lora_b"], params["lora_scale"].detach()
-    if a.ndim == 2:
-        return scale * F.linear(F.linear(x, a), b)
-    h = torch.einsum("b...i,bri->b...r", x, a)
-    return scale.reshape(-1, *[1] * (x.ndim - 1)) * torch.einsum("b...r,bor->b...o", h, b)
 
 
 def init_embedding(key: Tensor, num: int, dim: int, *, std: float = 0.02) -> Params:

@@ -213,10 +213,4 @@ def check_lr_value(where: str, value: Any, count: Tensor | None) -> Any:
 
 def _check_globs(where: str, globs: Sequence[str], paths: Sequence[str]) -> None:
     """Every glob of a mask selects a leaf: a typo would silently switch weight decay off."""
-    for glob in globs:
-        one = tree.filter_fn(glob)
-        if not any(one(p, None) for p in paths):
-            raise ValueError(
-                f"{where}: mask glob {glob!r} matches no leaf of the tree "
-                f"(paths: {_checks.few(list(paths), 6)})"
-            )
+    tree.check_globs(globs, paths, where=f"{where}: mask")
