@@ -169,7 +169,6 @@ def _demo(
     from fnllm import random as jr
     from fnllm.cli import _compare
     from fnllm.finetune import Classifier, strategy
-    from fnllm.models import BERT
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,8 +197,7 @@ def _demo(
         except (ValueError, TypeError) as err:
             parser.error(f"--data: {err}")
         source = str(args.data)
-    pooling = "mean" if isinstance(base, BERT) else "last"
-    model = Classifier(base, n_classes=len(classes), pooling=pooling)
+    model = Classifier(base, n_classes=len(classes), pooling=base.default_pooling)
     for name in names:
         if name in _compare.PROBES:
             continue
@@ -246,7 +244,7 @@ def _demo(
     say(
         f"fnllm demo: {args.model_dir or 'all-MiniLM-L6-v2'} ({type(base).__name__}, "
         f"{base.n_layer} layers, "
-        f"d={base.d_model}), {pooling} pooling, {torch.get_num_threads()} threads"
+        f"d={base.d_model}), {model.pooling} pooling, {torch.get_num_threads()} threads"
         + (f", {ranks} ranks (finetuning rows data parallel)" if ranks > 1 else "")
     )
     say(f"data: {source}; {len(texts)} texts, classes {classes}")

@@ -106,9 +106,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _load(source: Path) -> tuple[Any, Any, Path]:
-    """``(model, params, folder)`` from an fnllm model file, its folder or a GPT-2 folder."""
+    """``(model, params, folder)`` from an fnllm model file, its folder or a Hugging Face
+    folder of a decoder (GPT-2, ...)."""
     from fnllm import io
-    from fnllm.models import GPT
 
     if source.is_dir():
         if (source / "model.safetensors").is_file() and not (source / "config.json").is_file():
@@ -119,8 +119,10 @@ def _load(source: Path) -> tuple[Any, Any, Path]:
     else:
         model, params = io.load_model(source)
         folder = source.parent
-    if not isinstance(model, GPT):
-        raise TypeError(f"the checkpoint holds a {type(model).__name__}, not a GPT")
+    if not model.is_decoder:  # the message names GPT, the decoder fnllm pretrains
+        raise TypeError(
+            f"the checkpoint holds a {type(model).__name__}, not a GPT (or another decoder)"
+        )
     return model, params, folder
 
 

@@ -1,4 +1,4 @@
-"""Sequence classification: a GPT or BERT config plus a linear head, in one parameter tree.
+"""Sequence classification: a model config plus a linear head, in one parameter tree.
 
 The tree is ``{"base": <the base model's params>, "head": {"weight": [C, D], "bias": [C]}}``,
 so it partitions, saves and exports like any other (``io.to_hf(model.base, params["base"],
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fnllm import nn, tree
 from fnllm import random as jr
-from fnllm.models import BERT, GPT, _base
+from fnllm.models import ModelConfig, _base
 from fnllm.nn import mean_pool
 
 __all__ = ["Classifier", "Pooling", "mean_pool"]
@@ -30,12 +30,13 @@ _POOLINGS = ("cls", "mean", "last")
 
 @dataclass(frozen=True)
 class Classifier:
-    """A classification model: a base GPT/BERT config, a pooling and ``n_classes``.
+    """A classification model: a base model config, a pooling and ``n_classes``.
 
-    ``pooling="cls"`` reads the first token (through BERT's pooler when the base has one, as
-    Hugging Face's ``BertForSequenceClassification`` does), ``"mean"`` averages the real
-    tokens, ``"last"`` takes the last real token (the usual choice for a GPT; with
-    ``n_classes=1`` that is a reward model). A GPT's hidden states pass its final layer norm.
+    ``pooling="cls"`` reads the first token (through the base's ``pool_first``: BERT's pooler
+    when it has one, as Hugging Face's ``BertForSequenceClassification`` does), ``"mean"``
+    averages the real tokens, ``"last"`` takes the last real token (the usual choice for a
+    decoder; with ``n_classes=1`` that is a reward model). The hidden states pass the base's
+    final norm (``finish``: a GPT's ``ln_f``).
 
     Example:
         >>> import torch
@@ -49,22 +50,23 @@ class Classifier:
         torch.Size([1, 3])
 
     Args:
-        base: the :class:`~fnllm.models.GPT` or :class:`~fnllm.models.BERT` config.
+        base: the model config (:class:`~fnllm.models.GPT`, :class:`~fnllm.models.BERT`, ...).
         n_classes: number of classes (the head's outputs).
         pooling: ``"cls"``, ``"mean"`` or ``"last"``.
         head_std: the standard deviation of the head's initial weights; ``0.0`` starts every
             output at 0 (a reward model whose pairwise loss starts at ``log 2``).
     """
 
-    base: GPT | BERT
+    base: ModelConfig
     n_classes: int = 2
     pooling: Pooling = "cls"
     head_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if not isinstance(self.base, (GPT, BERT)):
+        if not isinstance(self.base, ModelConfig):
             raise TypeError(
-                f"Classifier: base must be a GPT or BERT config, got {type(self.base).__name__}"
+                "Classifier: base must be a model config (GPT, BERT, ...), "
+                f"got {type(self.base).__name__}"
             )
         n = self.n_classes
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -253,8 +255,7 @@ class Classifier:
         x = self.base.apply_blocks(
             base, hidden, attention_mask=attention_mask, start=layer, key=key
         )
-        if isinstance(self.base, GPT):
-            x = nn.layer_norm(base["ln_f"], x, eps=self.base.ln_eps)
+        x = self.base.finish(base, x)
         if self.pooling == "mean":
             if attention_mask is None:
                 return x.mean(-2)
@@ -266,10 +267,7 @@ class Classifier:
             pos = torch.arange(T, device=x.device)
             last = (attention_mask.long() * (pos + 1)).argmax(-1)  # last real token per row
             return x[torch.arange(x.shape[0], device=x.device), last]
-        first = x[:, 0]
-        if isinstance(self.base, BERT) and self.base.pooler:
-            return torch.tanh(nn.linear(base["pooler"], first))
-        return first
+        return self.base.pool_first(base, x[:, 0])
 
     def _check(
         self, params: Params, tokens: Any, attention_mask: Any, layer: int

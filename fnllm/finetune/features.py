@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fnllm.finetune.classifier import Classifier, Pooling
-from fnllm.models import BERT, GPT
+from fnllm.models import ModelConfig
 
 __all__ = ["boosting_probe", "extract_features", "linear_probe"]
 
@@ -35,13 +35,13 @@ def extract_features(
         torch.Size([2, 8])
 
     Args:
-        model: a :class:`Classifier` (its pooling, ``params`` its tree) or a bare GPT/BERT
+        model: a :class:`Classifier` (its pooling, ``params`` its tree) or a bare model
             config (``params`` the model's tree).
         params: the parameters.
         batches: an iterable of dicts with ``"input_ids"`` (or ``"tokens"``) ``[B, T]`` and
             optionally ``"attention_mask"``, or of ``(ids, mask)`` pairs, or of id tensors.
-        pooling: ``"mean"``, ``"cls"`` or ``"last"``; default the Classifier's, else
-            ``"mean"`` for BERT and ``"last"`` for GPT.
+        pooling: ``"mean"``, ``"cls"`` or ``"last"``; default the Classifier's, else the
+            model's ``default_pooling`` (``"mean"`` for BERT, ``"last"`` for GPT).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -55,12 +55,13 @@ def extract_features(
         clf, tree_ = model, params
         if pooling is not None and pooling != model.pooling:
             clf = Classifier(model.base, model.n_classes, pooling)
-    elif isinstance(model, (GPT, BERT)):
-        default = "mean" if isinstance(model, BERT) else "last"
-        clf, tree_ = Classifier(model, 1, pooling or default), {"base": params, "head": {}}
+    elif isinstance(model, ModelConfig):
+        how = pooling or model.default_pooling
+        clf, tree_ = Classifier(model, 1, how), {"base": params, "head": {}}
     else:
         raise TypeError(
-            f"extract_features: model must be a Classifier, GPT or BERT, got {type(model).__name__}"
+            "extract_features: model must be a Classifier or a model config (GPT, BERT, ...), "
+            f"got {type(model).__name__}"
         )
     from tqdm.auto import tqdm
 

@@ -206,9 +206,9 @@ def to_hf_state_dict(
         ValueError: a leaf has the wrong shape, or the architecture needs weights the params
             lack.
     """
+    codec = _codec_of_model(model, "to_hf_state_dict")
     flat = _safetensors.flat_tensors(params, "params")
     _safetensors.check_params(model, flat, where="params")
-    codec = _codec_of_model(model, "to_hf_state_dict")
     arch = architecture or codec.default_arch(model)
     prefix, table, keep = codec.export(model, arch)
     unprefixed = getattr(codec, "UNPREFIXED", _hf.UNPREFIXED)

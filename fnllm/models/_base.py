@@ -238,6 +238,11 @@ class ModelConfig:
         """Whether the model predicts the next token (and so can generate with a KV cache)."""
         return self._causal
 
+    def embed(self, params: Params, tokens: Tensor, *, key: Tensor | None = None) -> Tensor:
+        """The embedding output for ``[B, T]`` ids: ``hidden_states[0]``, the input of block 0
+        (each model defines it; ``finetune.Classifier.prefix`` starts here)."""
+        raise NotImplementedError(f"{type(self).__name__}.embed")
+
     def block_paths(self) -> tuple[str, ...]:
         """The paths of the blocks, bottom to top (``"blocks.0"``, ...): ``last:N`` trains
         the last ``N``."""
