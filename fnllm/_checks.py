@@ -13,14 +13,12 @@ allowed inside ``torch.func`` transforms; two questions decide when they run:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch._functorch.pyfunctorch import TransformType, retrieve_current_functorch_interpreter
-
-from fnllm import tree
 
 IGNORE_INDEX = -100  # the label of a position no loss counts (as in PyTorch and transformers)
 
@@ -138,48 +136,6 @@ def check_id_range(
     rel = "< 0" if value < 0 else f">= {bound} {size}"
     extra = f" (and is not ignore_index {ignore})" if ignore is not None else ""
     raise ValueError(f"{name}: id {value} at {where} {rel}{extra}")
-
-
-def check_shapes(
-    params: Any, expected: Mapping[str, tuple[int, ...]], *, name: str = "params"
-) -> None:
-    """Check that a tree has exactly the leaves ``expected`` names, with those shapes.
-
-    Example:
-        >>> import torch
-        >>> from fnllm import nn
-        >>> nn.check_shapes({"w": torch.zeros(2, 3)}, {"w": (2, 3)})
-        >>> nn.check_shapes({"w": torch.zeros(2, 3)}, {"w": (3, 2)})
-        Traceback (most recent call last):
-        ...
-        ValueError: params: w has shape (2, 3), expected (3, 2)
-
-    Args:
-        params: a nested dict/list tree of tensors.
-        expected: ``{dotted.path: shape}``.
-        name: how the error message names the tree.
-
-    Raises:
-        KeyError: a leaf is missing or unexpected (the message lists the paths).
-        TypeError: a leaf is not a tensor.
-        ValueError: a leaf has the wrong shape.
-    """
-    from fnllm.nn._adapters import is_adapter_leaf  # nn imports this module
-
-    flat = tree.flatten(params)
-    # adapter leaves (fnllm.nn._adapters) ride along with a linear layer's leaves
-    flat = {p: v for p, v in flat.items() if not is_adapter_leaf(p)}
-    check_keys(
-        f"{name}: ", [p for p in expected if p not in flat], [p for p in flat if p not in expected]
-    )
-    for path, shape in expected.items():
-        leaf = flat[path]
-        if not isinstance(leaf, Tensor):
-            raise TypeError(f"{name}: {path} is a {type(leaf).__name__}, expected a tensor")
-        if tuple(leaf.shape) != tuple(shape):
-            raise ValueError(
-                f"{name}: {path} has shape {tuple(leaf.shape)}, expected {tuple(shape)}"
-            )
 
 
 def check_keys(prefix: str, missing: list[str], unexpected: list[str]) -> None:

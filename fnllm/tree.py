@@ -1,12 +1,9 @@
 """Parameter trees: plain nested ``dict`` / ``list`` / ``tuple`` containers with tensor leaves.
 
 Every leaf has a *path*: the keys and list indexes from the root, joined with dots
-(``"blocks.3.attn.qkv.weight"``). Filters select leaves by path, so freezing, weight-decay
-masks and checkpoint keys all speak the same language.
-
-Globs speak one dialect everywhere (:func:`glob_match`): :func:`partition`, optimizer masks,
-``finetune.strategy`` and LoRA targets all use it, and :func:`check_globs` is the one
-"this glob matches nothing" check.
+(``"blocks.3.attn.qkv.weight"``). Filters select leaves by path in one glob dialect
+(:func:`glob_match`, checked by :func:`check_globs`), so freezing, weight-decay masks, LoRA
+targets and checkpoint keys all speak the same language.
 
 A partition is just two sparse trees: unselected dict entries are dropped and unselected
 list/tuple slots hold an empty tuple ``()``, so both halves are ordinary trees that
@@ -335,9 +332,7 @@ def structure_equal(a: Tree, b: Tree, *, shapes: bool = False) -> bool:
 def filter_fn(filter: Filter) -> Predicate:
     """Turn a filter (glob, list of globs or predicate) into a predicate ``(path, leaf) -> bool``.
 
-    A glob selects a leaf as :func:`glob_match` says: when it matches the leaf's path or any
-    prefix of it that ends at a dot, so ``"head"`` selects everything under ``head`` and
-    ``"blocks.*.attn.*"`` every attention leaf.
+    A glob selects a leaf when it matches the leaf's path or a dotted prefix (:func:`glob_match`).
 
     Example:
         >>> from fnllm import tree
@@ -374,16 +369,15 @@ def filter_fn(filter: Filter) -> Predicate:
 
 
 def glob_match(path: str, globs: str | Sequence[str]) -> bool:
-    """Whether a glob (or any of several) matches ``path``: fnllm's one glob dialect.
+    """Whether a glob (or any of ``globs``) matches ``path``: fnllm's one glob dialect.
 
-    The rule, used by every filter in fnllm (:func:`partition`, optimizer masks,
-    ``finetune.strategy``, LoRA targets): a glob matches ``path`` when
-    :func:`fnmatch.fnmatchcase` matches it against ``path`` itself or against a prefix of
-    ``path`` that ends at a dot boundary (``"blocks.0.attn"`` of
-    ``"blocks.0.attn.qkv.weight"``, never ``"blocks.0.at"``). ``*`` matches any characters,
-    dots included; ``?`` one character; ``[seq]`` a character class; matching is
-    case-sensitive. So ``"head"`` matches ``head`` and everything under it, ``"*.bias"`` every
-    bias, ``"blocks.1.*"`` everything in block 1 (but not ``blocks.10``).
+    Every filter in fnllm uses it (:func:`partition`, optimizer masks, ``finetune.strategy``,
+    LoRA targets): a glob matches a dotted path (of a leaf, or of a sub-tree such as a linear
+    layer) when :func:`fnmatch.fnmatchcase` matches it against the path itself or against a
+    prefix of it that ends at a dot boundary (``blocks.0.attn`` of ``blocks.0.attn.qkv.weight``,
+    never ``blocks.0.at``). ``*`` matches any characters, dots included; ``?`` one character;
+    ``[seq]`` a character class; case counts. So ``"head"`` matches ``head`` and everything
+    under it, ``"*.bias"`` every bias, ``"blocks.1.*"`` all of block 1 (not ``blocks.10``).
 
     Example:
         >>> from fnllm import tree
@@ -393,13 +387,6 @@ def glob_match(path: str, globs: str | Sequence[str]) -> bool:
         False
         >>> tree.glob_match("blocks.0.attn.qkv", "*.attn.qkv"), tree.glob_match("head", "hea")
         (True, False)
-
-    Args:
-        path: a dotted path (of a leaf, or of a sub-tree such as a linear layer).
-        globs: one glob or a sequence of globs (any may match).
-
-    Returns:
-        ``True`` when some glob matches ``path`` or one of its dotted prefixes.
     """
     globs = (globs,) if isinstance(globs, str) else globs
     parts = path.split(".")
@@ -416,14 +403,11 @@ def check_globs(
     each: bool = True,
     hint: str = "",
 ) -> None:
-    """Raise a ``ValueError`` naming a glob that matches none of ``paths`` (:func:`glob_match`).
-
-    The one "glob matches nothing" check: a typo in a glob would otherwise silently select
-    nothing (freeze what was meant to train, switch weight decay off, adapt no layer).
+    """The one "glob matches nothing" check: a ``ValueError`` naming a glob that matches
+    none of ``paths`` (:func:`glob_match`), since a typo would silently select nothing.
 
     Example:
         >>> from fnllm import tree
-        >>> tree.check_globs(["head", "*.bias"], ["head.weight", "blocks.0.ln.bias"], where="demo")
         >>> tree.check_globs(["haed"], ["head.weight"], where="demo")
         Traceback (most recent call last):
         ...
@@ -431,14 +415,10 @@ def check_globs(
 
     Args:
         globs: the globs to check.
-        paths: the paths they should select among.
-        where: the caller, first in the message (``"tree.partition"``).
-        what: what a path names, for the message (``"leaf"``, ``"linear layer"``).
+        paths: the paths they select among.
+        where: the caller, first in the message; ``what``: what a path names (``"leaf"``).
         each: every glob must match (default); ``False``: at least one of them.
         hint: appended to the message (what to do instead).
-
-    Raises:
-        ValueError: a glob (``each``) or all of them (not ``each``) match no path.
     """
     paths = list(paths)
     shown = ", ".join(paths[:6]) + (" ..." if len(paths) > 6 else "")

@@ -60,8 +60,8 @@ def extract_features(
         clf, tree_ = Classifier(model, 1, how), {"base": params, "head": {}}
     else:
         raise TypeError(
-            "extract_features: model must be a Classifier or a model config (GPT, BERT, ...), "
-            f"got {type(model).__name__}"
+            "extract_features: model must be a Classifier, GPT or BERT (or another fnllm model "
+            f"config), got {type(model).__name__}"
         )
     from tqdm.auto import tqdm
 

@@ -93,8 +93,8 @@ def strategy(name: str | Sequence[str], model: Any) -> Strategy:
         prefix, base = "", model
     else:
         raise TypeError(
-            "strategy: model must be a Classifier or a model config (GPT, BERT, ...), "
-            f"got {type(model).__name__}"
+            "strategy: model must be a Classifier, GPT or BERT config (or another fnllm model "
+            f"config), got {type(model).__name__}"
         )
     if not isinstance(name, str):
         globs = tuple(name)
@@ -158,9 +158,9 @@ def frozen_prefix(model: Any, params: Any, filter: Any) -> int:
     for path in tree.paths(trainable):
         if not path.startswith(prefix):
             continue
-        for i, b in enumerate(blocks[:lowest]):
+        for i, b in enumerate(blocks):
             if path.startswith(b + "."):
-                lowest = i
+                lowest = min(lowest, i)
                 break
         else:
             if not tree.glob_match(path, after):  # below the blocks: the embeddings

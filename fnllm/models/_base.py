@@ -203,6 +203,20 @@ class ModelConfig:
     A model (:class:`~fnllm.models.GPT`, :class:`~fnllm.models.BERT`) is a frozen dataclass
     of hyper-parameters deriving from this class and naming its ``kind``; the layout comes from
     the model's own ``init`` (run once on the meta device and cached), so it is written once.
+
+    It is also the *model protocol*: what the rest of fnllm asks a model instead of testing
+    its class (block, head, final-norm and pooling paths, default pooling and LoRA targets,
+    the Hugging Face codec, and for a decoder the logits and the cached forward that
+    ``fnllm.generate`` runs). ``isinstance(x, ModelConfig)`` is how other modules recognise a
+    model config.
+
+    Example:
+        >>> from fnllm.models import BERT, GPT, ModelConfig
+        >>> gpt, bert = GPT(n_layer=2), BERT(n_layer=2)
+        >>> isinstance(gpt, ModelConfig), gpt.is_decoder, bert.is_decoder
+        (True, True, False)
+        >>> gpt.block_paths(), gpt.final_norm, bert.default_pooling, bert.head_paths()
+        (('blocks.0', 'blocks.1'), 'ln_f', 'mean', ('pooler', 'mlm', 'sop'))
     """
 
     kind: ClassVar[str] = ""

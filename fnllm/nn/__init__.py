@@ -13,20 +13,22 @@ CPU) and when attention dropout needs a key, SDPA otherwise.
 
 The boundary checks the models share are re-exported here: :func:`check_ids` and
 :func:`check_shapes`, plus :func:`in_vmap` and :func:`checks_enabled`, which say when a
-data-dependent check can run (they live in the private ``fnllm._checks``).
+data-dependent check can run (they live in the private ``fnllm._checks``, but
+:func:`check_shapes` in ``nn/_adapters.py``, as it knows the adapter leaves).
 
 Adapters (LoRA) reach a linear layer through one small protocol: the adapter leaves beside
 its weight (:data:`ADAPTER_LEAVES`), the delta they add (:func:`adapter_delta`), their
 builder (:func:`lora_leaves`) and the folded weight (:func:`adapter_weight`).
 """
 
-from fnllm._checks import check_ids, check_shapes, checks_enabled, in_vmap
+from fnllm._checks import check_ids, checks_enabled, in_vmap
 from fnllm.nn._adapters import (
     ADAPTER_FIXED,
     ADAPTER_LEAVES,
     ADAPTER_TRAINED,
     adapter_delta,
     adapter_weight,
+    check_shapes,
     has_adapter,
     is_adapter_leaf,
     lora_leaves,

@@ -7,16 +7,21 @@ dict ``{"weight": W [out, in], "bias": b}`` may also hold a low-rank adapter,
 ``[S]`` axis (one adapter set per example, ``fnllm.finetune.lora.pick``). :func:`fnllm.nn.linear`
 adds the delta, ``check_shapes`` lets adapter leaves ride along with a model's layout, and
 ``fnllm.finetune`` builds (:func:`lora_leaves`), trains (:data:`ADAPTER_TRAINED`) and folds
-(:func:`adapter_weight`) them through this module alone.
+(:func:`adapter_weight`) them through this module alone. :func:`check_shapes` (a tree against
+a layout) lives here because it lets adapter leaves ride along.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fnllm import tree
+from fnllm._checks import check_keys
 
 __all__ = [
     "ADAPTER_FIXED",
@@ -24,6 +29,7 @@ __all__ = [
     "ADAPTER_TRAINED",
     "adapter_delta",
     "adapter_weight",
+    "check_shapes",
     "has_adapter",
     "is_adapter_leaf",
     "lora_leaves",
@@ -80,6 +86,13 @@ def adapter_delta(params: dict[str, Any], x: Tensor) -> Tensor:
     With ``[S, r, in]`` / ``[S, out, r]`` adapters (one set per example) and ``[S]``
     scales, row ``i`` of ``x`` (``[S, ..., in]``) uses set ``i``. The scale is a constant
     (detached): gradients reach ``A`` and ``B`` only.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import nn
+        >>> p = nn.lora_leaves(torch.ones(1, 2), torch.ones(3, 1), torch.tensor(0.5))
+        >>> nn.adapter_delta(p, torch.tensor([[1.0, 2.0]]))
+        tensor([[1.5000, 1.5000, 1.5000]])
     """
     a, b, scale = (params[n] for n in ADAPTER_LEAVES)
     scale = scale.detach()
@@ -104,3 +117,43 @@ def adapter_weight(params: dict[str, Any]) -> Tensor:
     a, b, s = (params[n] for n in ADAPTER_LEAVES)
     w = params["weight"]
     return w + s * (b @ a)
+
+
+def check_shapes(
+    params: Any, expected: Mapping[str, tuple[int, ...]], *, name: str = "params"
+) -> None:
+    """Check that a tree has exactly the leaves ``expected`` names, with those shapes.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import nn
+        >>> nn.check_shapes({"w": torch.zeros(2, 3)}, {"w": (2, 3)})
+        >>> nn.check_shapes({"w": torch.zeros(2, 3)}, {"w": (3, 2)})
+        Traceback (most recent call last):
+        ...
+        ValueError: params: w has shape (2, 3), expected (3, 2)
+
+    Args:
+        params: a nested dict/list tree of tensors.
+        expected: ``{dotted.path: shape}``.
+        name: how the error message names the tree.
+
+    Raises:
+        KeyError: a leaf is missing or unexpected (the message lists the paths).
+        TypeError: a leaf is not a tensor.
+        ValueError: a leaf has the wrong shape.
+    """
+    flat = tree.flatten(params)
+    # adapter leaves (fnllm.nn._adapters) ride along with a linear layer's leaves
+    flat = {p: v for p, v in flat.items() if not is_adapter_leaf(p)}
+    check_keys(
+        f"{name}: ", [p for p in expected if p not in flat], [p for p in flat if p not in expected]
+    )
+    for path, shape in expected.items():
+        leaf = flat[path]
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{name}: {path} is a {type(leaf).__name__}, expected a tensor")
+        if tuple(leaf.shape) != tuple(shape):
+            raise ValueError(
+                f"{name}: {path} has shape {tuple(leaf.shape)}, expected {tuple(shape)}"
+            )
