@@ -285,6 +285,11 @@ def test_lora_keeps_its_layers_on_exact_targets_and_defaults_to_the_model() -> N
     a = lora.init(jr.key(1), params, rank=2, model=tiny_gpt())
     b = lora.init(jr.key(1), params, rank=2, targets=tiny_gpt().lora_targets)
     assert tree.paths(a) == tree.paths(b)
+    clf = finetune.Classifier(tiny_gpt(), 2, "last")
+    c = lora.init(jr.key(1), clf.init(jr.key(0), base_params=params), rank=2, model=clf)
+    assert [p for p in tree.paths(c) if p.startswith("base.")] == [
+        "base." + p for p in tree.paths(a)
+    ]
 
 
 def test_adapters_reach_linear_layers_through_the_nn_protocol() -> None:

@@ -85,6 +85,11 @@ class Classifier:
         """The base model's number of blocks."""
         return self.base.n_layer
 
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The base model's default LoRA targets, under ``base.`` (``lora.init(model=clf)``)."""
+        return tuple(f"base.{g}" for g in self.base.lora_targets)
+
     def init(self, key: Tensor, base_params: Params | None = None) -> Params:
         """Make the parameter tree; ``base_params`` (e.g. pretrained) are kept as they are.
 

@@ -84,7 +84,8 @@ def init(
             block 0). Default: ``model.lora_targets`` when ``model`` is given, else
             :data:`DEFAULT_TARGETS` (GPT's and BERT's attention projections).
         rslora: use rank-stabilised scaling ``alpha / sqrt(r)``.
-        model: the model config ``params`` belongs to; only its default targets are read.
+        model: the model config (or ``finetune.Classifier``) ``params`` belongs to; only its
+            default targets (``lora_targets``) are read.
 
     Returns:
         The tree with ``lora_a`` ``[r, in]`` (uniform in ``+-1/sqrt(in)``), ``lora_b``

@@ -1,4 +1,5 @@
-"""Decoding from a GPT: a preallocated KV cache, pure ``prefill``/``decode_step``, and sampling.
+"""Decoding from any decoder (GPT, ...): a preallocated KV cache, ``prefill``/``decode_step``,
+sampling. The forward is the model's own cached forward (``model.apply_cached``).
 
 - :mod:`fnllm.generate.cache`: :class:`KVCache` (a pytree of preallocated tensors with a
   fixed number of slots), :func:`init_cache`, :func:`prefill` and :func:`decode_step`; the

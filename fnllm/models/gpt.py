@@ -353,9 +353,10 @@ class GPT(_base.ModelConfig):
         """
         step = _cache.begin(cache, attention_mask, inplace=inplace)
         impl: nn.Impl = "math" if tokens.shape[1] == 1 else "auto"  # one query: no flash set-up
-        fwd = _base.Forward(None, 0.0, impl, step.positions, None, step)
         embed = params["embed"]
         x = nn.embedding(embed["tokens"], tokens) + nn.embedding(embed["positions"], step.positions)
+        extra = self._extras(step.positions, x.dtype)
+        fwd = _base.Forward(None, 0.0, impl, step.positions, extra, step)
         keys, values = [], []
         for p, k_cache, v_cache in zip(params["blocks"], cache.keys, cache.values):
             x, (k_cache, v_cache) = self._block(p, x, None, fwd, (k_cache, v_cache))
