@@ -165,7 +165,7 @@ class GPT(_base.ModelConfig):
         output_hidden_states: bool = False,
         impl: nn.Impl = "auto",
         cache: KVCache | None = None,
-    ) -> Any:
+    ) -> Tensor | GPTOutput | tuple[Tensor, KVCache]:
         """Run the model: token ids to next-token logits (with a KV cache: and the new cache).
 
         In eager mode the inputs and the parameter tree are checked first (ids in range,
