@@ -301,3 +301,27 @@ def test_adapters_reach_linear_layers_through_the_nn_protocol() -> None:
     torch.testing.assert_close(nn.adapter_delta(layer, x), 0.5 * x @ a.T @ b.T)
     assert {*nn.ADAPTER_LEAVES} == {*nn.ADAPTER_TRAINED, *nn.ADAPTER_FIXED}
     nn.check_shapes({"l": layer}, {"l.weight": (3, 4)})  # adapter leaves ride along
+
+
+def test_bitfit_names_a_model_without_biases() -> None:
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class NoBias(models.ModelConfig):
+        kind = "nobias"
+        vocab_size: int = 4
+        n_layer: int = 1
+        n_head: int = 1
+        d_model: int = 2
+        max_len: int = 4
+        dropout: float = 0.0
+
+        def init(self, key):
+            return {"blocks": [{"w": torch.zeros(2, 2, device=key.device)}]}
+
+        def head_paths(self):
+            return ()
+
+    with pytest.raises(ValueError, match="'bitfit' trains the biases, and this NoBias has none"):
+        finetune.strategy("bitfit", NoBias())
+    assert finetune.strategy("last:1", NoBias()).globs == ("blocks.0",)

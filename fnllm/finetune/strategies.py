@@ -84,7 +84,8 @@ def strategy(name: str | Sequence[str], model: Any) -> Strategy:
         A :class:`Strategy`, usable wherever ``tree.partition`` takes a filter.
 
     Raises:
-        ValueError: an unknown name, or ``last:N`` with ``N`` outside ``[1, n_layer]``.
+        ValueError: an unknown name, ``last:N`` with ``N`` outside ``[1, n_layer]``, or
+            ``bitfit`` on a model without biases.
         TypeError: ``model`` is not a Classifier or a model config.
     """
     if isinstance(model, Classifier):
@@ -109,6 +110,11 @@ def strategy(name: str | Sequence[str], model: Any) -> Strategy:
     if name == "head":
         return Strategy(name, heads)
     if name == "bitfit":
+        if not any(tree.glob_match(p, "*.bias") for p in base.param_shapes()):
+            raise ValueError(
+                f"strategy: 'bitfit' trains the biases, and this {type(base).__name__} has "
+                "none; choose another strategy (e.g. 'lora' or 'last:N')"
+            )
         return Strategy(name, ("*.bias", *heads))
     if name == "lora":
         return Strategy(name, (*(f"*.{leaf}" for leaf in nn.ADAPTER_TRAINED), *heads))
