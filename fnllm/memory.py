@@ -343,14 +343,8 @@ def _advise(
         tried.append(("store the weights in bf16 (tree.cast)", half, strategy, batch))
     smaller = batch // 2
     while smaller >= 1:
-        tried.append(
-            (
-                f"batch {smaller} with {batch // smaller} accumulation steps",
-                params,
-                strategy,
-                smaller,
-            )  # fmt: skip
-        )
+        what = f"batch {smaller} with {batch // smaller} accumulation steps"
+        tried.append((what, params, strategy, smaller))
         smaller //= 2
     out = []
     for what, p, s, b in tried:
