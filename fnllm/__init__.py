@@ -15,7 +15,21 @@ Example:
     torch.Size([1, 8, 64])
 """
 
-from fnllm import data, finetune, grads, interop, io, losses, models, nn, optim, random, train, tree
+from fnllm import (
+    data,
+    finetune,
+    grads,
+    interop,
+    io,
+    losses,
+    memory,
+    models,
+    nn,
+    optim,
+    random,
+    train,
+    tree,
+)
 from fnllm.models import BERT, GPT
 
 __version__ = "0.1.0"
@@ -30,6 +44,7 @@ __all__ = [
     "interop",
     "io",
     "losses",
+    "memory",
     "models",
     "nn",
     "optim",

@@ -64,6 +64,12 @@ def checks_enabled() -> bool:
     return not torch.compiler.is_compiling() and not in_vmap()
 
 
+def has_values(x: Tensor) -> bool:
+    """False for a tensor without data to read: on the ``meta`` device, or a fake tensor
+    (``fnllm.memory.plan`` runs steps on them)."""
+    return x.device.type != "meta" and not torch._subclasses.fake_tensor.is_fake(x)
+
+
 def wrapped(x: object) -> bool:
     """True for a ``torch.func`` wrapper tensor seen eagerly (False while compiling)."""
     if torch.compiler.is_compiling():
@@ -121,7 +127,7 @@ def check_id_range(
 
     The caller decides whether values may be read (:func:`checks_enabled`, :func:`tracing`).
     """
-    if ids.numel() == 0:
+    if ids.numel() == 0 or not has_values(ids):
         return
     low, high = torch.stack(torch.aminmax(ids)).tolist()
     if low >= 0 and high < size:

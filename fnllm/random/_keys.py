@@ -206,12 +206,17 @@ def _key_words(name: str, key: Any) -> Tensor:
 
 
 def _eager(*tensors: Any) -> bool:
-    """True when values can be checked: not while compiling, no ``torch.func`` wrapper, not meta."""
+    """True when values can be checked: not while compiling, no ``torch.func`` wrapper, not
+    meta or fake (``fnllm.memory.plan``)."""
     if torch.compiler.is_compiling():
         return False
     return not any(
         isinstance(t, Tensor)
-        and (torch._C._functorch.is_functorch_wrapped_tensor(t) or t.device.type == "meta")
+        and (
+            torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or t.device.type == "meta"
+            or torch._subclasses.fake_tensor.is_fake(t)
+        )
         for t in tensors
     )
 
