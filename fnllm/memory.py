@@ -32,7 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fnllm import _checks, losses, optim, tree
+from fnllm import _checks, losses, nn, optim, tree
 from fnllm import random as jr
 
 __all__ = ["MemoryPlan", "measure", "plan"]
@@ -171,7 +171,7 @@ def plan(
     filt = finetune.strategy(strategy, model) if isinstance(strategy, str) else strategy
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
         params = _fake_params(model, params_or_dtype, fake)
-        if strategy == "lora" and not any(p.endswith("lora_a") for p in tree.paths(params)):
+        if strategy == "lora" and not any(nn.is_adapter_leaf(p) for p in tree.paths(params)):
             params = finetune.lora.init(jr.key(0), params, rank=lora_rank)
         trainable, frozen = tree.partition(params, filt)
         data = {
