@@ -16,13 +16,14 @@ Example:
 """
 
 from fnllm import data, finetune, grads, interop, io, losses, models, nn, optim, random, train, tree
-from fnllm.models import BERT, GPT
+from fnllm.models import BERT, GPT, Llama
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BERT",
     "GPT",
+    "Llama",
     "data",
     "distributed",
     "finetune",

@@ -1,8 +1,9 @@
-"""Model configs: :class:`GPT` (GPT-2) and :class:`BERT`, each with ``init`` and ``apply``.
+"""Model configs: :class:`GPT` (GPT-2), :class:`Llama` (Llama, Qwen2, Mistral) and
+:class:`BERT`, each with ``init`` and ``apply``.
 
 A model is a frozen dataclass of hyper-parameters; its parameters are a plain nested tree
 that ``init(key)`` creates and ``apply(params, ...)`` consumes. :func:`from_config` rebuilds
-either model from the dict that ``to_config()`` writes (checkpoint metadata uses it).
+any model from the dict that ``to_config()`` writes (checkpoint metadata uses it).
 
 What ``apply`` returns, one convention for both: the model's single output as a tensor, and
 a named tuple as soon as there is more than one. A decoder has one output, so
@@ -24,13 +25,23 @@ from typing import Any
 
 from fnllm.models.bert import BERT, BertOutput, BertPretrainOutput
 from fnllm.models.gpt import GPT, GPTOutput
+from fnllm.models.llama import Llama, LlamaOutput
 
-__all__ = ["BERT", "GPT", "BertOutput", "BertPretrainOutput", "GPTOutput", "from_config"]
+__all__ = [
+    "BERT",
+    "GPT",
+    "BertOutput",
+    "BertPretrainOutput",
+    "GPTOutput",
+    "Llama",
+    "LlamaOutput",
+    "from_config",
+]
 
-_TYPES: dict[str, Any] = {"gpt": GPT, "bert": BERT}
+_TYPES: dict[str, Any] = {"gpt": GPT, "bert": BERT, "llama": Llama}
 
 
-def from_config(config: Mapping[str, Any]) -> GPT | BERT:
+def from_config(config: Mapping[str, Any]) -> GPT | BERT | Llama:
     """Rebuild a model config from a ``to_config()`` dict, dispatching on its ``"type"``.
 
     Example:
@@ -41,10 +52,11 @@ def from_config(config: Mapping[str, Any]) -> GPT | BERT:
         'BERT'
 
     Args:
-        config: a mapping with ``"type"`` (``"gpt"`` or ``"bert"``) and config fields.
+        config: a mapping with ``"type"`` (``"gpt"``, ``"bert"`` or ``"llama"``) and config
+            fields.
 
     Returns:
-        The :class:`GPT` or :class:`BERT` config.
+        The :class:`GPT`, :class:`BERT` or :class:`Llama` config.
 
     Raises:
         ValueError: a missing or unknown ``"type"``, or unknown fields.

@@ -6,6 +6,11 @@ composition of these functions over a nested tree, and ``torch.func.grad``, ``vm
 ``[out, in]``), which keeps the arithmetic identical to ``torch.nn`` and the Hugging Face
 checkpoints one transpose away.
 
+The Llama family adds :func:`rms_norm`, the gated :func:`swiglu` MLP and rotary position
+embeddings (:func:`rotary_frequencies`, :func:`rotary_tables`, :func:`apply_rotary`);
+:func:`dot_product_attention` takes fewer key/value heads than query heads (grouped-query
+attention).
+
 Attention runs on :func:`torch.nn.functional.scaled_dot_product_attention` (``impl="sdpa"``)
 or on a plain matmul-softmax-matmul path (``impl="math"``) that batches under ``vmap``;
 ``impl="auto"`` picks the math path inside ``torch.func.vmap`` (SDPA has no batching rule on
@@ -40,10 +45,13 @@ from fnllm.nn._layers import (
     mean_pool,
     mlp,
 )
+from fnllm.nn._llama_layers import init_rms_norm, init_swiglu, rms_norm, swiglu
+from fnllm.nn._rotary import apply_rotary, rotary_frequencies, rotary_tables
 
 __all__ = [
     "Impl",
     "Params",
+    "apply_rotary",
     "attention",
     "attention_qkv",
     "check_ids",
@@ -59,10 +67,16 @@ __all__ = [
     "init_layer_norm",
     "init_linear",
     "init_mlp",
+    "init_rms_norm",
+    "init_swiglu",
     "layer_norm",
     "linear",
     "make_attention_mask",
     "mean_pool",
     "merge_heads",
     "mlp",
+    "rms_norm",
+    "rotary_frequencies",
+    "rotary_tables",
+    "swiglu",
 ]
