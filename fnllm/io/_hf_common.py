@@ -141,9 +141,12 @@ def model_type(cfg: Mapping[str, Any], state: Mapping[str, Any], where: str) -> 
     mt = cfg.get("model_type")
     if mt is None:  # old configs: guess from the field names
         mt = "gpt2" if "n_embd" in cfg else "bert" if "hidden_size" in cfg else None
-    if mt not in ("gpt2", "bert"):
+    supported = ("gpt2", "bert", "llama", "qwen2", "mistral")
+    if mt not in supported:
         raise ValueError(
-            f"from_hf: {where}: unsupported model_type {mt!r} (supported: 'gpt2', 'bert')"
+            f"from_hf: {where}: unsupported model_type {mt!r} (supported: "
+            + ", ".join(map(repr, supported))
+            + ")"
         )
     return mt
 

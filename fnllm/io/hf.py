@@ -35,6 +35,7 @@ import torch
 
 from fnllm import tree as _tree
 from fnllm.io import _hf_bert, _hf_common, _hf_gpt2, _safetensors
+from fnllm.models import _hf_llama
 from fnllm.nn import mean_pool
 
 __all__ = ["from_hf", "hf_config", "mean_pool", "pretrained_dir", "to_hf", "to_hf_state_dict"]
@@ -43,7 +44,8 @@ PathLike = str | os.PathLike
 
 # Hugging Face model_type -> the module that maps that architecture
 _ARCHITECTURES: dict[str, ModuleType] = {"gpt2": _hf_gpt2, "bert": _hf_bert}
-_BY_KIND = {"gpt": "gpt2", "bert": "bert"}  # fnllm config "type" -> model_type
+_ARCHITECTURES.update(dict.fromkeys(_hf_llama.MODEL_TYPES, _hf_llama))
+_BY_KIND = {"gpt": "gpt2", "bert": "bert", "llama": "llama"}  # fnllm "type" -> model_type
 
 # name -> (importable package, sub-directory holding the files, pip distribution name)
 _PRETRAINED = {
