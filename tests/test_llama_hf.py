@@ -15,7 +15,8 @@ import pytest
 import torch
 import transformers
 
-from fnllm import io, random, tree
+from fnllm import io, losses, random, tree
+from fnllm.finetune import lora
 from fnllm.models import Llama
 
 TOL = 1e-4
@@ -180,6 +181,46 @@ def test_greedy_decoding_equals_transformers_generate_on_ragged_batches(arch):
         ref = hf.generate(tokens, attention_mask=mask, max_new_tokens=10, do_sample=False,
                           pad_token_id=0)  # fmt: skip
     assert torch.equal(_greedy(model, params, tokens, mask, 10), ref[:, tokens.shape[1] :])
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_lora_logits_and_gradients_equal_peft():
+    peft = pytest.importorskip("peft")
+    hf = _hf("llama", 20)
+    model, params = io.from_hf(hf)
+    lp = lora.init(random.key(1), params, rank=4, alpha=8.0, targets=list(model.lora_targets))
+    flat = tree.flatten(lp)
+    g = torch.Generator().manual_seed(21)
+    for path in [p for p in flat if p.endswith("lora_b")]:  # B away from zero: a real delta
+        flat[path] = 0.1 * torch.randn(flat[path].shape, generator=g)
+    names = {f"attn.{x}": f"self_attn.{x}_proj" for x in "qkvo"}
+    names.update({f"mlp.{x}": f"mlp.{x}_proj" for x in ("gate", "up", "down")})
+    targets = [theirs.split(".")[-1] for theirs in names.values()]
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    theirs = dict(pm.named_parameters())
+    with torch.no_grad():
+        for i in range(model.n_layer):
+            for ours, hf_name in names.items():
+                stem = f"base_model.model.model.layers.{i}.{hf_name}"
+                theirs[f"{stem}.lora_A.default.weight"].copy_(flat[f"blocks.{i}.{ours}.lora_a"])
+                theirs[f"{stem}.lora_B.default.weight"].copy_(flat[f"blocks.{i}.{ours}.lora_b"])
+    adapters = {p: x.requires_grad_() for p, x in flat.items() if p.endswith(("lora_a", "lora_b"))}
+    tokens, mask = _batch(22, "right")
+    out = model.apply(tree.unflatten({**flat, **adapters}), tokens, attention_mask=mask)
+    ref = pm(tokens, attention_mask=mask).logits
+    assert _maxdiff(out.detach(), ref.detach(), mask) <= TOL
+    losses.causal_lm(out, tokens).backward()
+    losses.causal_lm(ref, tokens).backward()
+    for i in range(model.n_layer):
+        for ours, hf_name in names.items():
+            stem = f"base_model.model.model.layers.{i}.{hf_name}"
+            for a, b in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+                want = theirs[f"{stem}.{b}.default.weight"].grad
+                got = adapters[f"blocks.{i}.{ours}.{a}"].grad
+                assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (i, ours, a)
 
 
 # ----------------------------------------------------------------------------- writing
