@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 import fnllm
-from fnllm import losses, models, nn, random, tree
+from fnllm import losses, models, nn, random, testing, tree
 from fnllm.models import Llama, LlamaOutput
 
 TOL = 1e-5
@@ -365,3 +365,17 @@ def test_bad_inputs_are_named():
     del params["blocks"][1]
     with pytest.raises(KeyError, match=r"blocks\.1"):
         model.apply(params, torch.tensor([[1, 2]]))
+
+
+@settings(max_examples=15)
+@given(st.data(), testing.with_params(testing.llama_configs(max_len=8)))
+def test_drawn_configs_prefill_equals_apply(data, model_and_params):
+    model, params = model_and_params
+    batch = data.draw(testing.token_batches(model.vocab_size, model.max_len, padding="none"))
+    tokens = batch["tokens"]
+    assert tree.flatten(params).keys() == model.param_shapes().keys()
+    ones = torch.ones_like(tokens, dtype=torch.bool)
+    x, _ = model.apply_cached(params, tokens, ones, model.init_cache(*tokens.shape))
+    out = model.apply(params, tokens)
+    assert out.shape == (*tokens.shape, model.vocab_size)
+    assert torch.allclose(model.logits(params, x), out, atol=TOL)
