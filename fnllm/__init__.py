@@ -30,13 +30,14 @@ from fnllm import (
     train,
     tree,
 )
-from fnllm.models import BERT, GPT
+from fnllm.models import BERT, GPT, Llama
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BERT",
     "GPT",
+    "Llama",
     "data",
     "distributed",
     "finetune",

@@ -1,8 +1,9 @@
-"""Model configs: :class:`GPT` (GPT-2) and :class:`BERT`, each with ``init`` and ``apply``.
+"""Model configs: :class:`GPT` (GPT-2), :class:`Llama` (Llama, Qwen2, Mistral) and
+:class:`BERT`, each with ``init`` and ``apply``.
 
 A model is a frozen dataclass of hyper-parameters; its parameters are a plain nested tree
 that ``init(key)`` creates and ``apply(params, ...)`` consumes. :func:`from_config` rebuilds
-either model from the dict that ``to_config()`` writes (checkpoint metadata uses it).
+any model from the dict that ``to_config()`` writes (checkpoint metadata uses it).
 
 What ``apply`` returns, one convention for both: the model's single output as a tensor, and
 a named tuple as soon as there is more than one. A decoder has one output, so
@@ -27,6 +28,7 @@ from typing import Any
 from fnllm.models._base import ModelConfig
 from fnllm.models.bert import BERT, BertOutput, BertPretrainOutput
 from fnllm.models.gpt import GPT, GPTOutput
+from fnllm.models.llama import Llama, LlamaOutput
 
 __all__ = [
     "BERT",
@@ -34,6 +36,8 @@ __all__ = [
     "BertOutput",
     "BertPretrainOutput",
     "GPTOutput",
+    "Llama",
+    "LlamaOutput",
     "ModelConfig",
     "from_config",
     "hf_codec",
@@ -43,7 +47,7 @@ __all__ = [
 # The registered model configs, by ``kind`` (their ``to_config()["type"]``): from_config and
 # the Hugging Face registry (hf_codec) find every architecture here. Add a new config class
 # to this tuple.
-_TYPES: dict[str, Any] = {cls.kind: cls for cls in (GPT, BERT)}
+_TYPES: dict[str, Any] = {cls.kind: cls for cls in (GPT, BERT, Llama)}
 
 
 def from_config(config: Mapping[str, Any]) -> Any:
@@ -57,11 +61,11 @@ def from_config(config: Mapping[str, Any]) -> Any:
         'BERT'
 
     Args:
-        config: a mapping with ``"type"`` (a registered kind: ``"gpt"``, ``"bert"``, ...)
-            and config fields.
+        config: a mapping with ``"type"`` (a registered kind: ``"gpt"``, ``"bert"``,
+            ``"llama"``) and config fields.
 
     Returns:
-        The model config (:class:`GPT`, :class:`BERT`, ...).
+        The model config (:class:`GPT`, :class:`BERT` or :class:`Llama`).
 
     Raises:
         ValueError: a missing or unknown ``"type"``, or unknown fields.

@@ -6,6 +6,11 @@ composition of these functions over a nested tree, and ``torch.func.grad``, ``vm
 ``[out, in]``), which keeps the arithmetic identical to ``torch.nn`` and the Hugging Face
 checkpoints one transpose away.
 
+The Llama family adds :func:`rms_norm`, the gated :func:`swiglu` MLP and rotary position
+embeddings (:func:`rotary_frequencies`, :func:`rotary_tables`, :func:`apply_rotary`);
+:func:`dot_product_attention` takes fewer key/value heads than query heads (grouped-query
+attention).
+
 Attention runs on :func:`torch.nn.functional.scaled_dot_product_attention` (``impl="sdpa"``)
 or on a plain matmul-softmax-matmul path (``impl="math"``) that batches under ``vmap``;
 ``impl="auto"`` picks the math path inside ``torch.func.vmap`` (SDPA has no batching rule on
@@ -56,6 +61,8 @@ from fnllm.nn._layers import (
     mean_pool,
     mlp,
 )
+from fnllm.nn._llama_layers import init_rms_norm, init_swiglu, rms_norm, swiglu
+from fnllm.nn._rotary import apply_rotary, rotary_frequencies, rotary_tables
 
 __all__ = [
     "ADAPTER_FIXED",
@@ -65,6 +72,7 @@ __all__ = [
     "Params",
     "adapter_delta",
     "adapter_weight",
+    "apply_rotary",
     "attention",
     "attention_qkv",
     "check_ids",
@@ -81,6 +89,8 @@ __all__ = [
     "init_layer_norm",
     "init_linear",
     "init_mlp",
+    "init_rms_norm",
+    "init_swiglu",
     "is_adapter_leaf",
     "layer_norm",
     "linear",
@@ -89,4 +99,8 @@ __all__ = [
     "mean_pool",
     "merge_heads",
     "mlp",
+    "rms_norm",
+    "rotary_frequencies",
+    "rotary_tables",
+    "swiglu",
 ]

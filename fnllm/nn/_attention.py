@@ -246,7 +246,10 @@ def _attend(
             mask = _fix_empty_rows(mask)
         causal = False
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        gqa = k.shape[-3] != q.shape[-3]  # grouped-query attention: fewer key/value heads
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
+        )
     return _math_attention(q, k, v, mask, key, rate)
 
 
@@ -310,7 +313,10 @@ def dot_product_attention(
     """Scaled dot-product attention ``softmax(q k^T / sqrt(hd)) v`` with masks.
 
     With more keys than queries (``S > L``, a KV cache) the causal mask is aligned to the
-    end: query ``i`` sees keys ``<= i + S - L``. A query row with every key masked (a padding
+    end: query ``i`` sees keys ``<= i + S - L``. Grouped-query attention: with
+    ``H_kv`` key/value heads dividing the ``H`` query heads, query head ``h`` attends with
+    key/value head ``h // (H / H_kv)`` (as `transformers`' ``repeat_kv``), without copying
+    the keys and values ``H / H_kv`` times. A query row with every key masked (a padding
     query under a causal mask) attends to all keys instead of giving NaN; its output is
     meaningless but finite, and the same on both paths.
 
@@ -324,8 +330,8 @@ def dot_product_attention(
 
     Args:
         q: queries ``[..., H, L, hd]``.
-        k: keys ``[..., H, S, hd]``.
-        v: values ``[..., H, S, hd_v]``.
+        k: keys ``[..., H_kv, S, hd]``; ``H_kv`` divides ``H`` (``H_kv == H``: multi-head).
+        v: values ``[..., H_kv, S, hd_v]``.
         causal: apply the causal mask.
         mask: boolean keep-mask broadcastable to ``[..., H, L, S]`` (``True`` = attend).
         key: a ``fnllm.random`` key for dropout on the attention probabilities.
@@ -338,6 +344,7 @@ def dot_product_attention(
         ``[..., H, L, hd_v]``.
     """
     impl, drop = _resolve_impl(impl, key, dropout)
+    _check_heads(q, k, v)
     if mask is not None:
         if mask.dtype != torch.bool:
             raise TypeError(f"attention: mask must be a bool tensor, got {mask.dtype}")
@@ -349,10 +356,43 @@ def dot_product_attention(
     return _attend(q, k, v, mask, causal, key if drop else None, dropout, impl)
 
 
+def _check_heads(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Keys and values have one head count, and it divides the queries'."""
+    if q.ndim < 3 or k.ndim < 3 or v.ndim < 3:
+        raise ValueError(
+            f"attention: q, k, v must be [..., heads, T, head_dim], got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    h, h_k, h_v = q.shape[-3], k.shape[-3], v.shape[-3]
+    if h_k != h_v or h % h_k:
+        raise ValueError(
+            f"attention: {h} query heads need key and value heads that divide them, got "
+            f"{h_k} key heads and {h_v} value heads"
+        )
+
+
 def _math_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, key: Tensor | None, rate: float
 ) -> Tensor:
-    """Attention as matmul, softmax (in float32), matmul: batchable under ``vmap``."""
+    """Attention as matmul, softmax (in float32), matmul: batchable under ``vmap``.
+
+    With fewer key/value heads than query heads (grouped-query attention) the query heads
+    are grouped ``[..., H_kv, H / H_kv, L, hd]`` and each group meets its one key/value head
+    by broadcasting, so nothing is copied.
+    """
+    h, h_kv = q.shape[-3], k.shape[-3]
+    if h != h_kv:
+        q = q.unflatten(-3, (h_kv, h // h_kv))  # [..., H_kv, G, L, hd]
+        k, v = k.unsqueeze(-3), v.unsqueeze(-3)  # [..., H_kv, 1, S, hd]
+        if mask is not None and mask.ndim >= 3:
+            mask = mask.unsqueeze(-3) if mask.shape[-3] == 1 else mask.unflatten(-3, (h_kv, -1))
+        return _math_scores(q, k, v, mask, key, rate).flatten(-4, -3)
+    return _math_scores(q, k, v, mask, key, rate)
+
+
+def _math_scores(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, key: Tensor | None, rate: float
+) -> Tensor:
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -35,6 +35,7 @@ from fnllm.testing._assert import (
 from fnllm.testing._models import (
     bert_configs,
     gpt_configs,
+    llama_configs,
     mlm_args,
     sentence_pair_args,
     token_batches,
@@ -61,6 +62,7 @@ __all__ = [
     "filters",
     "gpt_configs",
     "keys",
+    "llama_configs",
     "mlm_args",
     "sentence_pair_args",
     "shapes",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-from fnllm.models import BERT, GPT
+from fnllm.models import BERT, GPT, Llama
 from fnllm.testing._trees import keys
 
 
@@ -82,6 +82,58 @@ def bert_configs(
         }
 
     return _configs(BERT, bert_fields, max_vocab, max_layers, max_heads, max_len)
+
+
+def llama_configs(
+    *, max_vocab: int = 64, max_layers: int = 2, max_heads: int = 4, max_len: int = 16
+) -> st.SearchStrategy[Llama]:
+    """Draw small, valid :class:`fnllm.Llama` configs, as :func:`gpt_configs` does GPT's.
+
+    ``n_kv_head`` divides ``n_head`` (grouped-query attention included), the head width is
+    even (rotary embeddings), and rope scaling, q/k/v biases and a tied head are drawn too.
+
+    Example:
+        >>> from hypothesis import given, settings
+        >>> from fnllm import testing
+        >>> @settings(max_examples=5)
+        ... @given(testing.llama_configs())
+        ... def test_kv_heads_divide_heads(model):
+        ...     assert model.n_head % model.n_kv_head == 0 and model.head_dim % 2 == 0
+        >>> test_kv_heads_divide_heads()
+
+    Args:
+        max_vocab: as in :func:`gpt_configs`.
+        max_layers: as in :func:`gpt_configs`.
+        max_heads: as in :func:`gpt_configs` (query heads).
+        max_len: as in :func:`gpt_configs`.
+
+    Returns:
+        A strategy of Llama configs.
+    """
+    _configs(Llama, lambda draw: {}, max_vocab, max_layers, max_heads, max_len)  # checks bounds
+
+    @st.composite
+    def _draw(draw: st.DrawFn) -> Llama:
+        n_head = draw(st.integers(1, max_heads))
+        head_dim = 2 * draw(st.integers(1, 4))
+        llama3 = draw(st.booleans())
+        return Llama(
+            vocab_size=draw(st.integers(2, max_vocab)),
+            n_layer=draw(st.integers(1, max_layers)),
+            n_head=n_head,
+            n_kv_head=draw(st.sampled_from([k for k in range(1, n_head + 1) if n_head % k == 0])),
+            d_model=n_head * head_dim,
+            d_ff=draw(st.integers(1, 32)),
+            max_len=draw(st.integers(1, max_len)),
+            rope_theta=draw(st.sampled_from([100.0, 10000.0])),
+            rope_type="llama3" if llama3 else "default",
+            rope_original_max_len=draw(st.integers(1, 32)),
+            qkv_bias=draw(st.booleans()),
+            tie_head=draw(st.booleans()),
+            dropout=draw(st.sampled_from([0.0, 0.1])),
+        )
+
+    return _draw()
 
 
 def with_params(configs: st.SearchStrategy) -> st.SearchStrategy[tuple[Any, Any]]:
