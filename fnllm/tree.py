@@ -407,6 +407,9 @@ def partition(tree: Tree, filter: Filter, *, allow_unmatched: bool = False) -> t
     eager = not torch.compiler.is_compiling()
     if isinstance(filter, (list, tuple)) and not allow_unmatched and eager:
         _check_globs_match(tree, tuple(filter))
+    check = getattr(filter, "check_matches", None)  # e.g. finetune.Strategy("lora")
+    if callable(check) and not allow_unmatched and eager:
+        check(tree)
     return _ops.partition(tree, pred, "")
 
 
