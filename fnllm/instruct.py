@@ -55,7 +55,17 @@ def read_jsonl(
 
     Returns:
         One dict per record with the required and present optional fields.
+
+    Raises:
+        ValueError: a line that is not UTF-8, not JSON, not an object, lacks a required field
+            or holds a non-string field (the message names ``path:line``).
+        FileNotFoundError: no such file.
+        TypeError: ``path`` is not a path; ``required``/``optional`` is one string.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"read_jsonl: expected a file path (str or os.PathLike), got {path!r:.60}")
+    if isinstance(required, str) or isinstance(optional, str):
+        raise TypeError("read_jsonl: required and optional are lists of field names, not a str")
     records = []
     where = os.fspath(path)
     for lineno, obj in json_objects(path):

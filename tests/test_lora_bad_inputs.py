@@ -162,13 +162,27 @@ def test_merge_names_incomplete_misshaped_or_non_finite_adapters():
     lp = lora.init(jr.key(1), tiny_gpt().init(jr.key(0)), rank=2)
     qkv = lp["blocks"][0]["attn"]["qkv"]
     cases = [
-        ({k: v for k, v in qkv.items() if k != "lora_b"}, ValueError, "qkv has adapters but lacks lora_b"),
+        (
+            {k: v for k, v in qkv.items() if k != "lora_b"},
+            ValueError,
+            "qkv has adapters but lacks lora_b",
+        ),
         ({**qkv, "lora_b": torch.zeros(48, 3)}, ValueError, "qkv.*disagree on the rank"),
-        ({**qkv, "lora_scale": torch.tensor(float("inf"))}, ValueError, "qkv.lora_scale is not finite"),
+        (
+            {**qkv, "lora_scale": torch.tensor(float("inf"))},
+            ValueError,
+            "qkv.lora_scale is not finite",
+        ),
         ({**qkv, "lora_a": [[0.0]]}, TypeError, "qkv.lora_a is a list"),
     ]
     for node, error, match in cases:
-        bad = {**lp, "blocks": [{**lp["blocks"][0], "attn": {**lp["blocks"][0]["attn"], "qkv": node}}, lp["blocks"][1]]}
+        bad = {
+            **lp,
+            "blocks": [
+                {**lp["blocks"][0], "attn": {**lp["blocks"][0]["attn"], "qkv": node}},
+                lp["blocks"][1],
+            ],
+        }
         with pytest.raises(error, match=match):
             lora.merge(bad)
     with pytest.raises(ValueError, match="stacked adapters"):

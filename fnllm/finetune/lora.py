@@ -323,8 +323,7 @@ def attach(params: Params, adapter_leaves: Mapping[str, Tensor]) -> Params:
     for path, value in adapter_leaves.items():
         if not isinstance(path, str) or not isinstance(value, Tensor):
             raise TypeError(
-                f"lora.attach: {path!r} must map a str path to a tensor, got "
-                f"{type(value).__name__}"
+                f"lora.attach: {path!r} must map a str path to a tensor, got {type(value).__name__}"
             )
         layer, _, leaf = path.rpartition(".")
         if leaf not in _LEAVES or layer + ".weight" not in flat:
