@@ -98,7 +98,7 @@ def test_read_jsonl_names_undecodable_and_missing_files(tmp_path):
     path = _write(tmp_path / "s.jsonl", b'{"instruction": "a", "response": "\xc3("}\n')
     with pytest.raises(ValueError, match=r"s.jsonl:1: bytes that are not UTF-8"):
         read_jsonl(path, ["instruction", "response"])
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"nope.jsonl"):
         read_jsonl(tmp_path / "nope.jsonl", ["instruction"])
     with pytest.raises(TypeError, match="expected a file path"):
         read_jsonl(None, ["instruction"])
@@ -169,7 +169,7 @@ def _fake_vader(tmp_path, lines):
 
 def test_load_vader_never_labels_a_zero_rating_and_checks_neutral(tmp_path):
     d = _fake_vader(tmp_path, ["1\t0.0\tmeh", "2\t0.3\tok", "3\t-0.6\tbad", "4\t2.5\tgreat"])
-    texts, labels, ratings = data.load_vader(d, neutral=0.0)
+    texts, labels, _ = data.load_vader(d, neutral=0.0)
     assert texts == ["ok", "bad", "great"] and labels.tolist() == [1, 0, 1]  # 0.0 left out
     texts, labels, _ = data.load_vader(d, neutral=0.5)
     assert texts == ["bad", "great"] and labels.tolist() == [0, 1]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from _tiny import tiny_bert, tiny_gpt
 
-from fnllm import tree
 from fnllm import random as jr
+from fnllm import tree
 from fnllm.finetune import Classifier, lora, strategy
 from fnllm.models import GPT
 
@@ -121,7 +121,7 @@ def test_init_refuses_a_non_tree_and_a_tree_with_adapters():
     with pytest.raises(TypeError, match="params must be a model's tree, got Tensor"):
         lora.init(jr.key(1), torch.zeros(3, 3))
     lp = lora.init(jr.key(1), tiny_gpt().init(jr.key(0)), rank=2)
-    with pytest.raises(ValueError, match="blocks.0.attn.qkv already has adapters"):
+    with pytest.raises(ValueError, match=r"blocks.0.attn.qkv already has adapters"):
         lora.init(jr.key(1), lp, rank=2)
 
 
@@ -194,13 +194,13 @@ def test_attach_names_the_bad_path_or_value():
     leaves = lora.adapters(lora.init(jr.key(1), base, rank=2))
     with pytest.raises(TypeError, match="adapter_leaves must be a"):
         lora.attach(base, list(leaves.items()))
-    with pytest.raises(TypeError, match="blocks.0.attn.qkv.lora_a"):
+    with pytest.raises(TypeError, match=r"blocks.0.attn.qkv.lora_a"):
         lora.attach(base, {**leaves, "blocks.0.attn.qkv.lora_a": [[1.0]]})
-    with pytest.raises(KeyError, match="blocks.9.attn.qkv"):
+    with pytest.raises(KeyError, match=r"blocks.9.attn.qkv"):
         lora.attach(base, {"blocks.9.attn.qkv.lora_a": torch.zeros(2, 16)})
-    with pytest.raises(ValueError, match="blocks.0.attn.qkv.lora_a has shape"):
+    with pytest.raises(ValueError, match=r"blocks.0.attn.qkv.lora_a has shape"):
         lora.attach(base, {**leaves, "blocks.0.attn.qkv.lora_a": torch.zeros(2, 5)})
-    with pytest.raises(ValueError, match="blocks.0.attn.qkv has adapters but lacks lora_scale"):
+    with pytest.raises(ValueError, match=r"blocks.0.attn.qkv has adapters but lacks lora_scale"):
         lora.attach(base, {k: v for k, v in leaves.items() if k != "blocks.0.attn.qkv.lora_scale"})
     with pytest.raises(ValueError, match=r"blocks.0.attn.(qkv|proj) already has adapters"):
         lora.attach(lora.init(jr.key(1), base, rank=2), leaves)
@@ -223,12 +223,12 @@ def test_load_names_the_file_that_is_truncated_empty_or_not_adapters(tmp_path):
     from fnllm import io
 
     io.save(tmp_path / "model.safetensors", base)
-    with pytest.raises(ValueError, match="model.safetensors holds no LoRA adapters"):
+    with pytest.raises(ValueError, match=r"model.safetensors holds no LoRA adapters"):
         lora.load(tmp_path / "model.safetensors")
     flipped = bytearray(data)
     flipped[-1] ^= 0xFF
     (tmp_path / "flipped.safetensors").write_bytes(bytes(flipped))
-    with pytest.raises(ValueError, match="flipped.safetensors: tensor .* is corrupt"):
+    with pytest.raises(ValueError, match=r"flipped.safetensors: tensor .* is corrupt"):
         lora.load(tmp_path / "flipped.safetensors")
     with pytest.raises(TypeError, match="path must be a str"):
         lora.load(3)

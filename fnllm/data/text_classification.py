@@ -12,8 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections import Counter
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,8 @@ def read_labelled(
     Raises:
         FileNotFoundError: no such file.
         ValueError: an unknown suffix, a missing column (the message lists the present
-            ones), no rows, a single class (with its count), or a row with the wrong number of fields, an empty text, an empty label
+            ones), no rows, a single class (with its count), or a row with the wrong number
+            of fields, an empty text, an empty label
             or bytes that are not UTF-8 (the message names ``path:line``).
         TypeError: a label that is neither an integer nor a string.
 
@@ -340,9 +341,9 @@ def _read_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str
                 continue
             if len(fields) != len(header):
                 raise ValueError(
-                    f"read_labelled: {where} row {len(rows) + 1}: {len(fields)} fields where the header has "
-                    f"{len(header)} ({_checks.few(header, 4)}); quote a text holding a comma "
-                    'or a quote: "great, really",pos'
+                    f"read_labelled: {where} row {len(rows) + 1}: {len(fields)} fields where "
+                    f"the header has {len(header)} ({_checks.few(header, 4)}); quote a text "
+                    'holding a comma or a quote: "great, really",pos'
                 )
             rows.append((f"{where} row {len(rows) + 1}", fields[t], _csv_label(fields[lab])))
     except csv.Error as err:
