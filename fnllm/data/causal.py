@@ -103,10 +103,11 @@ def instruction_targets(
             raise ValueError(f"prompt_len: expected integers, got {length.dtype}")
         if length.ndim and tuple(length.shape) != tuple(tokens.shape[:-1]):
             hint = " (squeeze the last dim)" if length.shape[-1:] == (1,) else ""
+            rows = ", ".join(map(str, tokens.shape[:-1]))
             raise ValueError(
                 f"prompt_len: shape {tuple(length.shape)} does not match the rows of tokens "
-                f"{tuple(tokens.shape)}: expected an int or a [{', '.join(map(str, tokens.shape[:-1]))}]"
-                f" tensor, one length per row{hint}"
+                f"{tuple(tokens.shape)}: expected an int or a [{rows}] tensor, one length per "
+                f"row{hint}"
             )
         _check_prompt_len(length, tokens.shape[-1])
         positions = torch.arange(tokens.shape[-1], device=tokens.device)
