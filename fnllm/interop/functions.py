@@ -312,7 +312,7 @@ def _infer_outputs(
                 f"{name}: output shapes depend on the input values ({_specs(specs[0])} for "
                 f"zeros, {_specs(specs[1])} for ones); as_jax needs output shapes that depend "
                 "only on input shapes (data-dependent shapes cannot run under jit)"
-            )
+            ) from None
         return out_treedef, specs[0]
     leaves, out_treedef = _torch_out_leaves(jax, out, name)
     return out_treedef, [(tuple(t.shape), t.dtype) for t in leaves]
