@@ -28,7 +28,7 @@ def _double(x):
         2**40,
         np.array([-(2**33)]),
         np.array([2**32], dtype=np.uint64),
-    ],  # fmt: skip
+    ],
     ids=["array", "np-scalar", "python-int", "negative", "uint64"],
 )
 def test_int64_values_that_do_not_fit_int32_are_refused_naming_the_argument(value):
