@@ -227,13 +227,17 @@ def label_logprobs(
         Float32 ``[N, C]`` summed log-probabilities.
 
     Raises:
-        ValueError: no prompts or answers, an answer that encodes to no tokens, or a row
-            longer than ``model.max_len``.
+        ValueError: no prompts or answers, an answer that encodes to no tokens, a row
+            longer than ``model.max_len``, or a NaN score (the message names the prompt and
+            the answer).
+        TypeError: ``prompts`` or ``answers`` is one string, or ``batch_size`` a bool.
     """
     if isinstance(prompts, str) or isinstance(answers, str):
         raise TypeError("prompts, answers: expected lists of strings, not one string")
     if not prompts or not answers:
         raise ValueError("label_logprobs: need at least one prompt and one answer")
+    if isinstance(batch_size, bool):
+        raise TypeError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     answer_ids = [list(encode(a)) for a in answers]
@@ -254,7 +258,15 @@ def label_logprobs(
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             scores.append(_score_rows(model, params, rows[start : start + batch_size]))
-    return torch.cat(scores).reshape(len(prompts), len(answers))
+    out = torch.cat(scores).reshape(len(prompts), len(answers))
+    nan = torch.isnan(out)
+    if bool(nan.any()):
+        i, j = (int(v) for v in nan.nonzero()[0])
+        raise ValueError(
+            f"label_logprobs: the model scores prompts[{i}] with answers[{j}] {answers[j]!r} "
+            "as NaN (do the params hold NaN or inf?); no answer can be picked"
+        )
+    return out
 
 
 def classify(
@@ -287,6 +299,10 @@ def classify(
 
     Returns:
         int64 ``[N]`` indices into ``answers`` (the first on ties).
+
+    Raises:
+        ValueError: as :func:`label_logprobs`, including NaN scores: with NaN params no
+            answer is picked rather than the first.
     """
     return label_logprobs(model, params, encode, prompts, answers, batch_size=batch_size).argmax(-1)
 
