@@ -5,7 +5,6 @@ structure check, shape checks, weight-decay masks and state checks.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
