@@ -173,7 +173,7 @@ def test_a_checkpoint_save_killed_mid_write_is_swept_by_the_next_save(tmp_path):
         ("7", TypeError, "step must be an int, got '7'"),
         (-2, ValueError, "step must be >= 0"),
         (1.0, TypeError, "step must be an int"),
-    ],  # fmt: skip
+    ],
 )
 def test_checkpoint_paths_name_a_bad_step(step, error, match):
     with pytest.raises(error, match=match):
