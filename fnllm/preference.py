@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fnllm import losses, tree
-from fnllm.instruct import Encode, _right_pad, _row, read_jsonl
+from fnllm import _checks, losses, tree
+from fnllm.instruct import Encode, _ids, _right_pad, _row, check_batch_args, read_jsonl
 
 __all__ = [
     "dpo_loss",
@@ -100,16 +100,17 @@ def preference_batch(
             whose chosen and rejected rows are identical (the same text, or cut to the same
             tokens by ``max_len``): the message names the record.
         KeyError: a record lacks a field.
+        TypeError: ``records`` is not a list of dicts, a field is not a string, ``encode``
+            returns anything but token ids, or an id argument is not an int.
     """
-    if not records:
-        raise ValueError("records: empty batch")
+    check_batch_args(records, encode, eos_id, max_len, pad_id, ("prompt", "chosen", "rejected"))
     rows: dict[str, list[list[int]]] = {"chosen": [], "rejected": []}
     starts = []
     for i, rec in enumerate(records):
         for name in ("prompt", "chosen", "rejected"):
             if name not in rec:
                 raise KeyError(f"records[{i}]: missing {name!r} (has {sorted(rec)})")
-        prompt = list(encode(rec["prompt"]))
+        prompt = _ids(i, "prompt", encode(rec["prompt"]))
         starts.append(len(prompt))
         for name in ("chosen", "rejected"):
             rows[name].append(_row(i, prompt, encode(rec[name]), eos_id, max_len))
@@ -194,6 +195,7 @@ def reward_loss(scorer: Any, *, margin: float = 0.0) -> Callable[..., tuple[Tens
             ``[2B, T, V]`` language-model logits would otherwise be silently cut to one
             column.
     """
+    margin = _checks.check_range("reward_loss: margin", margin)
     score = _scoring_fn(scorer)
 
     def loss_fn(trainable: Any, frozen: Any, batch: Batch, key: Any) -> tuple[Tensor, dict]:

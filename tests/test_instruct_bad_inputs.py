@@ -65,3 +65,53 @@ def test_sft_batch_names_the_record():
         sft_batch([{"instruction": "a" * 80, "response": "b"}], enc, eos_id=0, max_len=64)
     with pytest.raises(KeyError, match="record: missing 'instruction'"):
         sft_batch([{"response": "b"}], enc, eos_id=0, max_len=64)
+
+
+FMT = None
+
+
+def _sft(records, encode=lambda s: list(s.encode()), **kw):
+    from fnllm.instruct import InstructionFormat
+
+    args = {"eos_id": 0, "max_len": 32, "fmt": InstructionFormat(template="{instruction}="), **kw}
+    return sft_batch(records, encode, **args)
+
+
+REC = {"instruction": "1+1", "response": "2"}
+
+
+@pytest.mark.parametrize(
+    ("records", "encode", "kwargs", "error", "match"),
+    [
+        ("abc", None, {}, TypeError, r"records: expected a list of dicts, got str"),
+        (REC, None, {}, TypeError, r"got dict \(one record\? wrap it: \[record\]\)"),
+        (["x"], None, {}, TypeError, r"records\[0\]: expected a dict, got str"),
+        (
+            [{"instruction": 1, "response": "2"}],
+            None,
+            {},
+            TypeError,
+            r"field 'instruction' must be a string",
+        ),
+        ([REC], list, {}, TypeError, r"records\[0\]: encode returned '1' in the prompt"),
+        ([REC], lambda s: [-1], {}, TypeError, r"encode returned -1 in the prompt"),
+        ([REC], lambda s: "ids", {}, TypeError, r"encode returned a str for the prompt"),
+        ([REC], 3, {}, TypeError, "encode: expected a function"),
+        ([REC], None, {"eos_id": True}, TypeError, "eos_id: expected an int, got True"),
+        ([REC], None, {"eos_id": -2}, ValueError, "eos_id: -2 < 0"),
+        ([REC], None, {"pad_id": 1.0}, TypeError, "pad_id: expected an int"),
+        ([REC], None, {"max_len": "32"}, TypeError, "max_len: expected an int, got '32'"),
+        ([REC], None, {"max_len": 1}, ValueError, "max_len: 1 < 2"),
+    ],
+)
+def test_sft_batch_names_bad_records_and_arguments(records, encode, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        if encode is None:
+            _sft(records, **kwargs)
+        else:
+            _sft(records, encode, **kwargs)
+
+
+def test_sft_batch_accepts_extra_non_string_fields_and_tensor_ids():
+    batch = _sft([{**REC, "id": 7}], lambda s: torch.tensor(list(s.encode())))
+    assert batch["targets"].tolist() == [[-100, -100, -100, 50, 0, -100]]

@@ -65,3 +65,8 @@ def test_non_array_arguments_are_named():
 def test_to_jax_refuses_int64_without_x64_naming_the_leaf():
     with pytest.raises(TypeError, match="int64"):
         interop.to_jax({"ids": torch.tensor([2**40])})
+
+
+def test_as_jax_refuses_a_non_callable():
+    with pytest.raises(TypeError, match="as_jax: fn must be a function"):
+        interop.as_jax(3)

@@ -290,3 +290,15 @@ def test_a_save_killed_mid_write_leaves_the_old_file_and_the_next_save_sweeps_de
     time.sleep(0.01)
     lora.save(target, old)  # the next save to the same folder removes it
     assert sorted(os.listdir(tmp_path)) == ["adapters.safetensors"]
+
+
+def test_extract_features_refuses_one_batch_instead_of_a_list():
+    from fnllm.finetune import extract_features
+
+    bert = tiny_bert()
+    params = bert.init(jr.key(0))
+    batch = {"input_ids": torch.tensor([[2, 5, 3]]), "attention_mask": torch.ones(1, 3)}
+    with pytest.raises(TypeError, match=r"got one dict \(wrap it: \[batch\]\)"):
+        extract_features(bert, params, batch, progress=False)
+    with pytest.raises(TypeError, match=r"got one Tensor"):
+        extract_features(bert, params, batch["input_ids"], progress=False)

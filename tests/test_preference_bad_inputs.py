@@ -79,3 +79,33 @@ def test_preference_batch_names_missing_fields_and_empty_batches():
         preference_batch(
             [{"prompt": "Q" * 9, "chosen": "a", "rejected": "b"}], _enc, eos_id=0, max_len=8
         )
+
+
+@pytest.mark.parametrize(
+    ("records", "kwargs", "error", "match"),
+    [
+        ({"prompt": "Q", "chosen": "a", "rejected": "b"}, {}, TypeError, "wrap it"),
+        (
+            [{"prompt": "Q", "chosen": 1, "rejected": "b"}],
+            {},
+            TypeError,
+            "field 'chosen' must be a string",
+        ),
+        (
+            [{"prompt": "Q", "chosen": "a", "rejected": "b"}],
+            {"eos_id": -1},
+            ValueError,
+            "eos_id: -1 < 0",
+        ),
+        ([{"prompt": "Q", "chosen": "a", "rejected": "b"}], {"max_len": 8.0}, TypeError, "max_len"),
+    ],
+)
+def test_preference_batch_names_bad_arguments(records, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        preference_batch(records, _enc, **{"eos_id": 0, "max_len": 16, **kwargs})
+
+
+@pytest.mark.parametrize("margin", [float("nan"), float("inf")])
+def test_reward_loss_refuses_a_non_finite_margin(margin):
+    with pytest.raises(ValueError, match="reward_loss: margin"):
+        reward_loss(lambda p, i, m: torch.zeros(i.shape[0]), margin=margin)

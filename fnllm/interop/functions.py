@@ -76,6 +76,8 @@ def as_jax(fn: Callable[..., Any]) -> Callable[..., Any]:
             for this signature (data-dependent shapes cannot run under ``jit``); under
             ``jit`` JAX re-raises it as a ``JaxRuntimeError`` quoting this message.
     """
+    if not callable(fn):
+        raise TypeError(f"as_jax: fn must be a function of tensor trees, got {type(fn).__name__}")
     jax = _common.jax()
     name = getattr(fn, "__name__", "fn")
     cache: dict[Any, Callable[..., Any]] = {}
