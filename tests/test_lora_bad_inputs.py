@@ -302,3 +302,18 @@ def test_extract_features_refuses_one_batch_instead_of_a_list():
         extract_features(bert, params, batch, progress=False)
     with pytest.raises(TypeError, match=r"got one Tensor"):
         extract_features(bert, params, batch["input_ids"], progress=False)
+
+
+def test_stack_names_sets_without_adapters_or_that_differ():
+    base = tiny_gpt().init(jr.key(0))
+    lp = lora.init(jr.key(1), base, rank=2)
+    with pytest.raises(ValueError, match="set 1 has no adapters"):
+        lora.stack([lp, base])
+    with pytest.raises(TypeError, match="trees must be a list of adapted trees, got dict"):
+        lora.stack(lp)
+    with pytest.raises(ValueError, match="set 1 has other adapter layers, ranks or dtypes"):
+        lora.stack([lp, tree.map(lambda x: x.double(), lp)])
+    with pytest.raises(ValueError, match="set 1 has other"):
+        lora.stack([lp, lora.init(jr.key(1), base, rank=1)])
+    with pytest.raises(ValueError, match="no adapter sets"):
+        lora.stack([])

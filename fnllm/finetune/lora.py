@@ -376,16 +376,26 @@ def stack(trees: Sequence[Params]) -> Params:
         One tree whose adapters carry a leading set dimension; :func:`pick` selects per row.
 
     Raises:
-        ValueError: no trees, or their adapters differ in layers or shapes.
+        ValueError: no trees, a tree without adapters, or adapters that differ in layers,
+            shapes or dtypes.
+        TypeError: ``trees`` is not a list of trees.
     """
+    if isinstance(trees, (dict, str)) or not isinstance(trees, Sequence):
+        raise TypeError(
+            f"lora.stack: trees must be a list of adapted trees, got {type(trees).__name__}"
+        )
     if not trees:
         raise ValueError("lora.stack: no adapter sets given")
     flats = [adapters(t) for t in trees]
     first = flats[0]
-    for i, f in enumerate(flats[1:], 1):
-        shapes = {p: tuple(v.shape) for p, v in f.items()}
-        if shapes != {p: tuple(v.shape) for p, v in first.items()}:
-            raise ValueError(f"lora.stack: set {i} has other adapter layers or ranks than set 0")
+    for i, f in enumerate(flats):
+        if not f:
+            raise ValueError(f"lora.stack: set {i} has no adapters (lora.init adds them)")
+        shapes = {p: (tuple(v.shape), v.dtype) for p, v in f.items()}
+        if shapes != {p: (tuple(v.shape), v.dtype) for p, v in first.items()}:
+            raise ValueError(
+                f"lora.stack: set {i} has other adapter layers, ranks or dtypes than set 0"
+            )
     stacked = {p: torch.stack([f[p] for f in flats]) for p in first}
     return tree.unflatten({**tree.flatten(trees[0]), **stacked})
 
