@@ -207,3 +207,37 @@ def test_shard_batch_accepts_numpy_and_0d_tensor_integers():
         {"x": torch.arange(4)}, rank=np.int64(1), world_size=torch.tensor(2)
     )
     assert out["x"].tolist() == [2, 3]
+
+
+# --------------------------------------------------------------------------- to_hf exports
+
+_EXPORT_KILLED = """
+    import sys
+    import safetensors.torch as st
+    from fnllm import io, random
+    from fnllm.models import GPT
+    real = st.save_file
+    def slow(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        print("ready", flush=True)
+        import time; time.sleep(60)
+    st.save_file = slow
+    gpt = GPT(vocab_size=64, n_layer=1, n_head=2, d_model=32, max_len=16)
+    io.to_hf(gpt, gpt.init(random.key(1)), sys.argv[1])
+"""
+
+
+def test_an_export_killed_mid_write_keeps_the_old_weights_and_the_next_export_sweeps(tmp_path):
+    from fnllm import io
+    from fnllm.models import GPT
+
+    gpt = GPT(vocab_size=64, n_layer=1, n_head=2, d_model=32, max_len=16)
+    params = gpt.init(jr.key(0))
+    out = tmp_path / "export"
+    io.to_hf(gpt, params, out)
+    before = (out / "model.safetensors").read_bytes()
+    _kill_when_ready(_EXPORT_KILLED, str(out))
+    assert [n for n in os.listdir(out) if n.endswith(".tmp")]  # the killed writer's debris
+    assert (out / "model.safetensors").read_bytes() == before  # the old weights are intact
+    io.to_hf(gpt, params, out)
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
