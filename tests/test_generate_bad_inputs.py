@@ -175,3 +175,39 @@ def test_a_schedule_returning_a_function_is_refused():
     opt = optim.adamw(lambda count: lambda: 0.1)
     with pytest.raises(TypeError, match="the schedule returned a function"):
         opt.update({"w": torch.ones(2)}, opt.init(params), params)
+
+
+DATA = [{"text": w, "label": w[0]} for w in ["ant", "bee", "asp", "bug"]]
+
+
+@pytest.mark.parametrize(
+    ("test", "labels", "shots", "error", "match"),
+    [
+        (DATA, "ab", (0,), TypeError, "labels: expected a list of label strings, got 'ab'"),
+        (DATA, ["a", "a"], (0,), ValueError, "labels: 'a' appears twice"),
+        (DATA, ["a", "b"], 2, TypeError, "shots: expected a list of shot counts"),
+        ([], ["a", "b"], (0,), ValueError, "test: no examples to score"),
+        ([{"text": "cat", "label": "c"}], ["a", "b"], (0,), ValueError, r"test\[0\]: label 'c'"),
+        (DATA, ["a", "b"], (-1,), ValueError, "k: expected an int >= 0, got -1"),
+    ],
+)
+def test_shot_accuracy_names_bad_arguments(test, labels, shots, error, match):
+    from fnllm.prompts import Template, shot_accuracy
+
+    gpt = tiny_gpt(vocab_size=128, max_len=64)
+    with pytest.raises(error, match=match):
+        shot_accuracy(jr.key(0), gpt, gpt.init(jr.key(1)), lambda s: list(s.encode()), Template(),
+                      DATA, test, labels, shots=shots)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("encode", "prompts", "match"),
+    [
+        (lambda s: s, ["a"], r"answers\[0\]: encode returned a str, not token ids"),
+        (lambda s: [1.5], ["a"], r"answers\[0\]: encode returned 1.5, not an int token id"),
+        (_enc, [3], r"prompts\[0\]: expected a string, got int"),
+    ],
+)
+def test_label_logprobs_names_what_encode_returned(encode, prompts, match):
+    with pytest.raises(TypeError, match=match):
+        label_logprobs(GPT, PARAMS, encode, prompts, [" x"])

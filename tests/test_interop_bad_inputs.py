@@ -70,3 +70,11 @@ def test_to_jax_refuses_int64_without_x64_naming_the_leaf():
 def test_as_jax_refuses_a_non_callable():
     with pytest.raises(TypeError, match="as_jax: fn must be a function"):
         interop.as_jax(3)
+
+
+def test_train_optax_refuses_an_empty_batch_list():
+    optax = pytest.importorskip("optax")
+    with pytest.raises(ValueError, match="train_optax: batches is empty"):
+        interop.train_optax(
+            lambda p, x: (p["w"] ** 2).sum(), {"w": torch.zeros(2)}, [], optax.sgd(0.1)
+        )
