@@ -182,3 +182,31 @@ def test_load_vader_names_a_malformed_line(tmp_path):
     d = _fake_vader(tmp_path, ["1\t0.9\tgood", "2\tabc\toops"])
     with pytest.raises(ValueError, match=r"GroundTruth.txt:2: rating 'abc' is not a number"):
         data.load_vader(d)
+
+
+@pytest.mark.parametrize(
+    ("ids", "labels", "batch_size", "error", "match"),
+    [
+        ("abc", torch.tensor([0, 1, 0]), 2, TypeError, "ids must be a list of id lists, got 'abc'"),
+        ([[1], [2]], "01", 2, TypeError, "labels must be a tensor, got str"),
+        ([[1], [2]], torch.tensor([0, 1]), True, TypeError, "batch_size must be an int"),
+        ([[1], [2]], torch.tensor([0, 1]), 2.0, TypeError, "batch_size must be an int"),
+        ([[1], [2]], torch.tensor([0, 1]), 0, ValueError, "batch_size must be an int >= 1, got 0"),
+        ([], torch.tensor([], dtype=torch.long), 2, ValueError, "no examples"),
+        ([[1], []], torch.tensor([0, 1]), 2, ValueError, r"ids\[1\] is empty"),
+        ([[1], [2]], torch.tensor([0]), 2, ValueError, r"labels shape \(1,\) != \[2\]"),
+    ],
+)
+def test_length_batches_names_bad_inputs(ids, labels, batch_size, error, match):
+    with pytest.raises(error, match=match):
+        data.length_batches(ids, labels, batch_size)
+
+
+def test_length_batches_accepts_a_list_of_labels():
+    (batch,) = data.length_batches([[1, 2], [3]], [1, 0], 2)
+    assert sorted(batch["labels"].tolist()) == [0, 1]
+
+
+def test_vader_path_names_a_bad_folder():
+    with pytest.raises(TypeError, match="data_dir: expected a folder path, got 3"):
+        data.load_vader(3)

@@ -272,11 +272,27 @@ def length_batches(
         the rows' positions in ``ids``.
 
     Raises:
-        ValueError: ``batch_size`` < 1, ``labels`` does not match ``ids``, or a ``bucket`` that
-            is not a positive int or a list of them.
+        ValueError: ``batch_size`` < 1, ``labels`` does not match ``ids``, no examples, an
+            empty id list (named by index), or a ``bucket`` that is not a positive int or a
+            list of them.
+        TypeError: ``batch_size`` is not an int, ``ids`` is a string or ``labels`` not a
+            tensor (a list is converted).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"length_batches: batch_size must be an int >= 1, got {batch_size!r}")
+    if batch_size < 1:
         raise ValueError(f"length_batches: batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"length_batches: ids must be a list of id lists, got {ids!r:.40}")
+    if isinstance(labels, (list, tuple)):
+        labels = torch.as_tensor(labels)
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"length_batches: labels must be a tensor, got {type(labels).__name__}")
+    if not ids:
+        raise ValueError("length_batches: no examples (ids is empty)")
+    empty = [i for i, s in enumerate(ids) if len(s) == 0]
+    if empty:
+        raise ValueError(f"length_batches: ids[{empty[0]}] is empty (a row needs a token)")
     if labels.shape != (len(ids),):
         raise ValueError(f"length_batches: labels shape {tuple(labels.shape)} != [{len(ids)}]")
     widths = _bucket_widths(bucket)

@@ -48,6 +48,8 @@ def vader_path(data_dir: str | os.PathLike | None = None) -> Path:
     """
     if data_dir is None:
         data_dir = os.environ.get("FNLLM_DATA_DIR") or Path(sys.prefix) / "share" / "fnllm"
+    if not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir: expected a folder path, got {data_dir!r:.40}")
     return Path(data_dir) / SDIST
 
 
