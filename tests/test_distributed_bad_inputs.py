@@ -241,3 +241,35 @@ def test_an_export_killed_mid_write_keeps_the_old_weights_and_the_next_export_sw
     assert (out / "model.safetensors").read_bytes() == before  # the old weights are intact
     io.to_hf(gpt, params, out)
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: distributed.all_reduce_mean("x"), TypeError, "all_reduce_mean: expected a tensor"),
+        (
+            lambda: distributed.all_reduce_sum({"a": "x"}),
+            TypeError,
+            "all_reduce_sum: leaf 'a' is 'x'",
+        ),
+        (lambda: distributed.broadcast(b"x"), TypeError, "broadcast: expected a tensor"),
+        (
+            lambda: distributed.broadcast(torch.ones(1), src="0"),
+            TypeError,
+            "src must be an int rank",
+        ),
+        (
+            lambda: distributed.broadcast(torch.ones(1), src=1),
+            ValueError,
+            r"src must be a rank in \[0, 1\)",
+        ),
+        (
+            lambda: distributed.all_reduce_mean({"n": torch.tensor([1])}),
+            TypeError,
+            "'n' is torch.int64",
+        ),
+    ],
+)
+def test_collectives_name_bad_trees_even_without_a_process_group(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
