@@ -78,3 +78,8 @@ def test_train_optax_refuses_an_empty_batch_list():
         interop.train_optax(
             lambda p, x: (p["w"] ** 2).sum(), {"w": torch.zeros(2)}, [], optax.sgd(0.1)
         )
+
+
+def test_as_torch_refuses_a_non_callable():
+    with pytest.raises(TypeError, match="as_torch: jax_fn must be a JAX function"):
+        interop.as_torch("f")

@@ -317,3 +317,9 @@ def test_stack_names_sets_without_adapters_or_that_differ():
         lora.stack([lp, lora.init(jr.key(1), base, rank=1)])
     with pytest.raises(ValueError, match="no adapter sets"):
         lora.stack([])
+
+
+@pytest.mark.parametrize("key", ["k", 0, torch.zeros(2)])
+def test_init_names_a_bad_key(key):
+    with pytest.raises(TypeError, match="lora.init: key must be a fnllm.random key"):
+        lora.init(key, tiny_gpt().init(jr.key(0)), rank=2)

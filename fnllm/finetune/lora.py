@@ -108,6 +108,9 @@ def init(
         raise TypeError(f"lora.init: rslora must be a bool, got {rslora!r}")
     if not isinstance(params, (dict, list, tuple)):
         raise TypeError(f"lora.init: params must be a model's tree, got {type(params).__name__}")
+    if not isinstance(key, Tensor) or key.dtype not in (torch.int32, torch.int64):
+        got = key.dtype if isinstance(key, Tensor) else type(key).__name__
+        raise TypeError(f"lora.init: key must be a fnllm.random key, got {got}")
     found: list[str] = []
 
     def visit(node: Any, path: str) -> Any:

@@ -128,6 +128,8 @@ def as_torch(jax_fn: Callable[..., Any], *, jit: bool = True) -> Callable[..., A
         TypeError: (when called) an argument leaf is not a tensor or has a dtype that cannot
             cross to JAX (the message names the path).
     """
+    if not callable(jax_fn):
+        raise TypeError(f"as_torch: jax_fn must be a JAX function, got {type(jax_fn).__name__}")
     jax = _common.jax()
 
     def pullback(args: tuple[Any, ...], cts: Any) -> Any:
