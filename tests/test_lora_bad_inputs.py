@@ -321,5 +321,5 @@ def test_stack_names_sets_without_adapters_or_that_differ():
 
 @pytest.mark.parametrize("key", ["k", 0, torch.zeros(2)])
 def test_init_names_a_bad_key(key):
-    with pytest.raises(TypeError, match="lora.init: key must be a fnllm.random key"):
+    with pytest.raises(TypeError, match=r"lora.init: key must be a fnllm.random key"):
         lora.init(key, tiny_gpt().init(jr.key(0)), rank=2)
