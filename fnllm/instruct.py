@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fnllm import data, losses, tree
+from fnllm import _checks, data, losses, tree
 from fnllm.data._jsonl import json_objects
 
 __all__ = ["InstructionFormat", "read_jsonl", "sft_batch", "sft_loss"]
@@ -55,7 +55,17 @@ def read_jsonl(
 
     Returns:
         One dict per record with the required and present optional fields.
+
+    Raises:
+        ValueError: a line that is not UTF-8, not JSON, not an object, lacks a required field
+            or holds a non-string field (the message names ``path:line``).
+        FileNotFoundError: no such file.
+        TypeError: ``path`` is not a path; ``required``/``optional`` is one string.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"read_jsonl: expected a file path (str or os.PathLike), got {path!r:.60}")
+    if isinstance(required, str) or isinstance(optional, str):
+        raise TypeError("read_jsonl: required and optional are lists of field names, not a str")
     records = []
     where = os.fspath(path)
     for lineno, obj in json_objects(path):
@@ -142,16 +152,19 @@ def sft_batch(
         with the logits (-100 on the prompt, on padding and on the last position).
 
     Raises:
-        ValueError: no records, or a prompt that leaves no room for the response.
+        ValueError: no records, a prompt that leaves no room for the response, or a negative
+            ``eos_id``/``pad_id`` or ``max_len`` < 2.
         KeyError: a record without ``instruction`` or ``response``.
+        TypeError: ``records`` is not a list of dicts (one dict is refused), a field is not a
+            string, ``encode`` returns anything but token ids (named by record), or an id
+            argument is not an int.
     """
-    if not records:
-        raise ValueError("records: empty batch")
+    check_batch_args(records, encode, eos_id, max_len, pad_id, ("instruction", "input", "response"))
     rows, prompt_lens = [], []
     for i, rec in enumerate(records):
         if "response" not in rec:
             raise KeyError(f"records[{i}]: missing 'response' (has {sorted(rec)})")
-        prompt = list(encode(fmt.prompt(rec)))
+        prompt = _ids(i, "prompt", encode(fmt.prompt(rec)))
         rows.append(_row(i, prompt, encode(rec["response"]), eos_id, max_len))
         prompt_lens.append(len(prompt))
     ids, mask = _right_pad(rows, pad_id)
@@ -191,11 +204,50 @@ def sft_loss(model: Any) -> Callable[..., Tensor]:
     return loss_fn
 
 
+def check_batch_args(
+    records: Any, encode: Any, eos_id: Any, max_len: Any, pad_id: Any, fields: Sequence[str]
+) -> None:
+    """The checks :func:`sft_batch` and ``preference.preference_batch`` share (private):
+    ``fields`` of every record, where present, must be strings."""
+    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Sequence):
+        raise TypeError(
+            f"records: expected a list of dicts, got {type(records).__name__} (one record? wrap "
+            "it: [record])"
+        )
+    if not records:
+        raise ValueError("records: empty batch")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping):
+            raise TypeError(f"records[{i}]: expected a dict, got {type(rec).__name__}")
+        for k, v in rec.items():
+            if k in fields and not isinstance(v, str):
+                raise TypeError(f"records[{i}]: field {k!r} must be a string, got {v!r:.40}")
+    if not callable(encode):
+        raise TypeError(f"encode: expected a function text -> ids, got {type(encode).__name__}")
+    _checks.check_int("eos_id", eos_id, low=0)
+    _checks.check_int("pad_id", pad_id, low=0)
+    _checks.check_int("max_len", max_len, low=2)
+
+
+def _ids(i: int, what: str, ids: Any) -> list[int]:
+    """``encode``'s output for record ``i`` as a list of non-negative ints, or a named error."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"records[{i}]: encode returned a {type(ids).__name__} for the {what}")
+    out = list(ids.tolist() if isinstance(ids, Tensor) else ids)
+    for t in out:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise TypeError(
+                f"records[{i}]: encode returned {t!r} in the {what}; expected token ids (ints >= 0)"
+            )
+    return out
+
+
 def _row(
     i: int, prompt: list[int], response: Sequence[int], eos_id: int, max_len: int
 ) -> list[int]:
     """``prompt + response + [eos_id]`` cut to ``max_len``, for record ``i``, whose prompt must
     leave room for at least one response token."""
+    prompt, response = _ids(i, "prompt", prompt), _ids(i, "response", response)
     if len(prompt) >= max_len:
         raise ValueError(
             f"records[{i}]: the prompt has {len(prompt)} tokens, no room for a response "

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fnllm import losses, tree
-from fnllm.instruct import Encode, _right_pad, _row, read_jsonl
+from fnllm import _checks, losses, tree
+from fnllm.instruct import Encode, _ids, _right_pad, _row, check_batch_args, read_jsonl
 
 __all__ = [
     "dpo_loss",
@@ -96,21 +96,31 @@ def preference_batch(
         ``*_response`` mask is True on the response tokens and EOS).
 
     Raises:
-        ValueError: no records, or a prompt that leaves no room for a response.
+        ValueError: no records, a prompt that leaves no room for a response, or a record
+            whose chosen and rejected rows are identical (the same text, or cut to the same
+            tokens by ``max_len``): the message names the record.
         KeyError: a record lacks a field.
+        TypeError: ``records`` is not a list of dicts, a field is not a string, ``encode``
+            returns anything but token ids, or an id argument is not an int.
     """
-    if not records:
-        raise ValueError("records: empty batch")
+    check_batch_args(records, encode, eos_id, max_len, pad_id, ("prompt", "chosen", "rejected"))
     rows: dict[str, list[list[int]]] = {"chosen": [], "rejected": []}
     starts = []
     for i, rec in enumerate(records):
         for name in ("prompt", "chosen", "rejected"):
             if name not in rec:
                 raise KeyError(f"records[{i}]: missing {name!r} (has {sorted(rec)})")
-        prompt = list(encode(rec["prompt"]))
+        prompt = _ids(i, "prompt", encode(rec["prompt"]))
         starts.append(len(prompt))
         for name in ("chosen", "rejected"):
             rows[name].append(_row(i, prompt, encode(rec[name]), eos_id, max_len))
+        if rows["chosen"][-1] == rows["rejected"][-1]:
+            cut = "" if rec["chosen"] != rec["rejected"] else " (the same text)"
+            raise ValueError(
+                f"records[{i}]: chosen and rejected are the same {len(rows['chosen'][-1])} "
+                f"tokens{cut or ' after cutting to max_len ' + str(max_len)}: the pair carries "
+                "no preference (raise max_len or shorten the prompt)"
+            )
     # chosen and rejected rows padded together, to one width
     ids, mask = _right_pad(rows["chosen"] + rows["rejected"], pad_id)
     response = mask & (torch.arange(ids.shape[1]) >= torch.tensor(starts * 2)[:, None])
@@ -178,15 +188,21 @@ def reward_loss(scorer: Any, *, margin: float = 0.0) -> Callable[..., tuple[Tens
         ``loss_fn(trainable, frozen, batch, key) -> (loss, {"accuracy", "margin"})`` for a
         :func:`preference_batch`; accuracy is the fraction of pairs ranked right, margin the
         mean ``r_chosen - r_rejected``.
+
+    Raises:
+        ValueError: (when called) the scorer returns anything but one reward per row,
+            ``[2B]`` or ``[2B, 1]``: a ``[2B, C]`` classifier (use ``n_classes=1``) or
+            ``[2B, T, V]`` language-model logits would otherwise be silently cut to one
+            column.
     """
+    margin = _checks.check_range("reward_loss: margin", margin)
     score = _scoring_fn(scorer)
 
     def loss_fn(trainable: Any, frozen: Any, batch: Batch, key: Any) -> tuple[Tensor, dict]:
         params = tree.combine(trainable, frozen)
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
         mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
-        rewards = score(params, ids, mask)
-        rewards = rewards.reshape(ids.shape[0], -1)[:, 0] if rewards.ndim > 1 else rewards
+        rewards = _check_rewards(score(params, ids, mask), ids.shape[0])
         chosen, rejected = rewards.chunk(2)
         loss = losses.pairwise_reward(chosen, rejected, margin=margin)
         diff = (chosen - rejected).detach()
@@ -299,6 +315,25 @@ def dpo_loss(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _check_rewards(rewards: Any, rows: int) -> Tensor:
+    """One reward per row: ``[2B]`` or ``[2B, 1]`` (flattened to ``[2B]``); else a named error."""
+    if not isinstance(rewards, Tensor):
+        raise TypeError(
+            f"reward_loss: the scorer returned a {type(rewards).__name__}, expected a [2B] "
+            "tensor of rewards"
+        )
+    shape = tuple(rewards.shape)
+    if shape not in ((rows,), (rows, 1)):
+        raise ValueError(
+            f"reward_loss: the scorer returned shape {shape} for {rows} rows (chosen + "
+            f"rejected); expected one reward per row, [{rows}] or [{rows}, 1] (a classifier "
+            "reward model needs n_classes=1; language-model logits are not rewards)"
+        )
+    if not rewards.is_floating_point():
+        raise TypeError(f"reward_loss: the scorer returned {rewards.dtype} rewards, not floats")
+    return rewards.reshape(rows)
 
 
 def _scoring_fn(scorer: Any) -> Callable[[Any, Tensor, Tensor], Tensor]:

@@ -227,22 +227,26 @@ def label_logprobs(
         Float32 ``[N, C]`` summed log-probabilities.
 
     Raises:
-        ValueError: no prompts or answers, an answer that encodes to no tokens, or a row
-            longer than ``model.max_len``.
+        ValueError: no prompts or answers, an answer that encodes to no tokens, a row
+            longer than ``model.max_len``, or a NaN score (the message names the prompt and
+            the answer).
+        TypeError: ``prompts`` or ``answers`` is one string, or ``batch_size`` a bool.
     """
     if isinstance(prompts, str) or isinstance(answers, str):
         raise TypeError("prompts, answers: expected lists of strings, not one string")
     if not prompts or not answers:
         raise ValueError("label_logprobs: need at least one prompt and one answer")
+    if isinstance(batch_size, bool):
+        raise TypeError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    answer_ids = [list(encode(a)) for a in answers]
+    answer_ids = [_encoded(encode, a, f"answers[{j}]") for j, a in enumerate(answers)]
     for a, ids in zip(answers, answer_ids):
         if not ids:
             raise ValueError(f"answers: {a!r} encodes to no tokens")
     rows: list[tuple[list[int], int]] = []
     for i, p in enumerate(prompts):
-        p_ids = list(encode(p))
+        p_ids = _encoded(encode, p, f"prompts[{i}]")
         for ids in answer_ids:
             if len(p_ids) + len(ids) > model.max_len:
                 raise ValueError(
@@ -254,7 +258,15 @@ def label_logprobs(
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             scores.append(_score_rows(model, params, rows[start : start + batch_size]))
-    return torch.cat(scores).reshape(len(prompts), len(answers))
+    out = torch.cat(scores).reshape(len(prompts), len(answers))
+    nan = torch.isnan(out)
+    if bool(nan.any()):
+        i, j = (int(v) for v in nan.nonzero()[0])
+        raise ValueError(
+            f"label_logprobs: the model scores prompts[{i}] with answers[{j}] {answers[j]!r} "
+            "as NaN (do the params hold NaN or inf?); no answer can be picked"
+        )
+    return out
 
 
 def classify(
@@ -287,6 +299,10 @@ def classify(
 
     Returns:
         int64 ``[N]`` indices into ``answers`` (the first on ties).
+
+    Raises:
+        ValueError: as :func:`label_logprobs`, including NaN scores: with NaN params no
+            answer is picked rather than the first.
     """
     return label_logprobs(model, params, encode, prompts, answers, batch_size=batch_size).argmax(-1)
 
@@ -344,7 +360,16 @@ def shot_accuracy(
         ValueError: a test label not among ``labels``, or more shots than ``train`` holds.
         KeyError: an example lacks a field the template uses.
     """
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+        raise TypeError(f"labels: expected a list of label strings, got {labels!r:.40}")
     labels = list(labels)
+    if len(set(labels)) != len(labels):
+        dup = next(lab for lab in labels if labels.count(lab) > 1)
+        raise ValueError(f"labels: {dup!r} appears twice in {labels}")
+    if isinstance(shots, (str, bytes)) or not isinstance(shots, Sequence):
+        raise TypeError(f"shots: expected a list of shot counts such as (0, 1, 2), got {shots!r}")
+    if not test:
+        raise ValueError("test: no examples to score")
     truth = []
     for i, ex in enumerate(test):
         if ex.get(label_key) not in labels:
@@ -389,6 +414,20 @@ def _pick_shots(key: Tensor, examples: Sequence[Example], k: int) -> list[Exampl
         return []
     order = jr.permutation(key, len(examples))[:k].tolist()
     return [examples[i] for i in order]
+
+
+def _encoded(encode: Any, text: Any, where: str) -> list[int]:
+    """``encode(text)`` as a list of ints, or a TypeError naming the text and what came back."""
+    if not isinstance(text, str):
+        raise TypeError(f"{where}: expected a string, got {type(text).__name__}")
+    ids = encode(text)
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{where}: encode returned a {type(ids).__name__}, not token ids")
+    out = list(ids.tolist() if isinstance(ids, Tensor) else ids)
+    for t in out:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise TypeError(f"{where}: encode returned {t!r}, not an int token id")
+    return out
 
 
 def _score_rows(model: Any, params: Any, rows: list[tuple[list[int], int]]) -> Tensor:

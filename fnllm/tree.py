@@ -469,6 +469,9 @@ def partition(tree: Tree, filter: Filter, *, allow_unmatched: bool = False) -> t
     if isinstance(filter, (list, tuple)) and not allow_unmatched and eager:
         hint = "; pass allow_unmatched=True if that is meant"
         check_globs(tuple(filter), paths(tree), where="tree.partition", hint=hint)
+    check = getattr(filter, "check_matches", None)  # e.g. finetune.Strategy("lora")
+    if callable(check) and not allow_unmatched and eager:
+        check(tree)
     return _ops.partition(tree, pred, "")
 
 

@@ -57,6 +57,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fnllm import generate
     from fnllm import random as jr
 
+    _check_flags(args, parser)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
@@ -103,6 +104,28 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             shown = text
     out.write("\n")
     return 0
+
+
+def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse bad flag values before any model is read (one line each, exit 2)."""
+    import math
+
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if not args.source.exists():
+        parser.error(f"{args.source}: no such file or folder")
+    if args.tokenizer is not None and not args.tokenizer.exists():
+        parser.error(f"--tokenizer {args.tokenizer}: no such file or folder")
 
 
 def _load(source: Path) -> tuple[Any, Any, Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import os
 import re
 import typing
@@ -80,8 +81,15 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         low = 0 if name in ("seed", "eval_every") else 1
         if name not in ("lr", "val_fraction") and value < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    if given.get("lr", 1.0) <= 0:
-        parser.error(f"--lr must be > 0, got {given['lr']}")
+    if not (math.isfinite(given.get("lr", 1.0)) and given.get("lr", 1.0) > 0):
+        parser.error(f"--lr must be a finite number > 0, got {given['lr']}")
+    if "val_fraction" in given and not 0.0 < given["val_fraction"] < 1.0:
+        parser.error(f"--val-fraction must be in (0, 1), got {given['val_fraction']}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    for flag, path in (("--out", args.out), ("--cache-dir", args.cache_dir)):
+        if path is not None and path.exists() and not path.is_dir():
+            parser.error(f"{flag} {path}: exists and is not a folder")
     cfg = dataclasses.replace(
         cfg,
         **given,

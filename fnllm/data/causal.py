@@ -10,6 +10,7 @@ ids and the model shifts internally; ``causal_targets`` does that shift up front
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -79,7 +80,14 @@ def instruction_targets(
 
     Returns:
         Targets aligned with the logits, -100 where the predicted token is in the prompt, on
-        padding and on the last position.
+        padding and on the last position. A row whose prompt covers all its real tokens keeps
+        no target; a ``UserWarning`` names such rows (eager mode).
+
+    Raises:
+        ValueError: both or neither of ``prompt_len`` and ``prompt_mask``; a length outside
+            ``[0, T]``; a ``prompt_len`` tensor whose shape is not ``tokens.shape[:-1]`` (a
+            ``[B, 1]`` column is refused rather than broadcast to ``[B, B, T]``).
+        TypeError: a float ``prompt_len``.
     """
     if (prompt_len is None) == (prompt_mask is None):
         raise ValueError("instruction_targets: give exactly one of prompt_len and prompt_mask")
@@ -93,12 +101,37 @@ def instruction_targets(
         length = torch.as_tensor(prompt_len, device=tokens.device)
         if length.dtype.is_floating_point or length.dtype == torch.bool:
             raise ValueError(f"prompt_len: expected integers, got {length.dtype}")
+        if length.ndim and tuple(length.shape) != tuple(tokens.shape[:-1]):
+            hint = " (squeeze the last dim)" if length.shape[-1:] == (1,) else ""
+            rows = ", ".join(map(str, tokens.shape[:-1]))
+            raise ValueError(
+                f"prompt_len: shape {tuple(length.shape)} does not match the rows of tokens "
+                f"{tuple(tokens.shape)}: expected an int or a [{rows}] tensor, one length per "
+                f"row{hint}"
+            )
         _check_prompt_len(length, tokens.shape[-1])
         positions = torch.arange(tokens.shape[-1], device=tokens.device)
         in_prompt = positions < length[..., None]
     # targets[t] predicts tokens[t + 1]: drop it when position t + 1 is in the prompt.
     next_in_prompt = torch.cat([in_prompt[..., 1:], torch.zeros_like(in_prompt[..., :1])], -1)
-    return torch.where(next_in_prompt, IGNORE_INDEX, targets)
+    out = torch.where(next_in_prompt, IGNORE_INDEX, targets)
+    _warn_empty_rows(out, targets, tokens)
+    return out
+
+
+def _warn_empty_rows(out: Tensor, targets: Tensor, tokens: Tensor) -> None:
+    """Warn, naming them, about rows that had targets but have none once the prompt is cut."""
+    if _checks.tracing(out, tokens) or out.ndim < 1 or out.numel() == 0:
+        return
+    lost = ((targets != IGNORE_INDEX).any(-1) & (out == IGNORE_INDEX).all(-1)).reshape(-1)
+    if bool(lost.any()):
+        rows = lost.nonzero()[:, 0].tolist()
+        warnings.warn(
+            f"instruction_targets: rows {_checks.few([str(r) for r in rows])} (flat index) have "
+            "no target left: the prompt covers every real token, so they add nothing to the "
+            "loss (is prompt_len past the row's length?)",
+            stacklevel=3,
+        )
 
 
 def pack(

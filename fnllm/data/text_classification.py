@@ -10,15 +10,18 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import warnings
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from fnllm import _checks
 from fnllm import random as jr
 from fnllm.data._jsonl import json_objects
 from fnllm.data.corpus import load_tokenizer
@@ -54,43 +57,55 @@ def read_labelled(
     Raises:
         FileNotFoundError: no such file.
         ValueError: an unknown suffix, a missing column (the message lists the present
-            ones), no rows, an empty text, or a single class.
+            ones), no rows, a single class (with its count), or a row with the wrong number
+            of fields, an empty text, an empty label
+            or bytes that are not UTF-8 (the message names ``path:line``).
         TypeError: a label that is neither an integer nor a string.
+
+    CSV files follow Python's :mod:`csv` rules (RFC 4180): a field holding a comma, a quote
+    or a line break must be quoted (``"great, really",pos``); a row with more or fewer fields
+    than the header is an error, not a shifted label. Labels are stripped of surrounding
+    spaces, and ``"1"``/``1`` both read as the integer 1.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"read_labelled: path must be a str or os.PathLike, got {path!r:.60}")
+    for name, col in (("text_column", text_column), ("label_column", label_column)):
+        if not isinstance(col, str) or not col:
+            raise TypeError(f"read_labelled: {name} must be a non-empty str, got {col!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"read_labelled: no such file {path}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            _check_columns(path, columns, text_column, label_column)
-            rows = [(r[text_column], _csv_label(r[label_column])) for r in reader]
+        rows = _read_csv(path, text_column, label_column)
     elif suffix in (".jsonl", ".ndjson"):
         rows = []
         for n, obj in json_objects(path):
             _check_columns(path, list(obj), text_column, label_column, line=n)
-            rows.append((obj[text_column], obj[label_column]))
+            rows.append((f"{path}:{n} row {len(rows) + 1}", obj[text_column], obj[label_column]))
     else:
         raise ValueError(f"read_labelled: {path} must end in .csv or .jsonl, not {suffix!r}")
     if not rows:
         raise ValueError(f"read_labelled: {path} has no rows")
-    for i, (text, label) in enumerate(rows):
+    for where, text, label in rows:
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"read_labelled: {path} row {i + 1}: empty or non-text {text!r}")
+            raise ValueError(f"read_labelled: {where}: empty or non-text {text_column} {text!r}")
         if isinstance(label, bool) or not isinstance(label, (int, str)):
             raise TypeError(
-                f"read_labelled: {path} row {i + 1}: label {label!r} is neither an integer "
-                "nor a string"
+                f"read_labelled: {where}: label {label!r} is neither an integer nor a string"
             )
+        if isinstance(label, str) and not label.strip():
+            raise ValueError(f"read_labelled: {where}: empty label ({label_column} {label!r})")
+    rows = [(text, label.strip() if isinstance(label, str) else label) for _, text, label in rows]
     kinds = {type(label) for _, label in rows}
     if len(kinds) > 1:
         raise TypeError(f"read_labelled: {path} mixes integer and string labels")
-    classes = sorted({label for _, label in rows})
+    counts = Counter(label for _, label in rows)
+    classes = sorted(counts)
     if len(classes) < 2:
         raise ValueError(
-            f"read_labelled: {path} has a single class {classes[0]!r}; a classifier needs two"
+            f"read_labelled: {path} has a single class {classes[0]!r} ({len(rows)} rows); "
+            "a classifier needs two"
         )
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[label] for _, label in rows], dtype=torch.int64)
@@ -120,12 +135,29 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[lis
 
     Raises:
         ValueError: ``max_len`` < 2.
+        TypeError: ``texts`` is one string (it would be read as a list of characters) or
+            holds a non-string (the message names its index); ``max_len`` is not an int.
     """
-    if not isinstance(max_len, int) or max_len < 2:
+    if isinstance(max_len, bool) or not isinstance(max_len, int):
+        raise TypeError(f"encode_texts: max_len must be an int >= 2, got {max_len!r}")
+    if max_len < 2:
         raise ValueError(f"encode_texts: max_len must be an int >= 2, got {max_len!r}")
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(
+            f"encode_texts: texts must be a list of strings, got one {type(texts).__name__} "
+            f"{texts[:30]!r} (wrap it: [text])"
+        )
+    if not isinstance(texts, Iterable):
+        raise TypeError(
+            f"encode_texts: texts must be a list of strings, got {type(texts).__name__}"
+        )
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"encode_texts: texts[{i}] is a {type(t).__name__}, not a str")
     tok = load_tokenizer(tokenizer)
     tok.enable_truncation(max_len)
-    encodings = tok.encode_batch(list(texts))
+    encodings = tok.encode_batch(texts)
     cut = sum(1 for e in encodings if e.overflowing)
     if cut:
         warnings.warn(
@@ -160,7 +192,21 @@ def stratified_split(
 
     Raises:
         ValueError: fractions not positive or not summing to 1; labels not ``[N]`` ints.
+        TypeError: labels not a tensor (a list is accepted and converted), bool labels, or
+            fractions that are not a sequence of numbers.
     """
+    if isinstance(labels, (list, tuple)):
+        labels = torch.as_tensor(labels)
+    if not isinstance(labels, Tensor):
+        raise TypeError(
+            f"stratified_split: labels must be an int [N] tensor, got {type(labels).__name__}"
+        )
+    if labels.dtype == torch.bool:
+        raise TypeError("stratified_split: labels must be int class ids, got a bool tensor")
+    if isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence):
+        raise TypeError(f"stratified_split: fractions must be a sequence, got {fractions!r}")
+    if any(isinstance(f, bool) or not isinstance(f, (int, float)) for f in fractions):
+        raise TypeError(f"stratified_split: fractions must be numbers, got {fractions!r}")
     if not fractions or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(
             f"stratified_split: fractions must be positive and sum to 1, got {fractions}"
@@ -226,11 +272,27 @@ def length_batches(
         the rows' positions in ``ids``.
 
     Raises:
-        ValueError: ``batch_size`` < 1, ``labels`` does not match ``ids``, or a ``bucket`` that
-            is not a positive int or a list of them.
+        ValueError: ``batch_size`` < 1, ``labels`` does not match ``ids``, no examples, an
+            empty id list (named by index), or a ``bucket`` that is not a positive int or a
+            list of them.
+        TypeError: ``batch_size`` is not an int, ``ids`` is a string or ``labels`` not a
+            tensor (a list is converted).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"length_batches: batch_size must be an int >= 1, got {batch_size!r}")
+    if batch_size < 1:
         raise ValueError(f"length_batches: batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"length_batches: ids must be a list of id lists, got {ids!r:.40}")
+    if isinstance(labels, (list, tuple)):
+        labels = torch.as_tensor(labels)
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"length_batches: labels must be a tensor, got {type(labels).__name__}")
+    if not ids:
+        raise ValueError("length_batches: no examples (ids is empty)")
+    empty = [i for i, s in enumerate(ids) if len(s) == 0]
+    if empty:
+        raise ValueError(f"length_batches: ids[{empty[0]}] is empty (a row needs a token)")
     if labels.shape != (len(ids),):
         raise ValueError(f"length_batches: labels shape {tuple(labels.shape)} != [{len(ids)}]")
     widths = _bucket_widths(bucket)
@@ -265,6 +327,44 @@ def _check_columns(
             f"read_labelled: {where} has no column {missing[0]!r} (columns: {present}); "
             "choose them with --text-column/--label-column"
         )
+
+
+def _read_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str, Any, Any]]:
+    """``(path:line, text, label)`` per row, with the csv module's quoting rules, every row
+    checked to have the header's number of fields."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"read_labelled: {path}:{line}: bytes that are not UTF-8 ({err.reason} at byte "
+            f"{err.start}); re-save the file as UTF-8"
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"read_labelled: {path} is empty (no header row)")
+        _check_columns(path, header, text_column, label_column, line=1)
+        t, lab = header.index(text_column), header.index(label_column)
+        start = reader.line_num
+        for fields in reader:
+            where = f"{path}:{start + 1}"  # the line the row starts on
+            start = reader.line_num
+            if not fields:  # a blank line
+                continue
+            if len(fields) != len(header):
+                raise ValueError(
+                    f"read_labelled: {where} row {len(rows) + 1}: {len(fields)} fields where "
+                    f"the header has {len(header)} ({_checks.few(header, 4)}); quote a text "
+                    'holding a comma or a quote: "great, really",pos'
+                )
+            rows.append((f"{where} row {len(rows) + 1}", fields[t], _csv_label(fields[lab])))
+    except csv.Error as err:
+        raise ValueError(f"read_labelled: {path}:{reader.line_num}: bad CSV ({err})") from None
+    return rows
 
 
 def _csv_label(value: str | None) -> Any:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fnllm import _checks
+
 __all__ = ["SDIST", "load_vader", "vader_path"]
 
 SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -46,6 +48,8 @@ def vader_path(data_dir: str | os.PathLike | None = None) -> Path:
     """
     if data_dir is None:
         data_dir = os.environ.get("FNLLM_DATA_DIR") or Path(sys.prefix) / "share" / "fnllm"
+    if not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir: expected a folder path, got {data_dir!r:.40}")
     return Path(data_dir) / SDIST
 
 
@@ -55,7 +59,9 @@ def load_vader(
     """The movie-review sentences labelled by the sign of their mean human rating.
 
     Sentences with ``|rating| < neutral`` are left out (near-neutral); about 10,000 remain,
-    close to balanced.
+    close to balanced. A kept sentence is positive (1) when its rating is > 0 and negative (0)
+    when it is < 0; a rating of exactly 0.0 has no sign, so it is always left out, also with
+    ``neutral=0.0`` (which keeps every other sentence).
 
     Example:
         >>> from fnllm.data import load_vader
@@ -65,15 +71,19 @@ def load_vader(
 
     Args:
         data_dir: a folder holding ``vaderSentiment-3.3.2.tar.gz`` (see :func:`vader_path`).
-        neutral: leave out sentences rated within ``(-neutral, neutral)``.
+        neutral: leave out sentences rated within ``(-neutral, neutral)`` (and those rated
+            exactly 0.0); a finite number >= 0.
 
     Returns:
         ``(texts, labels, ratings)``: labels 1 positive, 0 negative; the float mean ratings.
 
     Raises:
         FileNotFoundError: the sdist is missing (the message names the path and the set-up).
-        ValueError: the archive does not hold the expected file.
+        ValueError: the archive does not hold the expected file, or a line of it is malformed
+            (the message names the line); ``neutral`` is negative or not finite.
+        TypeError: ``neutral`` is not a number.
     """
+    neutral = _checks.check_number("load_vader: neutral", neutral, nonnegative=True)
     path = vader_path(data_dir)
     if not path.is_file():
         raise FileNotFoundError(f"load_vader: {path} not found; fetch it with {_SETUP}")
@@ -88,12 +98,17 @@ def load_vader(
     except (KeyError, AssertionError, tarfile.TarError) as err:
         raise ValueError(f"load_vader: {path} does not hold {_INNER} -> {_MEMBER}: {err}") from None
     texts, ratings = [], []
-    for line in raw.splitlines():
+    for lineno, line in enumerate(raw.splitlines(), start=1):
         parts = line.split("\t")
         if len(parts) < 3:
             continue
-        rating = float(parts[1])
-        if abs(rating) >= neutral:
+        try:
+            rating = float(parts[1])
+        except ValueError:
+            raise ValueError(
+                f"load_vader: {path} -> {_MEMBER}:{lineno}: rating {parts[1]!r} is not a number"
+            ) from None
+        if rating != 0.0 and abs(rating) >= neutral:
             texts.append("\t".join(parts[2:]).strip())
             ratings.append(rating)
     r = torch.tensor(ratings, dtype=torch.float32)

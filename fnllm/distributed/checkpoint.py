@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -90,31 +91,48 @@ def save_sharded(
     Returns:
         None.
 
+    The folder is written as ``<name>.tmp`` and renamed once complete; a failed save
+    removes its ``.tmp`` folder, and the next save to the same path removes what a killed
+    writer left (or restores the previous checkpoint if it was caught mid-swap).
+
     Raises:
         ValueError: ``step`` is negative.
+        TypeError: ``step`` is not an int (numpy integers are accepted), ``key`` is not an
+            integer tensor, ``meta`` is not a JSON-serialisable dict (the message names the
+            first bad entry), or ``path`` is not a path.
         CollectiveError: a rank died during the save.
     """
-    if step < 0:
-        raise ValueError(f"save_sharded: step must be >= 0, got {step}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"save_sharded: path must be a str or os.PathLike, got {path!r:.60}")
+    step = _step(step)
+    info = {
+        "format": _FORMAT,
+        "step": step,
+        "key": _key_list(key),
+        "world_size": world_size(),
+        "meta": _meta(meta),
+    }
+    text = json.dumps(info)  # checked before anything is written
     final = Path(path)
-    tmp = final.with_name(final.name + ".tmp")
-    if is_main() and tmp.exists():
-        shutil.rmtree(tmp)
-    barrier()
-    with _single_process_quiet():
-        dcp.save(_state(trainable, opt_state), checkpoint_id=str(tmp))
+    tmp, old = _temp_names(final)
     if is_main():
-        info = {
-            "format": _FORMAT,
-            "step": int(step),
-            "key": torch.as_tensor(key).tolist(),
-            "world_size": world_size(),
-            "meta": dict(meta or {}),
-        }
-        (tmp / _INFO).write_text(json.dumps(info))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _sweep(final)
+    barrier()
+    try:
+        with _single_process_quiet():
+            dcp.save(_state(trainable, opt_state), checkpoint_id=str(tmp))
+        if is_main():
+            (tmp / _INFO).write_text(text)
+            # the old folder moves aside before the new one takes its name: a crash at any
+            # point leaves a complete checkpoint (final or old) that the next save restores
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()
 
 
@@ -201,6 +219,55 @@ def _state(trainable: Any, opt_state: Any) -> dict[str, torch.Tensor]:
             if isinstance(x, torch.Tensor):
                 out[f"{part}/{p}"] = x
     return out
+
+
+def _step(step: Any) -> int:
+    if isinstance(step, np.integer):
+        step = int(step)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"save_sharded: step must be an int, got {step!r}")
+    if step < 0:
+        raise ValueError(f"save_sharded: step must be >= 0, got {step}")
+    return step
+
+
+def _key_list(key: Any) -> Any:
+    if not isinstance(key, torch.Tensor) or key.dtype not in (torch.int32, torch.int64):
+        got = key.dtype if isinstance(key, torch.Tensor) else type(key).__name__
+        raise TypeError(f"save_sharded: key must be a fnllm.random key (int tensor), got {got}")
+    return key.tolist()
+
+
+def _meta(meta: Any) -> dict[str, Any]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"save_sharded: meta must be a dict, got {type(meta).__name__}")
+    for k, v in meta.items():
+        try:
+            json.dumps({k: v})
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"save_sharded: meta[{k!r}] is not JSON-serialisable ({type(v).__name__}: {err})"
+            ) from None
+    return dict(meta)
+
+
+def _temp_names(final: Path) -> tuple[Path, Path]:
+    return final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+
+
+def _sweep(final: Path) -> None:
+    """Remove what a save to ``final`` killed mid-way left: its ``.tmp`` folder, and an
+    ``.old`` folder (put back as ``final`` when the kill came between the two renames)."""
+    tmp, old = _temp_names(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
 
 
 @contextlib.contextmanager

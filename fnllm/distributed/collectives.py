@@ -280,6 +280,9 @@ def broadcast(t: Any, src: int = 0, group: Any = None, *, check: bool = True) ->
         ValueError: the tree differs across ranks (with ``check``) or ``src`` is not a rank.
         CollectiveError: a rank died or the group's timeout passed.
     """
+    if isinstance(src, bool) or not isinstance(src, int):
+        raise TypeError(f"broadcast: src must be an int rank, got {src!r}")
+    _check_leaves(t, "broadcast")
     n = world_size(group)
     if not 0 <= src < n:
         raise ValueError(f"broadcast: src must be a rank in [0, {n}), got {src}")
@@ -340,6 +343,7 @@ def _all_reduce(
 ) -> Any:
     if bucket_mb is not None and not bucket_mb > 0:
         raise ValueError(f"{who}: bucket_mb must be > 0, got {bucket_mb}")
+    _check_leaves(t, who)
     if mean:
         for path, x in tree.flatten(t).items():
             if isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()):
@@ -354,6 +358,15 @@ def _all_reduce(
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
 
     return _bucketed(t, op, _bucket_mb(bucket_mb, group), who, divisor=n if mean else None)
+
+
+def _check_leaves(t: Any, who: str) -> None:
+    """Refuse a tree with a leaf no collective can reduce (a string or bytes)."""
+    if isinstance(t, (str, bytes)):
+        raise TypeError(f"{who}: expected a tensor or a tree of tensors, got {t!r:.40}")
+    for path, x in tree.flatten(t).items():
+        if isinstance(x, (str, bytes)):
+            raise TypeError(f"{who}: leaf {path!r} is {x!r:.40}, not a tensor")
 
 
 def _bucket_mb(bucket_mb: float | None, group: Any) -> float:

@@ -11,6 +11,7 @@ over ranks, the noise added once).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -159,6 +160,7 @@ def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
         ValueError: ``world_size`` does not divide the batch, leaves disagree on the batch
             size, or ``rank`` is out of range.
     """
+    world_size, rank = _index("world_size", world_size), _index("rank", rank)
     if not (isinstance(world_size, int) and world_size >= 1):
         raise ValueError(f"shard_batch: world_size must be an int >= 1, got {world_size!r}")
     if not (isinstance(rank, int) and 0 <= rank < world_size):
@@ -375,3 +377,14 @@ def _rank_default(r: int | None, group: Any) -> int:
 
 def _world_default(group: Any) -> int:
     return world_size(group)
+
+
+def _index(name: str, value: Any) -> Any:
+    """A numpy or 0-d tensor integer as a Python int; a bool, str or float refused by name."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        value = int(value)
+    elif hasattr(value, "__index__") and not isinstance(value, (bool, torch.Tensor)):
+        value = operator.index(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"shard_batch: {name} must be an int, got {value!r}")
+    return value

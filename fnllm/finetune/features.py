@@ -63,6 +63,11 @@ def extract_features(
             "extract_features: model must be a Classifier, GPT or BERT (or another fnllm model "
             f"config), got {type(model).__name__}"
         )
+    if isinstance(batches, (dict, torch.Tensor, str)):
+        raise TypeError(
+            f"extract_features: batches must be an iterable of batches, got one "
+            f"{type(batches).__name__} (wrap it: [batch])"
+        )
     from tqdm.auto import tqdm
 
     out = []

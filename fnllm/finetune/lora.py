@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fnllm import nn, tree
+from fnllm import _checks, nn, tree
 from fnllm import random as jr
 
 __all__ = [
@@ -93,16 +93,33 @@ def init(
 
     Raises:
         ValueError: the targets match no linear layer; a rank is not in ``[1, min(out, in)]``;
-            a targeted layer matches no glob of a rank mapping; ``alpha`` is not positive.
-        TypeError: ``targets`` or ``rank`` has the wrong type.
+            a targeted layer matches no glob of a rank mapping; ``alpha`` is not finite and
+            positive; a target is an embedding table (``embed.*``) or a language-model head
+            next to the embeddings (``head``): the model's forward reads those matrices
+            directly, so ``apply`` would ignore an adapter there while :func:`merge` would fold
+            it in.
+        TypeError: ``targets``, ``rank``, ``alpha`` or ``rslora`` has the wrong type.
     """
+    defaulted = targets is None and model is None
     if targets is None:
         targets = DEFAULT_TARGETS if model is None else model.lora_targets
-    globs = (targets,) if isinstance(targets, str) else tuple(targets)
-    if not globs or not all(isinstance(g, str) for g in globs):
+    if isinstance(targets, (str, Sequence)) and not isinstance(targets, (bytes, bytearray)):
+        globs = (targets,) if isinstance(targets, str) else tuple(targets)
+    else:
+        globs = ()
+    if not globs or not all(isinstance(g, str) and g for g in globs):
         raise TypeError(f"lora.init: targets must be glob strings, got {targets!r}")
-    if not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"lora.init: alpha must be a positive number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"lora.init: alpha must be a positive number, got {alpha!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"lora.init: alpha must be a finite positive number, got {alpha!r}")
+    if not isinstance(rslora, bool):
+        raise TypeError(f"lora.init: rslora must be a bool, got {rslora!r}")
+    if not isinstance(params, (dict, list, tuple)):
+        raise TypeError(f"lora.init: params must be a model's tree, got {type(params).__name__}")
+    if not isinstance(key, Tensor) or key.dtype not in (torch.int32, torch.int64):
+        got = key.dtype if isinstance(key, Tensor) else type(key).__name__
+        raise TypeError(f"lora.init: key must be a fnllm.random key, got {got}")
     found: list[str] = []
 
     def visit(node: Any, path: str) -> Any:
@@ -122,10 +139,14 @@ def init(
 
     out = visit(params, "")
     if not found:
+        hint = " (a linear layer is a dict with a 2-D weight)"
+        if defaulted:
+            hint += "; pass model= for its default targets (model.lora_targets) or targets="
         tree.check_globs(
             globs, _linears(params), where="lora.init: targets", what="linear layer", each=False,
-            hint=" (a linear layer is a dict with a 2-D weight)",
+            hint=hint,
         )  # fmt: skip
+    _refuse_unrun(found, params)
     return out
 
 
@@ -149,13 +170,15 @@ def merge(params: Params) -> Params:
         A plain tree with the base model's paths (``io.to_hf`` exports it as is).
 
     Raises:
-        ValueError: the adapters are stacked (merge one set: ``pick`` needs a batch).
+        ValueError: the adapters are stacked (merge one set: ``pick`` needs a batch), or a
+            layer's adapters are incomplete, misshaped or hold a non-finite scale (the
+            message names the layer).
     """
 
     def fold(node: Any, path: str) -> Any:
         if isinstance(node, dict):
             if nn.has_adapter(node):
-                a = node[nn.ADAPTER_TRAINED[0]]
+                a, b, s = _adapter_leaves("lora.merge", node, path)
                 if a.ndim != 2:
                     raise ValueError(f"lora.merge: {path} holds stacked adapters {tuple(a.shape)}")
                 rest = {k: v for k, v in node.items() if k not in _LEAVES}
@@ -209,17 +232,28 @@ def save(path: str | os.PathLike, params: Params) -> None:
         path: the file to write.
         params: a tree with adapters.
 
+    The write is atomic (a temp file renamed over ``path``): a crash leaves the old file or
+    the new one, never half of one, and the next save to the same folder removes the temp
+    files of a writer that was killed.
+
     Raises:
         ValueError: the tree has no adapters.
+        TypeError: ``path`` is not a path, or an adapter leaf is not a tensor.
     """
-    from safetensors.torch import save_file
+    from fnllm.io import _safetensors
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"lora.save: path must be a str or os.PathLike, got {type(path).__name__}")
     flat = adapters(params)
     if not flat:
         raise ValueError("lora.save: the tree has no adapters (lora.init adds them)")
-    save_file(
-        {k: v.detach().contiguous() for k, v in flat.items()}, os.fspath(path), {"fnllm": "lora"}
-    )
+    for p, v in flat.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"lora.save: {p} is a {type(v).__name__}, not a tensor")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in flat.items()}
+    # a temp file next to ``path`` renamed over it once complete: a crash never leaves a
+    # half-written file, and the next save sweeps the temp files of a killed writer
+    _safetensors.write_safetensors(path, tensors, {"fnllm": "lora"})
 
 
 def load(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -237,12 +271,37 @@ def load(path: str | os.PathLike) -> dict[str, Tensor]:
 
     Returns:
         The flat adapter dict.
-    """
-    from safetensors.torch import load_file
 
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is truncated, not safetensors, corrupt (its checksums differ) or
+            holds something other than adapters (the message names the file).
+    """
+    from fnllm.io import _safetensors
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"lora.load: path must be a str or os.PathLike, got {type(path).__name__}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lora.load: no such file {os.fspath(path)}")
-    return load_file(os.fspath(path))
+    name = f"lora.load: {os.fspath(path)}"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as err:  # truncated, empty or not a safetensors file at all
+        raise ValueError(
+            f"{name} is not a readable safetensors file (truncated or another format?): {err}"
+        ) from None
+    _safetensors.verify_checksums(name, flat, metadata)
+    odd = [k for k in flat if k.rpartition(".")[2] not in _LEAVES]
+    if metadata.get("fnllm") != "lora" or odd or not flat:
+        raise ValueError(
+            f"{name} holds no LoRA adapters written by lora.save "
+            f"(metadata {dict(metadata)!r:.80}, tensors such as {_few(odd or list(flat))})"
+        )
+    return flat
 
 
 def attach(params: Params, adapter_leaves: Mapping[str, Tensor]) -> Params:
@@ -266,14 +325,36 @@ def attach(params: Params, adapter_leaves: Mapping[str, Tensor]) -> Params:
 
     Raises:
         KeyError: an adapter's layer is not in ``params``.
-        ValueError: an adapter's shape does not fit its layer's weight.
+        ValueError: an adapter's shape does not fit its layer's weight, a layer lacks one of
+            its three adapter leaves, or the layer already has adapters.
+        TypeError: ``adapter_leaves`` is not a ``{str: tensor}`` mapping.
     """
+    if not isinstance(adapter_leaves, Mapping):
+        raise TypeError(
+            "lora.attach: adapter_leaves must be a {path: tensor} mapping (lora.load or "
+            f"lora.adapters), got {type(adapter_leaves).__name__}"
+        )
     flat = tree.flatten(params)
     for path, value in adapter_leaves.items():
+        if not isinstance(path, str) or not isinstance(value, Tensor):
+            raise TypeError(
+                f"lora.attach: {path!r} must map a str path to a tensor, got {type(value).__name__}"
+            )
         layer, _, leaf = path.rpartition(".")
         if leaf not in _LEAVES or layer + ".weight" not in flat:
             raise KeyError(f"lora.attach: {path} has no linear layer {layer} in params")
-        out_f, in_f = flat[layer + ".weight"].shape
+        if any(layer + "." + k in flat for k in _LEAVES):
+            raise ValueError(f"lora.attach: {layer} already has adapters in params")
+        weight = flat[layer + ".weight"]
+        if not isinstance(weight, Tensor) or weight.ndim != 2:
+            raise KeyError(f"lora.attach: {path}: {layer}.weight is not a 2-D linear weight")
+        out_f, in_f = weight.shape
+        want = 0 if leaf == "lora_scale" else 2
+        if value.ndim not in (want, want + 1):  # + 1: a stacked set
+            raise ValueError(
+                f"lora.attach: {path} has shape {tuple(value.shape)}; expected {want} dims"
+                " (or one more for stacked sets)"
+            )
         bad = (leaf == "lora_a" and value.shape[-1] != in_f) or (
             leaf == "lora_b" and value.shape[-2] != out_f
         )
@@ -282,6 +363,10 @@ def attach(params: Params, adapter_leaves: Mapping[str, Tensor]) -> Params:
                 f"lora.attach: {path} has shape {tuple(value.shape)}, which does not fit "
                 f"{layer}.weight {(out_f, in_f)}"
             )
+    layers = {p.rpartition(".")[0] for p in adapter_leaves}
+    for layer in sorted(layers):
+        node = {k: adapter_leaves.get(f"{layer}.{k}") for k in _LEAVES}
+        _adapter_leaves("lora.attach", node, layer)
     return tree.unflatten({**flat, **adapter_leaves})
 
 
@@ -306,16 +391,26 @@ def stack(trees: Sequence[Params]) -> Params:
         One tree whose adapters carry a leading set dimension; :func:`pick` selects per row.
 
     Raises:
-        ValueError: no trees, or their adapters differ in layers or shapes.
+        ValueError: no trees, a tree without adapters, or adapters that differ in layers,
+            shapes or dtypes.
+        TypeError: ``trees`` is not a list of trees.
     """
+    if isinstance(trees, (dict, str)) or not isinstance(trees, Sequence):
+        raise TypeError(
+            f"lora.stack: trees must be a list of adapted trees, got {type(trees).__name__}"
+        )
     if not trees:
         raise ValueError("lora.stack: no adapter sets given")
     flats = [adapters(t) for t in trees]
     first = flats[0]
-    for i, f in enumerate(flats[1:], 1):
-        shapes = {p: tuple(v.shape) for p, v in f.items()}
-        if shapes != {p: tuple(v.shape) for p, v in first.items()}:
-            raise ValueError(f"lora.stack: set {i} has other adapter layers or ranks than set 0")
+    for i, f in enumerate(flats):
+        if not f:
+            raise ValueError(f"lora.stack: set {i} has no adapters (lora.init adds them)")
+        shapes = {p: (tuple(v.shape), v.dtype) for p, v in f.items()}
+        if shapes != {p: (tuple(v.shape), v.dtype) for p, v in first.items()}:
+            raise ValueError(
+                f"lora.stack: set {i} has other adapter layers, ranks or dtypes than set 0"
+            )
     stacked = {p: torch.stack([f[p] for f in flats]) for p in first}
     return tree.unflatten({**tree.flatten(trees[0]), **stacked})
 
@@ -344,13 +439,21 @@ def pick(params: Params, index: Tensor) -> Params:
 
     Raises:
         ValueError: the tree is not stacked, or an index is out of range.
+        TypeError: ``index`` is not a tensor, or is a bool mask.
     """
     flat = tree.flatten(params)
     stacked = {p: v for p, v in flat.items() if p.rpartition(".")[2] in _LEAVES}
     if not stacked or any(v.ndim != (1 if p.endswith("scale") else 3) for p, v in stacked.items()):
         raise ValueError("lora.pick: params has no stacked adapters (use lora.stack)")
     n_sets = next(iter(stacked.values())).shape[0]
-    if index.ndim != 1 or index.dtype.is_floating_point:
+    if not isinstance(index, Tensor):
+        raise TypeError(f"lora.pick: index must be an int [B] tensor, got {type(index).__name__}")
+    if index.dtype == torch.bool:
+        raise TypeError(
+            "lora.pick: index must hold set ids (int), got a bool tensor; a mask would select "
+            "rows, not give each row its set (use mask.long() for sets 0/1)"
+        )
+    if index.ndim != 1 or index.dtype.is_floating_point or index.is_complex():
         raise ValueError(
             f"lora.pick: index must be an int [B] tensor, got {index.dtype} {tuple(index.shape)}"
         )
@@ -364,6 +467,63 @@ def pick(params: Params, index: Tensor) -> Params:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _refuse_unrun(found: list[str], params: Params) -> None:
+    """Refuse targets the model's forward reads directly rather than through ``nn.linear``.
+
+    Those are the embedding tables (every path with an ``embed`` part: a lookup, not a
+    matmul) and an untied language-model head, a ``head`` linear next to the ``embed``
+    tables (the models multiply by its weight themselves). ``apply`` would ignore an adapter
+    there while :func:`merge` folds it in, so the two would disagree.
+    """
+    flat_paths = set(tree.paths(params))
+    for path in found:
+        parts = path.split(".")
+        if "embed" in parts:
+            raise ValueError(
+                f"lora.init: target {path} is an embedding table, not a linear layer the "
+                "forward runs: an adapter there would be ignored by apply and folded in by "
+                "merge; target the blocks' linear layers (e.g. '*.attn.qkv')"
+            )
+        parent = ".".join(parts[:-1])
+        sibling = f"{parent}.embed.tokens.weight" if parent else "embed.tokens.weight"
+        if parts[-1] == "head" and sibling in flat_paths:
+            raise ValueError(
+                f"lora.init: target {path} is the language-model head, which the model "
+                "multiplies by directly (not through nn.linear): an adapter there would be "
+                "ignored by apply and generate and folded in by merge; target the blocks' "
+                "linear layers (e.g. '*.attn.qkv')"
+            )
+
+
+def _adapter_leaves(where: str, node: Mapping[str, Any], path: str) -> tuple[Any, Any, Any]:
+    """The ``(lora_a, lora_b, lora_scale)`` of one layer, checked to fit together."""
+    missing = [k for k in _LEAVES if node.get(k) is None]
+    if missing:
+        raise ValueError(f"{where}: {path} has adapters but lacks {', '.join(missing)}")
+    a, b, s = (node[k] for k in _LEAVES)
+    for k, v in zip(_LEAVES, (a, b, s)):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{where}: {path}.{k} is a {type(v).__name__}, not a tensor")
+    stacked = a.ndim == 3
+    if a.ndim not in (2, 3) or b.ndim != a.ndim or s.ndim != a.ndim - 2:
+        raise ValueError(
+            f"{where}: {path} has adapters of shapes lora_a {tuple(a.shape)}, lora_b "
+            f"{tuple(b.shape)}, lora_scale {tuple(s.shape)}, which do not fit together"
+        )
+    if a.shape[-2] != b.shape[-1] or (stacked and not a.shape[0] == b.shape[0] == s.shape[0]):
+        raise ValueError(
+            f"{where}: {path}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} disagree on "
+            "the rank (lora_a is [r, in], lora_b [out, r])"
+        )
+    if not _checks.tracing(s) and not bool(torch.isfinite(s.detach()).all()):
+        raise ValueError(f"{where}: {path}.lora_scale is not finite ({s.detach().tolist()})")
+    return a, b, s
+
+
+def _few(items: list[str]) -> str:
+    return _checks.few(items, 3)
 
 
 def _matches(path: str, globs: tuple[str, ...]) -> bool:

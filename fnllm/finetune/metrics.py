@@ -1,4 +1,9 @@
-"""Classification metrics on tensors: accuracy, macro-F1 and the confusion matrix."""
+"""Classification metrics on tensors: accuracy, macro-F1 and the confusion matrix.
+
+All three read the same inputs the same way: ``[N]`` integer class ids or ``[N, C]`` float
+scores (argmax taken; NaN scores are refused, since their argmax means nothing), and ``[N]``
+integer labels where ``-100`` (the losses' ignore index) marks a position no metric counts.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from fnllm import _checks
+from fnllm._checks import IGNORE_INDEX
 
 __all__ = ["accuracy", "confusion_matrix", "macro_f1"]
 
@@ -22,16 +30,20 @@ def confusion_matrix(predictions: Any, labels: Any, n_classes: int | None = None
 
     Args:
         predictions: ``[N]`` predicted class ids (or ``[N, C]`` logits: argmax is taken).
-        labels: ``[N]`` true class ids.
+        labels: ``[N]`` true class ids; ``-100`` marks a position that is not counted.
         n_classes: ``C``; default ``max(id) + 1``.
 
     Returns:
         An int64 ``[C, C]`` tensor.
 
     Raises:
-        ValueError: shapes differ, or an id is negative or ``>= n_classes``.
+        ValueError: shapes differ, NaN scores, or an id is negative (other than a -100
+            label) or ``>= n_classes``.
+        TypeError: a bool, string or other non-numeric input; ``n_classes`` not an int.
     """
-    pred, true = _check(predictions, labels)
+    pred, true = _check(predictions, labels, "confusion_matrix")
+    if n_classes is not None:
+        n_classes = _checks.check_int("confusion_matrix: n_classes", n_classes, low=1)
     c = n_classes if n_classes is not None else int(max(pred.max(), true.max(), -1)) + 1
     if pred.numel() and (
         int(min(pred.min(), true.min())) < 0 or int(max(pred.max(), true.max())) >= c
@@ -51,12 +63,16 @@ def accuracy(predictions: Any, labels: Any) -> float:
 
     Args:
         predictions: ``[N]`` class ids or ``[N, C]`` logits.
-        labels: ``[N]`` true class ids.
+        labels: ``[N]`` true class ids; ``-100`` marks a position that is not counted.
 
     Returns:
-        A float in ``[0, 1]`` (``nan`` for no examples).
+        A float in ``[0, 1]`` (``nan`` for no counted examples).
+
+    Raises:
+        ValueError: shapes differ, NaN scores, or a negative class id other than a -100 label.
+        TypeError: a bool, string or other non-numeric input.
     """
-    pred, true = _check(predictions, labels)
+    pred, true = _check(predictions, labels, "accuracy")
     return float((pred == true).double().mean()) if true.numel() else float("nan")
 
 
@@ -74,12 +90,17 @@ def macro_f1(predictions: Any, labels: Any) -> float:
 
     Args:
         predictions: ``[N]`` class ids or ``[N, C]`` logits.
-        labels: ``[N]`` true class ids.
+        labels: ``[N]`` true class ids; ``-100`` marks a position that is not counted.
 
     Returns:
-        The macro-averaged F1.
+        The macro-averaged F1 (``nan`` for no counted examples).
+
+    Raises:
+        ValueError: shapes differ, NaN scores, or a negative class id other than a -100 label.
+        TypeError: a bool, string or other non-numeric input.
     """
-    cm = confusion_matrix(predictions, labels).double()
+    pred, true = _check(predictions, labels, "macro_f1")
+    cm = confusion_matrix(pred, true).double()
     tp = cm.diagonal()
     support = cm.sum(1) + cm.sum(0)
     seen = support > 0
@@ -89,16 +110,49 @@ def macro_f1(predictions: Any, labels: Any) -> float:
     return float(f1[seen].mean())
 
 
-def _check(predictions: Any, labels: Any) -> tuple[Tensor, Tensor]:
-    pred = torch.as_tensor(predictions)
-    true = torch.as_tensor(labels)
+def _check(predictions: Any, labels: Any, where: str) -> tuple[Tensor, Tensor]:
+    """``(predicted ids, labels)`` as int64 CPU ``[N]``, without the ignored positions."""
+    pred = _as_tensor(f"{where}: predictions", predictions)
+    true = _as_tensor(f"{where}: labels", labels)
     if pred.is_floating_point():
         if pred.ndim != 2:
-            raise ValueError(f"predictions: float scores must be [N, C], got {tuple(pred.shape)}")
+            raise ValueError(
+                f"{where}: predictions: float scores must be [N, C], got {tuple(pred.shape)}"
+            )
+        nan = torch.isnan(pred).any(-1)
+        if bool(nan.any()):
+            row = int(nan.nonzero()[0])
+            raise ValueError(
+                f"{where}: predictions: NaN scores in row {row} (of {pred.shape[0]}): their "
+                "argmax would count as a prediction of class 0"
+            )
         pred = pred.argmax(-1)
     if true.is_floating_point() or pred.shape != true.shape or true.ndim != 1:
         raise ValueError(
             f"predictions {tuple(pred.shape)} and labels {tuple(true.shape)} {true.dtype}: "
             "expected [N] integer class ids each"
         )
-    return pred.long().cpu(), true.long().cpu()
+    pred, true = pred.long().cpu(), true.long().cpu()
+    keep = true != IGNORE_INDEX
+    if not bool(keep.all()):
+        pred, true = pred[keep], true[keep]
+    for name, ids in (("labels", true), ("predictions", pred)):
+        if ids.numel() and int(ids.min()) < 0:
+            i = int((ids < 0).nonzero()[0])
+            raise ValueError(
+                f"{where}: {name}: class id {int(ids[i])} < 0 at {i} (only labels may be "
+                f"{IGNORE_INDEX}, the ignore index)"
+            )
+    return pred, true
+
+
+def _as_tensor(name: str, x: Any) -> Tensor:
+    if isinstance(x, (str, bytes, dict, set)) or x is None:
+        raise TypeError(f"{name}: expected a tensor or a list of class ids, got {type(x).__name__}")
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name}: cannot read {type(x).__name__} as a tensor ({err})") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name}: expected class ids or float scores, got {t.dtype}")
+    return t

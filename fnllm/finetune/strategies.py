@@ -51,6 +51,31 @@ class Strategy:
 
     name: str
     globs: tuple[str, ...]
+    required: tuple[str, ...] = ()
+
+    def check_matches(self, params: Any) -> None:
+        """Raise unless every glob of ``required`` selects a leaf of ``params``.
+
+        :func:`fnllm.tree.partition` calls it (eagerly), so ``strategy("lora", model)`` on a
+        tree without adapters fails there instead of silently training the head alone.
+
+        Example:
+            >>> import torch
+            >>> from fnllm.finetune import Strategy
+            >>> s = Strategy("lora", ("*.lora_a", "head"), ("*.lora_a",))
+            >>> try:
+            ...     s.check_matches({"head": {"weight": torch.zeros(1)}})
+            ... except ValueError as err:
+            ...     print(str(err)[:46])
+            strategy 'lora': the tree has no '*.lora_a' leaf
+        """
+        paths = tree.paths(params)
+        for glob in self.required:
+            if not any(tree.glob_match(p, glob) for p in paths):
+                raise ValueError(
+                    f"strategy {self.name!r}: the tree has no {glob!r} leaf (no LoRA adapters: "
+                    "call fnllm.finetune.lora.init on it first)"
+                )
 
     def __call__(self, path: str, leaf: Any) -> bool:
         """Whether the leaf at ``path`` trains under this strategy."""
@@ -117,7 +142,8 @@ def strategy(name: str | Sequence[str], model: Any) -> Strategy:
             )
         return Strategy(name, ("*.bias", *heads))
     if name == "lora":
-        return Strategy(name, (*(f"*.{leaf}" for leaf in nn.ADAPTER_TRAINED), *heads))
+        adapters = tuple(f"*.{leaf}" for leaf in nn.ADAPTER_TRAINED)
+        return Strategy(name, (*adapters, *heads), adapters[:1])
     if name.startswith("last:"):
         n = _last_n(name, base.n_layer)
         blocks = tuple(prefix + p for p in base.block_paths()[base.n_layer - n :])

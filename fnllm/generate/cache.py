@@ -135,6 +135,7 @@ def decode_step(
         tokens = nn.check_ids(tokens, model.vocab_size, name="tokens")
         if tokens.ndim != 1:
             raise ValueError(f"tokens: expected shape [B], got {tuple(tokens.shape)}")
+        model.check_params(params)  # as prefill: another model's params would run silently
         _check_cache(model, cache, tokens.shape[0], 1)
     return _decode(model, params, cache, tokens)
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from fnllm import nn, tree
+from fnllm import _checks, nn, tree
 from fnllm import random as jr
 from fnllm.generate.cache import KVCache, _check_decoder, init_cache
 
@@ -54,16 +54,23 @@ def next_token(
     Args:
         key: a ``fnllm.random`` key (``None`` only for greedy decoding).
         logits: float ``[..., V]``.
-        temperature: >= 0; 0 is greedy, 1 samples from the model's distribution.
+        temperature: >= 0; 0 is greedy, 1 samples from the model's distribution. A tiny
+            positive temperature (even ``1e-45``) samples among the argmax tokens only.
         top_k: keep only the ``top_k`` most likely tokens (``None``: all).
         top_p: keep the nucleus of probability ``top_p`` in ``(0, 1]`` (``None``: all).
 
     Returns:
         int64 token ids ``logits.shape[:-1]``.
+
+    Raises:
+        ValueError: ``logits`` hold NaN or +inf (the message names the first position), a
+            bad temperature, ``top_k`` or ``top_p``, or no key for sampling.
+        TypeError: ``logits`` is not a floating-point tensor.
     """
     _check_sampling(temperature, top_k, top_p)
     if temperature > 0 and key is None:
         raise ValueError("key: sampling with temperature > 0 needs a fnllm.random key")
+    _check_logits("next_token: logits", logits)
     return _choose(key, logits, temperature, top_k, top_p)
 
 
@@ -246,7 +253,8 @@ def sample(
     Raises:
         ValueError: an empty prompt, prompts too long for the cache, a negative
             temperature, ``top_p`` outside ``(0, 1]``, ``top_k < 1``, stop ids outside the
-            vocabulary.
+            vocabulary; the model's logits after the prompts hold NaN or +inf (params with
+            NaN would otherwise decode as token 0).
         TypeError: ``model`` is not a decoder, or the prompts are not token ids.
     """
     out, steps = _start(
@@ -352,7 +360,9 @@ def _generate(
     def loop() -> Iterator[int]:
         with torch.no_grad():
             x, _ = model.apply_cached(params, tokens, mask, cache, inplace=True)
-            out[:, 0] = _choose(keys[0], model.logits(params, x[:, -1]), *how)
+            first = model.logits(params, x[:, -1])
+            _check_logits("generate: the logits after the prompts", first)
+            out[:, 0] = _choose(keys[0], first, *how)
             decode_params = _decode_layout(params)
         for i in range(n):
             if i:
@@ -437,7 +447,10 @@ def _choose(
     """:func:`next_token` without the checks."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # shift the best logit to 0 first: the distribution is the same, and a tiny temperature
+    # then sends every other logit to -inf (argmax) instead of overflowing to inf - inf = NaN
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -450,6 +463,25 @@ def _choose(
         logits = logits.masked_fill(drop, -math.inf)
     assert key is not None
     return jr.categorical(key, logits)
+
+
+def _check_logits(name: str, logits: Any) -> None:
+    """Refuse logits holding NaN (eagerly): every sampler would answer token 0 for them."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name}: expected floating-point logits, got {logits.dtype}")
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{name}: expected [..., V] logits with V >= 1, got {tuple(logits.shape)}")
+    if _checks.tracing(logits):
+        return
+    bad = torch.isnan(logits) | (logits == math.inf)
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(
+            f"{name}: {float(logits[tuple(where)])} at {where}: the model's output is not a "
+            "distribution (do the params hold NaN or inf?)"
+        )
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -53,7 +53,9 @@ def as_jax(fn: Callable[..., Any]) -> Callable[..., Any]:
     Limits: ``fn`` must be pure (JAX may call it again or not at all) and its output shapes
     must depend only on its input shapes; higher-order derivatives (``jax.grad`` of
     ``jax.grad``) and forward mode (``jax.jvp``, ``jax.jacfwd``) are not supported. 64-bit
-    inputs need ``jax_enable_x64``; integer ids may be int32 in JAX.
+    inputs need ``jax_enable_x64``; integer ids may be int32 in JAX. Without
+    ``jax_enable_x64``, int64 numpy arrays and Python ints are passed as int32 when every value
+    fits and refused when one does not (JAX alone would wrap ``2**40`` to 0).
 
     Args:
         fn: a PyTorch function whose positional arguments are trees (dict/list/tuple) of
@@ -67,10 +69,15 @@ def as_jax(fn: Callable[..., Any]) -> Callable[..., Any]:
     Raises:
         TypeError: (when called) an argument leaf is not an array, or ``fn`` returns a
             non-tensor leaf; the message names the path.
+        ValueError: (when called) an int64 argument holds a value outside int32 while
+            ``jax_enable_x64`` is off; ``fn``'s output shapes depend on the input values (found
+            when it is first called for a signature, by running it on zeros and on ones).
         ValueError: (when called) ``fn`` returned a shape or dtype other than the one found
             for this signature (data-dependent shapes cannot run under ``jit``); under
             ``jit`` JAX re-raises it as a ``JaxRuntimeError`` quoting this message.
     """
+    if not callable(fn):
+        raise TypeError(f"as_jax: fn must be a function of tensor trees, got {type(fn).__name__}")
     jax = _common.jax()
     name = getattr(fn, "__name__", "fn")
     cache: dict[Any, Callable[..., Any]] = {}
@@ -121,6 +128,8 @@ def as_torch(jax_fn: Callable[..., Any], *, jit: bool = True) -> Callable[..., A
         TypeError: (when called) an argument leaf is not a tensor or has a dtype that cannot
             cross to JAX (the message names the path).
     """
+    if not callable(jax_fn):
+        raise TypeError(f"as_torch: jax_fn must be a JAX function, got {type(jax_fn).__name__}")
     jax = _common.jax()
 
     def pullback(args: tuple[Any, ...], cts: Any) -> Any:
@@ -152,15 +161,37 @@ def _jax_leaves(jax: Any, args: tuple[Any, ...], name: str) -> tuple[list[Any], 
     """Flatten JAX arguments, turning numbers into arrays and naming bad leaves."""
     pairs, treedef = jax.tree_util.tree_flatten_with_path(args)
     leaves = []
+    x64 = _common.x64_enabled()
     for path, x in pairs:
-        if isinstance(x, (bool, int, float, np.number)):
+        if isinstance(x, (bool, int, float, np.number)) and not isinstance(x, jax.Array):
+            if not x64 and isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+                x = _narrow_int(name, path, np.asarray(x))
             x = jax.numpy.asarray(x)
         if not isinstance(x, (jax.Array, np.ndarray)):
             raise TypeError(
                 f"{name}: argument {_arg_path(path)} is a {type(x).__name__}, not an array"
             )
+        if not x64 and isinstance(x, np.ndarray) and x.dtype.kind in "iu":
+            x = _narrow_int(name, path, x)
         leaves.append(x)
     return leaves, treedef
+
+
+def _narrow_int(name: str, path: Any, x: np.ndarray) -> np.ndarray:
+    """A 64-bit integer array as the 32-bit one JAX would make without ``jax_enable_x64``,
+    after checking every value fits (JAX itself would wrap 2**40 to 0 without a word)."""
+    if x.dtype.itemsize <= 4:
+        return x
+    target = np.dtype(np.int32 if x.dtype.kind == "i" else np.uint32)
+    info = np.iinfo(target)
+    if x.size and (x.min() < info.min or x.max() > info.max):
+        bad = x.min() if x.min() < info.min else x.max()
+        raise ValueError(
+            f"{name}: argument {_arg_path(path)} holds {int(bad)}, which does not fit {target} "
+            "(JAX keeps 64-bit integers only with jax_enable_x64, and would wrap it silently); "
+            'call jax.config.update("jax_enable_x64", True) or pass smaller values'
+        )
+    return x.astype(target)
 
 
 def _build(
@@ -272,10 +303,27 @@ def _infer_outputs(
         args = [torch.empty(s, dtype=d, device="meta") for s, d in zip(shapes, dtypes)]
         out = fn(*jax.tree_util.tree_unflatten(treedef, args))
     except Exception:
-        args = [torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)]
-        out = fn(*jax.tree_util.tree_unflatten(treedef, args))
+        # no meta kernel (or a data-dependent op): run on zeros, and on ones to catch output
+        # shapes that depend on the values (JAX would skip a callback whose output is empty)
+        specs = []
+        for fill in (torch.zeros, torch.ones):
+            args = [fill(s, dtype=d) for s, d in zip(shapes, dtypes)]
+            out = fn(*jax.tree_util.tree_unflatten(treedef, args))
+            leaves, out_treedef = _torch_out_leaves(jax, out, name)
+            specs.append([(tuple(t.shape), t.dtype) for t in leaves])
+        if specs[0] != specs[1]:
+            raise ValueError(
+                f"{name}: output shapes depend on the input values ({_specs(specs[0])} for "
+                f"zeros, {_specs(specs[1])} for ones); as_jax needs output shapes that depend "
+                "only on input shapes (data-dependent shapes cannot run under jit)"
+            ) from None
+        return out_treedef, specs[0]
     leaves, out_treedef = _torch_out_leaves(jax, out, name)
     return out_treedef, [(tuple(t.shape), t.dtype) for t in leaves]
+
+
+def _specs(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str:
+    return ", ".join(f"{list(s)}" for s, _ in specs)
 
 
 def _torch_out_leaves(jax: Any, out: Any, name: str) -> tuple[list[Tensor], Any]:

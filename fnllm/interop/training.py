@@ -82,6 +82,8 @@ def train_optax(
     for batch in batches:
         p, state, value = step(p, state, to_jax(batch))
         losses.append(float(value))
+    if not losses:
+        raise ValueError("train_optax: batches is empty; nothing was trained")
     return OptaxRun(from_jax(p), losses)
 
 

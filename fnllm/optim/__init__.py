@@ -14,6 +14,12 @@ An optimizer is a :class:`GradientTransformation`, a pair of pure functions::
 ``adamw`` is ``chain(scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay, mask),
 scale_by_learning_rate(lr))``, run in one pass (a fused kernel in eager mode).
 
+Outside :func:`fnllm.train.fit` (which skips non-finite steps itself), an eager ``adam``/``adamw``
+update refuses a gradient holding NaN or inf, naming its leaf, instead of poisoning the
+parameters and moments; a compiled update cannot read values, so it relies on ``fit``'s guard.
+Every learning rate, a custom schedule's value included (a Python float or a tensor), must be
+finite and >= 0 at each eager step.
+
 Nothing is modified in place: every call returns new trees, and the step count is a tensor in
 the state, so ``update`` and ``apply_gradients`` compile with ``torch.compile(fullgraph=True)``.
 """

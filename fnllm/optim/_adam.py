@@ -344,6 +344,7 @@ def _prepare(where: str, name: str, grads: Tree, state: Any) -> _Step:
     _helpers.check_shapes(where, name, gl, ml, spec, "the optimizer state")
     vl = _helpers.leaves_like(where, "state['nu']", state["nu"], spec, state["mu"], "state['mu']")
     _helpers.check_shapes(where, "state['nu']", vl, ml, spec, "state['mu']")
+    _helpers.check_finite_grads(where, name, gl, spec)
     return _Step(spec, gl, ml, vl, count)
 
 

@@ -4,6 +4,7 @@ structure check, shape checks, weight-decay masks and state checks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -196,7 +197,17 @@ def check_lr_value(where: str, value: Any, count: Tensor | None) -> Any:
 
     A negative rate would move the parameters uphill and a NaN one would poison them, silently.
     """
-    if not isinstance(value, Tensor) or _checks.tracing(value, count):
+    if not isinstance(value, Tensor):
+        if callable(value):
+            raise TypeError(f"{where}: lr: the schedule returned a function, not a number")
+        # a Python number from a custom schedule: the same rule as for a tensor
+        at = "" if count is None or _checks.tracing(count) else f" at step {int(count)}"
+        try:
+            _checks.check_range(f"{where}: lr{at}", value, low=0.0)
+        except ValueError as err:
+            raise ValueError(f"{err} (a negative rate would move the parameters uphill)") from None
+        return value
+    if _checks.tracing(value, count):
         return value
     if value.dtype == torch.bool or value.is_complex():
         raise TypeError(f"{where}: lr: the schedule returned a {value.dtype} tensor")
@@ -209,6 +220,29 @@ def check_lr_value(where: str, value: Any, count: Tensor | None) -> Any:
             " (a negative rate would move the parameters uphill)"
         )
     return value
+
+
+def check_finite_grads(where: str, name: str, leaves: Sequence[Tensor], spec: Any) -> None:
+    """Raise naming the first gradient leaf holding NaN or inf (eagerly: one host sync).
+
+    An update from such a gradient would silently poison the parameters and the moments;
+    :func:`fnllm.train.fit` skips those steps itself (``on_nonfinite``), and a compiled
+    update cannot read values, so this runs in eager mode only.
+    """
+    if not leaves or _checks.tracing(*leaves):
+        return
+    if any(x.is_complex() or not x.is_floating_point() for x in leaves):
+        return  # the dtype checks elsewhere name those
+    peaks = torch.stack([m.float() for m in torch._foreach_norm(list(leaves), ord=math.inf)])
+    bad = ~torch.isfinite(peaks)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        kind = "NaN" if bool(torch.isnan(leaves[i]).any()) else "inf"
+        raise ValueError(
+            f"{where}: {name} {_path_at(spec, i)} holds {kind}: the update would poison the "
+            "parameters and the optimizer state (fnllm.train.fit skips such steps; outside it, "
+            "check the loss or clip first)"
+        )
 
 
 def _check_globs(where: str, globs: Sequence[str], paths: Sequence[str]) -> None:

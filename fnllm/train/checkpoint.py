@@ -14,6 +14,7 @@ another partition and :func:`load_checkpoint` says which paths differ.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -117,7 +118,20 @@ def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
 
     Returns:
         ``directory / f"step_{step:08d}.safetensors"``.
+
+    Raises:
+        TypeError: ``step`` is not an int (numpy integers are accepted) or ``directory`` not
+            a path.
+        ValueError: ``step`` is negative.
     """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_path: directory must be a path, got {directory!r:.60}")
+    if hasattr(step, "__index__") and not isinstance(step, (bool, torch.Tensor)):
+        step = operator.index(step)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"checkpoint_path: step must be an int, got {step!r}")
+    if step < 0:
+        raise ValueError(f"checkpoint_path: step must be >= 0, got {step}")
     return Path(directory) / f"step_{step:08d}.safetensors"
 
 
