@@ -104,7 +104,6 @@ def test_init_refuses_bad_alpha(alpha, error, match):
     [
         ({"targets": []}, TypeError, "targets"),
         ({"targets": [3]}, TypeError, "targets"),
-        ({"targets": None}, TypeError, "targets"),
         ({"rank": 2.0}, TypeError, "rank for blocks.0.attn.qkv"),
         ({"rank": True}, TypeError, "rank"),
         ({"rank": 0}, ValueError, r"rank 0 for blocks.0.attn.qkv must be in \[1, 16\]"),

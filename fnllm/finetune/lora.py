@@ -178,7 +178,7 @@ def merge(params: Params) -> Params:
     def fold(node: Any, path: str) -> Any:
         if isinstance(node, dict):
             if nn.has_adapter(node):
-                a, b, s = _adapter_leaves("lora.merge", node, path)
+                a, _, _ = _adapter_leaves("lora.merge", node, path)
                 if a.ndim != 2:
                     raise ValueError(f"lora.merge: {path} holds stacked adapters {tuple(a.shape)}")
                 rest = {k: v for k, v in node.items() if k not in _LEAVES}
