@@ -78,6 +78,27 @@ class Classifier:
                 f"Classifier: pooling must be one of {list(_POOLINGS)}, got {self.pooling!r}"
             )
 
+    def to_config(self) -> dict[str, Any]:
+        """A plain-JSON dict of the config: ``{"type": "classifier", "base": {...}, ...}``.
+
+        Example:
+            >>> from fnllm.finetune import Classifier
+            >>> from fnllm.models import GPT
+            >>> cfg = Classifier(GPT(n_layer=1), n_classes=3, pooling="last").to_config()
+            >>> cfg["type"], cfg["base"]["type"], cfg["n_classes"], cfg["pooling"]
+            ('classifier', 'gpt', 3, 'last')
+
+        Returns:
+            The classifier's fields, its base's ``to_config()`` under ``"base"``.
+        """
+        return {
+            "type": "classifier",
+            "base": self.base.to_config(),
+            "n_classes": self.n_classes,
+            "pooling": self.pooling,
+            "head_std": self.head_std,
+        }
+
     @property
     def n_layer(self) -> int:
         """The base model's number of blocks."""

@@ -14,12 +14,15 @@ even a hand-written ``"*"`` filter gives it no gradient.
 Several adapter sets for one base stack into ``[S, ...]`` leaves (:func:`stack`); :func:`pick`
 gathers one set per example of a batch (an index per row), and the same ``apply`` then runs a
 different adapter for every row.
+
+An adapter set is the whole trained part (adapters, a classifier's head, ...): :func:`save`,
+:func:`load`, :func:`attach`, :func:`stack` and :func:`pick` live in
+:mod:`fnllm.finetune.adapter_sets` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
@@ -29,13 +32,27 @@ from torch import Tensor
 
 from fnllm import random as jr
 from fnllm import tree
+from fnllm.finetune.adapter_sets import (
+    AdapterSet,
+    adapters,
+    attach,
+    fingerprint,
+    load,
+    manifest,
+    pick,
+    save,
+    stack,
+)
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "AdapterSet",
     "adapters",
     "attach",
+    "fingerprint",
     "init",
     "load",
+    "manifest",
     "merge",
     "pick",
     "save",
@@ -159,200 +176,6 @@ def merge(params: Params) -> Params:
         return node
 
     return fold(params, "params")
-
-
-def adapters(params: Params) -> dict[str, Tensor]:
-    """The adapter leaves alone, as ``{dotted.path: tensor}``.
-
-    Example:
-        >>> from fnllm import random
-        >>> from fnllm.finetune import lora
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=20, n_layer=2, n_head=2, d_model=8, max_len=8)
-        >>> lp = lora.init(random.key(1), gpt.init(random.key(0)), rank=2)
-        >>> len(lora.adapters(lp))
-        12
-
-    Args:
-        params: a tree with adapters.
-
-    Returns:
-        A flat dict of the ``lora_a``, ``lora_b`` and ``lora_scale`` leaves.
-    """
-    return {p: v for p, v in tree.flatten(params).items() if p.rpartition(".")[2] in _LEAVES}
-
-
-def save(path: str | os.PathLike, params: Params) -> None:
-    """Save only the adapters of ``params`` as a (small) safetensors file.
-
-    Example:
-        >>> import os, tempfile
-        >>> from fnllm import random
-        >>> from fnllm.finetune import lora
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=20, n_layer=1, n_head=2, d_model=8, max_len=8)
-        >>> base = gpt.init(random.key(0))
-        >>> path = os.path.join(tempfile.mkdtemp(), "adapters.safetensors")
-        >>> lora.save(path, lora.init(random.key(1), base, rank=2))
-        >>> sorted(lora.load(path))[:2]
-        ['blocks.0.attn.proj.lora_a', 'blocks.0.attn.proj.lora_b']
-
-    Args:
-        path: the file to write.
-        params: a tree with adapters.
-
-    Raises:
-        ValueError: the tree has no adapters.
-    """
-    from safetensors.torch import save_file
-
-    flat = adapters(params)
-    if not flat:
-        raise ValueError("lora.save: the tree has no adapters (lora.init adds them)")
-    save_file(
-        {k: v.detach().contiguous() for k, v in flat.items()}, os.fspath(path), {"fnllm": "lora"}
-    )
-
-
-def load(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read adapters written by :func:`save`: ``{dotted.path: tensor}`` for :func:`attach`.
-
-    Example:
-        >>> from fnllm.finetune import lora
-        >>> lora.load("missing.safetensors")
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: lora.load: no such file missing.safetensors
-
-    Args:
-        path: a file written by :func:`save`.
-
-    Returns:
-        The flat adapter dict.
-    """
-    from safetensors.torch import load_file
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"lora.load: no such file {os.fspath(path)}")
-    return load_file(os.fspath(path))
-
-
-def attach(params: Params, adapter_leaves: Mapping[str, Tensor]) -> Params:
-    """Put saved adapters onto a base tree (a new tree; ``params`` is not modified).
-
-    Example:
-        >>> from fnllm import random, testing
-        >>> from fnllm.finetune import lora
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=20, n_layer=1, n_head=2, d_model=8, max_len=8)
-        >>> base = gpt.init(random.key(0))
-        >>> lp = lora.init(random.key(1), base, rank=2)
-        >>> testing.assert_trees_equal(lora.attach(base, lora.adapters(lp)), lp)  # lp again
-
-    Args:
-        params: the base model's tree (without adapters).
-        adapter_leaves: ``{path: tensor}`` from :func:`load` or :func:`adapters`.
-
-    Returns:
-        The tree with the adapters in place.
-
-    Raises:
-        KeyError: an adapter's layer is not in ``params``.
-        ValueError: an adapter's shape does not fit its layer's weight.
-    """
-    flat = tree.flatten(params)
-    for path, value in adapter_leaves.items():
-        layer, _, leaf = path.rpartition(".")
-        if leaf not in _LEAVES or layer + ".weight" not in flat:
-            raise KeyError(f"lora.attach: {path} has no linear layer {layer} in params")
-        out_f, in_f = flat[layer + ".weight"].shape
-        bad = (leaf == "lora_a" and value.shape[-1] != in_f) or (
-            leaf == "lora_b" and value.shape[-2] != out_f
-        )
-        if bad:
-            raise ValueError(
-                f"lora.attach: {path} has shape {tuple(value.shape)}, which does not fit "
-                f"{layer}.weight {(out_f, in_f)}"
-            )
-    return tree.unflatten({**flat, **adapter_leaves})
-
-
-def stack(trees: Sequence[Params]) -> Params:
-    """Stack several adapter sets of one base into ``[S, ...]`` adapter leaves.
-
-    Example:
-        >>> from fnllm import random
-        >>> from fnllm.finetune import lora
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=20, n_layer=1, n_head=2, d_model=8, max_len=8)
-        >>> base = gpt.init(random.key(0))
-        >>> sets = [lora.init(random.key(i), base, rank=2) for i in (1, 2, 3)]
-        >>> lora.stack(sets)["blocks"][0]["attn"]["qkv"]["lora_a"].shape
-        torch.Size([3, 2, 8])
-
-    Args:
-        trees: adapted trees with the same layers and ranks (their base leaves are taken
-            from the first).
-
-    Returns:
-        One tree whose adapters carry a leading set dimension; :func:`pick` selects per row.
-
-    Raises:
-        ValueError: no trees, or their adapters differ in layers or shapes.
-    """
-    if not trees:
-        raise ValueError("lora.stack: no adapter sets given")
-    flats = [adapters(t) for t in trees]
-    first = flats[0]
-    for i, f in enumerate(flats[1:], 1):
-        shapes = {p: tuple(v.shape) for p, v in f.items()}
-        if shapes != {p: tuple(v.shape) for p, v in first.items()}:
-            raise ValueError(f"lora.stack: set {i} has other adapter layers or ranks than set 0")
-    stacked = {p: torch.stack([f[p] for f in flats]) for p in first}
-    return tree.unflatten({**tree.flatten(trees[0]), **stacked})
-
-
-def pick(params: Params, index: Tensor) -> Params:
-    """Give row ``i`` of a batch the adapter set ``index[i]`` of a :func:`stack`-ed tree.
-
-    Example:
-        >>> import torch
-        >>> from fnllm import random
-        >>> from fnllm.finetune import lora
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=20, n_layer=1, n_head=2, d_model=8, max_len=8)
-        >>> base = gpt.init(random.key(0))
-        >>> sets = lora.stack([lora.init(random.key(i), base, rank=2) for i in (1, 2)])
-        >>> picked = lora.pick(sets, torch.tensor([1, 0, 1]))
-        >>> gpt.apply(picked, torch.tensor([[1, 2], [3, 4], [5, 6]])).shape
-        torch.Size([3, 2, 20])
-
-    Args:
-        params: a tree from :func:`stack`.
-        index: int ``[B]`` set ids, one per row of the batch to run.
-
-    Returns:
-        A tree whose adapters are ``[B, ...]`` (a differentiable gather), for one batch.
-
-    Raises:
-        ValueError: the tree is not stacked, or an index is out of range.
-    """
-    flat = tree.flatten(params)
-    stacked = {p: v for p, v in flat.items() if p.rpartition(".")[2] in _LEAVES}
-    if not stacked or any(v.ndim != (1 if p.endswith("scale") else 3) for p, v in stacked.items()):
-        raise ValueError("lora.pick: params has no stacked adapters (use lora.stack)")
-    n_sets = next(iter(stacked.values())).shape[0]
-    if index.ndim != 1 or index.dtype.is_floating_point:
-        raise ValueError(
-            f"lora.pick: index must be an int [B] tensor, got {index.dtype} {tuple(index.shape)}"
-        )
-    if (
-        not torch.compiler.is_compiling()
-        and index.numel()
-        and (int(index.min()) < 0 or int(index.max()) >= n_sets)
-    ):
-        raise ValueError(f"lora.pick: index values must be in [0, {n_sets}), got {index.tolist()}")
-    return tree.unflatten({**flat, **{p: v[index] for p, v in stacked.items()}})
 
 
 # ----------------------------------------------------------------------------- helpers
