@@ -311,10 +311,10 @@ def attach(params: Params, adapter_set: Mapping[str, Tensor], *, check_base: boo
 def stack(trees: Sequence[Params]) -> Params:
     """Stack several adapter sets of one base into ``[S, ...]`` leaves, heads included.
 
-    The adapters of every set are stacked. Any other leaf must be the same in every set
-    (the shared base), except for whole linear layers (``{"weight", "bias"}``, such as a
-    classifier's head), which are stacked per set when they differ: :func:`pick` then gives
-    each row its own adapters *and* its own head. Any other leaf that differs is refused.
+    The adapters of every set are stacked. Every other leaf must be the same in every set
+    (the shared base), except a classifier's head (a linear layer outside ``base``), which
+    is stacked per set when the sets' heads differ: :func:`pick` then gives each row its
+    own adapters *and* its own head. Any other leaf that differs is refused, by path.
 
     Example:
         >>> from fnllm import random
@@ -352,18 +352,20 @@ def stack(trees: Sequence[Params]) -> Params:
                     f"{tuple(v.shape)}, not {tuple(first[p].shape)}"
                 )
     stacked = {p for p in first if _is_adapter(p)}
+    classifier = _is_classifier_tree(trees[0])
     per_set_layers: set[str] = set()
     for p in first:
         if p in stacked or all(_same(f[p], first[p]) for f in flats[1:]):
             continue
         layer, _, leaf = p.rpartition(".")
-        if leaf in ("weight", "bias") and _is_linear(first, layer):
+        outside_base = classifier and not p.startswith("base.")
+        if outside_base and leaf in ("weight", "bias") and _is_linear(first, layer):
             per_set_layers.add(layer)
             continue
         i = next(i for i, f in enumerate(flats) if not _same(f[p], first[p]))
         raise ValueError(
-            f"lora.stack: {p} differs between set 0 and set {i}; only the adapters and whole "
-            "linear layers (a head) can be stacked per set: stack sets over one base"
+            f"lora.stack: {p} differs between set 0 and set {i}; only the adapters and a "
+            "classifier's head are stacked per set, the rest must be one shared base"
         )
     for layer in per_set_layers:
         stacked |= {f"{layer}.weight"} | ({f"{layer}.bias"} if f"{layer}.bias" in first else set())
