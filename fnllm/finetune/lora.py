@@ -17,7 +17,8 @@ different adapter for every row.
 
 An adapter set is the whole trained part (adapters, a classifier's head, ...): :func:`save`,
 :func:`load`, :func:`attach`, :func:`stack` and :func:`pick` live in
-:mod:`fnllm.finetune.adapter_sets` and are re-exported here.
+:mod:`fnllm.finetune.adapter_sets` and are re-exported here, as are :func:`to_peft` and
+:func:`from_peft` (:mod:`fnllm.finetune.peft_format`: peft's adapter folders, both ways).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from fnllm.finetune.adapter_sets import (
     save,
     stack,
 )
+from fnllm.finetune.peft_format import from_peft, to_peft
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -50,6 +52,7 @@ __all__ = [
     "adapters",
     "attach",
     "fingerprint",
+    "from_peft",
     "init",
     "load",
     "manifest",
@@ -57,6 +60,7 @@ __all__ = [
     "pick",
     "save",
     "stack",
+    "to_peft",
 ]
 
 Params = Any

@@ -192,7 +192,8 @@ def peft_modules(model: Any) -> dict[str, list[str]]:
     """
     out: dict[str, list[str]] = {}
     for path, _op, names in table(model):
-        if path.endswith(".weight") and path != "embed.tokens.weight":
+        linear = not (path.startswith("embed.") or ".ln" in path or path.startswith("ln"))
+        if path.endswith(".weight") and linear:
             out[path.removesuffix(".weight")] = [n.removesuffix(".weight") for n in names]
     return out
 FAN_IN_FAN_OUT = False
