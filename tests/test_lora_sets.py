@@ -1,4 +1,4 @@
-"""fnllm.finetune.adapter_sets: a set is the whole trained part (adapters, head), with a manifest."""
+"""fnllm.finetune.adapter_sets: a set is the whole trained part (adapters, head) + a manifest."""
 
 from __future__ import annotations
 
@@ -118,7 +118,9 @@ def test_attach_names_the_leaves_of_another_base(tmp_path):
     lora.save(tmp_path / "s.safetensors", _trained(GPT_CLF, params, jr.key(1)), GPT_CLF)
     loaded = lora.load(tmp_path / "s.safetensors")
     other = GPT_CLF.init(jr.key(9))
-    with pytest.raises(ValueError, match=r"another base \(gpt.*blocks\.0\.attn\.proj\.weight holds"):
+    with pytest.raises(
+        ValueError, match=r"another base \(gpt.*blocks\.0\.attn\.proj\.weight holds"
+    ):
         lora.attach(other, loaded)
     lora.attach(other, loaded, check_base=False)  # on purpose
     bigger = Classifier(tiny_gpt(max_len=20), 2, "last").init(jr.key(0))

@@ -137,7 +137,7 @@ def test_peft_round_trip_keeps_the_function(tmp_path):
 
 def test_bad_peft_folders_and_exports_are_named(tmp_path):
     params = BERT_CLF.init(jr.key(0))
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         lora.from_peft(tmp_path, BERT_CLF)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(ValueError, match="peft_type 'IA3', not 'LORA'"):

@@ -155,8 +155,10 @@ def save(
         >>> sorted(lora.load(path))[-2:]
         ['head.bias', 'head.weight']
         >>> m = lora.manifest(path)
-        >>> m["base_type"], m["strategy"]["name"], m["classes"], m["lora"]["rank"]["base.blocks.0.attn.qkv"]
-        ('gpt', 'lora', ['neg', 'pos'], 2)
+        >>> m["base_type"], m["strategy"]["name"], m["classes"]
+        ('gpt', 'lora', ['neg', 'pos'])
+        >>> m["lora"]["rank"]["base.blocks.0.attn.qkv"]
+        2
 
     Args:
         path: the file to write (atomically: a crash leaves the old file or none).
@@ -547,7 +549,9 @@ def _rebase(
     if meta is not None:
         saved_prefix = meta.get("prefix", "")
     else:  # no manifest: a classifier's set has both base.* and head.* paths
-        saved_prefix = "base." if leaves and all(p.startswith(("base.", "head.")) for p in leaves) else ""
+        saved_prefix = (
+            "base." if leaves and all(p.startswith(("base.", "head.")) for p in leaves) else ""
+        )
     if saved_prefix == "base." and not onto_classifier:
         kept = {p[len("base.") :]: v for p, v in leaves.items() if p.startswith("base.")}
         return kept, sorted(p for p in leaves if not p.startswith("base."))

@@ -16,6 +16,7 @@ from fnllm.io import _hf_common as common
 
 _BERT_ACTS = ("gelu", "gelu_python")  # exact erf GELU
 MODEL_TYPE = "bert"
+FAN_IN_FAN_OUT = False  # BERT's Linear layers store [out, in]
 
 
 _BERT_IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -196,4 +197,3 @@ def peft_modules(model: Any) -> dict[str, list[str]]:
         if path.endswith(".weight") and linear:
             out[path.removesuffix(".weight")] = [n.removesuffix(".weight") for n in names]
     return out
-FAN_IN_FAN_OUT = False

@@ -17,6 +17,7 @@ from fnllm.io import _hf_common as common
 
 _GPT_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
 MODEL_TYPE = "gpt2"
+FAN_IN_FAN_OUT = True  # Conv1D stores [in, out]: peft's LoRA config needs fan_in_fan_out
 
 
 _GPT2_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
@@ -136,6 +137,3 @@ def peft_modules(model: Any) -> dict[str, list[str]]:
         if op == "t":
             out[path.removesuffix(".weight")] = [n.removesuffix(".weight") for n in names]
     return out
-
-
-FAN_IN_FAN_OUT = True  # Conv1D: peft's LoRA config needs fan_in_fan_out for GPT-2

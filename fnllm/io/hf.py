@@ -425,9 +425,7 @@ def _classifier_export(
     backbone = to_hf_state_dict(model.base, base_params, architecture=spec["backbone"])
     # (an untied GPT's LM head or BERT's pretraining heads have no place in the class)
     state = {
-        spec["prefix"] + k: v
-        for k, v in backbone.items()
-        if not k.startswith(("lm_head.", "cls."))
+        spec["prefix"] + k: v for k, v in backbone.items() if not k.startswith(("lm_head.", "cls."))
     }
     state[spec["head"]["weight"]] = weight.contiguous()
     if "bias" in spec["head"]:
@@ -436,7 +434,7 @@ def _classifier_export(
 
 
 def _fold_head_bias(base: Any, path: str, weight: torch.Tensor, bias: torch.Tensor) -> Any:
-    """Shift the norm bias at ``path`` by ``d`` with ``weight @ d == bias`` (a head without bias)."""
+    """Shift the norm bias at ``path`` by ``d``, ``weight @ d == bias`` (a head without bias)."""
     w, b = weight.double(), bias.double()
     shift = torch.linalg.pinv(w) @ b
     if not torch.allclose(w @ shift, b, atol=1e-6 * (1 + float(b.abs().max())), rtol=0):

@@ -93,7 +93,7 @@ def linear(params: Params, x: Tensor) -> Tensor:
 
 
 def _per_row_linear(params: Params, x: Tensor) -> Tensor:
-    """Row ``b`` of ``x [B, ..., in]`` through its own ``weight [B, out, in]``, ``bias [B, out]``."""
+    """Row ``b`` of ``x [B, ..., in]`` through its own ``weight [B, out, in]`` and ``bias``."""
     weight, bias = params["weight"], params.get("bias")
     if x.shape[-1] != weight.shape[-1] or (
         bias is not None and tuple(bias.shape) != tuple(weight.shape[:2])
