@@ -134,7 +134,7 @@ def to_hf(
         ['BertForPreTraining']
 
     Args:
-        model: a ``GPT`` or ``BERT`` config.
+        model: a ``GPT`` or ``BERT`` config, or a ``finetune.Classifier`` over one.
         params: its parameter tree (checked against ``model.param_shapes()``).
         out_dir: the directory to write (created if needed).
         architecture: the `transformers` class to target. GPT: ``"GPT2LMHeadModel"`` (default)
@@ -234,7 +234,7 @@ def to_hf_state_dict(
         torch.Size([8, 24])
 
     Args:
-        model: a ``GPT`` or ``BERT`` config.
+        model: a ``GPT`` or ``BERT`` config, or a ``finetune.Classifier`` (see :func:`to_hf`).
         params: its parameter tree.
         architecture: the target class, as for :func:`to_hf`.
 
@@ -282,7 +282,7 @@ def hf_config(model: Any, *, architecture: str | None = None) -> dict[str, Any]:
         ('gpt2', 8, ['GPT2LMHeadModel'])
 
     Args:
-        model: a ``GPT`` or ``BERT`` config.
+        model: a ``GPT`` or ``BERT`` config, or a ``finetune.Classifier`` (see :func:`to_hf`).
         architecture: the target class, as for :func:`to_hf`.
 
     Returns:
