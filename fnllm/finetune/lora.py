@@ -16,9 +16,10 @@ gathers one set per example of a batch (an index per row), and the same ``apply`
 different adapter for every row.
 
 An adapter set is the whole trained part (adapters, a classifier's head, ...): :func:`save`,
-:func:`load`, :func:`attach`, :func:`stack` and :func:`pick` live in
-:mod:`fnllm.finetune.adapter_sets` and are re-exported here, as are :func:`to_peft` and
-:func:`from_peft` (:mod:`fnllm.finetune.peft_format`: peft's adapter folders, both ways).
+:func:`load` and :func:`attach` live in :mod:`fnllm.finetune.adapter_sets`, :func:`stack` and
+:func:`pick` in :mod:`fnllm.finetune.stacking`; both are re-exported here, as are
+:func:`to_peft` and :func:`from_peft` (:mod:`fnllm.finetune.peft_format`: peft's adapter
+folders, both ways).
 """
 
 from __future__ import annotations
@@ -40,11 +41,10 @@ from fnllm.finetune.adapter_sets import (
     fingerprint,
     load,
     manifest,
-    pick,
     save,
-    stack,
 )
 from fnllm.finetune.peft_format import from_peft, to_peft
+from fnllm.finetune.stacking import pick, stack
 
 __all__ = [
     "DEFAULT_TARGETS",
