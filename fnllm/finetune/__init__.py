@@ -4,7 +4,8 @@
 - :func:`strategy`: ``"full"``, ``"head"``, ``"last:N"``, ``"bitfit"``, ``"lora"`` or globs
   as a :func:`fnllm.tree.partition` filter; :func:`frozen_prefix` says how many bottom blocks
   stay frozen (and so can be computed once and cached).
-- :mod:`fnllm.finetune.lora`: low-rank adapters as ordinary leaves of the tree.
+- :mod:`fnllm.finetune.lora`: low-rank adapters as ordinary leaves of the tree; adapter sets
+  (the whole trained part, head included, saved with a manifest) and peft folders both ways.
 - :func:`extract_features`, :func:`linear_probe`, :func:`boosting_probe`: the feature-based way.
 - :func:`accuracy`, :func:`macro_f1`, :func:`confusion_matrix`: classification metrics.
 """

@@ -80,6 +80,55 @@ class Classifier:
                 f"Classifier: pooling must be one of {list(_POOLINGS)}, got {self.pooling!r}"
             )
 
+    def to_config(self) -> dict[str, Any]:
+        """A plain-JSON dict of the config: ``{"type": "classifier", "base": {...}, ...}``.
+
+        Example:
+            >>> from fnllm.finetune import Classifier
+            >>> from fnllm.models import GPT
+            >>> cfg = Classifier(GPT(n_layer=1), n_classes=3, pooling="last").to_config()
+            >>> cfg["type"], cfg["base"]["type"], cfg["n_classes"], cfg["pooling"]
+            ('classifier', 'gpt', 3, 'last')
+
+        Returns:
+            The classifier's fields, its base's ``to_config()`` under ``"base"``.
+        """
+        return {
+            "type": "classifier",
+            "base": self.base.to_config(),
+            "n_classes": self.n_classes,
+            "pooling": self.pooling,
+            "head_std": self.head_std,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Classifier:
+        """Rebuild a classifier from :meth:`to_config`'s dict (e.g. an adapter set's manifest).
+
+        Example:
+            >>> from fnllm.finetune import Classifier
+            >>> from fnllm.models import BERT
+            >>> clf = Classifier(BERT(n_layer=1), n_classes=4, pooling="mean")
+            >>> Classifier.from_config(clf.to_config()) == clf
+            True
+
+        Args:
+            config: ``{"type": "classifier", "base": {...}, "n_classes": ..., ...}``.
+
+        Returns:
+            The classifier (a ``ValueError`` names a wrong ``"type"``).
+        """
+        from fnllm.models import from_config
+
+        fields = dict(config)
+        kind = fields.pop("type", "classifier")
+        if kind != "classifier" or not isinstance(fields.get("base"), dict):
+            raise ValueError(
+                f"Classifier.from_config: expected type 'classifier' with a 'base' config, "
+                f"got type {kind!r}"
+            )
+        return cls(from_config(fields.pop("base")), **fields)
+
     @property
     def n_layer(self) -> int:
         """The base model's number of blocks."""

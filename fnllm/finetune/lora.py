@@ -14,12 +14,17 @@ even a hand-written ``"*"`` filter gives it no gradient.
 Several adapter sets for one base stack into ``[S, ...]`` leaves (:func:`stack`); :func:`pick`
 gathers one set per example of a batch (an index per row), and the same ``apply`` then runs a
 different adapter for every row.
+
+An adapter set is the whole trained part (adapters, a classifier's head, ...): :func:`save`,
+:func:`load` and :func:`attach` live in :mod:`fnllm.finetune.adapter_sets`, :func:`stack` and
+:func:`pick` in :mod:`fnllm.finetune.stacking`; both are re-exported here, as are
+:func:`to_peft` and :func:`from_peft` (:mod:`fnllm.finetune.peft_format`: peft's adapter
+folders, both ways).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,17 +33,33 @@ from torch import Tensor
 
 from fnllm import _checks, nn, tree
 from fnllm import random as jr
+from fnllm.finetune.adapter_sets import (
+    AdapterSet,
+    adapters,
+    attach,
+    fingerprint,
+    load,
+    manifest,
+    save,
+)
+from fnllm.finetune.peft_format import from_peft, to_peft
+from fnllm.finetune.stacking import pick, stack
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "AdapterSet",
     "adapters",
     "attach",
+    "fingerprint",
+    "from_peft",
     "init",
     "load",
+    "manifest",
     "merge",
     "pick",
     "save",
     "stack",
+    "to_peft",
 ]
 
 Params = Any
@@ -190,280 +211,6 @@ def merge(params: Params) -> Params:
         return node
 
     return fold(params, "params")
-
-
-def adapters(params: Params) -> dict[str, Tensor]:
-    """The adapter leaves alone, as ``{dotted.path: tensor}``.
-
-    Example:
-        >>> from fnllm import random
-        >>> from fnllm.finetune import lora
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=20, n_layer=2, n_head=2, d_model=8, max_len=8)
-        >>> lp = lora.init(random.key(1), gpt.init(random.key(0)), rank=2)
-        >>> len(lora.adapters(lp))
-        12
-
-    Args:
-        params: a tree with adapters.
-
-    Returns:
-        A flat dict of the ``lora_a``, ``lora_b`` and ``lora_scale`` leaves.
-    """
-    return {p: v for p, v in tree.flatten(params).items() if p.rpartition(".")[2] in _LEAVES}
-
-
-def save(path: str | os.PathLike, params: Params) -> None:
-    """Save only the adapters of ``params`` as a (small) safetensors file.
-
-    Example:
-        >>> import os, tempfile
-        >>> from fnllm import random
-        >>> from fnllm.finetune import lora
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=20, n_layer=1, n_head=2, d_model=8, max_len=8)
-        >>> base = gpt.init(random.key(0))
-        >>> path = os.path.join(tempfile.mkdtemp(), "adapters.safetensors")
-        >>> lora.save(path, lora.init(random.key(1), base, rank=2))
-        >>> sorted(lora.load(path))[:2]
-        ['blocks.0.attn.proj.lora_a', 'blocks.0.attn.proj.lora_b']
-
-    Args:
-        path: the file to write.
-        params: a tree with adapters.
-
-    The write is atomic (a temp file renamed over ``path``): a crash leaves the old file or
-    the new one, never half of one, and the next save to the same folder removes the temp
-    files of a writer that was killed.
-
-    Raises:
-        ValueError: the tree has no adapters.
-        TypeError: ``path`` is not a path, or an adapter leaf is not a tensor.
-    """
-    from fnllm.io import _safetensors
-
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"lora.save: path must be a str or os.PathLike, got {type(path).__name__}")
-    flat = adapters(params)
-    if not flat:
-        raise ValueError("lora.save: the tree has no adapters (lora.init adds them)")
-    for p, v in flat.items():
-        if not isinstance(v, Tensor):
-            raise TypeError(f"lora.save: {p} is a {type(v).__name__}, not a tensor")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in flat.items()}
-    # a temp file next to ``path`` renamed over it once complete: a crash never leaves a
-    # half-written file, and the next save sweeps the temp files of a killed writer
-    _safetensors.write_safetensors(path, tensors, {"fnllm": "lora"})
-
-
-def load(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read adapters written by :func:`save`: ``{dotted.path: tensor}`` for :func:`attach`.
-
-    Example:
-        >>> from fnllm.finetune import lora
-        >>> lora.load("missing.safetensors")
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: lora.load: no such file missing.safetensors
-
-    Args:
-        path: a file written by :func:`save`.
-
-    Returns:
-        The flat adapter dict.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is truncated, not safetensors, corrupt (its checksums differ) or
-            holds something other than adapters (the message names the file).
-    """
-    from fnllm.io import _safetensors
-
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"lora.load: path must be a str or os.PathLike, got {type(path).__name__}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"lora.load: no such file {os.fspath(path)}")
-    name = f"lora.load: {os.fspath(path)}"
-    try:
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as err:  # truncated, empty or not a safetensors file at all
-        raise ValueError(
-            f"{name} is not a readable safetensors file (truncated or another format?): {err}"
-        ) from None
-    _safetensors.verify_checksums(name, flat, metadata)
-    odd = [k for k in flat if k.rpartition(".")[2] not in _LEAVES]
-    if metadata.get("fnllm") != "lora" or odd or not flat:
-        raise ValueError(
-            f"{name} holds no LoRA adapters written by lora.save "
-            f"(metadata {dict(metadata)!r:.80}, tensors such as {_few(odd or list(flat))})"
-        )
-    return flat
-
-
-def attach(params: Params, adapter_leaves: Mapping[str, Tensor]) -> Params:
-    """Put saved adapters onto a base tree (a new tree; ``params`` is not modified).
-
-    Example:
-        >>> from fnllm import random, testing
-        >>> from fnllm.finetune import lora
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=20, n_layer=1, n_head=2, d_model=8, max_len=8)
-        >>> base = gpt.init(random.key(0))
-        >>> lp = lora.init(random.key(1), base, rank=2)
-        >>> testing.assert_trees_equal(lora.attach(base, lora.adapters(lp)), lp)  # lp again
-
-    Args:
-        params: the base model's tree (without adapters).
-        adapter_leaves: ``{path: tensor}`` from :func:`load` or :func:`adapters`.
-
-    Returns:
-        The tree with the adapters in place.
-
-    Raises:
-        KeyError: an adapter's layer is not in ``params``.
-        ValueError: an adapter's shape does not fit its layer's weight, a layer lacks one of
-            its three adapter leaves, or the layer already has adapters.
-        TypeError: ``adapter_leaves`` is not a ``{str: tensor}`` mapping.
-    """
-    if not isinstance(adapter_leaves, Mapping):
-        raise TypeError(
-            "lora.attach: adapter_leaves must be a {path: tensor} mapping (lora.load or "
-            f"lora.adapters), got {type(adapter_leaves).__name__}"
-        )
-    flat = tree.flatten(params)
-    for path, value in adapter_leaves.items():
-        if not isinstance(path, str) or not isinstance(value, Tensor):
-            raise TypeError(
-                f"lora.attach: {path!r} must map a str path to a tensor, got {type(value).__name__}"
-            )
-        layer, _, leaf = path.rpartition(".")
-        if leaf not in _LEAVES or layer + ".weight" not in flat:
-            raise KeyError(f"lora.attach: {path} has no linear layer {layer} in params")
-        if any(layer + "." + k in flat for k in _LEAVES):
-            raise ValueError(f"lora.attach: {layer} already has adapters in params")
-        weight = flat[layer + ".weight"]
-        if not isinstance(weight, Tensor) or weight.ndim != 2:
-            raise KeyError(f"lora.attach: {path}: {layer}.weight is not a 2-D linear weight")
-        out_f, in_f = weight.shape
-        want = 0 if leaf == "lora_scale" else 2
-        if value.ndim not in (want, want + 1):  # + 1: a stacked set
-            raise ValueError(
-                f"lora.attach: {path} has shape {tuple(value.shape)}; expected {want} dims"
-                " (or one more for stacked sets)"
-            )
-        bad = (leaf == "lora_a" and value.shape[-1] != in_f) or (
-            leaf == "lora_b" and value.shape[-2] != out_f
-        )
-        if bad:
-            raise ValueError(
-                f"lora.attach: {path} has shape {tuple(value.shape)}, which does not fit "
-                f"{layer}.weight {(out_f, in_f)}"
-            )
-    layers = {p.rpartition(".")[0] for p in adapter_leaves}
-    for layer in sorted(layers):
-        node = {k: adapter_leaves.get(f"{layer}.{k}") for k in _LEAVES}
-        _adapter_leaves("lora.attach", node, layer)
-    return tree.unflatten({**flat, **adapter_leaves})
-
-
-def stack(trees: Sequence[Params]) -> Params:
-    """Stack several adapter sets of one base into ``[S, ...]`` adapter leaves.
-
-    Example:
-        >>> from fnllm import random
-        >>> from fnllm.finetune import lora
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=20, n_layer=1, n_head=2, d_model=8, max_len=8)
-        >>> base = gpt.init(random.key(0))
-        >>> sets = [lora.init(random.key(i), base, rank=2) for i in (1, 2, 3)]
-        >>> lora.stack(sets)["blocks"][0]["attn"]["qkv"]["lora_a"].shape
-        torch.Size([3, 2, 8])
-
-    Args:
-        trees: adapted trees with the same layers and ranks (their base leaves are taken
-            from the first).
-
-    Returns:
-        One tree whose adapters carry a leading set dimension; :func:`pick` selects per row.
-
-    Raises:
-        ValueError: no trees, a tree without adapters, or adapters that differ in layers,
-            shapes or dtypes.
-        TypeError: ``trees`` is not a list of trees.
-    """
-    if isinstance(trees, (dict, str)) or not isinstance(trees, Sequence):
-        raise TypeError(
-            f"lora.stack: trees must be a list of adapted trees, got {type(trees).__name__}"
-        )
-    if not trees:
-        raise ValueError("lora.stack: no adapter sets given")
-    flats = [adapters(t) for t in trees]
-    first = flats[0]
-    for i, f in enumerate(flats):
-        if not f:
-            raise ValueError(f"lora.stack: set {i} has no adapters (lora.init adds them)")
-        shapes = {p: (tuple(v.shape), v.dtype) for p, v in f.items()}
-        if shapes != {p: (tuple(v.shape), v.dtype) for p, v in first.items()}:
-            raise ValueError(
-                f"lora.stack: set {i} has other adapter layers, ranks or dtypes than set 0"
-            )
-    stacked = {p: torch.stack([f[p] for f in flats]) for p in first}
-    return tree.unflatten({**tree.flatten(trees[0]), **stacked})
-
-
-def pick(params: Params, index: Tensor) -> Params:
-    """Give row ``i`` of a batch the adapter set ``index[i]`` of a :func:`stack`-ed tree.
-
-    Example:
-        >>> import torch
-        >>> from fnllm import random
-        >>> from fnllm.finetune import lora
-        >>> from fnllm.models import GPT
-        >>> gpt = GPT(vocab_size=20, n_layer=1, n_head=2, d_model=8, max_len=8)
-        >>> base = gpt.init(random.key(0))
-        >>> sets = lora.stack([lora.init(random.key(i), base, rank=2) for i in (1, 2)])
-        >>> picked = lora.pick(sets, torch.tensor([1, 0, 1]))
-        >>> gpt.apply(picked, torch.tensor([[1, 2], [3, 4], [5, 6]])).shape
-        torch.Size([3, 2, 20])
-
-    Args:
-        params: a tree from :func:`stack`.
-        index: int ``[B]`` set ids, one per row of the batch to run.
-
-    Returns:
-        A tree whose adapters are ``[B, ...]`` (a differentiable gather), for one batch.
-
-    Raises:
-        ValueError: the tree is not stacked, or an index is out of range.
-        TypeError: ``index`` is not a tensor, or is a bool mask.
-    """
-    flat = tree.flatten(params)
-    stacked = {p: v for p, v in flat.items() if p.rpartition(".")[2] in _LEAVES}
-    if not stacked or any(v.ndim != (1 if p.endswith("scale") else 3) for p, v in stacked.items()):
-        raise ValueError("lora.pick: params has no stacked adapters (use lora.stack)")
-    n_sets = next(iter(stacked.values())).shape[0]
-    if not isinstance(index, Tensor):
-        raise TypeError(f"lora.pick: index must be an int [B] tensor, got {type(index).__name__}")
-    if index.dtype == torch.bool:
-        raise TypeError(
-            "lora.pick: index must hold set ids (int), got a bool tensor; a mask would select "
-            "rows, not give each row its set (use mask.long() for sets 0/1)"
-        )
-    if index.ndim != 1 or index.dtype.is_floating_point or index.is_complex():
-        raise ValueError(
-            f"lora.pick: index must be an int [B] tensor, got {index.dtype} {tuple(index.shape)}"
-        )
-    if (
-        not torch.compiler.is_compiling()
-        and index.numel()
-        and (int(index.min()) < 0 or int(index.max()) >= n_sets)
-    ):
-        raise ValueError(f"lora.pick: index values must be in [0, {n_sets}), got {index.tolist()}")
-    return tree.unflatten({**flat, **{p: v[index] for p, v in stacked.items()}})
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,11 +39,12 @@ from fnllm import models as _models
 from fnllm import tree as _tree
 from fnllm.io import _hf_common, _safetensors
 from fnllm.models import _hf
-from fnllm.nn import mean_pool
+from fnllm.nn import is_adapter_leaf, mean_pool
 
 __all__ = ["from_hf", "hf_config", "mean_pool", "pretrained_dir", "to_hf", "to_hf_state_dict"]
 
 PathLike = str | os.PathLike
+HEAD_FILE = "classifier_head.safetensors"  # a classifier's head when no transformers class fits
 
 # name -> (importable package, sub-directory holding the files, pip distribution name)
 _PRETRAINED = {
@@ -109,6 +110,7 @@ def to_hf(
     *,
     architecture: str | None = None,
     config_overrides: Mapping[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` that `transformers` loads cleanly.
 
@@ -132,7 +134,7 @@ def to_hf(
         ['BertForPreTraining']
 
     Args:
-        model: a ``GPT`` or ``BERT`` config.
+        model: a ``GPT`` or ``BERT`` config, or a ``finetune.Classifier`` over one.
         params: its parameter tree (checked against ``model.param_shapes()``).
         out_dir: the directory to write (created if needed).
         architecture: the `transformers` class to target. GPT: ``"GPT2LMHeadModel"`` (default)
@@ -142,18 +144,55 @@ def to_hf(
             head, else ``"BertModel"`` (without a pooler, load it with
             ``add_pooling_layer=False``). Weights the architecture has no place for are not
             written.
+            A ``finetune.Classifier``: ``"BertForSequenceClassification"`` (``cls`` pooling
+            through the pooler) or ``"GPT2ForSequenceClassification"`` (``last`` pooling), the
+            default where one fits; see "Classifiers" below.
         config_overrides: extra or replacement ``config.json`` entries (e.g. token ids).
+        classes: a classifier's class names (``config.json``'s ``id2label``/``label2id``).
+
+    Classifiers:
+        ``model`` may be a ``finetune.Classifier`` with its tree ``{"base", "head"}``.
+
+        - BERT, ``cls`` pooling with a pooler: ``BertForSequenceClassification`` (backbone
+          under ``bert.``, head ``classifier.weight``/``.bias``).
+        - GPT, ``last`` pooling: ``GPT2ForSequenceClassification`` (backbone under
+          ``transformer.``, head ``score.weight``). `transformers` finds the last token as
+          the rightmost one that is not ``pad_token_id``, so ``config.json`` sets
+          ``pad_token_id`` (default ``vocab_size - 1``, GPT-2's end-of-text; change it with
+          ``config_overrides``): pad on the right with that id and never end a real text
+          with it, and the two pick the same token. ``score`` has no bias: a non-zero head
+          bias ``b`` is folded into ``ln_f.bias`` as ``pinv(W) b`` (exact when the head's
+          weight ``W`` has full row rank, checked; the exported ``ln_f.bias`` then differs
+          from fnllm's, which only ``score`` reads).
+        - Any other pooling (``mean``, or ``cls`` without a pooler, ``last`` on BERT, ``cls``
+          on GPT) has no `transformers` class: the encoder is exported as ``model.base``
+          alone would be, plus ``classifier_head.safetensors`` holding ``weight [C, D]`` and
+          ``bias [C]``, whose metadata says ``pooling`` (how to pool the encoder's
+          ``last_hidden_state``: ``mean`` over the tokens where ``attention_mask`` is 1,
+          ``cls`` the first, ``last`` the last real token), ``n_classes`` and ``classes``
+          (JSON). Logits are ``pooled @ weight.T + bias``. Asking for an ``architecture``
+          then raises a ``ValueError`` that says so.
 
     Returns:
         The output directory as a ``Path``.
 
     Raises:
         KeyError: ``params`` lacks or has extra leaves (paths named).
-        ValueError: a leaf has the wrong shape, or the architecture needs weights the params
-            lack.
+        ValueError: a leaf has the wrong shape, the architecture needs weights the params
+            lack, the params still hold LoRA adapters ("call lora.merge first"), or a
+            classifier's pooling has no `transformers` class.
     """
-    state = to_hf_state_dict(model, params, architecture=architecture)
-    cfg = hf_config(model, architecture=architecture)
+    _refuse_adapters(params, "to_hf")
+    extra: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+    if _is_classifier(model):
+        state, cfg, head = _classifier_export(model, params, architecture, classes)
+        if head is not None:
+            extra[HEAD_FILE] = head
+    else:
+        if classes is not None:
+            raise ValueError("to_hf: classes= is for a Classifier (its head's outputs)")
+        state = to_hf_state_dict(model, params, architecture=architecture)
+        cfg = hf_config(model, architecture=architecture)
     cfg.update(config_overrides or {})
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
     if floats:
@@ -172,6 +211,8 @@ def to_hf(
     marker = out / _hf_common.INCOMPLETE
     marker.write_text("an fnllm.io.to_hf export into this folder did not finish\n")
     _safetensors.fsync_dir(str(out))
+    for name, (tensors, meta) in extra.items():
+        _safetensors.write_safetensors(out / name, tensors, meta)
     _safetensors.atomic_write(out / "config.json", write_text)
     _safetensors.write_safetensors(out / "model.safetensors", prep.tensors, {"format": "pt"})
     marker.unlink()
@@ -193,7 +234,7 @@ def to_hf_state_dict(
         torch.Size([8, 24])
 
     Args:
-        model: a ``GPT`` or ``BERT`` config.
+        model: a ``GPT`` or ``BERT`` config, or a ``finetune.Classifier`` (see :func:`to_hf`).
         params: its parameter tree.
         architecture: the target class, as for :func:`to_hf`.
 
@@ -206,6 +247,9 @@ def to_hf_state_dict(
         ValueError: a leaf has the wrong shape, or the architecture needs weights the params
             lack.
     """
+    _refuse_adapters(params, "to_hf_state_dict")
+    if _is_classifier(model):
+        return _classifier_export(model, params, architecture, None)[0]
     codec = _codec_of_model(model, "to_hf_state_dict")
     flat = _safetensors.flat_tensors(params, "params")
     _safetensors.check_params(model, flat, where="params")
@@ -240,12 +284,18 @@ def hf_config(model: Any, *, architecture: str | None = None) -> dict[str, Any]:
         ('gpt2', 8, ['GPT2LMHeadModel'])
 
     Args:
-        model: a ``GPT`` or ``BERT`` config.
+        model: a ``GPT`` or ``BERT`` config, or a ``finetune.Classifier`` (see :func:`to_hf`).
         architecture: the target class, as for :func:`to_hf`.
 
     Returns:
         A JSON-serialisable dict.
     """
+    if _is_classifier(model):
+        spec = _classifier_spec(model, architecture)
+        cfg = hf_config(model.base, architecture=spec["backbone"] if spec else None)
+        if spec:
+            cfg.update(spec["config"], architectures=[spec["architecture"]])
+        return {**cfg, **_labels(model, None)}
     codec = _codec_of_model(model, "hf_config")
     arch = architecture or codec.default_arch(model)
     return {"architectures": [arch], "model_type": model.hf_model_types[0], **codec.config(model)}
@@ -323,3 +373,109 @@ def _codec_of_model(model: Any, where: str) -> ModuleType:
             f"{', '.join(map(repr, _models.hf_model_types()))}), got {type(model).__name__}"
         )
     return _models.hf_codec(model.hf_model_types[0])
+
+
+def _is_classifier(model: Any) -> bool:
+    to_config = getattr(model, "to_config", None)
+    return callable(to_config) and to_config().get("type") == "classifier"
+
+
+def _refuse_adapters(params: Any, where: str) -> None:
+    flat = _tree.flatten(params) if isinstance(params, (dict, list, tuple)) else {}
+    lora = [p for p in flat if is_adapter_leaf(p)]
+    if lora:
+        layers = sorted({p.rpartition(".")[0] for p in lora})
+        raise ValueError(
+            f"{where}: params still hold LoRA adapters ({len(layers)} layers, e.g. "
+            f"{layers[0]}): call lora.merge first (fnllm.finetune.lora.merge(params) folds "
+            "them into the weights), or lora.to_peft to export the adapters alone"
+        )
+
+
+def _classifier_spec(model: Any, architecture: str | None) -> dict[str, Any] | None:
+    """The transformers class for a classifier (None: encoder + head file), or refuse."""
+    codec = _codec_of_model(model.base, "to_hf")
+    classify = getattr(codec, "sequence_classification", None)
+    if classify is None:
+        found: Any = f"fnllm exports no {type(model.base).__name__} classifier class"
+    else:
+        found = classify(model.base, model.pooling)
+    if isinstance(found, str):
+        if architecture is not None:
+            raise ValueError(
+                f"to_hf: a classifier with {model.pooling!r} pooling has no transformers class "
+                f"({found}); leave architecture= out to export the encoder plus {HEAD_FILE} "
+                "(see io.to_hf)"
+            )
+        return None
+    if architecture not in (None, found["architecture"]):
+        raise ValueError(
+            f"to_hf: this classifier exports as {found['architecture']!r}, not {architecture!r}"
+        )
+    return found
+
+
+def _labels(model: Any, classes: Sequence[str] | None) -> dict[str, Any]:
+    names = [f"LABEL_{i}" for i in range(model.n_classes)] if classes is None else list(classes)
+    if len(names) != model.n_classes or not all(isinstance(c, str) for c in names):
+        raise ValueError(
+            f"to_hf: classes must be {model.n_classes} strings (one per class), got {classes!r}"
+        )
+    return {
+        "id2label": {str(i): c for i, c in enumerate(names)},
+        "label2id": {c: i for i, c in enumerate(names)},
+    }
+
+
+def _classifier_export(
+    model: Any, params: Any, architecture: str | None, classes: Sequence[str] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
+    """(state dict, config.json, the head file's (tensors, metadata) or None)."""
+    if not isinstance(params, dict) or set(params) != {"base", "head"}:
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise KeyError(f"to_hf: a classifier's params must have keys ['base', 'head'], got {got}")
+    spec = _classifier_spec(model, architecture)
+    head = {k: v.detach() for k, v in _tree.flatten(params["head"]).items()}
+    want = {"weight": (model.n_classes, model.base.d_model), "bias": (model.n_classes,)}
+    got = {k: tuple(v.shape) for k, v in head.items()}
+    if got != want:
+        raise ValueError(f"to_hf: the classifier's head has shapes {got}, expected {want}")
+    cfg = {**hf_config(model, architecture=architecture), **_labels(model, classes)}
+    if spec is None:
+        state = to_hf_state_dict(model.base, params["base"])
+        meta = {
+            "format": "fnllm.classifier_head",
+            "pooling": model.pooling,
+            "n_classes": str(model.n_classes),
+            "classes": json.dumps(list(classes) if classes is not None else None),
+            "usage": "logits = pool(last_hidden_state, attention_mask) @ weight.T + bias",
+        }
+        tensors = {k: v.to("cpu").contiguous().clone() for k, v in head.items()}
+        return state, cfg, (tensors, meta)
+    base_params = params["base"]
+    weight, bias = head["weight"], head["bias"]
+    if "bias" not in spec["head"] and bool((bias != 0).any()):
+        base_params = _fold_head_bias(base_params, spec["fold_bias"], weight, bias)
+    backbone = to_hf_state_dict(model.base, base_params, architecture=spec["backbone"])
+    # (an untied GPT's LM head or BERT's pretraining heads have no place in the class)
+    state = {
+        spec["prefix"] + k: v for k, v in backbone.items() if not k.startswith(("lm_head.", "cls."))
+    }
+    state[spec["head"]["weight"]] = weight.contiguous()
+    if "bias" in spec["head"]:
+        state[spec["head"]["bias"]] = bias.contiguous()
+    return state, cfg, None
+
+
+def _fold_head_bias(base: Any, path: str, weight: torch.Tensor, bias: torch.Tensor) -> Any:
+    """Shift the norm bias at ``path`` by ``d``, ``weight @ d == bias`` (a head without bias)."""
+    w, b = weight.double(), bias.double()
+    shift = torch.linalg.pinv(w) @ b
+    if not torch.allclose(w @ shift, b, atol=1e-6 * (1 + float(b.abs().max())), rtol=0):
+        raise ValueError(
+            f"to_hf: the head's bias cannot be folded into {path} (its weight has rank < "
+            f"{weight.shape[0]}), and the transformers head has no bias"
+        )
+    flat = _tree.flatten(base)
+    flat[path] = (flat[path].double() + shift).to(flat[path].dtype)
+    return _tree.unflatten(flat)

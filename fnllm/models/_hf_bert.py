@@ -34,6 +34,7 @@ CONFIG_KEYS = {
     "type_vocab_size": "type_vocab_size",
     "ln_eps": "layer_norm_eps",
 }
+FAN_IN_FAN_OUT = False  # BERT's Linear layers store [out, in]
 
 
 _BERT_IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -182,3 +183,35 @@ def config(model: Any) -> dict[str, Any]:
         "is_decoder": False,
         "add_cross_attention": False,
     }
+
+
+def sequence_classification(model: Any, pooling: str) -> dict[str, Any] | str:
+    """How a classifier over this BERT maps to ``BertForSequenceClassification``, or why not.
+
+    That class pools the first token through the pooler (``cls`` pooling with a pooler) and
+    names its head ``classifier``; the backbone sits under ``bert.``.
+    """
+    if pooling != "cls":
+        return f"BertForSequenceClassification pools the [CLS] token, not {pooling!r}"
+    if not model.pooler:
+        return "BertForSequenceClassification pools through a pooler, which this BERT lacks"
+    return {
+        "architecture": "BertForSequenceClassification",
+        "backbone": "BertModel",
+        "prefix": "bert.",
+        "head": {"weight": "classifier.weight", "bias": "classifier.bias"},
+        "config": {},
+    }
+
+
+def peft_modules(model: Any) -> dict[str, list[str]]:
+    """fnllm linear layer -> the `transformers` modules (backbone names) that peft adapts.
+
+    The fused ``qkv`` is three modules (``query``, ``key``, ``value``), in that row order.
+    """
+    out: dict[str, list[str]] = {}
+    for path, _op, names in table(model):
+        linear = not (path.startswith("embed.") or ".ln" in path or path.startswith("ln"))
+        if path.endswith(".weight") and linear:
+            out[path.removesuffix(".weight")] = [n.removesuffix(".weight") for n in names]
+    return out

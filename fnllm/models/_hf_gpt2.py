@@ -29,6 +29,7 @@ CONFIG_KEYS = {
     "max_len": "n_positions",
     "ln_eps": "layer_norm_epsilon",
 }
+FAN_IN_FAN_OUT = True  # Conv1D stores [in, out]: peft's LoRA config needs fan_in_fan_out
 
 
 _GPT2_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
@@ -116,3 +117,35 @@ def config(model: Any) -> dict[str, Any]:
         "eos_token_id": model.vocab_size - 1,
         "use_cache": True,
     }
+
+
+def sequence_classification(model: Any, pooling: str) -> dict[str, Any] | str:
+    """How a classifier over this GPT maps to ``GPT2ForSequenceClassification``, or why not.
+
+    That class reads the last token that is not ``pad_token_id`` (``last`` pooling, right
+    padding with that id) after ``ln_f``; its head ``score`` has no bias, so a bias is folded
+    into ``ln_f.bias`` (``fold_bias``). The backbone sits under ``transformer.``.
+    """
+    if pooling != "last":
+        return f"GPT2ForSequenceClassification pools the last token, not {pooling!r}"
+    return {
+        "architecture": "GPT2ForSequenceClassification",
+        "backbone": "GPT2Model",
+        "prefix": "transformer.",
+        "head": {"weight": "score.weight"},
+        "fold_bias": "ln_f.bias",
+        "config": {"pad_token_id": model.vocab_size - 1},
+    }
+
+
+def peft_modules(model: Any) -> dict[str, list[str]]:
+    """fnllm linear layer -> the `transformers` module (backbone name) that peft adapts.
+
+    GPT-2's Conv1D layers store ``[in, out]`` weights (peft's ``fan_in_fan_out``); ``c_attn``
+    is fused ``[q; k; v]`` like fnllm's ``qkv``.
+    """
+    out: dict[str, list[str]] = {}
+    for path, op, names in table(model):
+        if op == "t":
+            out[path.removesuffix(".weight")] = [n.removesuffix(".weight") for n in names]
+    return out

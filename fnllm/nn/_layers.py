@@ -63,8 +63,10 @@ def linear(params: Params, x: Tensor) -> Tensor:
         tensor([[4., 7.]])
 
     Args:
-        params: ``{"weight": [out, in]}`` and optionally ``"bias": [out]``.
-        x: input ``[..., in]``.
+        params: ``{"weight": [out, in]}`` and optionally ``"bias": [out]``; or one layer
+            per row of the batch, ``weight [B, out, in]`` and ``bias [B, out]`` (what
+            ``finetune.lora.pick`` gives a head stacked per set).
+        x: input ``[..., in]`` (``[B, ..., in]`` for per-row layers).
 
     Returns:
         ``[..., out]``.
@@ -74,6 +76,8 @@ def linear(params: Params, x: Tensor) -> Tensor:
     """
     weight, bias = _param(params, "weight", "linear"), params.get("bias")
     _check_input("linear", x)
+    if weight.ndim == 3 and x.ndim >= 2 and x.shape[0] == weight.shape[0]:
+        return _per_row_linear(params, x)  # one layer per row (finetune.lora.stack + pick)
     if weight.ndim != 2 or x.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"linear: x has width {x.shape[-1]} (shape {tuple(x.shape)}), expected "
@@ -85,6 +89,24 @@ def linear(params: Params, x: Tensor) -> Tensor:
         )
     y = F.linear(x, weight, bias)
     if has_adapter(params):  # an adapter (fnllm.nn._adapters); W stays untouched
+        y = y + adapter_delta(params, x)
+    return y
+
+
+def _per_row_linear(params: Params, x: Tensor) -> Tensor:
+    """Row ``b`` of ``x [B, ..., in]`` through its own ``weight [B, out, in]`` and ``bias``."""
+    weight, bias = params["weight"], params.get("bias")
+    if x.shape[-1] != weight.shape[-1] or (
+        bias is not None and tuple(bias.shape) != tuple(weight.shape[:2])
+    ):
+        raise ValueError(
+            f"linear: per-row weight {tuple(weight.shape)} [B, out, in] and bias "
+            f"{None if bias is None else tuple(bias.shape)} do not fit x {tuple(x.shape)}"
+        )
+    y = torch.einsum("b...i,boi->b...o", x, weight)
+    if bias is not None:
+        y = y + bias.reshape(bias.shape[0], *[1] * (x.ndim - 2), bias.shape[1])
+    if has_adapter(params):
         y = y + adapter_delta(params, x)
     return y
 

@@ -1,0 +1,158 @@
+"""lora.to_peft / lora.from_peft against peft itself: equal logits both ways, BERT and GPT-2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tiny import tiny_bert, tiny_gpt
+
+from fnllm import io, tree
+from fnllm import random as jr
+from fnllm.finetune import Classifier, lora
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+PAD = 39
+TOKENS = jr.randint(jr.key(7), (3, 6), 1, 39)
+MASK = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+PADDED = torch.where(MASK.bool(), TOKENS, torch.full_like(TOKENS, PAD))
+TARGETS = ["*.attn.qkv", "*.attn.proj", "*.mlp.fc"]
+
+BERT_CLF = Classifier(tiny_bert(mlm_head=False, pair_head=False), 3, "cls")
+GPT_CLF = Classifier(tiny_gpt(), 2, "last")
+HF_CLASS = {"bert": "BertForSequenceClassification", "gpt": "GPT2ForSequenceClassification"}
+
+
+def _random(params, key, std=0.2, only=None):
+    flat = tree.flatten(params)
+    for i, (p, v) in enumerate(sorted(flat.items())):
+        if p.endswith("lora_scale") or (only is not None and not only(p)):
+            continue
+        flat[p] = jr.normal(jr.fold_in(key, i), tuple(v.shape)) * std + (
+            1.0 if p.rpartition(".")[2] == "weight" and v.ndim == 1 else 0.0
+        )
+    return tree.unflatten(flat)
+
+
+def _trained(model, params, rank=2, alpha=6.0):
+    """Adapters with random A and B, a random head: what training leaves."""
+    lp = lora.init(jr.key(1), params, rank=rank, alpha=alpha, targets=TARGETS)
+    return _random(lp, jr.key(2), only=lambda p: "lora_" in p or p.startswith("head."))
+
+
+def _hf_model(model, params, folder):
+    """The transformers classifier (or bare model) of the frozen base, as io.to_hf writes it."""
+    io.to_hf(model, params, folder)
+    arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, arch).from_pretrained(folder).eval()
+
+
+def _run(hf, tokens, mask):
+    with torch.no_grad():
+        return hf(input_ids=tokens, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_to_peft_loads_in_peft_with_equal_logits(name, tmp_path):
+    clf = BERT_CLF if name == "bert" else GPT_CLF
+    tokens = TOKENS if name == "bert" else PADDED
+    params = _random(clf.init(jr.key(0)), jr.key(3))
+    lp = _trained(clf, params)
+    folder = lora.to_peft(lp, tmp_path / "adapter", clf)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["r"] == 2 and cfg["lora_alpha"] == 6.0
+    hf = _hf_model(clf, params, tmp_path / "base")
+    before = _run(hf, tokens, MASK)
+    pm = peft.PeftModel.from_pretrained(hf, folder).eval()
+    want = clf.apply(lp, tokens, MASK)
+    assert not torch.allclose(before, want, atol=1e-3)  # the adapter and the head matter
+    torch.testing.assert_close(_run(pm, tokens, MASK), want, atol=1e-5, rtol=1e-5)
+
+
+def test_to_peft_on_a_bare_gpt2_lm_with_per_layer_ranks(tmp_path):
+    gpt = tiny_gpt()
+    base = _random(gpt.init(jr.key(0)), jr.key(4))
+    lp = lora.init(jr.key(1), base, rank={"blocks.0.*": 3, "*": 2}, alpha=4.0, targets=TARGETS)
+    lp = _random(lp, jr.key(5), only=lambda p: "lora_" in p)
+    folder = lora.to_peft(lp, tmp_path / "adapter", gpt)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and set(cfg["rank_pattern"].values()) == {3}
+    hf = _hf_model(gpt, base, tmp_path / "base")
+    pm = peft.PeftModel.from_pretrained(hf, folder).eval()
+    got = _run(pm, TOKENS, torch.ones_like(TOKENS))
+    torch.testing.assert_close(got, gpt.apply(lp, TOKENS), atol=1e-5, rtol=1e-5)
+
+
+def _peft_trained(hf, config, key):
+    pm = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for i, (n, p) in enumerate(sorted(pm.named_parameters())):
+            if "lora_" in n or "modules_to_save" in n:
+                p.copy_(jr.normal(jr.fold_in(key, i), tuple(p.shape)) * 0.3)
+    return pm.eval()
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_from_peft_reads_adapters_and_head_with_equal_logits(name, tmp_path):
+    clf = BERT_CLF if name == "bert" else GPT_CLF
+    tokens = TOKENS if name == "bert" else PADDED
+    params = _random(clf.init(jr.key(0)), jr.key(3))
+    # a zero head bias: GPT-2's export would fold it into ln_f, and the backbones would differ
+    params = {**params, "head": {**params["head"], "bias": torch.zeros(clf.n_classes)}}
+    hf = _hf_model(clf, params, tmp_path / "base")
+    if name == "bert":  # three separate q/k/v modules, with their own ranks and alphas
+        targets = ["query", "key", "value", "attention.output.dense"]
+        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets,
+                                 rank_pattern={"key": 3}, alpha_pattern={"value": 7},
+                                 task_type="SEQ_CLS")  # fmt: skip
+    else:
+        config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["c_attn", "c_fc"],
+                                 fan_in_fan_out=True, task_type="SEQ_CLS")  # fmt: skip
+    pm = _peft_trained(hf, config, jr.key(9))
+    pm.save_pretrained(tmp_path / "adapter")
+    want = _run(pm, tokens, MASK)
+    leaves = lora.from_peft(tmp_path / "adapter", clf)
+    assert {"head.weight", "head.bias"} <= set(leaves)
+    got = clf.apply(lora.attach(params, leaves), tokens, MASK)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if name == "bert":  # the fused qkv: rank 2 + 3 + 2, with a block structure
+        b = leaves["base.blocks.0.attn.qkv.lora_b"]
+        assert leaves["base.blocks.0.attn.qkv.lora_a"].shape == (7, 16) and b.shape == (48, 7)
+        assert not b[:16, 2:].any() and not b[16:32, :2].any() and not b[32:, :5].any()
+
+
+def test_peft_round_trip_keeps_the_function(tmp_path):
+    params = _random(BERT_CLF.init(jr.key(0)), jr.key(3))
+    lp = _trained(BERT_CLF, params)
+    again = lora.attach(params, lora.from_peft(lora.to_peft(lp, tmp_path, BERT_CLF), BERT_CLF))
+    torch.testing.assert_close(BERT_CLF.apply(again, TOKENS, MASK),
+                               BERT_CLF.apply(lp, TOKENS, MASK), atol=1e-5, rtol=1e-5)  # fmt: skip
+    bare = lora.from_peft(lora.to_peft(lp["base"], tmp_path / "bare", BERT_CLF.base),
+                          BERT_CLF.base)  # fmt: skip
+    assert sorted(bare) == sorted(p.removeprefix("base.") for p in lora.adapters(lp))
+
+
+def test_bad_peft_folders_and_exports_are_named(tmp_path):
+    params = BERT_CLF.init(jr.key(0))
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
+        lora.from_peft(tmp_path, BERT_CLF)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="peft_type 'IA3', not 'LORA'"):
+        lora.from_peft(tmp_path, BERT_CLF)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                              "use_dora": True}))  # fmt: skip
+    with pytest.raises(ValueError, match="use_dora"):
+        lora.from_peft(tmp_path, BERT_CLF)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        lora.to_peft(params, tmp_path / "x", BERT_CLF)
+    mean = Classifier(BERT_CLF.base, 3, "mean")
+    lp = lora.init(jr.key(1), mean.init(jr.key(0)), rank=2)
+    with pytest.raises(ValueError, match="has no transformers class"):
+        lora.to_peft(lp, tmp_path / "y", mean)
+    gpt_folder = lora.to_peft(lora.init(jr.key(1), GPT_CLF.init(jr.key(0))), tmp_path / "g",
+                              GPT_CLF)  # fmt: skip
+    with pytest.raises(KeyError, match="modules this BERT does not have"):
+        lora.from_peft(gpt_folder, BERT_CLF)
