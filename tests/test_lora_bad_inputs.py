@@ -191,7 +191,7 @@ def test_merge_names_incomplete_misshaped_or_non_finite_adapters():
 def test_attach_names_the_bad_path_or_value():
     base = tiny_gpt().init(jr.key(0))
     leaves = lora.adapters(lora.init(jr.key(1), base, rank=2))
-    with pytest.raises(TypeError, match="adapter_leaves must be a"):
+    with pytest.raises(TypeError, match=r"expected a \{path: tensor\} mapping"):
         lora.attach(base, list(leaves.items()))
     with pytest.raises(TypeError, match=r"blocks.0.attn.qkv.lora_a"):
         lora.attach(base, {**leaves, "blocks.0.attn.qkv.lora_a": [[1.0]]})
@@ -310,7 +310,7 @@ def test_stack_names_sets_without_adapters_or_that_differ():
         lora.stack([lp, base])
     with pytest.raises(TypeError, match="trees must be a list of adapted trees, got dict"):
         lora.stack(lp)
-    with pytest.raises(ValueError, match="set 1 has other adapter layers, ranks or dtypes"):
+    with pytest.raises(ValueError, match=r"differs between set 0 and set 1|set 1 has other"):
         lora.stack([lp, tree.map(lambda x: x.double(), lp)])
     with pytest.raises(ValueError, match="set 1 has other"):
         lora.stack([lp, lora.init(jr.key(1), base, rank=1)])

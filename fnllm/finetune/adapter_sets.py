@@ -32,13 +32,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fnllm import tree
+from fnllm import nn, tree
 
 __all__ = [
     "AdapterSet",
@@ -52,7 +53,8 @@ __all__ = [
 
 Params = Any
 MANIFEST_KEY = "fnllm.lora_set"
-_LEAVES = ("lora_a", "lora_b", "lora_scale")
+_LEAVES = nn.ADAPTER_LEAVES
+_A, _B = nn.ADAPTER_TRAINED
 _SAMPLES = 16
 
 
@@ -175,6 +177,8 @@ def save(
     """
     from fnllm.io import _safetensors
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"lora.save: path must be a str or os.PathLike, got {type(path).__name__}")
     flat = tree.flatten(params)
     chosen, strategy = _selected(params, flat, model, trainable)
     keep = {p for p in flat if p.rpartition(".")[2] in _LEAVES} | set(chosen)
@@ -230,9 +234,24 @@ def load(path: str | os.PathLike) -> AdapterSet:
     """
     from fnllm.io import _safetensors
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"lora.load: path must be a str or os.PathLike, got {type(path).__name__}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lora.load: no such file {os.fspath(path)}")
-    tensors, metadata = _safetensors.read_safetensors(path)
+    name = f"lora.load: {os.fspath(path)}"
+    try:
+        tensors, metadata = _safetensors.read_safetensors(path)
+    except ValueError as err:
+        if re.search(r"tensor \S+ is corrupt", str(err)):
+            raise ValueError(f"lora.load: {err}") from None  # a checksum names the tensor
+        raise ValueError(
+            f"{name} is not a readable safetensors file (truncated or another format?): {err}"
+        ) from None
+    if MANIFEST_KEY not in metadata and (metadata.get("fnllm") != "lora" or not tensors):
+        raise ValueError(
+            f"{name} holds no LoRA adapters written by lora.save (metadata "
+            f"{dict(metadata)!r:.80}, tensors such as {sorted(tensors)[:3]})"
+        )
     return AdapterSet(tensors, _decode(metadata, os.fspath(path)))
 
 
@@ -303,6 +322,15 @@ def attach(params: Params, adapter_set: Mapping[str, Tensor], *, check_base: boo
     del dropped  # the head of a classifier's set, attached to its bare encoder
     for path, value in leaves.items():
         _check_fits(path, value, flat)
+    for layer in sorted({p.rpartition(".")[0] for p in leaves if _is_adapter(p)}):
+        missing = [k for k in _LEAVES if f"{layer}.{k}" not in leaves]
+        if missing:
+            raise ValueError(f"lora.attach: {layer} has adapters but lacks {', '.join(missing)}")
+        if any(f"{layer}.{k}" in flat for k in _LEAVES):
+            raise ValueError(
+                f"lora.attach: {layer} already has adapters in params (attach onto the base "
+                "tree, or lora.merge first)"
+            )
     if check_base and meta and meta.get("fingerprint"):
         _check_fingerprint(params, meta)
     return tree.unflatten({**flat, **leaves})
@@ -434,8 +462,8 @@ def _check_fits(path: str, value: Tensor, flat: Mapping[str, Tensor]) -> None:
         if layer + ".weight" not in flat:
             raise KeyError(f"lora.attach: {path} has no linear layer {layer} in params")
         out_f, in_f = flat[layer + ".weight"].shape[-2:]
-        bad = (leaf == "lora_a" and value.shape[-1] != in_f) or (
-            leaf == "lora_b" and value.shape[-2] != out_f
+        bad = (leaf == _A and value.shape[-1] != in_f) or (
+            leaf == _B and value.shape[-2] != out_f
         )
         if bad:
             raise ValueError(

@@ -50,9 +50,16 @@ def stack(trees: Sequence[Params]) -> Params:
         ValueError: no trees; their paths, adapter layers or ranks differ; or a shared leaf
             that is not part of a linear layer differs between sets (the path is named).
     """
+    if isinstance(trees, (dict, str)) or not isinstance(trees, Sequence):
+        raise TypeError(
+            f"lora.stack: trees must be a list of adapted trees, got {type(trees).__name__}"
+        )
     if not trees:
         raise ValueError("lora.stack: no adapter sets given")
     flats = [tree.flatten(t) for t in trees]
+    for i, f in enumerate(flats):
+        if not any(p.rpartition(".")[2] in _LEAVES for p in f):
+            raise ValueError(f"lora.stack: set {i} has no adapters (lora.init adds them)")
     first = flats[0]
     for i, f in enumerate(flats[1:], 1):
         if set(f) != set(first):
@@ -112,6 +119,13 @@ def pick(params: Params, index: Tensor) -> Params:
     Raises:
         ValueError: the tree is not stacked, or an index is out of range.
     """
+    if not isinstance(index, Tensor):
+        raise TypeError(f"lora.pick: index must be an int [B] tensor, got {type(index).__name__}")
+    if index.dtype == torch.bool:
+        raise TypeError(
+            "lora.pick: index is a bool tensor (a mask); pass int set ids, one per row "
+            "(e.g. mask.long() for two sets)"
+        )
     flat = tree.flatten(params)
     stacked = {p: v for p, v in flat.items() if p.rpartition(".")[2] in _LEAVES}
     bad_adapters = any(v.ndim != (1 if p.endswith("scale") else 3) for p, v in stacked.items())
