@@ -335,7 +335,7 @@ class ModelConfig:
     ) -> tuple[Tensor, KVCache]:
         """The model's forward over ``tokens [B, T]`` written into ``cache`` (no checks).
 
-        Prefill and decode are this one forward: :func:`~fnllm.models._cache.begin` makes the
+        Prefill and decode are this one forward: ``models._cache.begin`` makes the
         slots, positions and attention mask, every block reads and writes its cache slot, and
         the result is the final hidden states ``[B, T, D]`` (after :meth:`finish`) with the
         new cache; :meth:`logits` turns them into next-token logits. ``generate`` checks the

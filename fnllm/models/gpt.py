@@ -348,7 +348,7 @@ class GPT(_base.ModelConfig):
         """Embeddings at the cache's positions, every block with its cache slot, ``ln_f``.
 
         The unchecked core of ``apply(..., cache=)`` and of ``fnllm.generate`` (see
-        :meth:`fnllm.models._base.ModelConfig.apply_cached`): returns the final hidden states
+        ``ModelConfig.apply_cached``): returns the final hidden states
         ``[B, T, D]`` and the new cache.
         """
         step = _cache.begin(cache, attention_mask, inplace=inplace)
