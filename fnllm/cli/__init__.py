@@ -36,7 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit status.
     """
+    from fnllm import __version__
+
     parser = argparse.ArgumentParser(prog="fnllm", description="fnllm command line")
+    parser.add_argument("--version", action="version", version=f"fnllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMANDS:
         importlib.import_module(f"fnllm.cli.{name}").register(sub)

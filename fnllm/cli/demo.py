@@ -169,6 +169,7 @@ def _demo(
     from fnllm import random as jr
     from fnllm.cli import _compare
     from fnllm.finetune import Classifier, strategy
+    from fnllm.finetune.classifier import Pooling
     from fnllm.models import BERT
 
     if args.threads:
@@ -198,7 +199,7 @@ def _demo(
         except (ValueError, TypeError) as err:
             parser.error(f"--data: {err}")
         source = str(args.data)
-    pooling = "mean" if isinstance(base, BERT) else "last"
+    pooling: Pooling = "mean" if isinstance(base, BERT) else "last"
     model = Classifier(base, n_classes=len(classes), pooling=pooling)
     for name in names:
         if name in _compare.PROBES:

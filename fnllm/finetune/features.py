@@ -56,7 +56,7 @@ def extract_features(
         if pooling is not None and pooling != model.pooling:
             clf = Classifier(model.base, model.n_classes, pooling)
     elif isinstance(model, (GPT, BERT)):
-        default = "mean" if isinstance(model, BERT) else "last"
+        default: Pooling = "mean" if isinstance(model, BERT) else "last"
         clf, tree_ = Classifier(model, 1, pooling or default), {"base": params, "head": {}}
     else:
         raise TypeError(

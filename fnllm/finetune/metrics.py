@@ -32,7 +32,7 @@ def confusion_matrix(predictions: Any, labels: Any, n_classes: int | None = None
         ValueError: shapes differ, or an id is negative or ``>= n_classes``.
     """
     pred, true = _check(predictions, labels)
-    c = n_classes if n_classes is not None else int(max(pred.max(), true.max(), -1)) + 1
+    c = n_classes if n_classes is not None else max(int(pred.max()), int(true.max()), -1) + 1
     if pred.numel() and (
         int(min(pred.min(), true.min())) < 0 or int(max(pred.max(), true.max())) >= c
     ):

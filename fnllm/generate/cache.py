@@ -216,7 +216,9 @@ def _forward(
     positions = (seen + mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     causal = torch.arange(S, device=tokens.device)[None, :] <= slots[:, None]  # [T, S]
     attend = real[:, None, None, :] & causal  # [B, 1, T, S]
-    impl = "math" if T == 1 else "auto"  # one query: fused by the compiler, no flash set-up
+    impl: nn.Impl = (
+        "math" if T == 1 else "auto"
+    )  # one query: fused by the compiler, no flash set-up
     embed = params["embed"]
     x = nn.embedding(embed["tokens"], tokens) + nn.embedding(embed["positions"], positions)
     keys, values = [], []

@@ -195,7 +195,8 @@ def write_fields(model: Any, model_type: str) -> dict[str, Any]:
 
 def _config_keys(model_type: str) -> dict[str, str]:
     column = {"gpt2": 0, "bert": 1}[model_type]
-    return {ours: keys[column] for ours, keys in CONFIG_KEYS.items() if keys[column] is not None}
+    picked = {ours: keys[column] for ours, keys in CONFIG_KEYS.items()}
+    return {ours: theirs for ours, theirs in picked.items() if theirs is not None}
 
 
 def apply_table(
@@ -215,7 +216,10 @@ def apply_table(
             f"{sorted(table_paths ^ set(expected))}"
         )
     wanted = {n for _, _, ns in table for n in ns}
-    display = lambda n: names.get(n, n if n.startswith(("cls.", "lm_head.")) else prefix + n)
+
+    def display(n: str) -> str:
+        return names.get(n, n if n.startswith(("cls.", "lm_head.")) else prefix + n)
+
     missing = sorted(display(n) for n in wanted - set(state))
     unexpected = sorted(display(n).lstrip("\0") for n in set(state) - wanted)
     _checks.check_keys(

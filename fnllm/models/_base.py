@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from fnllm import nn, tree
 from fnllm import random as jr
+from fnllm._deprecation import deprecated
 
 Params = dict[str, Any]
 
@@ -47,7 +47,7 @@ def check_config(model: Any, positive: tuple[str, ...]) -> None:
 def dropout_keys(model: Any, key: Tensor | None) -> tuple[float, list[Tensor | None]]:
     """The dropout rate in effect and one key per block plus one for the embeddings (last)."""
     drop = model.dropout if key is not None else 0.0
-    if drop > 0.0:
+    if key is not None and drop > 0.0:
         return drop, list(jr.split(key, model.n_layer + 1))
     return drop, [None] * (model.n_layer + 1)
 
@@ -70,7 +70,7 @@ class Forward(NamedTuple):
     impl: nn.Impl
 
 
-def batched(*xs: Tensor | None) -> list[Tensor | None]:
+def batched(*xs: Tensor | None) -> list[Any]:
     """Add a leading batch dimension of 1 to every tensor (``None`` stays ``None``)."""
     return [None if x is None else x[None] for x in xs]
 
@@ -194,9 +194,10 @@ def from_config(cls: Any, kind: str, config: Mapping[str, Any]) -> Any:
 def renamed_fields(**old_to_new: str) -> Any:
     """Class decorator: a model config keeps accepting fields under their old names.
 
-    ``cls(old=v)`` and ``model.old`` keep working (with a ``DeprecationWarning``) and
-    :func:`from_config` reads saved configs that use the old names; ``to_config`` writes the
-    new ones.
+    ``cls(old=v)`` and ``model.old`` keep working until 0.2 (the first use of each warns with
+    a ``DeprecationWarning`` naming the new name) and :func:`from_config` reads saved configs
+    that use the old names, silently and beyond 0.2 (files outlive code); ``to_config``
+    writes the new ones.
     """
 
     def decorate(cls: Any) -> Any:
@@ -206,11 +207,7 @@ def renamed_fields(**old_to_new: str) -> Any:
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             for old, new in old_to_new.items():
                 if old in kwargs:
-                    warnings.warn(
-                        f"{cls.__name__}({old}=...) is deprecated: use {new}",
-                        DeprecationWarning,
-                        stacklevel=2,
-                    )
+                    deprecated(f"{cls.__name__}({old}=...)", f"{cls.__name__}({new}=...)")
                     value = kwargs.pop(old)
                     if kwargs.setdefault(new, value) != value:
                         raise ValueError(
@@ -229,9 +226,7 @@ def renamed_fields(**old_to_new: str) -> Any:
 
 
 def _old_name(model: Any, *, old: str, new: str) -> Any:
-    warnings.warn(
-        f"{type(model).__name__}.{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3
-    )
+    deprecated(f"{type(model).__name__}.{old}", f"{type(model).__name__}.{new}")
     return getattr(model, new)
 
 
@@ -275,6 +270,9 @@ class ModelConfig:
     kind: ClassVar[str] = ""
     _causal: ClassVar[bool] = False
     _renamed: ClassVar[dict[str, str]] = {}  # old field name -> new (see renamed_fields)
+    if TYPE_CHECKING:  # fields every model dataclass declares (not fields of this base)
+        n_layer: int
+        dropout: float
 
     def _block(self, p: Params, x: Tensor, key: Tensor | None, fwd: Forward) -> Tensor:
         """One block on hidden states ``x`` (each model defines it; ``apply`` and
@@ -395,7 +393,7 @@ class ModelConfig:
         drop = self.dropout if key is not None else 0.0
         fwd = Forward(nn.make_attention_mask(attention_mask, causal=self._causal), drop, impl)
         keys: list[Tensor | None] = [None] * (stop - start)
-        if drop > 0.0 and stop > start:
+        if key is not None and drop > 0.0 and stop > start:
             keys = list(jr.split(key, stop - start))
         for block, k in zip(params["blocks"][start:stop], keys):
             x = self._block(block, x, k, fwd)
