@@ -207,7 +207,7 @@ def renamed_fields(**old_to_new: str) -> Any:
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             for old, new in old_to_new.items():
                 if old in kwargs:
-                    deprecated(f"{cls.__name__}({old}=...)", f"{cls.__name__}({new}=...)")
+                    deprecated(f"{cls.__name__}({old}=...)", new)
                     value = kwargs.pop(old)
                     if kwargs.setdefault(new, value) != value:
                         raise ValueError(
@@ -226,7 +226,7 @@ def renamed_fields(**old_to_new: str) -> Any:
 
 
 def _old_name(model: Any, *, old: str, new: str) -> Any:
-    deprecated(f"{type(model).__name__}.{old}", f"{type(model).__name__}.{new}")
+    deprecated(f"{type(model).__name__}.{old}", new)
     return getattr(model, new)
 
 
