@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -81,12 +82,22 @@ def _run(cmd: list[str | os.PathLike], cwd: Path, timeout: float = 600, **env: s
     return r.stdout
 
 
-def _build(out: Path) -> tuple[Path, Path]:
-    """``python -m build``: the sdist, then the wheel built from the unpacked sdist."""
+# Left out of the copy that is built: environments, caches and outputs (see .gitignore).
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", "site", "build", "dist", "artifacts", "fnllm-demo", "*.egg-info",
+    "__pycache__", ".*_cache", ".hypothesis",
+)  # fmt: skip
+
+
+def _build(tmp: Path) -> tuple[Path, Path]:
+    """``python -m build`` on a copy of the checkout (the build writes its egg-info into the
+    source folder): the sdist, then the wheel built from the unpacked sdist."""
     missing = [m for m in ("build", "setuptools") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"cannot build: {missing} not installed (both are in fnllm's dev extra)")
-    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, ROOT], cwd=ROOT)
+    src, out = tmp / "src", tmp / "dist"
+    shutil.copytree(ROOT, src, ignore=_NOT_SOURCE, symlinks=True)
+    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, src], cwd=tmp)
     (wheel,), (sdist,) = list(out.glob("*.whl")), list(out.glob("*.tar.gz"))
     return wheel, sdist
 
@@ -112,7 +123,7 @@ def _readme_blocks() -> list[str]:
 
 
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
-    wheel, sdist = _build(tmp_path / "dist")
+    wheel, sdist = _build(tmp_path)
     source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fnllm").rglob("*.py")}
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
