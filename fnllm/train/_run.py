@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,7 +62,8 @@ def checkpointing(
     if isinstance(checkpoint, Checkpointing):
         return checkpoint
     if checkpoint is not None:
-        return Checkpointing(Path(checkpoint))
+        # Checkpointing converts any str / PathLike (and names `directory` on anything else)
+        return Checkpointing(checkpoint)  # type: ignore[arg-type]
     directory = legacy.get("checkpoint_dir")
     if directory is None:
         given = [k for k in ("checkpoint_every", "keep") if k in legacy]
