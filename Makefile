@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint docs bench setup
+.PHONY: demo test typecheck lint docs bench setup
 
 setup:
 	@bash .ci/setup
@@ -12,7 +12,13 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check fnllm tests benchmarks
+	$(MAKE) --no-print-directory typecheck
 	$(PY) -m pytest -n 2 --doctest-modules fnllm tests $(PYTEST_ARGS)
+
+# mypy over fnllm/ with [tool.mypy] of pyproject.toml; fails on any error and prints the count
+# ("Success: no issues found in N source files" or "Found N errors in M files").
+typecheck: setup
+	$(PY) -m mypy
 
 lint: setup
 	$(PY) -m ruff check fnllm tests benchmarks

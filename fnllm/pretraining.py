@@ -199,7 +199,9 @@ class PretrainConfig:
 
     def quick(self) -> PretrainConfig:
         """A few-second version: a tiny model on the pydoc topics alone."""
-        small = dict(steps=60, batch_size=16, block_size=32, vocab_size=384, n_layer=2)
+        small: dict[str, Any] = dict(
+            steps=60, batch_size=16, block_size=32, vocab_size=384, n_layer=2
+        )
         small |= dict(n_head=2, d_model=128, lr=2e-3, checkpoint_every=30, eval_every=30)
         return PretrainConfig(**{**asdict(self), **small, "docstrings": False})
 
@@ -262,7 +264,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     corpus = data.Corpus(train_texts, tokenizer=tok)
     val_corpus = data.Corpus(val_texts, tokenizer=tok)
 
-    sizes = {
+    sizes: dict[str, Any] = {
         "vocab_size": corpus.vocab_size,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
@@ -300,12 +302,12 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     trainable, frozen = tree.partition(params, "*")
     warmup = max(1, min(100, cfg.steps // 10))
     opt = optim.adamw(optim.warmup_cosine(cfg.lr, warmup, cfg.steps + 1), weight_decay=0.01)
+    ckpt = train.Checkpointing(out / "checkpoints", every=cfg.checkpoint_every)
     if ranks > 1:
         # each rank takes its slice of the global batch; gradients are averaged over ranks
         result = distributed.fit(
             loss_fn, opt, trainable, frozen, loader, key=k_train, steps=cfg.steps, clip=1.0,
-            checkpoint_dir=out / "checkpoints", checkpoint_every=cfg.checkpoint_every,
-            model=model, progress=cfg.progress, meta={"seed": cfg.seed},
+            checkpoint=ckpt, model=model, progress=cfg.progress, meta={"seed": cfg.seed},
         )  # fmt: skip
         if not distributed.is_main():
             return {"step": result.step, "rank": distributed.rank()}
@@ -313,9 +315,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         result = train.fit(
             loss_fn, opt, trainable, frozen, loader, key=k_train, steps=cfg.steps,
             compile=cfg.compile, clip=1.0, eval_fn=evaluate,
-            eval_every=cfg.eval_every or cfg.steps, checkpoint_dir=out / "checkpoints",
-            checkpoint_every=cfg.checkpoint_every, model=model, progress=cfg.progress,
-            meta={"seed": cfg.seed},
+            eval_every=cfg.eval_every or cfg.steps, checkpoint=ckpt, model=model,
+            progress=cfg.progress, meta={"seed": cfg.seed},
         )  # fmt: skip
     trained = tree.combine(result.trainable, frozen)
     last = result.evals[-1] if result.evals else {}

@@ -354,7 +354,7 @@ def filter_fn(filter: Filter) -> Predicate:
     elif isinstance(filter, (list, tuple)) and all(isinstance(g, str) for g in filter):
         globs = tuple(filter)
     elif callable(filter):
-        return filter  # type: ignore[return-value]
+        return filter
     else:
         raise TypeError(
             "tree filter: expected a glob string, a list of glob strings or a callable "

@@ -78,7 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         SystemExit: status 2 after printing ``fnllm <command>: error: ...`` for a user
             mistake (status 0 for ``--help``).
     """
+    from fnllm import __version__
+
     parser = _Parser(prog="fnllm", description="fnllm command line")
+    parser.add_argument("--version", action="version", version=f"fnllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMANDS:
         importlib.import_module(f"fnllm.cli.{name}").register(sub)

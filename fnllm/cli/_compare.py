@@ -237,13 +237,14 @@ def per_part(
         ub, sb = rest.update(gb, state["rest"], pb)
         return tree.combine(ua, ub), {"first": sa, "rest": sb}
 
-    if first.fused_step is None or rest.fused_step is None:
+    fused_a, fused_b = first.fused_step, rest.fused_step
+    if fused_a is None or fused_b is None:
         return optim.GradientTransformation(init, update)
 
     def fused_step(grads: Any, state: Any, params: Any, donate: bool) -> tuple[Any, Any]:
         (ga, gb), (pa, pb) = split(grads), split(params)
-        na, sa = first.fused_step(ga, state["first"], pa, donate)
-        nb, sb = rest.fused_step(gb, state["rest"], pb, donate)
+        na, sa = fused_a(ga, state["first"], pa, donate)
+        nb, sb = fused_b(gb, state["rest"], pb, donate)
         return tree.combine(na, nb), {"first": sa, "rest": sb}
 
     return optim.GradientTransformation(init, update, fused_step)

@@ -112,8 +112,7 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     common = dict(
         key=k_train,
         compile=args.compile,
-        checkpoint_dir=ckpt,
-        checkpoint_every=max(1, args.steps // 4),
+        checkpoint=train.Checkpointing(ckpt, every=max(1, args.steps // 4)),
         model=gpt,
         progress=progress,
     )

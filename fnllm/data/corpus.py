@@ -205,7 +205,7 @@ class Corpus:
             The pairs, document by document, in order.
         """
         _checks.check_int("segment_len", segment_len, low=1)
-        pairs = []
+        pairs: list[tuple[list[int], list[int]]] = []
         for sents in self.sentences:
             segments: list[list[int]] = []
             current: list[int] = []

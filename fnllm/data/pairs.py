@@ -87,7 +87,8 @@ def sentence_pairs(
         ``token_type_ids`` (0 for CLS, A and the first SEP; 1 for B and the last SEP; 0 on
         padding), ``attention_mask`` (1 on the tokens, 0 on padding), and
         ``next_sentence_label`` ``[B]`` (int64, 0 = in order / next, 1 = swapped / not next;
-        the Hugging Face name; ``labels`` is the same tensor under its old name). Unbatched
+        the Hugging Face name; ``labels`` is the same tensor under its old name, deprecated:
+        it goes in 0.2). Unbatched
         ``[L]`` inputs give ``[max_len]`` outputs and a scalar label.
 
     Raises:
@@ -132,7 +133,7 @@ def sentence_pairs(
     len_a, len_b = truncate_lengths(len_a, len_b, max_len - 3)
     out = _layout(seg_a, seg_b, len_a, len_b, cls_id, sep_id, pad_id, max_len)
     out["next_sentence_label"] = label.to(torch.int64)
-    out["labels"] = out["next_sentence_label"]  # the old name, kept as an alias
+    out["labels"] = out["next_sentence_label"]  # the old name, until 0.2 (docs/deprecation.md)
     if unbatched:
         out = {k: v[0] for k, v in out.items()}
     return out

@@ -385,7 +385,11 @@ def _bucket_widths(bucket: int | Sequence[int] | None) -> int | list[int] | None
             raise ValueError(f"length_batches: bucket must be >= 1, got {bucket}")
         return None if bucket == 1 else bucket
     ok = isinstance(bucket, Sequence) and not isinstance(bucket, str) and bucket
-    if ok and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in bucket):
+    if (
+        ok
+        and isinstance(bucket, Sequence)
+        and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in bucket)
+    ):
         return sorted(bucket)
     raise ValueError(
         f"length_batches: bucket must be None, an int >= 1 or a list of widths >= 1, got {bucket!r}"

@@ -162,7 +162,8 @@ def _wordpiece_vocab(bpe: Any, texts: list[str], vocab_size: int) -> dict[str, i
     """
     bpe_vocab = bpe.get_vocab()
     by_id = sorted(bpe_vocab, key=bpe_vocab.__getitem__)
-    starts, inner = set(), set()
+    starts: set[str] = set()
+    inner: set[str] = set()
     for enc in bpe.encode_batch(texts, add_special_tokens=False):
         prev = None
         for token, word in zip(enc.tokens, enc.word_ids):

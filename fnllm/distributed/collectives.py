@@ -9,6 +9,7 @@ timeout) is re-raised as :class:`CollectiveError`, which names the operation and
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -403,7 +404,7 @@ def _bucketed(
             if not bucket:
                 continue
             buf = _pack([flat[name].detach() for name in bucket])
-            _guarded(who, lambda buf=buf: op(buf))
+            _guarded(who, functools.partial(op, buf))
             if divisor is not None:
                 buf.div_(divisor)
             for name, piece in zip(bucket, buf.split([flat[name].numel() for name in bucket])):

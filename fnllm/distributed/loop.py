@@ -96,7 +96,7 @@ def fit(
         meta: extra JSON metadata stored in checkpoints (needs ``checkpoint``).
         progress: show a progress bar (on rank 0 only).
         **legacy: ``checkpoint_dir``, ``checkpoint_every``, ``keep`` (the older spelling of
-            ``checkpoint``).
+            ``checkpoint``; deprecated, removed in 0.2).
 
     Returns:
         A :class:`fnllm.train.FitResult`; ``history`` holds the mean loss over ranks.
@@ -226,7 +226,7 @@ def log(*args: Any, bar: Any = None) -> None:
 def _prune_sharded(directory: str | os.PathLike, keep: int) -> None:
     found = [
         sharded_checkpoint_path(directory, 0).with_name(p.name)
-        for p in os.scandir(directory)
+        for p in os.scandir(os.fspath(directory))
         if p.is_dir() and p.name.startswith("step_") and p.name.endswith(".dcp")
     ]
     for old in sorted(found)[:-keep]:

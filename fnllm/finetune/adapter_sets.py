@@ -462,9 +462,7 @@ def _check_fits(path: str, value: Tensor, flat: Mapping[str, Tensor]) -> None:
         if layer + ".weight" not in flat:
             raise KeyError(f"lora.attach: {path} has no linear layer {layer} in params")
         out_f, in_f = flat[layer + ".weight"].shape[-2:]
-        bad = (leaf == _A and value.shape[-1] != in_f) or (
-            leaf == _B and value.shape[-2] != out_f
-        )
+        bad = (leaf == _A and value.shape[-1] != in_f) or (leaf == _B and value.shape[-2] != out_f)
         if bad:
             raise ValueError(
                 f"lora.attach: {path} has shape {tuple(value.shape)}, which does not fit "

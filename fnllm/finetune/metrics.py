@@ -44,7 +44,7 @@ def confusion_matrix(predictions: Any, labels: Any, n_classes: int | None = None
     pred, true = _check(predictions, labels, "confusion_matrix")
     if n_classes is not None:
         n_classes = _checks.check_int("confusion_matrix: n_classes", n_classes, low=1)
-    c = n_classes if n_classes is not None else int(max(pred.max(), true.max(), -1)) + 1
+    c = n_classes if n_classes is not None else max(int(pred.max()), int(true.max()), -1) + 1
     if pred.numel() and (
         int(min(pred.min(), true.min())) < 0 or int(max(pred.max(), true.max())) >= c
     ):

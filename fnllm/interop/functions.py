@@ -248,7 +248,8 @@ def _build(
             outs = flat_fn(*full)
             return [outs[k] for k in out_diff]
 
-        _, vjp = torch.func.vjp(of_diff, *(primals[i] for i in diff))
+        # torch's stub returns a 2- or 3-tuple (has_aux); without has_aux it is always 2
+        _, vjp = torch.func.vjp(of_diff, *(primals[i] for i in diff))  # type: ignore[misc]
         return list(vjp(list(cts)))
 
     def run_vjp(*arrays: Any) -> list[Any]:
@@ -424,7 +425,7 @@ class _Box:
 
 class _JaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(box: _Box, *leaves: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(box: _Box, *leaves: Tensor) -> tuple[Tensor, ...]:
         jax = box.jax
         args = jax.tree_util.tree_unflatten(box.treedef, list(to_jax(list(leaves))))
         out = box.forward(*args)
@@ -442,7 +443,7 @@ class _JaxFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*(o for o in output if not o.is_floating_point()))
 
     @staticmethod
-    def backward(ctx: Any, *cts: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *cts: Tensor) -> tuple[Any, ...]:
         # Under torch.func the cotangents arrive wrapped; a second Function's forward
         # receives them (and the primals) unwrapped, as plain tensors DLPack can read.
         leaves = ctx.saved_tensors
@@ -452,24 +453,24 @@ class _JaxFunction(torch.autograd.Function):
 
 class _JaxPullback(torch.autograd.Function):
     @staticmethod
-    def forward(box: _Box, n: int, *tensors: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+    def forward(box: _Box, n: int, *tensors: Tensor | None) -> tuple[Any, ...]:
         jax = box.jax
         leaves, cts = tensors[:n], tensors[n:]
         args = jax.tree_util.tree_unflatten(box.treedef, to_jax(list(leaves)))
         jcts = []
-        for ct, out in zip(cts, box.outs):
-            if not out.is_floating_point():
-                jcts.append(np.zeros(tuple(out.shape), dtype=jax.dtypes.float0))
+        for ct, spec in zip(cts, box.outs):
+            if not spec.is_floating_point():
+                jcts.append(np.zeros(tuple(spec.shape), dtype=jax.dtypes.float0))
             elif ct is None:
-                jcts.append(to_jax(torch.zeros_like(out)))
+                jcts.append(to_jax(torch.zeros_like(spec)))
             else:
-                jcts.append(to_jax(ct.to(out.dtype).contiguous()))
+                jcts.append(to_jax(ct.to(spec.dtype).contiguous()))
         grads = box.backward(tuple(args), jax.tree_util.tree_unflatten(box.out_treedef, jcts))
         flat = jax.tree_util.tree_leaves(grads)
         # float0 cotangents of integer inputs are dropped from the leaves; refill with None
         out: list[Any] = []
         for x, g in zip(leaves, flat):  # one cotangent per input leaf (float0 for integers)
-            keep = x.is_floating_point() and str(g.dtype) != "float0"
+            keep = x is not None and x.is_floating_point() and str(g.dtype) != "float0"
             out.append(from_jax(g).clone() if keep else None)
         return tuple(out)
 
@@ -478,5 +479,5 @@ class _JaxPullback(torch.autograd.Function):
         pass
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
         raise RuntimeError("as_torch: the backward pass of a JAX function cannot be differentiated")

@@ -153,10 +153,13 @@ def crc32(x: torch.Tensor) -> int:
     flat = x.contiguous().reshape(-1)
     if flat.numel() == 0:
         return 0
-    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
+    # numpy's stubs declare the buffer protocol (__buffer__) only for Python >= 3.12
+    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))  # type: ignore[arg-type]
 
 
-def verify_checksums(name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]):
+def verify_checksums(
+    name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
     """Raise ValueError naming the first tensor whose bytes differ from the stored CRC-32."""
     raw = metadata.get(CHECKSUMS_KEY)
     if raw is None:  # written before checksums existed, or by another tool

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ def check_config(model: Any, positive: tuple[str, ...]) -> None:
 def dropout_keys(model: Any, key: Tensor | None) -> tuple[float, list[Tensor | None]]:
     """The dropout rate in effect and one key per block plus one for the embeddings (last)."""
     drop = model.dropout if key is not None else 0.0
-    if drop > 0.0:
+    if key is not None and drop > 0.0:
         return drop, list(jr.split(key, model.n_layer + 1))
     return drop, [None] * (model.n_layer + 1)
 
@@ -77,7 +77,7 @@ class Forward(NamedTuple):
     step: CacheStep | None = None
 
 
-def batched(*xs: Tensor | None) -> list[Tensor | None]:
+def batched(*xs: Tensor | None) -> list[Any]:
     """Add a leading batch dimension of 1 to every tensor (``None`` stays ``None``)."""
     return [None if x is None else x[None] for x in xs]
 
@@ -222,6 +222,9 @@ class ModelConfig:
     kind: ClassVar[str] = ""
     _causal: ClassVar[bool] = False
     _renamed: ClassVar[dict[str, str]] = {}  # old field name -> new (see renamed_fields)
+    if TYPE_CHECKING:  # fields every model dataclass declares (not fields of this base)
+        n_layer: int
+        dropout: float
 
     # Fields every model config has (declared here for the type checker; each model's own
     # dataclass defines them).
@@ -489,7 +492,7 @@ class ModelConfig:
         drop = self.dropout if key is not None else 0.0
         fwd = Forward(nn.make_attention_mask(attention_mask, causal=self._causal), drop, impl)
         keys: list[Tensor | None] = [None] * (stop - start)
-        if drop > 0.0 and stop > start:
+        if key is not None and drop > 0.0 and stop > start:
             keys = list(jr.split(key, stop - start))
         for block, k in zip(params["blocks"][start:stop], keys):
             x = self._block(block, x, k, fwd)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Mapping
 from typing import Any
+
+from fnllm._deprecation import deprecated
 
 __all__ = ["from_config", "renamed_fields", "to_config"]
 
@@ -45,9 +46,10 @@ def from_config(cls: Any, kind: str, config: Mapping[str, Any]) -> Any:
 def renamed_fields(**old_to_new: str) -> Any:
     """Class decorator: a model config keeps accepting fields under their old names.
 
-    ``cls(old=v)`` and ``model.old`` keep working (with a ``DeprecationWarning``) and
-    :func:`from_config` reads saved configs that use the old names; ``to_config`` writes the
-    new ones.
+    ``cls(old=v)`` and ``model.old`` keep working until 0.2 (the first use of each warns with
+    a ``DeprecationWarning`` naming the new name) and :func:`from_config` reads saved configs
+    that use the old names, silently and beyond 0.2 (files outlive code); ``to_config``
+    writes the new ones.
     """
 
     def decorate(cls: Any) -> Any:
@@ -57,11 +59,7 @@ def renamed_fields(**old_to_new: str) -> Any:
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             for old, new in old_to_new.items():
                 if old in kwargs:
-                    warnings.warn(
-                        f"{cls.__name__}({old}=...) is deprecated: use {new}",
-                        DeprecationWarning,
-                        stacklevel=2,
-                    )
+                    deprecated(f"{cls.__name__}({old}=...)", new)
                     value = kwargs.pop(old)
                     if kwargs.setdefault(new, value) != value:
                         raise ValueError(
@@ -80,7 +78,5 @@ def renamed_fields(**old_to_new: str) -> Any:
 
 
 def _old_name(model: Any, *, old: str, new: str) -> Any:
-    warnings.warn(
-        f"{type(model).__name__}.{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3
-    )
+    deprecated(f"{type(model).__name__}.{old}", new)
     return getattr(model, new)

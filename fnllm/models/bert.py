@@ -34,6 +34,7 @@ from torch import Tensor
 
 from fnllm import nn
 from fnllm import random as jr
+from fnllm._deprecation import deprecated
 from fnllm.models import _base, _config
 from fnllm.models._base import Params
 from fnllm.nn._layers import _embed
@@ -79,7 +80,7 @@ class BertPretrainOutput(NamedTuple):
     Attributes:
         mlm_logits: ``[B, T, V]`` masked-LM logits.
         pair_logits: ``[B, 2]`` sentence-order (or next-sentence) logits; ``sop_logits`` is
-            its old name, still readable.
+            its old name, still readable (deprecated, removed in 0.2).
     """
 
     mlm_logits: Tensor
@@ -87,7 +88,8 @@ class BertPretrainOutput(NamedTuple):
 
     @property
     def sop_logits(self) -> Tensor:
-        """The old name of :attr:`pair_logits`."""
+        """Deprecated (removed in 0.2): the old name of :attr:`pair_logits`."""
+        deprecated("BertPretrainOutput.sop_logits", "pair_logits")
         return self.pair_logits
 
 
@@ -440,7 +442,27 @@ class BERT(_base.ModelConfig):
             raise KeyError("params: missing sop (the model has no pair head; pair_head=False?)")
         return nn.linear(params["sop"], pooled)
 
-    sop_logits = pair_logits  # the old name
+    def sop_logits(self, params: Params, pooled: Tensor) -> Tensor:
+        """Deprecated (removed in 0.2): the old name of :meth:`pair_logits`.
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import BERT
+            >>> bert = BERT(vocab_size=32, n_layer=1, n_head=2, d_model=8, d_ff=16, max_len=8)
+            >>> params = bert.init(random.key(0))
+            >>> bert.sop_logits(params, torch.zeros(8)).shape  # bert.pair_logits instead
+            torch.Size([2])
+
+        Args:
+            params: the parameter tree.
+            pooled: ``[..., D]`` pooled output.
+
+        Returns:
+            ``[..., 2]`` logits, as :meth:`pair_logits`.
+        """
+        deprecated("BERT.sop_logits", "BERT.pair_logits")
+        return self.pair_logits(params, pooled)
 
     def pretrain_apply(
         self,

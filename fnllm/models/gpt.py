@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, cast, overload
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -146,7 +146,9 @@ class GPT(_base.ModelConfig):
                     "ln_1": nn.init_layer_norm(key, self.d_model),
                     "attn": nn.init_attention(k_attn, self.d_model, std=std, proj_std=proj_std),
                     "ln_2": nn.init_layer_norm(key, self.d_model),
-                    "mlp": nn.init_mlp(k_mlp, self.d_model, self.d_ff, std=std, proj_std=proj_std),
+                    "mlp": nn.init_mlp(
+                        k_mlp, self.d_model, cast(int, self.d_ff), std=std, proj_std=proj_std
+                    ),
                 }
             )
         if not self.tie_head:
@@ -155,6 +157,43 @@ class GPT(_base.ModelConfig):
 
     # ------------------------------------------------------------------ forward
 
+    # What type checkers see: logits by default, GPTOutput with output_hidden_states=True.
+    @overload
+    def apply(
+        self,
+        params: Params,
+        tokens: Tensor,
+        *,
+        attention_mask: Tensor | None = ...,
+        key: Tensor | None = ...,
+        output_hidden_states: Literal[False] = ...,
+        impl: nn.Impl = ...,
+        cache: None = ...,
+    ) -> Tensor: ...
+    @overload
+    def apply(
+        self,
+        params: Params,
+        tokens: Tensor,
+        *,
+        attention_mask: Tensor | None = ...,
+        key: Tensor | None = ...,
+        output_hidden_states: bool,
+        impl: nn.Impl = ...,
+        cache: None = ...,
+    ) -> Tensor | GPTOutput: ...
+    @overload
+    def apply(
+        self,
+        params: Params,
+        tokens: Tensor,
+        *,
+        attention_mask: Tensor | None = ...,
+        key: Tensor | None = ...,
+        output_hidden_states: Literal[False] = ...,
+        impl: nn.Impl = ...,
+        cache: KVCache,
+    ) -> tuple[Tensor, KVCache]: ...
     def apply(
         self,
         params: Params,

@@ -210,7 +210,7 @@ def _fix_empty_rows(mask: Tensor) -> Tensor:
     return mask | ~mask.any(-1, keepdim=True)
 
 
-def _resolve_impl(impl: str, key: Tensor | None, dropout: float) -> tuple[str, bool]:
+def _resolve_impl(impl: Impl, key: Tensor | None, dropout: float) -> tuple[Impl, bool]:
     """Validate ``impl`` and pick the path for ``"auto"``; also say whether dropout is on."""
     if impl not in _IMPLS:
         raise ValueError(f"attention: impl must be one of {_IMPLS}, got {impl!r}")

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fnllm import tree
+from fnllm._deprecation import deprecated
 from fnllm.optim._helpers import Tree, check_shapes, flatten, leaves_like
 
 __all__ = [
@@ -167,8 +168,8 @@ def apply_gradients(
 ) -> tuple[Tree, State]:
     """Apply gradients: ``update`` then ``apply_updates``, through a fused kernel if possible.
 
-    (Called ``step`` before; that name stays as an alias. Not to be confused with
-    ``fnllm.train.TrainStep``, a whole training step, or ``fit(steps=)``.)
+    (Called ``step`` before; that name is a deprecated alias, removed in 0.2. Not to be
+    confused with ``fnllm.train.TrainStep``, a whole training step, or ``fit(steps=)``.)
 
     Equal (to rounding) to ``updates, state = optimizer.update(grads, state, params)`` followed
     by ``apply_updates(params, updates)``, but transforms with a ``fused_step`` (``adam``,
@@ -216,7 +217,10 @@ def apply_gradients(
 
 
 def step(*args: Any, **kwargs: Any) -> tuple[Tree, State]:
-    """The old name of :func:`apply_gradients` (kept so that existing code runs unchanged).
+    """Deprecated (removed in 0.2): the old name of :func:`apply_gradients`.
+
+    Runs :func:`apply_gradients` unchanged; the first call in a process warns with a
+    ``DeprecationWarning`` naming the replacement.
 
     Example:
         >>> import torch
@@ -233,6 +237,7 @@ def step(*args: Any, **kwargs: Any) -> tuple[Tree, State]:
     Returns:
         ``(new_params, new_state)``, as :func:`apply_gradients`.
     """
+    deprecated("optim.step", "optim.apply_gradients (same arguments)")
     return apply_gradients(*args, **kwargs)
 
 

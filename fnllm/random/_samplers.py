@@ -269,9 +269,9 @@ def randint(
         return (offset + lo).to(dtype)
     lo_t = torch.as_tensor(lo, dtype=torch.int64, device=key.device)
     hi_t = torch.as_tensor(hi, dtype=torch.int64, device=key.device)
-    span = torch.clamp(hi_t - lo_t, min=1)
-    mult = ((torch.remainder(65536, span) ** 2) & _MASK) % span
-    offset = ((higher % span) * mult + lower % span) % span
+    span_t = torch.clamp(hi_t - lo_t, min=1)
+    mult_t = ((torch.remainder(65536, span_t) ** 2) & _MASK) % span_t
+    offset = ((higher % span_t) * mult_t + lower % span_t) % span_t
     return (offset + lo_t).to(dtype)
 
 

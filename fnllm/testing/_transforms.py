@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -252,7 +252,7 @@ def _batch_size(batch: Any) -> int:
             f"assert_per_example_grads: batch leaves need one shared leading dimension, got "
             f"{ {p: s for p, s in sizes.items()} }"
         )
-    return next(iter(sizes.values()))
+    return cast(int, next(iter(sizes.values())))  # None refused above
 
 
 def _slice(x: Any, i: int) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from hypothesis import assume
@@ -19,7 +19,12 @@ DtypeLike = torch.dtype | Sequence[torch.dtype] | st.SearchStrategy
 # Dict keys of drawn trees: identifiers without dots (a dot would make paths ambiguous), never
 # digits (they would read like list indexes), drawn as a permutation (distinct, no retries).
 _KEY_POOL = ("w", "b", "weight", "bias", "embed", "blocks", "attn", "mlp", "ln_f", "head", "qkv")
-_WIDTH = {torch.float16: 16, torch.float32: 32, torch.float64: 64, torch.bfloat16: 32}
+_WIDTH: dict[torch.dtype, Literal[16, 32, 64]] = {
+    torch.float16: 16,
+    torch.float32: 32,
+    torch.float64: 64,
+    torch.bfloat16: 32,
+}
 
 
 def keys() -> st.SearchStrategy[torch.Tensor]:

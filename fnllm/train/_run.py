@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fnllm import _checks, io, tree
+from fnllm._deprecation import deprecated
 from fnllm.train.checkpoint import (
     Checkpointing,
     _list_checkpoints,
@@ -45,6 +46,12 @@ def checkpointing(
     unknown = sorted(set(legacy) - set(_LEGACY))
     if unknown:
         raise TypeError(f"fit() got unexpected keyword arguments {unknown}")
+    if legacy:  # user -> fit -> here
+        deprecated(
+            "fit(checkpoint_dir=, checkpoint_every=, keep=)",
+            "fit(checkpoint=train.Checkpointing(directory, every=..., keep=...))",
+            stacklevel=3,
+        )
     defaults = {"checkpoint_dir": None, "checkpoint_every": 0, "keep": 2}
     legacy = {k: v for k, v in legacy.items() if v != defaults[k]}  # defaults say nothing
     if legacy and checkpoint is not None:
@@ -55,7 +62,8 @@ def checkpointing(
     if isinstance(checkpoint, Checkpointing):
         return checkpoint
     if checkpoint is not None:
-        return Checkpointing(checkpoint)
+        # Checkpointing converts any str / PathLike (and names `directory` on anything else)
+        return Checkpointing(checkpoint)  # type: ignore[arg-type]
     directory = legacy.get("checkpoint_dir")
     if directory is None:
         given = [k for k in ("checkpoint_every", "keep") if k in legacy]

@@ -148,7 +148,8 @@ def fit(
         eval_every: run ``eval_fn`` every this many steps (needs ``eval_fn``).
         checkpoint: a :class:`~fnllm.train.Checkpointing` (directory, every, keep, overwrite)
             or just a directory (saved at the end only). The older keyword arguments
-            ``checkpoint_dir``, ``checkpoint_every`` and ``keep`` still work.
+            ``checkpoint_dir``, ``checkpoint_every`` and ``keep`` still work until 0.2 (they
+            warn: deprecated).
         resume: resume from the newest checkpoint in the folder when there is one; False
             starts a new run (refused if the folder holds checkpoints, see above).
         model: the model config, recorded in checkpoints so another model can not resume them
@@ -165,7 +166,7 @@ def fit(
             tree handed to ``eval_fn`` is valid during that call only (copy it to keep it).
             False: every step is pure.
         **legacy: ``checkpoint_dir``, ``checkpoint_every``, ``keep`` (the older spelling of
-            ``checkpoint``).
+            ``checkpoint``; deprecated, removed in 0.2).
 
     Returns:
         A :class:`FitResult` (trainable, opt_state, step, history, evals, skipped, stopped).
@@ -260,7 +261,11 @@ def fit(
             if ckpt is not None and ckpt.every and done % ckpt.every == 0:
                 save(done)
         final = ckpt is not None and stopped is None and done > start
-        if final and latest_checkpoint(ckpt.directory) != checkpoint_path(ckpt.directory, done):
+        if (
+            ckpt is not None
+            and final
+            and latest_checkpoint(ckpt.directory) != checkpoint_path(ckpt.directory, done)
+        ):
             save(done)
     finally:
         bar.close()

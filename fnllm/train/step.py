@@ -10,12 +10,19 @@ from typing import Any
 import torch
 
 from fnllm import _checks, optim, tree
+from fnllm._deprecation import deprecated
 
 __all__ = ["TrainStep", "make_step"]
 
 # The optimizer protocol is fnllm.optim's: any object with init and update, as a
-# GradientTransformation has. `Optimizer` stays importable from here as its old name.
-Optimizer = optim.GradientTransformation
+# GradientTransformation has. `Optimizer` stays importable from here as its old name until 0.2.
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Optimizer":
+        deprecated("fnllm.train.step.Optimizer", "fnllm.optim.GradientTransformation")
+        return optim.GradientTransformation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ class TrainStep:
 
 def make_step(
     loss_fn: Callable[..., Any],
-    optimizer: Optimizer,
+    optimizer: optim.GradientTransformation,
     *,
     compile: bool | Mapping[str, Any] = True,
     clip: float | None = None,
@@ -224,7 +231,7 @@ def make_step(
         elif guard and not bool(finite):  # eager: a plain branch, decided before any update
             new_trainable, new_state = trainable, opt_state
         else:  # eager: a fused kernel (torch._fused_adamw_) where the optimizer has one
-            new_trainable, new_state = optim.step(
+            new_trainable, new_state = optim.apply_gradients(
                 optimizer, grads, opt_state, trainable, donate=donate
             )
         metrics: dict[str, Any] = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
@@ -329,8 +336,8 @@ def _autograd_grad(objective: Callable[[Any], Any], trainable: Any) -> tuple[Any
     inputs = [x.detach().requires_grad_() for x in leaves]
     with torch.enable_grad():
         loss, aux = objective(tree.unflatten_spec(spec, inputs))
-        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+        raw = torch.autograd.grad(loss, inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(raw, inputs)]
     return tree.unflatten_spec(spec, grads), tree.map(_detach, aux)
 
 
