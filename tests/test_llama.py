@@ -379,3 +379,18 @@ def test_drawn_configs_prefill_equals_apply(data, model_and_params):
     out = model.apply(params, tokens)
     assert out.shape == (*tokens.shape, model.vocab_size)
     assert torch.allclose(model.logits(params, x), out, atol=TOL)
+
+
+def test_apply_with_a_cache_continues_the_sequence():
+    from fnllm.models import _cache
+
+    if not hasattr(_cache, "apply_checked"):  # the model protocol's checked cached forward
+        pytest.skip("models._cache.apply_checked comes with the model protocol (issue 22)")
+    model = tiny()
+    params, tokens = noisy(model, 24), random.randint(random.key(25), (2, 7), 0, 40)
+    logits, cache = model.apply(params, tokens[:, :4], cache=model.init_cache(2, 7))
+    more, cache = model.apply(params, tokens[:, 4:], cache=cache)
+    full = model.apply(params, tokens)
+    assert torch.allclose(torch.cat([logits, more], dim=1), full, atol=1e-4)
+    with pytest.raises(ValueError, match="cache= runs without dropout"):
+        model.apply(params, tokens, key=random.key(0), cache=model.init_cache(2, 7))
