@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     hf = _twin(model, params).to(device).eval()
     decode_rows = []
     for b in (1, 8):
-        decode_rows.append(_decode(model, params, hf, b, device, sync, runs))
+        decode_rows.append(_decode(model, params, hf, b, device, sync, runs, compile_))
     print_table(decode_rows, header=("greedy decode", "fnllm tok/s", "HF tok/s", "speed-up",
                                      "fnllm path"),
                 title=f"{name} greedy decoding, prompt {PROMPT}, {NEW} new tokens")  # fmt: skip
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="llama-tiny, eager, 3 runs")
+    p.add_argument("--quick", action="store_true", help="llama-tiny, eager (no compile), 3 runs")
     p.add_argument("--workload", default="smollm-135m", choices=sorted(WORKLOADS))
     p.add_argument("--sections", default="step,lora,decode", help="which tables to run")
     p.add_argument("--device", default="cpu")
@@ -167,9 +167,9 @@ def _lora_step(model, params, hf, tokens, sync, runs) -> list[list[Any]]:
     return rows
 
 
-def _decode(model, params, hf, batch, device, sync, runs) -> list[Any]:
+def _decode(model, params, hf, batch, device, sync, runs, compile_) -> list[Any]:
     prompts = jr.randint(jr.key(4), (batch, PROMPT), 1, model.vocab_size).to(device)
-    ours, path = _fn_greedy(model, params, prompts)
+    ours, path = _fn_greedy(model, params, prompts, compile_)
     static = {"cache_implementation": "static", "do_sample": False}
     theirs = lambda: hf.generate(prompts, max_new_tokens=NEW, min_new_tokens=NEW, **static)[
         :, PROMPT:
@@ -187,20 +187,23 @@ def _decode(model, params, hf, batch, device, sync, runs) -> list[Any]:
             speed if isinstance(speed, Ratio) else float(speed), path]  # fmt: skip
 
 
-def _fn_greedy(model: Llama, params: Any, prompts: torch.Tensor) -> tuple[Callable, str]:
+def _fn_greedy(
+    model: Llama, params: Any, prompts: torch.Tensor, compile_: bool
+) -> tuple[Callable, str]:
     """Greedy decoding with fnllm: ``generate.sample`` when it takes a Llama, else a loop of
-    the model's own cached forward with one compiled decode step."""
+    the model's own cached forward with one decode step (compiled with ``compile_``)."""
+    how = "compiled" if compile_ else "eager"
     with contextlib.suppress(TypeError):
         generate.sample(None, model, params, prompts[:, :2], 2, temperature=0)
         return (lambda: generate.sample(None, model, params, prompts, NEW, temperature=0,
-                                        compile=True)), "generate.sample"  # fmt: skip
+                                        compile=compile_)), f"generate.sample, {how}"  # fmt: skip
 
     def decode(p: Any, nxt: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         x, cache = model.apply_cached(p, nxt, torch.ones_like(nxt, dtype=torch.bool), cache,
                                       inplace=True)  # fmt: skip
         return model.logits(p, x[:, -1]).argmax(-1, keepdim=True), cache
 
-    step = torch.compile(decode, fullgraph=True, dynamic=False)
+    step = torch.compile(decode, fullgraph=True, dynamic=False) if compile_ else decode
 
     def run() -> torch.Tensor:
         B = prompts.shape[0]
@@ -214,7 +217,7 @@ def _fn_greedy(model: Llama, params: Any, prompts: torch.Tensor) -> tuple[Callab
             out.append(nxt)
         return torch.cat(out, dim=1)
 
-    return run, "apply_cached + compiled step"
+    return run, f"apply_cached loop, {how}"
 
 
 if __name__ == "__main__":

@@ -379,3 +379,38 @@ def test_drawn_configs_prefill_equals_apply(data, model_and_params):
     out = model.apply(params, tokens)
     assert out.shape == (*tokens.shape, model.vocab_size)
     assert torch.allclose(model.logits(params, x), out, atol=TOL)
+
+
+def test_apply_with_a_cache_continues_the_sequence():
+    from fnllm.models import _cache
+
+    if not hasattr(_cache, "apply_checked"):  # the model protocol's checked cached forward
+        pytest.skip("models._cache.apply_checked comes with the model protocol (issue 22)")
+    model = tiny()
+    params, tokens = noisy(model, 24), random.randint(random.key(25), (2, 7), 0, 40)
+    logits, cache = model.apply(params, tokens[:, :4], cache=model.init_cache(2, 7))
+    more, cache = model.apply(params, tokens[:, 4:], cache=cache)
+    full = model.apply(params, tokens)
+    assert torch.allclose(torch.cat([logits, more], dim=1), full, atol=1e-4)
+    with pytest.raises(ValueError, match="cache= runs without dropout"):
+        model.apply(params, tokens, key=random.key(0), cache=model.init_cache(2, 7))
+
+
+def test_finetune_strategies_ask_the_llama():
+    from fnllm import finetune
+    from fnllm.models import _cache
+
+    if not hasattr(_cache, "apply_checked"):
+        pytest.skip("finetune asks the model protocol once it is merged")
+    model = tiny(n_layer=3)
+    paths = tree.paths(model.init(random.key(0)))
+    pick = lambda name, m=model: sorted(p for p in paths if finetune.strategy(name, m)(p, None))
+    assert pick("head") == ["head.weight", "norm.weight"]
+    assert {p.split(".")[1] for p in pick("last:1") if p.startswith("blocks")} == {"2"}
+    assert "norm.weight" in pick("last:1")
+    with pytest.raises(ValueError, match="bias"):
+        finetune.strategy("bitfit", model)
+    biased = tiny(qkv_bias=True)
+    paths = tree.paths(biased.init(random.key(0)))
+    chosen = pick("bitfit", biased)
+    assert chosen and all(p.endswith(".bias") or p.startswith(("head", "norm")) for p in chosen)

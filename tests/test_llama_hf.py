@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from fnllm import io, losses, random, tree
+from fnllm import generate, io, losses, random, tree
 from fnllm.finetune import lora
 from fnllm.models import Llama
 
@@ -181,6 +181,22 @@ def test_greedy_decoding_equals_transformers_generate_on_ragged_batches(arch):
         ref = hf.generate(tokens, attention_mask=mask, max_new_tokens=10, do_sample=False,
                           pad_token_id=0)  # fmt: skip
     assert torch.equal(_greedy(model, params, tokens, mask, 10), ref[:, tokens.shape[1] :])
+
+
+def test_generate_sample_equals_transformers_generate_on_ragged_prompts():
+    from fnllm.models import _cache
+
+    if not hasattr(_cache, "apply_checked"):  # generate takes any decoder with the protocol
+        pytest.skip("generate.sample takes a Llama once the model protocol is merged")
+    hf = _hf("qwen2", 30, max_position_embeddings=64)
+    model, params = io.from_hf(hf)
+    tokens, mask = _batch(31, "left", T=9)
+    with torch.no_grad():
+        ref = hf.generate(tokens, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                          pad_token_id=0)  # fmt: skip
+    rows = [t[m.bool()].tolist() for t, m in zip(tokens, mask)]  # ragged lists, unpadded
+    out = generate.sample(None, model, params, rows, 10, temperature=0)
+    assert torch.equal(out, ref[:, tokens.shape[1] :])
 
 
 # ----------------------------------------------------------------------------- LoRA

@@ -234,8 +234,9 @@ class Llama(_base.ModelConfig):
         key: Tensor | None = None,
         output_hidden_states: bool = False,
         impl: nn.Impl = "auto",
-    ) -> Tensor | LlamaOutput:
-        """Run the model: token ids to next-token logits.
+        cache: KVCache | None = None,
+    ) -> Tensor | LlamaOutput | tuple[Tensor, KVCache]:
+        """Run the model: token ids to next-token logits (with a KV cache: and the new cache).
 
         In eager mode the inputs and the parameter tree are checked first (ids in range,
         length, mask shape, every leaf's path and shape); under ``torch.compile`` and inside
@@ -263,11 +264,19 @@ class Llama(_base.ModelConfig):
             key: a ``fnllm.random`` key to enable dropout (training); ``None`` = eval.
             output_hidden_states: also return every layer's hidden states.
             impl: attention implementation, ``"auto"``, ``"sdpa"`` or ``"math"``.
+            cache: a KV cache from :meth:`init_cache` to continue (``tokens`` ``[B, T]``,
+                left padding only, no ``key``, no ``output_hidden_states``): the checked
+                form of :meth:`apply_cached`, as for ``GPT``.
 
         Returns:
             Float logits ``[B, T, V]`` (``[T, V]`` for unbatched input), or a
-            :class:`LlamaOutput` when ``output_hidden_states`` is set.
+            :class:`LlamaOutput` when ``output_hidden_states`` is set; with ``cache``, the
+            pair ``(logits [B, T, V], new cache)``.
         """
+        if cache is not None:
+            if key is not None or output_hidden_states:
+                raise ValueError("apply: cache= runs without dropout and hidden states")
+            return _cache.apply_checked(self, params, tokens, attention_mask, cache)
         tokens, attention_mask = _base.check_inputs(self, params, tokens, attention_mask)
         unbatched = tokens.ndim == 1
         if unbatched:
