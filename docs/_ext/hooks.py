@@ -20,7 +20,8 @@ must show at least ``N``.
 The example gallery is generated: each ``docs/examples/<name>.py`` script (jupytext "percent"
 cells: ``# %% [markdown]`` prose, ``# %%`` code) becomes the page ``examples/<name>.md``
 whose code cells run at build; the first figure of each becomes its thumbnail in the gallery
-index (``<!-- fnllm-gallery -->`` in ``docs/examples/index.md``). A script whose docstring
+index (``<!-- fnllm-gallery: name name ... -->`` in ``docs/examples/index.md`` gives the order;
+a script missing from the list, or listed but missing, fails the build). A script whose docstring
 holds ``docs-run: torchrun N`` is shown whole and run under ``torchrun`` with ``N`` processes.
 
 Code blocks are kept out of the search index (``data-search-exclude``); instead the fnllm
@@ -59,7 +60,7 @@ _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^
 _EXEC = re.compile(r'\bexec="(?:on|1|true|yes)"')
 _TITLE = re.compile(r'\btitle="([^"]*)"')
 _PY_LANGS = ("python", "py", "pycon")
-_GALLERY = "<!-- fnllm-gallery -->"
+_GALLERY = re.compile(r"<!--\s*fnllm-gallery:\s*([^>]*?)\s*-->")
 _TORCHRUN = re.compile(r"docs-run:\s*torchrun\s+(\d+)")
 _state: dict[str, Any] = {"thumbs": {}, "report": {}}
 
@@ -266,16 +267,24 @@ def _cells(lines: list[str]) -> Iterator[tuple[str, str]]:
             cell.append(line)
 
 
-def _gallery_html(scripts: list[Path]) -> str:
+def _gallery_html(order: list[str], scripts: list[Path], src: str) -> str:
+    by_stem = {p.stem: p for p in scripts}
+    for stem in sorted(set(by_stem) - set(order)):
+        log.warning("%s: docs/examples/%s.py is not in the gallery's list", src, stem)
     cards = []
-    for path in scripts:
-        title, summary, _ = _script_title(path.read_text(encoding="utf-8"))
-        slug = path.stem.replace("_", "-")
+    for stem in order:
+        if stem not in by_stem:
+            if os.environ.get("FNLLM_DOCS_EXAMPLES") is None:
+                log.warning("%s: the gallery lists %s, but docs/examples/%s.py is missing", src, stem, stem)
+            continue
+        title, summary, _ = _script_title(by_stem[stem].read_text(encoding="utf-8"))
+        slug = stem.replace("_", "-")
+        summary = re.sub(r"`([^`]+)`", r"<code>\1</code>", _html.escape(summary))
         cards.append(
             f'<a class="fnllm-card" href="{slug}/">'
-            f'<img src="thumbs/{slug}.png" alt="{_html.escape(title)}" loading="lazy">'
+            f'<img src="thumbs/{slug}.png" alt="" loading="lazy">'
             f"<strong>{_html.escape(title)}</strong>"
-            f"<span>{_html.escape(summary)}</span></a>"
+            f"<span>{summary}</span></a>"
         )
     return '<div class="fnllm-gallery">\n' + "\n".join(cards) + "\n</div>"
 
@@ -325,8 +334,10 @@ def on_files(files: Any, config: Any) -> Any:
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     del files
     src = page.file.src_uri
-    if _GALLERY in markdown:
-        markdown = markdown.replace(_GALLERY, _gallery_html(_examples(config)))
+    gallery = _GALLERY.search(markdown)
+    if gallery:
+        html = _gallery_html(gallery.group(1).split(), _examples(config), src)
+        markdown = markdown[: gallery.start()] + html + markdown[gallery.end() :]
     blocks = list(code_blocks(markdown))
     if any(b["kind"] in ("exec", "file") for b in blocks):
         _state["start"] = time.perf_counter()
