@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -367,8 +366,13 @@ def test_executed_pages_show_their_output(site: Path, report: dict) -> None:
             not rel.as_posix().startswith("api/")
         ):
             problems.append(f"{rel}: HTML-embedding code in a page's code")
-    for page in ("guides/generation.md", "guides/finetuning.md", "guides/testing.md",
-                 "guides/distributed.md", "index.md"):
+    for page in (
+        "guides/generation.md",
+        "guides/finetuning.md",
+        "guides/testing.md",
+        "guides/distributed.md",
+        "index.md",
+    ):
         if report[page]["executed"] == 0:
             problems.append(f"{page}: nothing ran at build")
     assert not problems, "\n".join(problems)
@@ -459,11 +463,13 @@ def test_strict_build_fails_on_silent_printing_and_unexplained_blocks(tmp_path: 
     code, log = _mini_build(tmp_path / "silent", silent)
     assert code != 0 and "calls print() but shows no output" in log, log[-3000:]
 
-    plain = _FIGURE_PAGE + '\n    ```python\n    x = 1\n    ```\n'
+    plain = _FIGURE_PAGE + "\n    ```python\n    x = 1\n    ```\n"
     code, log = _mini_build(tmp_path / "plain", plain)
     assert code != 0 and "neither runs" in log, log[-3000:]
 
-    reason = _FIGURE_PAGE + '\n    ```python title="Not run here: needs a GPU"\n    x = 1\n    ```\n'
+    reason = (
+        _FIGURE_PAGE + '\n    ```python title="Not run here: needs a GPU"\n    x = 1\n    ```\n'
+    )
     code, log = _mini_build(tmp_path / "reason", reason)
     assert code == 0, log[-3000:]
 

@@ -38,11 +38,15 @@ def test_example_script_runs_and_writes_its_figures(script: Path, tmp_path: Path
     nproc = re.search(r"docs-run:\s*torchrun\s+(\d+)", text)
     cmd = [sys.executable, str(script)]
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc.group(1)}", str(script)]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc.group(1)}",
+            str(script),
+        ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip(), f"{script.name} printed nothing"
     names = [n.replace("{world}", nproc.group(1) if nproc else "1") for n in _saved_pngs(text)]

@@ -18,11 +18,11 @@ def torchrun(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc-per-node={nproc}", script, *args]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[3:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd[3:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     return proc.stdout.rstrip()
 
 
@@ -30,9 +30,7 @@ def python(script: str, *args: str, cwd: str | None = None, timeout: float = 240
     """Run ``python script args...`` in ``cwd`` (one OpenMP thread); its stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, script, *args]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     if proc.returncode != 0:
         raise RuntimeError(f"python {script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout.rstrip()

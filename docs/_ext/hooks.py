@@ -275,7 +275,9 @@ def _gallery_html(order: list[str], scripts: list[Path], src: str) -> str:
     for stem in order:
         if stem not in by_stem:
             if os.environ.get("FNLLM_DOCS_EXAMPLES") is None:
-                log.warning("%s: the gallery lists %s, but docs/examples/%s.py is missing", src, stem, stem)
+                log.warning(
+                    "%s: the gallery lists %s, but docs/examples/%s.py is missing", src, stem, stem
+                )
             continue
         title, summary, _ = _script_title(by_stem[stem].read_text(encoding="utf-8"))
         slug = stem.replace("_", "-")
@@ -310,8 +312,7 @@ def on_config(config: Any) -> Any:
     if here not in sys.path:
         sys.path.insert(0, here)  # fnllm_docs_tools, for the blocks that launch torchrun
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(Path(config["config_file_path"]).parent), os.environ.get("PYTHONPATH"))
-        if p
+        p for p in (str(Path(config["config_file_path"]).parent), os.environ.get("PYTHONPATH")) if p
     )
     os.environ["FNLLM_DOCS_DIR"] = str(Path(config["docs_dir"]).resolve())  # for data files
     _patch_markdown_exec()
@@ -351,7 +352,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     for b in blocks:
         if b["kind"] == "unmarked":
             log.warning(
-                "%s:%d: a python block that neither runs (exec=\"on\") nor says why "
+                '%s:%d: a python block that neither runs (exec="on") nor says why '
                 '(title="Not run here: <reason>")',
                 src,
                 b["line"],
@@ -368,7 +369,9 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     names = api_names([b["source"] for b in blocks if b["lang"] in _PY_LANGS])
     if names:
         shown = ", ".join(f"`{n}`" for n in names)
-        markdown += f'\n<p class="fnllm-names" markdown="1">fnllm names in this page\'s code: {shown}</p>\n'
+        markdown += (
+            f'\n<p class="fnllm-names" markdown="1">fnllm names in this page\'s code: {shown}</p>\n'
+        )
     m = _PROMISE.search(markdown)
     _state["promised"] = int(m.group(1)) if m else 0
     return markdown
@@ -388,7 +391,7 @@ def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
     if len(runs) != len(expected):
         log.warning("%s: %d python blocks ran, %d expected", src, len(runs), len(expected))
     silent = []
-    for k, (b, run) in enumerate(zip(expected, runs)):
+    for b, run in zip(expected, runs):
         if run["code"].strip() != b["source"].strip():
             log.warning("%s:%d: blocks ran out of order", src, b["line"])
         if run["output"] is not None and not run["output"].strip() and calls_print(b["source"]):
@@ -504,9 +507,7 @@ def _patch_savefig() -> None:
         if dpi == "figure":
             dpi = self.dpi
         scale = min(float(dpi), COLUMN_PX / self.get_figwidth()) / 72
-        texts = [
-            t for t in self.findobj(Text) if t.get_visible() and t.get_text().strip()
-        ]
+        texts = [t for t in self.findobj(Text) if t.get_visible() and t.get_text().strip()]
         small = [t for t in texts if t.get_fontsize() * scale < MIN_TEXT_PX - 1e-6]
         if small:
             t = min(small, key=lambda t: t.get_fontsize())

@@ -21,9 +21,7 @@ from fnllm.models import BERT
 
 corpus = data.Corpus(vocab_size=400)
 max_len, batch_size = 48, 16
-loader = data.bert_batches(
-    corpus, jr.key(0), batch_size=batch_size, max_len=max_len
-)
+loader = data.bert_batches(corpus, jr.key(0), batch_size=batch_size, max_len=max_len)
 batch = loader.batch(0)
 print(corpus)
 print({k: tuple(v.shape) for k, v in batch.items()})
@@ -78,10 +76,9 @@ def pretrain_loss(trainable, frozen, batch, key):
         key=key,
     )
     mlm = losses.mlm(out.mlm_logits, batch["labels"])
-    sop = losses.sentence_order(
-        out.pair_logits, batch["next_sentence_label"]
-    )
+    sop = losses.sentence_order(out.pair_logits, batch["next_sentence_label"])
     return mlm + sop, {"mlm": mlm.detach(), "sop": sop.detach()}
+
 
 # %% [markdown]
 # ## 4. Train
@@ -91,9 +88,7 @@ def pretrain_loss(trainable, frozen, batch, key):
 # epoch its own shuffle and masks:
 
 # %%
-opt = optim.adamw(
-    optim.warmup_cosine(3e-3, 6, 60, end=3e-4), weight_decay=0.01
-)
+opt = optim.adamw(optim.warmup_cosine(3e-3, 6, 60, end=3e-4), weight_decay=0.01)
 step = train.make_step(pretrain_loss, opt, compile=False, clip=1.0)
 trainable, frozen, state = params, {}, opt.init(params)
 curves = {"MLM": [], "SOP": []}
@@ -106,9 +101,7 @@ for s in range(60):
         max_len=max_len,
         epoch=epoch,
     ).batch(i)
-    trainable, state, metrics = step(
-        trainable, frozen, state, b, jr.fold_in(jr.key(2), s)
-    )
+    trainable, state, metrics = step(trainable, frozen, state, b, jr.fold_in(jr.key(2), s))
     curves["MLM"].append(metrics["mlm"].item())
     curves["SOP"].append(metrics["sop"].item())
 

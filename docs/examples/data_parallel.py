@@ -33,8 +33,14 @@ def global_batch(step, batch_size=8, block=32):
 
 
 result = distributed.fit(
-    loss_fn, optim.adamw(3e-3), params, {}, global_batch,
-    key=jr.key(2), steps=40, checkpoint=train.Checkpointing(f"ckpt-{world}", every=20),
+    loss_fn,
+    optim.adamw(3e-3),
+    params,
+    {},
+    global_batch,
+    key=jr.key(2),
+    steps=40,
+    checkpoint=train.Checkpointing(f"ckpt-{world}", every=20),
     progress=False,
 )
 distributed.log(

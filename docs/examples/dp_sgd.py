@@ -30,9 +30,7 @@ params = gpt.init(jr.key(1))
 
 
 def loss_fn(params, batch):
-    return losses.cross_entropy(
-        gpt.apply(params, batch["input_ids"]), batch["targets"]
-    )
+    return losses.cross_entropy(gpt.apply(params, batch["input_ids"]), batch["targets"])
 
 
 batch = loader.batch(0)
@@ -48,13 +46,9 @@ print(len(loader), "batches of", tuple(batch["input_ids"].shape))
 
 # %%
 per_ex = grads.per_example(loss_fn)(params, batch)
-single = torch.func.grad(loss_fn)(
-    params, {k: v[5:6] for k, v in batch.items()}
-)
+single = torch.func.grad(loss_fn)(params, {k: v[5:6] for k, v in batch.items()})
 w = "blocks.0.mlp.fc.weight"
-assert torch.allclose(
-    tree.flatten(per_ex)[w][5], tree.flatten(single)[w], atol=1e-5
-)
+assert torch.allclose(tree.flatten(per_ex)[w][5], tree.flatten(single)[w], atol=1e-5)
 
 norms = grads.per_example_norm(per_ex)
 clip = round(float(norms.median()), 2)
@@ -74,9 +68,7 @@ print(
     "largest clipped norm:",
     round(float(grads.per_example_norm(clipped).max()), 4),
 )
-mean_clipped = grads.privatize(
-    jr.key(2), per_ex, clip=clip, noise_multiplier=0.0
-)
+mean_clipped = grads.privatize(jr.key(2), per_ex, clip=clip, noise_multiplier=0.0)
 assert torch.allclose(
     tree.flatten(mean_clipped)[w],
     tree.flatten(clipped)[w].mean(0),
@@ -90,6 +82,7 @@ assert torch.allclose(
 # DP-SGD (clip 1.0, noise multiplier 1.0). Noise and clipping cost accuracy, the price of the
 # privacy guarantee; each step's noise comes from `fold_in(key, step)`, so the private run is
 # reproducible too.
+
 
 # %%
 def run(private, steps=40):

@@ -46,7 +46,7 @@ def examples(key, n, half):
 
 
 seen, unseen = slice(0, 4), slice(4, 8)
-pool = examples(jr.key(0), 64, seen)   # solved examples: the shots come from here
+pool = examples(jr.key(0), 64, seen)  # solved examples: the shots come from here
 test = examples(jr.key(1), 48, unseen)  # held-out adjectives
 text = "\n\n".join(template.format_shot(e) for e in pool)
 text += "\n\n" + " ".join(f"the {t} was {w}." for t in things for w in good[4:] + bad[4:])
@@ -65,11 +65,21 @@ def next_token(trainable, frozen, tokens, key):
 
 steps = 400
 lr = optim.warmup_cosine(1e-2, warmup_steps=20, total_steps=steps, end=1e-3)
-result = train.fit(next_token, optim.adamw(lr), gpt.init(jr.key(3)), {}, batch_at,
-                   key=jr.key(4), steps=steps, compile=False, progress=False)
+result = train.fit(
+    next_token,
+    optim.adamw(lr),
+    gpt.init(jr.key(3)),
+    {},
+    batch_at,
+    key=jr.key(4),
+    steps=steps,
+    compile=False,
+    progress=False,
+)
 params = result.trainable
-print(f"{len(data):,} bytes; loss {result.history[0]['loss']:.2f} -> "
-      f"{result.history[-1]['loss']:.2f}")
+print(
+    f"{len(data):,} bytes; loss {result.history[0]['loss']:.2f} -> {result.history[-1]['loss']:.2f}"
+)
 
 # %% [markdown]
 # ## 2. Zero-, one- and few-shot prompts
@@ -99,8 +109,9 @@ def encode(s):
 answers = [template.format_answer({"label": lab}) for lab in ("good", "bad")]
 print(prompts.label_logprobs(gpt, params, encode, [prompts.zero_shot(template, query)], answers))
 accuracy = {
-    name: prompts.shot_accuracy(jr.key(6), gpt, params, encode, template, pool, tests,
-                                ["good", "bad"], shots=(0, 1, 2, 3))
+    name: prompts.shot_accuracy(
+        jr.key(6), gpt, params, encode, template, pool, tests, ["good", "bad"], shots=(0, 1, 2, 3)
+    )
     for name, tests in (("adjectives seen with labels", pool[:48]), ("held-out adjectives", test))
 }
 for name, acc in accuracy.items():

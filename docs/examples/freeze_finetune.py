@@ -87,6 +87,7 @@ fig.savefig("partition.png")
 #
 # Mean pooling over real tokens, then the head:
 
+
 # %%
 def logits_of(params, batch, key=None):
     out = encoder.apply(
@@ -95,11 +96,7 @@ def logits_of(params, batch, key=None):
         attention_mask=batch["attention_mask"],
         key=key,
     )
-    mask = (
-        batch["attention_mask"]
-        .unsqueeze(-1)
-        .to(out.last_hidden_state.dtype)
-    )
+    mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
     pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
     return nn.linear(params["head"], pooled)
 

@@ -63,16 +63,26 @@ print(repr(fmt.prompt(records[0]) + records[0]["response"]))
 
 # %%
 gpt = GPT(vocab_size=128, n_layer=2, n_head=2, d_model=48, max_len=48)
-sft_run = train.fit(instruct.sft_loss(gpt), optim.adamw(1e-2), gpt.init(jr.key(0)), {},
-                    lambda step: sft, key=jr.key(1), steps=60, compile=False, progress=False)
+sft_run = train.fit(
+    instruct.sft_loss(gpt),
+    optim.adamw(1e-2),
+    gpt.init(jr.key(0)),
+    {},
+    lambda step: sft,
+    key=jr.key(1),
+    steps=60,
+    compile=False,
+    progress=False,
+)
 tuned = sft_run.trainable
 print(f"SFT loss {sft_run.history[0]['loss']:.2f} -> {sft_run.history[-1]['loss']:.3f}")
 
 
 def answer(params, instruction, key=None, n=4):
     prompt = [encode(fmt.prompt({"instruction": instruction}))] * n
-    out = generate.sample(key, gpt, params, prompt, 20, temperature=0 if key is None else 1.0,
-                          stop_ids=[0])
+    out = generate.sample(
+        key, gpt, params, prompt, 20, temperature=0 if key is None else 1.0, stop_ids=[0]
+    )
     return [decode([t for t in row.tolist() if t != 0]) for row in out]
 
 
@@ -95,20 +105,27 @@ comparisons = [  # (instruction, chosen, rejected)
     ("capital of Italy?", " Rome.", " Madrid."),
     ("2+2?", " four.", " six."),
 ]
-pairs = [{"prompt": fmt.prompt({"instruction": i}), "chosen": c, "rejected": r}
-         for i, c, r in comparisons]
+pairs = [
+    {"prompt": fmt.prompt({"instruction": i}), "chosen": c, "rejected": r}
+    for i, c, r in comparisons
+]
 Path("prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
 pairs = preference.read_preferences("prefs.jsonl")
 pref = preference.preference_batch(pairs, encode, eos_id=0, max_len=48)
 data = preference.with_reference(lambda step: pref, gpt, tuned)
 dpo = preference.dpo_loss(gpt, beta=0.5)
-dpo_run = train.fit(dpo, optim.adamw(3e-4), tuned, {}, data, key=jr.key(3), steps=20,
-                    compile=False, progress=False)
+dpo_run = train.fit(
+    dpo, optim.adamw(3e-4), tuned, {}, data, key=jr.key(3), steps=20, compile=False, progress=False
+)
 loss, aux = dpo(dpo_run.trainable, {}, data(0), None)
-print(f"DPO loss {dpo_run.history[0]['loss']:.3f} -> {float(loss):.3f} "
-      f"(log 2 = 0.693 at the start: policy = reference)")
-print(f"log-ratio to the reference: chosen {float(aux['chosen_logratio']):+.2f}, "
-      f"rejected {float(aux['rejected_logratio']):+.2f}")
+print(
+    f"DPO loss {dpo_run.history[0]['loss']:.3f} -> {float(loss):.3f} "
+    f"(log 2 = 0.693 at the start: policy = reference)"
+)
+print(
+    f"log-ratio to the reference: chosen {float(aux['chosen_logratio']):+.2f}, "
+    f"rejected {float(aux['rejected_logratio']):+.2f}"
+)
 print("greet the guest   ->", answer(dpo_run.trainable, "greet the guest", key=jr.key(2)))
 print("capital of Italy? ->", answer(dpo_run.trainable, "capital of Italy?", n=1))
 

@@ -43,8 +43,15 @@ def next_token(trainable, frozen, tokens, key):
 
 both = batches(texts["cats"] + texts["river"], jr.key(1))
 base = train.fit(
-    next_token, optim.adamw(5e-3), gpt.init(jr.key(0)), {}, both,
-    key=jr.key(2), steps=120, compile=False, progress=False,
+    next_token,
+    optim.adamw(5e-3),
+    gpt.init(jr.key(0)),
+    {},
+    both,
+    key=jr.key(2),
+    steps=120,
+    compile=False,
+    progress=False,
 ).trainable
 print(f"base model: {tree.count(base):,} parameters")
 
@@ -61,13 +68,22 @@ for i, name in enumerate(texts):
     adapted = lora.init(jr.key(10 + i), base, rank=4, alpha=8, targets=["*.attn.qkv", "*.mlp.*"])
     trainable, frozen = tree.partition(adapted, ["*.lora_a", "*.lora_b"])
     result = train.fit(
-        next_token, optim.adamw(1e-2), trainable, frozen, batches(texts[name], jr.key(3 + i)),
-        key=jr.key(5), steps=60, compile=False, progress=False,
+        next_token,
+        optim.adamw(1e-2),
+        trainable,
+        frozen,
+        batches(texts[name], jr.key(3 + i)),
+        key=jr.key(5),
+        steps=60,
+        compile=False,
+        progress=False,
     )
     lora.save(f"{name}.safetensors", tree.combine(result.trainable, frozen))
     histories[f"adapter '{name}'"] = result.history
-    print(f"{name}.safetensors: {tree.count(trainable):,} trained parameters, "
-          f"loss {result.history[0]['loss']:.2f} -> {result.history[-1]['loss']:.2f}")
+    print(
+        f"{name}.safetensors: {tree.count(trainable):,} trained parameters, "
+        f"loss {result.history[0]['loss']:.2f} -> {result.history[-1]['loss']:.2f}"
+    )
 plot.loss_curve(histories, smooth=4, title="LoRA adapters (base frozen)").savefig("adapters.png")
 
 # %% [markdown]
@@ -86,7 +102,9 @@ print(f"{'':14s}" + "".join(f"{'text ' + n:>14s}" for n in texts))
 for k, name in enumerate(texts):
     picked = lora.pick(stacked, torch.tensor([k] * len(rows)))
     logits = gpt.apply(picked, rows)
-    row_loss = [float(losses.causal_lm(logits[r : r + 1], rows[r : r + 1])) for r in range(len(rows))]
+    row_loss = [
+        float(losses.causal_lm(logits[r : r + 1], rows[r : r + 1])) for r in range(len(rows))
+    ]
     print(f"{'adapter ' + name:14s}" + "".join(f"{v:14.3f}" for v in row_loss))
 
 # %% [markdown]

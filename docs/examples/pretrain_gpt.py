@@ -60,9 +60,7 @@ print(tokenizer.encode("The cat sat by the river.").tokens)
 
 # %%
 block, batch_size = 32, 8
-loader = data.gpt_batches(
-    corpus, jr.key(1), batch_size=batch_size, block_size=block
-)
+loader = data.gpt_batches(corpus, jr.key(1), batch_size=batch_size, block_size=block)
 steps_per_epoch = len(loader)
 
 
@@ -102,9 +100,7 @@ print(f"{tree.count(params):,} parameters")
 
 
 def next_token_loss(trainable, frozen, batch, key):
-    logits = gpt.apply(
-        tree.combine(trainable, frozen), batch["input_ids"], key=key
-    )
+    logits = gpt.apply(tree.combine(trainable, frozen), batch["input_ids"], key=key)
     return losses.cross_entropy(logits, batch["targets"])
 
 
