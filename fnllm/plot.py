@@ -124,8 +124,8 @@ def loss_curve(
         ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(named) > 1:
-        ax.legend(handles=raw_lines)
+    if len(named) > 1:  # beside the axes, never over the curves
+        ax.legend(handles=raw_lines, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 

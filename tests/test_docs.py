@@ -659,11 +659,17 @@ _ERROR_TEXT = (
         (
             "/examples/pretrain-gpt/",
             "Pretrain a GPT",
-            ["Examples", 'class="fnllm-figure"', "Next"],
+            ["Examples", 'class="fnllm-figure"', "Next", "pretrain_gpt.py"],
             "docs-example-pretrain-gpt.png",
         ),
+        (
+            "/examples/",
+            "Examples",
+            ['class="fnllm-card"', "thumbs/lora-adapters.png"],
+            "docs-gallery.png",
+        ),
     ],
-    ids=["home", "api-tree", "guide-training", "example-gpt"],
+    ids=["home", "api-tree", "guide-training", "example-gpt", "gallery"],
 )
 def test_chromium_renders_page(
     served: str, url_path: str, title: str, must_contain: list[str], shot: str
@@ -772,7 +778,9 @@ def _inspect_in_chromium(site: Path, served: str, url_path: str) -> dict[str, ob
     not (Path(CHROMIUM).exists() and os.access(CHROMIUM, os.X_OK)),
     reason=f"headless Chromium not installed at {CHROMIUM}",
 )
-@pytest.mark.parametrize("url_path", ["/", "/guides/training/", "/examples/pretrain-gpt/"])
+@pytest.mark.parametrize(
+    "url_path", ["/", "/guides/training/", "/examples/pretrain-gpt/", "/guides/finetuning/"]
+)
 def test_chromium_figures_load(site: Path, served: str, url_path: str) -> None:
     """Each figure on the page is an ``<img>`` the browser decodes to a non-empty picture."""
     found = _inspect_in_chromium(site, served, url_path)

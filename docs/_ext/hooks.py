@@ -142,27 +142,30 @@ def api_names(sources: list[str]) -> list[str]:
     import importlib
 
     found: dict[str, None] = {}
+    trees = []
     for src in sources:
         try:
-            tree = ast.parse(src)
+            trees.append(ast.parse(src))
         except SyntaxError:
             continue
-        alias: dict[str, str] = {}  # local name -> dotted fnllm path
+    alias: dict[str, str] = {}  # local name -> dotted fnllm path (a page's blocks share them)
+    for tree in trees:
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for a in node.names:
                     if a.name.split(".")[0] == "fnllm":
-                        alias[a.asname or a.name.split(".")[0]] = a.name if a.asname else "fnllm"
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fnllm"):
+                        alias[a.asname or "fnllm"] = a.name if a.asname else "fnllm"
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "fnllm":
                 for a in node.names:
                     alias[a.asname or a.name] = f"{node.module}.{a.name}"
+    for tree in trees:
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
                 base = alias.get(node.value.id)
                 if base:
                     found[f"{base}.{node.attr}"] = None
-        for path in alias.values():
-            found[path] = None
+    for path in alias.values():
+        found[path] = None
     names = []
     for path in found:
         parts = path.split(".")
@@ -189,8 +192,9 @@ def _script_title(text: str) -> tuple[str, str, str]:
     doc = ast.get_docstring(ast.parse(text)) or ""
     lines = doc.strip().splitlines()
     title = lines[0].strip() if lines else "Example"
-    body = "\n".join(lines[1:]).strip()
+    body = "\n".join(ln for ln in lines[1:] if not _TORCHRUN.search(ln)).strip()
     summary = body.split("\n\n", 1)[0].replace("\n", " ")
+    summary = re.split(r"(?<=[.:])\s+(?=[A-Z`])", summary, maxsplit=1)[0]  # the first sentence
     return title, summary, body
 
 
@@ -201,18 +205,20 @@ def script_to_markdown(name: str, text: str) -> str:
     start = tree.body[0].end_lineno if tree.body and isinstance(tree.body[0], ast.Expr) else 0
     lines = text.splitlines()[start or 0 :]
     session = "ex-" + Path(name).stem
-    out = [
-        f"# {title}",
-        "",
-        body,
-        "",
-        f"This page is the script [`{name}`]({name}) (download it), cut into steps; "
-        f"`python {name}` runs it and writes the figures shown here as PNG files. Every "
-        "output below was printed by the step above it while the site was built.",
-        "",
-    ]
+    out = [f"# {title}", "", body, ""]
     nproc = _TORCHRUN.search(text)
-    if nproc:
+    if not nproc:
+        out += [
+            f"This page is the script [`{name}`]({name}) (download it), cut into steps; "
+            f"`python {name}` runs it and writes the figures shown here as PNG files. Every "
+            "output below was printed by the step above it while the site was built.",
+            "",
+        ]
+    else:
+        out += [
+            f"The script, [`{name}`]({name}) (download it):",
+            "",
+        ]
         script = "\n".join(lines).strip()
         out += [
             f'```python title="{name}"',
