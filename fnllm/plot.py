@@ -572,7 +572,7 @@ def finetune_results(
 def to_html(fig: Figure, *, alt: str = "figure", dpi: int = 110) -> str:
     """Render a figure to PNG and return a self-contained ``<img>`` tag (a data URI).
 
-    The docs pages print this from executed blocks; a notebook can display it as HTML.
+    For HTML of your own (a report, a notebook cell); a script saves ``fig.savefig(path)``.
 
     Example:
         >>> from fnllm import plot

@@ -21,7 +21,7 @@ _NEEDS = {"jax_optax_loop": ("jax", "optax")}
 def _saved_pngs(text: str) -> list[str]:
     """The PNG names a script saves: literal ``savefig("name.png")`` calls (f-strings with
     ``{world}`` are expanded for the process count the test runs)."""
-    return re.findall(r'savefig\(f?"([^"]+\.png)"', text)
+    return re.findall(r'savefig\(\s*f?"([^"]+\.png)"', text)
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])

@@ -21,7 +21,9 @@ from fnllm.models import BERT
 
 corpus = data.Corpus(vocab_size=400)
 max_len, batch_size = 48, 16
-loader = data.bert_batches(corpus, jr.key(0), batch_size=batch_size, max_len=max_len)
+loader = data.bert_batches(
+    corpus, jr.key(0), batch_size=batch_size, max_len=max_len
+)
 batch = loader.batch(0)
 print(corpus)
 print({k: tuple(v.shape) for k, v in batch.items()})
@@ -101,7 +103,9 @@ for s in range(60):
         max_len=max_len,
         epoch=epoch,
     ).batch(i)
-    trainable, state, metrics = step(trainable, frozen, state, b, jr.fold_in(jr.key(2), s))
+    trainable, state, metrics = step(
+        trainable, frozen, state, b, jr.fold_in(jr.key(2), s)
+    )
     curves["MLM"].append(metrics["mlm"].item())
     curves["SOP"].append(metrics["sop"].item())
 

@@ -23,12 +23,16 @@ params = gpt.init(jr.key(0))
 
 
 def loss_fn(trainable, frozen, tokens, key):
-    return losses.causal_lm(gpt.apply(tree.combine(trainable, frozen), tokens), tokens)
+    return losses.causal_lm(
+        gpt.apply(tree.combine(trainable, frozen), tokens), tokens
+    )
 
 
 def global_batch(step, batch_size=8, block=32):
     """The same 8 sequences on every rank; distributed.fit gives each rank its rows."""
-    starts = jr.randint(jr.fold_in(jr.key(1), step), (batch_size,), 0, len(text) - block)
+    starts = jr.randint(
+        jr.fold_in(jr.key(1), step), (batch_size,), 0, len(text) - block
+    )
     return torch.stack([text[s : s + block] for s in starts.tolist()])
 
 

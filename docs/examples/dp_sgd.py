@@ -30,7 +30,9 @@ params = gpt.init(jr.key(1))
 
 
 def loss_fn(params, batch):
-    return losses.cross_entropy(gpt.apply(params, batch["input_ids"]), batch["targets"])
+    return losses.cross_entropy(
+        gpt.apply(params, batch["input_ids"]), batch["targets"]
+    )
 
 
 batch = loader.batch(0)
@@ -48,11 +50,15 @@ print(len(loader), "batches of", tuple(batch["input_ids"].shape))
 per_ex = grads.per_example(loss_fn)(params, batch)
 single = torch.func.grad(loss_fn)(params, {k: v[5:6] for k, v in batch.items()})
 w = "blocks.0.mlp.fc.weight"
-assert torch.allclose(tree.flatten(per_ex)[w][5], tree.flatten(single)[w], atol=1e-5)
+assert torch.allclose(
+    tree.flatten(per_ex)[w][5], tree.flatten(single)[w], atol=1e-5
+)
 
 norms = grads.per_example_norm(per_ex)
 clip = round(float(norms.median()), 2)
-print(f"norms from {norms.min():.2f} to {norms.max():.2f}; clip at the median, {clip}")
+print(
+    f"norms from {norms.min():.2f} to {norms.max():.2f}; clip at the median, {clip}"
+)
 plot.per_example_norms(norms, clip=clip).savefig("per-example-norms.png")
 
 # %% [markdown]
@@ -108,7 +114,9 @@ def run(private, steps=40):
 curves = {"SGD": run(False), "DP-SGD (clip 1, noise 1)": run(True)}
 for name, curve in curves.items():
     print(f"{name}: loss {curve[0]:.2f} -> {curve[-1]:.2f}")
-plot.loss_curve(curves, smooth=4, title="training loss").savefig("sgd-vs-dp-sgd.png")
+plot.loss_curve(curves, smooth=4, title="training loss").savefig(
+    "sgd-vs-dp-sgd.png"
+)
 
 # %% [markdown]
 # The privacy accounting (which `(epsilon, delta)` a run of this many steps, this sampling rate

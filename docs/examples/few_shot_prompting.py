@@ -25,7 +25,16 @@ from fnllm import generate, losses, optim, prompts, train, tree
 from fnllm import random as jr
 from fnllm.models import GPT
 
-good = ["great", "lovely", "superb", "charming", "moving", "clever", "warm", "fresh"]
+good = [
+    "great",
+    "lovely",
+    "superb",
+    "charming",
+    "moving",
+    "clever",
+    "warm",
+    "fresh",
+]
 bad = ["dull", "awful", "boring", "clumsy", "tedious", "shallow", "cold", "stale"]
 things = ["film", "book", "meal", "show", "song", "play"]
 template = prompts.Template(query="the {thing} was {word} ->", answer=" {label}")
@@ -33,7 +42,11 @@ template = prompts.Template(query="the {thing} was {word} ->", answer=" {label}"
 
 def example(key, words, label):
     i, j = jr.randint(key, (2,), 0, 1000).tolist()
-    return {"thing": things[i % len(things)], "word": words[j % len(words)], "label": label}
+    return {
+        "thing": things[i % len(things)],
+        "word": words[j % len(words)],
+        "label": label,
+    }
 
 
 def examples(key, n, half):
@@ -49,18 +62,24 @@ seen, unseen = slice(0, 4), slice(4, 8)
 pool = examples(jr.key(0), 64, seen)  # solved examples: the shots come from here
 test = examples(jr.key(1), 48, unseen)  # held-out adjectives
 text = "\n\n".join(template.format_shot(e) for e in pool)
-text += "\n\n" + " ".join(f"the {t} was {w}." for t in things for w in good[4:] + bad[4:])
+text += "\n\n" + " ".join(
+    f"the {t} was {w}." for t in things for w in good[4:] + bad[4:]
+)
 data = torch.tensor(list(text.encode()))
 gpt = GPT(vocab_size=128, n_layer=2, n_head=2, d_model=64, max_len=128)
 
 
 def batch_at(step, batch_size=8, block=128):
-    starts = jr.randint(jr.fold_in(jr.key(2), step), (batch_size,), 0, len(data) - block)
+    starts = jr.randint(
+        jr.fold_in(jr.key(2), step), (batch_size,), 0, len(data) - block
+    )
     return torch.stack([data[s : s + block] for s in starts.tolist()])
 
 
 def next_token(trainable, frozen, tokens, key):
-    return losses.causal_lm(gpt.apply(tree.combine(trainable, frozen), tokens), tokens)
+    return losses.causal_lm(
+        gpt.apply(tree.combine(trainable, frozen), tokens), tokens
+    )
 
 
 steps = 400
@@ -107,12 +126,27 @@ def encode(s):
 
 
 answers = [template.format_answer({"label": lab}) for lab in ("good", "bad")]
-print(prompts.label_logprobs(gpt, params, encode, [prompts.zero_shot(template, query)], answers))
+print(
+    prompts.label_logprobs(
+        gpt, params, encode, [prompts.zero_shot(template, query)], answers
+    )
+)
 accuracy = {
     name: prompts.shot_accuracy(
-        jr.key(6), gpt, params, encode, template, pool, tests, ["good", "bad"], shots=(0, 1, 2, 3)
+        jr.key(6),
+        gpt,
+        params,
+        encode,
+        template,
+        pool,
+        tests,
+        ["good", "bad"],
+        shots=(0, 1, 2, 3),
     )
-    for name, tests in (("adjectives seen with labels", pool[:48]), ("held-out adjectives", test))
+    for name, tests in (
+        ("adjectives seen with labels", pool[:48]),
+        ("held-out adjectives", test),
+    )
 }
 for name, acc in accuracy.items():
     print(f"{name:28s}", {k: round(v, 2) for k, v in acc.items()})
@@ -121,7 +155,9 @@ fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
 width = 0.38
 for i, (name, acc) in enumerate(accuracy.items()):
     xs = [j + (i - 0.5) * width for j in range(len(acc))]
-    ax.bar(xs, list(acc.values()), width, label=name, color=["#0072b2", "#e69f00"][i])
+    ax.bar(
+        xs, list(acc.values()), width, label=name, color=["#0072b2", "#e69f00"][i]
+    )
 ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
 ax.set_xticks(range(len(acc)), [f"{k} shots" for k in acc])
 ax.set_ylim(0, 1.05)
@@ -146,10 +182,23 @@ fig.savefig("shots.png", dpi=110)
 
 # %%
 prompt = [encode("the song was")] * 3
-greedy = generate.sample(None, gpt, params, prompt[:1], max_new_tokens=24, temperature=0)
-sampled = generate.sample(jr.key(7), gpt, params, prompt, 24, temperature=0.9, top_k=10)
-print("greedy :", repr(bytes(prompt[0] + greedy[0].tolist()).decode(errors="replace")))
+greedy = generate.sample(
+    None, gpt, params, prompt[:1], max_new_tokens=24, temperature=0
+)
+sampled = generate.sample(
+    jr.key(7), gpt, params, prompt, 24, temperature=0.9, top_k=10
+)
+print(
+    "greedy :", repr(bytes(prompt[0] + greedy[0].tolist()).decode(errors="replace"))
+)
 for row in sampled:
-    print("sampled:", repr(bytes(prompt[0] + row.tolist()).decode(errors="replace")))
-streamed = [int(t[0]) for t in generate.stream(None, gpt, params, prompt[:1], 24, temperature=0)]
-assert streamed == greedy[0].tolist()  # stream yields what sample returns, step by step
+    print(
+        "sampled:", repr(bytes(prompt[0] + row.tolist()).decode(errors="replace"))
+    )
+streamed = [
+    int(t[0])
+    for t in generate.stream(None, gpt, params, prompt[:1], 24, temperature=0)
+]
+assert (
+    streamed == greedy[0].tolist()
+)  # stream yields what sample returns, step by step

@@ -22,7 +22,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display needed: figures go to PNG files
 import matplotlib.pyplot as plt
-import torch
 
 from fnllm import generate, instruct, optim, preference, train
 from fnllm import random as jr
@@ -75,13 +74,21 @@ sft_run = train.fit(
     progress=False,
 )
 tuned = sft_run.trainable
-print(f"SFT loss {sft_run.history[0]['loss']:.2f} -> {sft_run.history[-1]['loss']:.3f}")
+print(
+    f"SFT loss {sft_run.history[0]['loss']:.2f} -> {sft_run.history[-1]['loss']:.3f}"
+)
 
 
 def answer(params, instruction, key=None, n=4):
     prompt = [encode(fmt.prompt({"instruction": instruction}))] * n
     out = generate.sample(
-        key, gpt, params, prompt, 20, temperature=0 if key is None else 1.0, stop_ids=[0]
+        key,
+        gpt,
+        params,
+        prompt,
+        20,
+        temperature=0 if key is None else 1.0,
+        stop_ids=[0],
     )
     return [decode([t for t in row.tolist() if t != 0]) for row in out]
 
@@ -115,7 +122,15 @@ pref = preference.preference_batch(pairs, encode, eos_id=0, max_len=48)
 data = preference.with_reference(lambda step: pref, gpt, tuned)
 dpo = preference.dpo_loss(gpt, beta=0.5)
 dpo_run = train.fit(
-    dpo, optim.adamw(3e-4), tuned, {}, data, key=jr.key(3), steps=20, compile=False, progress=False
+    dpo,
+    optim.adamw(3e-4),
+    tuned,
+    {},
+    data,
+    key=jr.key(3),
+    steps=20,
+    compile=False,
+    progress=False,
 )
 loss, aux = dpo(dpo_run.trainable, {}, data(0), None)
 print(
@@ -126,7 +141,10 @@ print(
     f"log-ratio to the reference: chosen {float(aux['chosen_logratio']):+.2f}, "
     f"rejected {float(aux['rejected_logratio']):+.2f}"
 )
-print("greet the guest   ->", answer(dpo_run.trainable, "greet the guest", key=jr.key(2)))
+print(
+    "greet the guest   ->",
+    answer(dpo_run.trainable, "greet the guest", key=jr.key(2)),
+)
 print("capital of Italy? ->", answer(dpo_run.trainable, "capital of Italy?", n=1))
 
 fig, (left, right) = plt.subplots(1, 2, figsize=(6.4, 2.8), layout="constrained")

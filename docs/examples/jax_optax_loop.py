@@ -32,7 +32,9 @@ def loss_fn(params, tokens):
 
 
 def batch_at(step, batch_size=8, block=32):
-    starts = jr.randint(jr.fold_in(jr.key(1), step), (batch_size,), 0, len(data) - block)
+    starts = jr.randint(
+        jr.fold_in(jr.key(1), step), (batch_size,), 0, len(data) - block
+    )
     return torch.stack([data[s : s + block] for s in starts.tolist()])
 
 
@@ -47,7 +49,9 @@ print(f"{len(text)} bytes of text; a batch: {tuple(batch_at(0).shape)}")
 
 # %%
 loss_jax = interop.as_jax(loss_fn)
-optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3, weight_decay=0.01))
+optimizer = optax.chain(
+    optax.clip_by_global_norm(1.0), optax.adamw(3e-3, weight_decay=0.01)
+)
 
 
 @jax.jit
@@ -63,8 +67,12 @@ history = []
 for s in range(60):
     p, state, value = step(p, state, interop.to_jax(batch_at(s)))
     history.append(float(value))
-print(f"loss {history[0]:.2f} -> {history[-1]:.2f} after {len(history)} optax steps")
-plot.loss_curve(history, smooth=5, title="GPT trained by optax.adamw").savefig("optax-loss.png")
+print(
+    f"loss {history[0]:.2f} -> {history[-1]:.2f} after {len(history)} optax steps"
+)
+plot.loss_curve(history, smooth=5, title="GPT trained by optax.adamw").savefig(
+    "optax-loss.png"
+)
 
 # %% [markdown]
 # ## 3. Back to PyTorch

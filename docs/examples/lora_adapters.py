@@ -31,14 +31,18 @@ def batches(text, key, batch_size=8, block=32):
     data = torch.tensor(list(text))
 
     def batch_at(step):
-        starts = jr.randint(jr.fold_in(key, step), (batch_size,), 0, len(data) - block)
+        starts = jr.randint(
+            jr.fold_in(key, step), (batch_size,), 0, len(data) - block
+        )
         return torch.stack([data[s : s + block] for s in starts.tolist()])
 
     return batch_at
 
 
 def next_token(trainable, frozen, tokens, key):
-    return losses.causal_lm(gpt.apply(tree.combine(trainable, frozen), tokens), tokens)
+    return losses.causal_lm(
+        gpt.apply(tree.combine(trainable, frozen), tokens), tokens
+    )
 
 
 both = batches(texts["cats"] + texts["river"], jr.key(1))
@@ -65,7 +69,9 @@ print(f"base model: {tree.count(base):,} parameters")
 # %%
 histories = {}
 for i, name in enumerate(texts):
-    adapted = lora.init(jr.key(10 + i), base, rank=4, alpha=8, targets=["*.attn.qkv", "*.mlp.*"])
+    adapted = lora.init(
+        jr.key(10 + i), base, rank=4, alpha=8, targets=["*.attn.qkv", "*.mlp.*"]
+    )
     trainable, frozen = tree.partition(adapted, ["*.lora_a", "*.lora_b"])
     result = train.fit(
         next_token,
@@ -84,7 +90,9 @@ for i, name in enumerate(texts):
         f"{name}.safetensors: {tree.count(trainable):,} trained parameters, "
         f"loss {result.history[0]['loss']:.2f} -> {result.history[-1]['loss']:.2f}"
     )
-plot.loss_curve(histories, smooth=4, title="LoRA adapters (base frozen)").savefig("adapters.png")
+plot.loss_curve(histories, smooth=4, title="LoRA adapters (base frozen)").savefig(
+    "adapters.png"
+)
 
 # %% [markdown]
 # ## 3. Load, attach, stack, pick
@@ -97,13 +105,16 @@ plot.loss_curve(histories, smooth=4, title="LoRA adapters (base frozen)").savefi
 # %%
 sets = [lora.attach(base, lora.load(f"{name}.safetensors")) for name in texts]
 stacked = lora.stack(sets)
-rows = torch.stack([batches(texts[n], jr.key(99))(0)[0] for n in texts])  # one row per text
+rows = torch.stack(
+    [batches(texts[n], jr.key(99))(0)[0] for n in texts]
+)  # one row per text
 print(f"{'':14s}" + "".join(f"{'text ' + n:>14s}" for n in texts))
 for k, name in enumerate(texts):
     picked = lora.pick(stacked, torch.tensor([k] * len(rows)))
     logits = gpt.apply(picked, rows)
     row_loss = [
-        float(losses.causal_lm(logits[r : r + 1], rows[r : r + 1])) for r in range(len(rows))
+        float(losses.causal_lm(logits[r : r + 1], rows[r : r + 1]))
+        for r in range(len(rows))
     ]
     print(f"{'adapter ' + name:14s}" + "".join(f"{v:14.3f}" for v in row_loss))
 
@@ -113,8 +124,14 @@ for k, name in enumerate(texts):
 # %%
 index = torch.tensor([0, 1, 0, 1])
 prompts = [list(b"the ")] * 4
-out = generate.sample(None, gpt, lora.pick(stacked, index), prompts, 20, temperature=0)
+out = generate.sample(
+    None, gpt, lora.pick(stacked, index), prompts, 20, temperature=0
+)
 for k, row in zip(index.tolist(), out):
-    print(f"adapter {list(texts)[k]!r:8s} -> {bytes(b'the ' + bytes(row.tolist()))!r}")
-merged = lora.merge(sets[0])  # a plain tree with the base paths, for io.save or io.to_hf
+    print(
+        f"adapter {list(texts)[k]!r:8s} -> {bytes(b'the ' + bytes(row.tolist()))!r}"
+    )
+merged = lora.merge(
+    sets[0]
+)  # a plain tree with the base paths, for io.save or io.to_hf
 assert tree.paths(merged) == tree.paths(base)

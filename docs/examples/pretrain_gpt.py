@@ -60,7 +60,9 @@ print(tokenizer.encode("The cat sat by the river.").tokens)
 
 # %%
 block, batch_size = 32, 8
-loader = data.gpt_batches(corpus, jr.key(1), batch_size=batch_size, block_size=block)
+loader = data.gpt_batches(
+    corpus, jr.key(1), batch_size=batch_size, block_size=block
+)
 steps_per_epoch = len(loader)
 
 
@@ -133,7 +135,9 @@ result = train.fit(
     model=gpt,
 )
 losses_seen = [h["loss"] for h in result.history]
-print(f"loss {losses_seen[0]:.2f} -> {losses_seen[-1]:.2f} after {result.step} steps")
+print(
+    f"loss {losses_seen[0]:.2f} -> {losses_seen[-1]:.2f} after {result.step} steps"
+)
 plot.loss_curve(result.history, smooth=8).savefig("loss.png")
 
 # %% [markdown]
