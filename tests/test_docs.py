@@ -326,6 +326,36 @@ def test_block_parser_finds_kinds_and_line_numbers() -> None:
     assert HOOKS.calls_print("def f():\n    print(1)\n") and not HOOKS.calls_print("x = 1\n")
 
 
+def test_script_becomes_a_page_of_prose_and_executed_cells() -> None:
+    script = textwrap.dedent(
+        '''\
+        """A title
+
+        The summary. More intro.
+
+        docs-thumbnail: b.png
+        """
+
+        # %% [markdown]
+        # ## 1. First
+        # Some prose.
+
+        # %%
+        x = 1
+        print(x)
+        '''
+    )
+    page = HOOKS.script_to_markdown("demo_script.py", script)
+    assert page.startswith("# A title\n\nThe summary. More intro.\n")
+    assert "docs-thumbnail" not in page and "[`demo_script.py`](demo_script.py)" in page
+    assert "## 1. First\nSome prose." in page
+    assert '```python exec="on" session="ex-demo_script" source="above" result="text"\n' in page
+    assert "x = 1\nprint(x)\n```" in page
+    torchrun = script.replace("docs-thumbnail: b.png", "docs-run: torchrun 2")
+    page = HOOKS.script_to_markdown("demo_script.py", torchrun)
+    assert '```python title="demo_script.py"' in page and "torchrun(" in page
+
+
 def test_api_names_follow_imports_and_aliases() -> None:
     src = (
         "from fnllm import grads, random as jr\nfrom fnllm.models import GPT\n"

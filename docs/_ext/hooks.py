@@ -22,7 +22,8 @@ cells: ``# %% [markdown]`` prose, ``# %%`` code) becomes the page ``examples/<na
 whose code cells run at build; the first figure of each becomes its thumbnail in the gallery
 index (``<!-- fnllm-gallery: name name ... -->`` in ``docs/examples/index.md`` gives the order;
 a script missing from the list, or listed but missing, fails the build). A script whose docstring
-holds ``docs-run: torchrun N`` is shown whole and run under ``torchrun`` with ``N`` processes.
+holds ``docs-run: torchrun N`` is shown whole and run under ``torchrun`` with ``N`` processes;
+``docs-thumbnail: name.png`` picks another of its figures as the thumbnail.
 
 Code blocks are kept out of the search index (``data-search-exclude``); instead the fnllm
 names a page's code uses are listed in prose at its end, so that searching ``privatize`` finds
@@ -62,6 +63,7 @@ _TITLE = re.compile(r'\btitle="([^"]*)"')
 _PY_LANGS = ("python", "py", "pycon")
 _GALLERY = re.compile(r"<!--\s*fnllm-gallery:\s*([^>]*?)\s*-->")
 _TORCHRUN = re.compile(r"docs-run:\s*torchrun\s+(\d+)")
+_THUMB = re.compile(r"docs-thumbnail:\s*(\S+\.png)")
 _state: dict[str, Any] = {"thumbs": {}, "report": {}}
 
 
@@ -192,7 +194,9 @@ def _script_title(text: str) -> tuple[str, str, str]:
     doc = ast.get_docstring(ast.parse(text)) or ""
     lines = doc.strip().splitlines()
     title = lines[0].strip() if lines else "Example"
-    body = "\n".join(ln for ln in lines[1:] if not _TORCHRUN.search(ln)).strip()
+    body = "\n".join(
+        ln for ln in lines[1:] if not (_TORCHRUN.search(ln) or _THUMB.search(ln))
+    ).strip()
     summary = body.split("\n\n", 1)[0].replace("\n", " ")
     summary = re.split(r"(?<=[.:])\s+(?=[A-Z`])", summary, maxsplit=1)[0]  # the first sentence
     return title, summary, body
@@ -416,9 +420,9 @@ def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
     if len(pngs) < promised:
         log.warning("%s: promises %d figures (docs-figures), drew %d", src, promised, len(pngs))
     if src.startswith("examples/") and src != "examples/index.md":
-        slug = Path(src).stem
-        if pngs:
-            _state["thumbs"][slug] = pngs[0]
+        named = [png for run in runs for png in run["pngs"]]
+        if named:
+            _state["thumbs"][Path(src).stem] = named
     _state["report"][src] = {
         "blocks": len([b for b in code_blocks(page.markdown or "") if b["lang"] in _PY_LANGS]),
         "executed": len(runs),
@@ -441,10 +445,13 @@ def on_post_build(config: Any) -> None:
     thumbs.mkdir(parents=True, exist_ok=True)
     for path in _examples(config):
         slug = path.stem.replace("_", "-")
-        if slug not in _state["thumbs"]:
-            log.warning("examples/%s: no figure for the gallery thumbnail", path.name)
+        figures = dict(_state["thumbs"].get(slug, []))
+        hint = _THUMB.search(path.read_text(encoding="utf-8"))
+        name = hint.group(1) if hint else next(iter(figures), None)
+        if name not in figures:
+            log.warning("examples/%s: no figure %s for the gallery thumbnail", path.name, name)
             continue
-        (thumbs / f"{slug}.png").write_bytes(_state["thumbs"][slug])
+        (thumbs / f"{slug}.png").write_bytes(figures[name])
     report = os.environ.get("FNLLM_DOCS_REPORT")
     if report:
         Path(report).write_text(json.dumps(_state["report"], indent=1), encoding="utf-8")

@@ -4,6 +4,8 @@ Your text files in, a trained GPT and its loss curve out: write some text to dis
 byte-level BPE tokenizer on it, pack it into batches, pretrain with `train.fit` (warmup-cosine
 learning rate, gradient clipping, checkpoints), save the model, load it back and let it
 continue a prompt.
+
+docs-thumbnail: loss.png
 """
 
 # %% [markdown]
