@@ -11,6 +11,8 @@ functions are safe in tests, on servers and at docs-build time. Save a figure wi
 - :func:`partition_tree`: a parameter tree drawn as a tree, trainable vs frozen.
 - :func:`per_example_norms`: per-example gradient norms, with the clipping threshold.
 - :func:`ratio_bars`: benchmark ratios as bars, with goal lines.
+- :func:`finetune_results`: ``fnllm demo``'s ``results.json``: accuracy against trainable
+  parameters, and each row's training loss over its own training.
 - :func:`to_html`: a figure as a self-contained ``<img>`` tag (inline PNG).
 """
 
@@ -39,6 +41,7 @@ from fnllm._figure_parts import (
 
 __all__ = [
     "COLORS",
+    "finetune_results",
     "loss_curve",
     "masking",
     "partition_tree",
@@ -121,8 +124,8 @@ def loss_curve(
         ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(named) > 1:
-        ax.legend(handles=raw_lines)
+    if len(named) > 1:  # beside the axes, never over the curves
+        ax.legend(handles=raw_lines, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
@@ -133,7 +136,7 @@ def masking(
     *,
     decode: Callable[[int], str],
     mask_id: int,
-    per_row: int = 12,
+    per_row: int = 8,
     title: str = "MLM corruption (80/10/10)",
 ) -> Figure:
     """Draw BERT's masked-LM corruption of one sentence: one coloured box per token.
@@ -189,7 +192,7 @@ def masking(
             cats.append("unchanged")
     n = len(cats)
     rows = max(1, -(-n // per_row))
-    fig, ax = _figure(min(1.05 * per_row, 1.05 * n) + 0.4, 1.0 * rows + 0.9)
+    fig, ax = _figure(min(0.8 * per_row, 0.8 * n) + 0.4, 0.75 * rows + 1.1)
     for k, (t, i, cat) in enumerate(zip(tok.tolist(), inp.tolist(), cats)):
         x, y = k % per_row, -(k // per_row)
         ax.add_patch(_box(x, y, COLORS[cat]))
@@ -200,7 +203,7 @@ def masking(
             decode(t),
             ha="center",
             va="center",
-            fontsize=9,
+            fontsize=10,
             color="white" if light else "black",
             clip_on=True,
         )
@@ -211,7 +214,7 @@ def masking(
                 "-> " + decode(i),
                 ha="center",
                 va="center",
-                fontsize=7,
+                fontsize=9,
                 color="white",
                 clip_on=True,
             )
@@ -223,8 +226,8 @@ def masking(
         handles,
         list(_MASK_LABELS.values()),
         loc="upper center",
-        ncol=4,
-        fontsize=8,
+        ncol=2,
+        fontsize=9,
         bbox_to_anchor=(0.5, 0.0),
         frameon=False,
     )
@@ -328,7 +331,7 @@ def partition_tree(
         p: ("mixed" if len(s) == 2 else "trainable" if True in s else "frozen")
         for p, s in nodes.items()
     }
-    fig, ax = _figure(6.0, 0.24 * len(states) + 0.8)
+    fig, ax = _figure(6.0, 0.27 * len(states) + 0.8)
     rows = list(states)
     for r, path in enumerate(rows):
         level = path.count(".")
@@ -343,7 +346,7 @@ def partition_tree(
             y,
             f"{path.rsplit('.', 1)[-1]}  ({_short(counts[path])})",
             va="center",
-            fontsize=8,
+            fontsize=9,
             color="black",
             bbox={"boxstyle": "round,pad=0.2", "fc": COLORS[states[path]], "ec": "none"},
         )
@@ -351,7 +354,14 @@ def partition_tree(
     ax.set_ylim(-len(rows) + 0.4, 0.6)
     ax.set_axis_off()
     handles = [_box(0, 0, COLORS[c]) for c in ("trainable", "frozen", "mixed")]
-    ax.legend(handles, ["trainable", "frozen", "mixed"], loc="upper right", fontsize=8)
+    ax.legend(
+        handles,
+        ["trainable", "frozen", "mixed"],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=9,
+        frameon=False,
+    )
     ax.set_title(title)
     fig.fnllm_nodes = states  # type: ignore[attr-defined]
     return fig
@@ -394,8 +404,23 @@ def per_example_norms(
     ]
     ax.bar(range(len(vals)), vals, color=colors)
     if clip is not None:
-        ax.axhline(clip, color="black", linestyle="--", linewidth=1, label=f"clip = {clip:g}")
-        ax.legend(fontsize=8)
+        from matplotlib.patches import Patch
+
+        handles = [
+            Patch(color=COLORS["trainable"], label="at most the clip: kept"),
+            Patch(color=COLORS["random"], label="above the clip: scaled down to it"),
+            ax.axhline(
+                clip, color="black", linestyle="--", linewidth=1, label=f"clip = {clip:.3g}"
+            ),
+        ]
+        ax.legend(
+            handles=handles,
+            fontsize=9,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.22),
+            ncol=3,
+            frameon=False,
+        )
     ax.set_xlabel("example")
     ax.set_ylabel("gradient norm")
     ax.set_title(title)
@@ -450,19 +475,104 @@ def ratio_bars(
     for y, n in zip(ys, names):
         if n in goal:
             ax.plot([goal[n]] * 2, [y - 0.42, y + 0.42], color="black", linewidth=2)
-        ax.text(float(ratios[n]), y, f" {ratios[n]:.2f}", va="center", fontsize=8)
+        ax.text(float(ratios[n]), y, f" {ratios[n]:.2f}", va="center", fontsize=9)
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
-    ax.set_yticks(ys, names, fontsize=8)
+    ax.set_yticks(ys, names, fontsize=9)
     ax.set_xlabel("ratio (black tick: goal)")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     return fig
 
 
+def finetune_results(
+    results: Mapping[str, Any],
+    *,
+    title: str = "Adapting a pretrained encoder: accuracy and training loss",
+    smooth: float = 0.2,
+) -> Figure:
+    """Draw ``fnllm demo``'s ``results.json``: test accuracy against trainable parameters
+    (top), and each row's training loss over its own training (bottom).
+
+    Rows train for different numbers of steps (``head`` runs ten epochs on cached features,
+    the others one), so the loss panel's x axis is each row's *fraction of its training*:
+    every curve spans 0 to 1. One colour per row, the same in both panels.
+
+    Example:
+        >>> from fnllm import plot
+        >>> rows = [
+        ...     {"name": "head", "trainable": 770, "test_acc": 0.74, "losses": [0.7, 0.6, 0.5]},
+        ...     {"name": "full", "trainable": 22_000_000, "test_acc": 0.77, "losses": [0.7, 0.4]},
+        ... ]
+        >>> fig = plot.finetune_results({"rows": rows}, smooth=0)
+        >>> [float(x) for x in fig.axes[1].get_lines()[1].get_xdata()]
+        [0.5, 1.0]
+
+    Args:
+        results: a mapping with ``"rows"``: dicts holding ``name``, ``trainable``,
+            ``test_acc`` and (optionally) ``losses``, one per training step.
+        title: the title of the figure.
+        smooth: the width of the trailing moving average over each loss curve, as a
+            fraction of the row's steps (0: none).
+
+    Returns:
+        The figure, with two axes: accuracy, then loss.
+
+    Raises:
+        ValueError: there are no rows, or a row lacks a field.
+    """
+    rows = list(results.get("rows", ()))
+    if not rows:
+        raise ValueError("results: no rows to draw")
+    for i, r in enumerate(rows):
+        missing = [k for k in ("name", "trainable", "test_acc") if k not in r]
+        if missing:
+            raise ValueError(f"results['rows'][{i}]: missing {missing}")
+    fig = Figure(figsize=(6.4, 6.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, height_ratios=[1, 1.1])
+    palette = ["#0072b2", "#e69f00", "#009e73", "#d55e00", "#cc79a7", "#56b4e9", "#000000"]
+    palette += ["#999999", "#f0e442"]
+    colors = {r["name"]: palette[i % len(palette)] for i, r in enumerate(rows)}
+    for r in rows:
+        x, y = max(int(r["trainable"]), 1), float(r["test_acc"])
+        top.scatter(x, y, s=36, color=colors[r["name"]], zorder=3)
+        top.annotate(
+            f"{r['name']} {y:.2f}", (x, y), textcoords="offset points", xytext=(6, -3), fontsize=9
+        )
+    top.set_xscale("log")
+    low, high = top.get_xlim()
+    top.set_xlim(low, high * 6)  # room for the rightmost label
+    top.set_xlabel("trainable parameters (log scale)")
+    top.set_ylabel("test accuracy")
+    top.grid(alpha=0.3)
+    drawn = []
+    for r in rows:
+        values = [float(v) for v in r.get("losses") or ()]
+        if not values:
+            continue
+        n = len(values)
+        width = max(1, round(smooth * n))
+        xs = [(i + 1) / n for i in range(n)]
+        (line,) = bottom.plot(
+            xs, _moving_average(values, width), color=colors[r["name"]], lw=1.4, label=r["name"]
+        )
+        drawn.append(line)
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("fraction of the row's training (each row: its own steps)")
+    bottom.set_ylabel("training loss" + (" (smoothed)" if smooth else ""))
+    bottom.grid(alpha=0.3)
+    if drawn:
+        bottom.legend(
+            handles=drawn, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+        )
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
 def to_html(fig: Figure, *, alt: str = "figure", dpi: int = 110) -> str:
     """Render a figure to PNG and return a self-contained ``<img>`` tag (a data URI).
 
-    The docs pages print this from executed blocks; a notebook can display it as HTML.
+    For HTML of your own (a report, a notebook cell); a script saves ``fig.savefig(path)``.
 
     Example:
         >>> from fnllm import plot

@@ -1,17 +1,16 @@
-# Freeze and finetune
-
-<!-- docs-test: requires fnllm.models fnllm.io fnllm.nn fnllm.train tokenizers -->
-<!-- docs-figures: 2 -->
+"""Freeze and finetune
 
 Finetune a real pretrained encoder, all-MiniLM-L6-v2 (a 6-layer BERT, 22M parameters, shipped
 as a Python package), into a sentence classifier: a new linear head on the mean-pooled hidden
 states, with everything frozen but the head and the top block. Freezing is nothing but a
 partition of the parameter tree; the optimizer state, the gradients and the backward pass only
 cover the trainable half.
+"""
 
-## 1. The pretrained model and its tokenizer
+# %% [markdown]
+# ## 1. The pretrained model and its tokenizer
 
-```python exec="on" session="ex-ft" source="above" result="text"
+# %%
 import torch
 from tokenizers import Tokenizer
 
@@ -24,13 +23,13 @@ tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
 tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
 print(encoder)
 print(f"{tree.count(pretrained):,} parameters")
-```
 
-## 2. A small labelled data set
+# %% [markdown]
+# ## 2. A small labelled data set
+#
+# Twenty short sentences, positive (1) or negative (0), split into train and test:
 
-Twenty short sentences, positive (1) or negative (0), split into train and test:
-
-```python exec="on" session="ex-ft" source="above" result="text"
+# %%
 sentences = [
     ("a wonderful, warm and funny film", 1),
     ("the best meal I have had in years", 1),
@@ -69,29 +68,27 @@ def encode(pairs):
 
 train_batch, test_batch = encode(train_set), encode(test_set)
 print({k: tuple(v.shape) for k, v in train_batch.items()})
-```
 
-## 3. A head, and the partition
+# %% [markdown]
+# ## 3. A head, and the partition
+#
+# The classifier's parameters are one tree: the encoder's and a new head's. Train the head and
+# the last block; freeze the embeddings and blocks 0-4.
 
-The classifier's parameters are one tree: the encoder's and a new head's. Train the head and
-the last block; freeze the embeddings and blocks 0-4.
-
-```python exec="on" session="ex-ft" source="above" html="1"
+# %%
 params = {"encoder": pretrained, "head": nn.init_linear(jr.key(1), 384, 2)}
 trainable, frozen = tree.partition(params, ["head.*", "encoder.blocks.5.*"])
-print(
-    f"<p>{tree.count(trainable):,} of {tree.count(params):,} "
-    "parameters train</p>"
-)
+print(f"{tree.count(trainable):,} of {tree.count(params):,} parameters train")
 fig = plot.partition_tree(params, ["head.*", "encoder.blocks.5.*"], depth=3)
-print(plot.to_html(fig, alt="frozen and trainable parts"))
-```
+fig.savefig("partition.png")
 
-## 4. Loss and training
+# %% [markdown]
+# ## 4. Loss and training
+#
+# Mean pooling over real tokens, then the head:
 
-Mean pooling over real tokens, then the head:
 
-```python exec="on" session="ex-ft" source="above" html="1"
+# %%
 def logits_of(params, batch, key=None):
     out = encoder.apply(
         params["encoder"],
@@ -99,11 +96,7 @@ def logits_of(params, batch, key=None):
         attention_mask=batch["attention_mask"],
         key=key,
     )
-    mask = (
-        batch["attention_mask"]
-        .unsqueeze(-1)
-        .to(out.last_hidden_state.dtype)
-    )
+    mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
     pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
     return nn.linear(params["head"], pooled)
 
@@ -121,7 +114,7 @@ def accuracy(trainable, batch):
     return (pred == batch["label"]).float().mean().item()
 
 
-print(f"<p>test accuracy before: {accuracy(trainable, test_batch):.2f}</p>")
+print(f"test accuracy before: {accuracy(trainable, test_batch):.2f}")
 result = train.fit(
     classify_loss,
     optim.adamw(3e-3),
@@ -133,20 +126,13 @@ result = train.fit(
     compile=False,
     progress=False,
 )
-print(
-    f"<p>test accuracy after: "
-    f"{accuracy(result.trainable, test_batch):.2f}</p>"
-)
-print(
-    plot.to_html(
-        plot.loss_curve(result.history, title="finetuning loss"), alt="loss"
-    )
-)
-```
+print(f"test accuracy after: {accuracy(result.trainable, test_batch):.2f}")
+plot.loss_curve(result.history, title="finetuning loss").savefig("loss.png")
 
-The frozen leaves are untouched, and `opt_state` holds moments only for the trainable ones:
+# %% [markdown]
+# The frozen leaves are untouched, and `opt_state` holds moments only for the trainable ones:
 
-```python exec="on" session="ex-ft" source="above" result="text"
+# %%
 after = tree.combine(result.trainable, frozen)
 w = "encoder.blocks.0.attn.qkv.weight"
 assert torch.equal(tree.flatten(after)[w], tree.flatten(params)[w])
@@ -155,4 +141,3 @@ print(
     len(tree.paths(result.opt_state["mu"])),
     "moment leaves",
 )
-```

@@ -1,19 +1,18 @@
-# BERT: masked LM + sentence order
-
-<!-- docs-test: requires fnllm.models fnllm.data fnllm.train tokenizers -->
-<!-- docs-figures: 2 -->
+"""BERT: masked LM + sentence order
 
 Pretrain a small BERT on the two objectives of ALBERT-style pretraining at once: the masked
 language model (80/10/10 corruption of 15% of the tokens) and sentence-order prediction
 (`[CLS] A [SEP] B [SEP]`, A and B swapped half of the time).
+"""
 
-## 1. Corpus and batches
+# %% [markdown]
+# ## 1. Corpus and batches
+#
+# `data.Corpus` trains a WordPiece tokenizer on fnllm's sample documents (pass your own texts
+# and tokenizer the same way) and splits each document into sentences; `data.bert_batches`
+# turns consecutive segments into pairs and masks them, one pure function of the key per step.
 
-`data.Corpus` trains a WordPiece tokenizer on fnllm's sample documents (pass your own texts
-and tokenizer the same way) and splits each document into sentences; `data.bert_batches`
-turns consecutive segments into pairs and masks them, one pure function of the key per step.
-
-```python exec="on" session="ex-bert" source="above" result="text"
+# %%
 import torch
 
 from fnllm import data, losses, optim, plot, train, tree
@@ -29,14 +28,14 @@ batch = loader.batch(0)
 print(corpus)
 print({k: tuple(v.shape) for k, v in batch.items()})
 print("swapped (SOP label 1):", batch["next_sentence_label"].tolist())
-```
 
-## 2. What the model sees
+# %% [markdown]
+# ## 2. What the model sees
+#
+# The first pair of the batch, drawn token by token. The original ids are the labels where a
+# token was picked and the inputs elsewhere:
 
-The first pair of the batch, drawn token by token. The original ids are the labels where a
-token was picked and the inputs elsewhere:
-
-```python exec="on" session="ex-bert" source="above" html="1"
+# %%
 row = 0
 n = int(batch["attention_mask"][row].sum())
 inputs, labels = batch["input_ids"][row, :n], batch["labels"][row, :n]
@@ -47,18 +46,18 @@ fig = plot.masking(
     labels,
     mask_id=corpus.mask_id,
     decode=corpus.tokenizer.id_to_token,
-    per_row=12,
+    per_row=8,
     title="one training pair",
 )
-print(plot.to_html(fig, alt="masked sentence pair"))
-```
+fig.savefig("masking.png")
 
-## 3. Both heads, one loss
+# %% [markdown]
+# ## 3. Both heads, one loss
+#
+# `BERT.pretrain_apply` returns the MLM logits and the sentence-order logits; the loss is their
+# sum, and the parts come back as auxiliary metrics.
 
-`BERT.pretrain_apply` returns the MLM logits and the sentence-order logits; the loss is their
-sum, and the parts come back as auxiliary metrics.
-
-```python exec="on" session="ex-bert" source="above"
+# %%
 bert = BERT(
     vocab_size=corpus.vocab_size,
     n_layer=2,
@@ -79,22 +78,19 @@ def pretrain_loss(trainable, frozen, batch, key):
         key=key,
     )
     mlm = losses.mlm(out.mlm_logits, batch["labels"])
-    sop = losses.sentence_order(
-        out.pair_logits, batch["next_sentence_label"]
-    )
+    sop = losses.sentence_order(out.pair_logits, batch["next_sentence_label"])
     return mlm + sop, {"mlm": mlm.detach(), "sop": sop.detach()}
-```
 
-## 4. Train
 
-A plain loop over `train.make_step` keeps every metric of every step (`train.fit` does the
-same with progress, checkpoints and resume). Each step has its own key for dropout, and each
-epoch its own shuffle and masks:
+# %% [markdown]
+# ## 4. Train
+#
+# A plain loop over `train.make_step` keeps every metric of every step (`train.fit` does the
+# same with progress, checkpoints and resume). Each step has its own key for dropout, and each
+# epoch its own shuffle and masks:
 
-```python exec="on" session="ex-bert" source="above" html="1"
-opt = optim.adamw(
-    optim.warmup_cosine(3e-3, 6, 60, end=3e-4), weight_decay=0.01
-)
+# %%
+opt = optim.adamw(optim.warmup_cosine(3e-3, 6, 60, end=3e-4), weight_decay=0.01)
 step = train.make_step(pretrain_loss, opt, compile=False, clip=1.0)
 trainable, frozen, state = params, {}, opt.init(params)
 curves = {"MLM": [], "SOP": []}
@@ -114,17 +110,12 @@ for s in range(60):
     curves["SOP"].append(metrics["sop"].item())
 
 print(
-    f"<p>MLM {curves['MLM'][0]:.2f} -> {curves['MLM'][-1]:.2f}, "
-    f"SOP {curves['SOP'][0]:.2f} -> {curves['SOP'][-1]:.2f}</p>"
+    f"MLM {curves['MLM'][0]:.2f} -> {curves['MLM'][-1]:.2f}, "
+    f"SOP {curves['SOP'][0]:.2f} -> {curves['SOP'][-1]:.2f}"
 )
-print(
-    plot.to_html(
-        plot.loss_curve(curves, smooth=5, title="BERT pretraining"),
-        alt="losses",
-    )
-)
-```
+plot.loss_curve(curves, smooth=5, title="BERT pretraining").savefig("losses.png")
 
-The MLM loss falls from `ln(vocab_size)`; sentence order needs far more data and steps than
-this page spends (its loss stays near `ln 2 = 0.69` here), which is why real runs train for
-hundreds of thousands of steps.
+# %% [markdown]
+# The MLM loss falls from `ln(vocab_size)`; sentence order needs far more data and steps than
+# this page spends (its loss stays near `ln 2 = 0.69` here), which is why real runs train for
+# hundreds of thousands of steps.

@@ -1,18 +1,19 @@
-# Pretrain a GPT on your own text
-
-<!-- docs-test: requires fnllm.models fnllm.data fnllm.train fnllm.io tokenizers -->
-<!-- docs-figures: 2 -->
+"""Pretrain a GPT on your own text
 
 Your text files in, a trained GPT and its loss curve out: write some text to disk, train a
 byte-level BPE tokenizer on it, pack it into batches, pretrain with `train.fit` (warmup-cosine
 learning rate, gradient clipping, checkpoints), save the model, load it back and let it
 continue a prompt.
 
-## 1. Your text
+docs-thumbnail: loss.png
+"""
 
-Any list of strings works; here three small files written on the spot stand in for yours.
+# %% [markdown]
+# ## 1. Your text
+#
+# Any list of strings works; here three small files written on the spot stand in for yours.
 
-```python exec="on" session="ex-gpt" source="above" result="text"
+# %%
 from pathlib import Path
 
 import torch
@@ -38,28 +39,28 @@ Path("text/keys.txt").write_text(
 )
 texts = [p.read_text() for p in sorted(Path("text").glob("*.txt"))]
 print(len(texts), "documents,", sum(len(t) for t in texts), "characters")
-```
 
-## 2. A tokenizer trained on it
+# %% [markdown]
+# ## 2. A tokenizer trained on it
+#
+# `data.train_tokenizer` trains a Hugging Face `tokenizers` tokenizer (byte-level BPE here);
+# save it next to the model, and `data.Corpus` tokenizes the documents with it once.
 
-`data.train_tokenizer` trains a Hugging Face `tokenizers` tokenizer (byte-level BPE here);
-save it next to the model, and `data.Corpus` tokenizes the documents with it once.
-
-```python exec="on" session="ex-gpt" source="above" result="text"
+# %%
 tokenizer = data.train_tokenizer(texts, kind="bpe", vocab_size=320)
 tokenizer.save("tokenizer.json")
 corpus = data.Corpus(texts, tokenizer="tokenizer.json")
 print(corpus)
 print(tokenizer.encode("The cat sat by the river.").tokens)
-```
 
-## 3. Batches
+# %% [markdown]
+# ## 3. Batches
+#
+# Documents are packed (end-of-text between them) and cut into blocks; each epoch is shuffled
+# by the key, so a batch is a pure function of `(key, epoch, step)` and a resumed run sees the
+# same data as an uninterrupted one.
 
-Documents are packed (end-of-text between them) and cut into blocks; each epoch is shuffled
-by the key, so a batch is a pure function of `(key, epoch, step)` and a resumed run sees the
-same data as an uninterrupted one.
-
-```python exec="on" session="ex-gpt" source="above" result="text"
+# %%
 block, batch_size = 32, 8
 loader = data.gpt_batches(
     corpus, jr.key(1), batch_size=batch_size, block_size=block
@@ -86,11 +87,11 @@ print(
     {k: tuple(v.shape) for k, v in b.items()},
 )
 print(repr(corpus.decode(b["input_ids"][0].tolist())))
-```
 
-## 4. Model, loss and schedule
+# %% [markdown]
+# ## 4. Model, loss and schedule
 
-```python exec="on" session="ex-gpt" source="above" html="1"
+# %%
 gpt = GPT(
     vocab_size=corpus.vocab_size,
     n_layer=2,
@@ -99,34 +100,27 @@ gpt = GPT(
     max_len=block,
 )
 params = gpt.init(jr.key(2))
-print(f"<p>{tree.count(params):,} parameters</p>")
+print(f"{tree.count(params):,} parameters")
 
 
 def next_token_loss(trainable, frozen, batch, key):
-    logits = gpt.apply(
-        tree.combine(trainable, frozen), batch["input_ids"], key=key
-    )
+    logits = gpt.apply(tree.combine(trainable, frozen), batch["input_ids"], key=key)
     return losses.cross_entropy(logits, batch["targets"])
 
 
 steps = 80
 lr = optim.warmup_cosine(3e-3, warmup_steps=8, total_steps=steps, end=3e-4)
 opt = optim.adamw(lr, weight_decay=0.01, mask=optim.decay_mask())
-print(
-    plot.to_html(
-        plot.schedule(lr, steps, marks=[8], title="learning rate"),
-        alt="schedule",
-    )
-)
-```
+plot.schedule(lr, steps, marks=[8], title="learning rate").savefig("schedule.png")
 
-## 5. Train
+# %% [markdown]
+# ## 5. Train
+#
+# `train.fit` runs the steps, clips gradients, skips non-finite steps and writes checkpoints
+# from which a rerun resumes exactly. Its default, `compile="auto"`, compiles the step only for
+# runs long enough to repay a compile; `compile=False` says so explicitly for this short run.
 
-`train.fit` runs the steps (compiled by default; `compile=False` here because a cold compile
-takes longer than this whole run), clips gradients, skips non-finite steps and writes
-checkpoints from which a rerun resumes exactly.
-
-```python exec="on" session="ex-gpt" source="above" html="1"
+# %%
 result = train.fit(
     next_token_loss,
     opt,
@@ -143,22 +137,17 @@ result = train.fit(
 )
 losses_seen = [h["loss"] for h in result.history]
 print(
-    f"<p>loss {losses_seen[0]:.2f} -> {losses_seen[-1]:.2f} "
-    f"after {result.step} steps</p>"
+    f"loss {losses_seen[0]:.2f} -> {losses_seen[-1]:.2f} after {result.step} steps"
 )
-print(
-    plot.to_html(
-        plot.loss_curve(result.history, smooth=8), alt="GPT training loss"
-    )
-)
-```
+plot.loss_curve(result.history, smooth=8).savefig("loss.png")
 
-## 6. Save, reload, use
+# %% [markdown]
+# ## 6. Save, reload, use
+#
+# `io.save_model` writes the config and the parameters into one safetensors file;
+# `io.load_model` rebuilds both. Greedy decoding is a loop over `apply`:
 
-`io.save_model` writes the config and the parameters into one safetensors file;
-`io.load_model` rebuilds both. Greedy decoding is a loop over `apply`:
-
-```python exec="on" session="ex-gpt" source="above" result="text"
+# %%
 io.save_model("gpt.safetensors", gpt, result.trainable)
 model, loaded = io.load_model("gpt.safetensors")
 assert model == gpt
@@ -175,4 +164,3 @@ def continue_text(prompt, n_new=12):
 
 print(continue_text("The river runs"))
 print(continue_text("The cat"))
-```

@@ -1,17 +1,16 @@
-# Per-example gradients and DP-SGD
-
-<!-- docs-test: requires fnllm.models fnllm.grads fnllm.optim -->
-<!-- docs-figures: 2 -->
+"""Per-example gradients and DP-SGD
 
 Differentially private SGD (Abadi et al., 2016) needs one gradient per example: each is
 clipped to a norm bound, the clipped gradients are summed, and Gaussian noise scaled to the
 bound is added. In fnllm the per-example gradients are `vmap(grad(loss))`
 (`grads.per_example`), and clipping plus noise is one pure function of a key
 (`grads.privatize`).
+"""
 
-## 1. A model and a batch
+# %% [markdown]
+# ## 1. A model and a batch
 
-```python exec="on" session="ex-dp" source="above" result="text"
+# %%
 import torch
 
 from fnllm import data, grads, losses, optim, plot, tree
@@ -38,67 +37,60 @@ def loss_fn(params, batch):
 
 batch = loader.batch(0)
 print(len(loader), "batches of", tuple(batch["input_ids"].shape))
-```
 
-## 2. One gradient per example
+# %% [markdown]
+# ## 2. One gradient per example
+#
+# Every leaf of the result gains a leading batch dimension; each row is the gradient of the loss
+# on that example alone (checked here against a single-example `torch.func.grad`). In the
+# figure, blue bars are at most the clipping norm (kept as they are), orange bars are above it
+# (scaled down to it):
 
-Every leaf of the result gains a leading batch dimension; each row is the gradient of the loss
-on that example alone (checked here against a single-example `torch.func.grad`):
-
-```python exec="on" session="ex-dp" source="above" html="1"
+# %%
 per_ex = grads.per_example(loss_fn)(params, batch)
-single = torch.func.grad(loss_fn)(
-    params, {k: v[5:6] for k, v in batch.items()}
-)
+single = torch.func.grad(loss_fn)(params, {k: v[5:6] for k, v in batch.items()})
 w = "blocks.0.mlp.fc.weight"
 assert torch.allclose(
     tree.flatten(per_ex)[w][5], tree.flatten(single)[w], atol=1e-5
 )
 
 norms = grads.per_example_norm(per_ex)
-clip = float(norms.median())
+clip = round(float(norms.median()), 2)
 print(
-    f"<p>norms from {norms.min():.2f} to {norms.max():.2f}; "
-    f"clip at the median, {clip:.2f}</p>"
+    f"norms from {norms.min():.2f} to {norms.max():.2f}; clip at the median, {clip}"
 )
-print(
-    plot.to_html(
-        plot.per_example_norms(norms, clip=clip),
-        alt="per-example gradient norms",
-    )
-)
-```
+plot.per_example_norms(norms, clip=clip).savefig("per-example-norms.png")
 
-## 3. Clip, sum, add noise
+# %% [markdown]
+# ## 3. Clip, sum, add noise
+#
+# `grads.privatize(key, per_ex, clip=C, noise_multiplier=sigma)` clips every example to norm
+# `C`, sums, adds `N(0, (C sigma)^2)` to every coordinate and divides by the batch size. With
+# `noise_multiplier=0` it is exactly the mean of the clipped gradients:
 
-`grads.privatize(key, per_ex, clip=C, noise_multiplier=sigma)` clips every example to norm
-`C`, sums, adds `N(0, (C sigma)^2)` to every coordinate and divides by the batch size. With
-`noise_multiplier=0` it is exactly the mean of the clipped gradients:
-
-```python exec="on" session="ex-dp" source="above" result="text"
+# %%
 clipped = grads.clip_per_example(per_ex, clip)
 print(
     "largest clipped norm:",
     round(float(grads.per_example_norm(clipped).max()), 4),
 )
-mean_clipped = grads.privatize(
-    jr.key(2), per_ex, clip=clip, noise_multiplier=0.0
-)
+mean_clipped = grads.privatize(jr.key(2), per_ex, clip=clip, noise_multiplier=0.0)
 assert torch.allclose(
     tree.flatten(mean_clipped)[w],
     tree.flatten(clipped)[w].mean(0),
     atol=1e-6,
 )
-```
 
-## 4. A private run next to a plain one
+# %% [markdown]
+# ## 4. A private run next to a plain one
+#
+# The same model, data and learning rate, trained with plain SGD on the batch gradient and with
+# DP-SGD (clip 1.0, noise multiplier 1.0). Noise and clipping cost accuracy, the price of the
+# privacy guarantee; each step's noise comes from `fold_in(key, step)`, so the private run is
+# reproducible too.
 
-The same model, data and learning rate, trained with plain SGD on the batch gradient and with
-DP-SGD (clip 1.0, noise multiplier 1.0). Noise and clipping cost accuracy, the price of the
-privacy guarantee; each step's noise comes from `fold_in(key, step)`, so the private run is
-reproducible too.
 
-```python exec="on" session="ex-dp" source="above" html="1"
+# %%
 def run(private, steps=40):
     opt = optim.sgd(0.5)
     p, state, curve = params, opt.init(params), []
@@ -120,14 +112,13 @@ def run(private, steps=40):
 
 
 curves = {"SGD": run(False), "DP-SGD (clip 1, noise 1)": run(True)}
-print(
-    plot.to_html(
-        plot.loss_curve(curves, smooth=4, title="training loss"),
-        alt="SGD vs DP-SGD",
-    )
+for name, curve in curves.items():
+    print(f"{name}: loss {curve[0]:.2f} -> {curve[-1]:.2f}")
+plot.loss_curve(curves, smooth=4, title="training loss").savefig(
+    "sgd-vs-dp-sgd.png"
 )
-```
 
-The privacy accounting (which `(epsilon, delta)` a run of this many steps, this sampling rate
-and this noise multiplier buys) is not part of fnllm; use a moments accountant such as the one
-in Opacus or `dp-accounting` on the numbers above.
+# %% [markdown]
+# The privacy accounting (which `(epsilon, delta)` a run of this many steps, this sampling rate
+# and this noise multiplier buys) is not part of fnllm; use a moments accountant such as the one
+# in Opacus or `dp-accounting` on the numbers above.
