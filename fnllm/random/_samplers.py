@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fnllm.random import _fast
 from fnllm.random._erfinv import _ABOVE_MINUS_ONE, _erfinv_f32
 from fnllm.random._fast import _fast_draw
 from fnllm.random._keys import (
@@ -192,9 +193,20 @@ def bernoulli(key: Tensor, p: float | Tensor = 0.5, shape: Sequence[int] | None 
     shape = _check_shape("bernoulli: shape", shape)
     _check_broadcast("bernoulli", "p", p_shape, shape)
     if not isinstance(p, Tensor):
+        threshold = _fast.below_threshold(float(p))
+        if (
+            torch.compiler.is_compiling()
+            and key.device.type in _fast._FAST_DEVICES
+            and 0 < math.prod(shape) <= 2**32
+            and _fast.compiled_mode() == "op"
+        ):  # one opaque op: not fused into (and recomputed by) every kernel reading the mask
+            return torch.ops.fnllm.keep_mask(words, list(shape), threshold)
+        keep = _fast_draw("below", words, shape, threshold)
+        if keep is not None:
+            return keep
         p = torch.tensor(float(p), dtype=dtype, device=key.device)
-    if dtype == torch.float32 and p.dim() == 0 and p.device == key.device:
-        u = _fast_draw("unit", words, shape)  # a bool-output kernel is not vectorised
+    elif dtype == torch.float32 and p.dim() == 0 and p.device == key.device:
+        u = _fast_draw("unit", words, shape)
         if u is not None:
             return u < p
     return _uniform(words[0], words[1], shape, dtype, 0.0, 1.0, key.device) < p
