@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fnllm.random import _native
-from fnllm.random._keys import _MASK, _random_bits32
+from fnllm.random._keys import _MASK, _random_bits32, _threefry
 
 # Eager draws of at least _FAST_MIN values run the native kernel. Smaller draws, traced code
 # and draws inside torch.func transforms take the op path; both give the same bits.
@@ -39,11 +39,6 @@ _FAST_AFTER = 8
 # mode.
 _MODE_VARIABLE = "FNLLM_EAGER_SAMPLER"
 _MODES = ("auto", "compiled", "ops")
-# FNLLM_COMPILED_SAMPLER: "op" (the default: compiled dropout masks come from fnllm::keep_mask)
-# or "inline" (the hash traced into the graph, fused by inductor: same bits, far slower to
-# compile). Read when the step is traced.
-_COMPILED_VARIABLE = "FNLLM_COMPILED_SAMPLER"
-_COMPILED_MODES = ("op", "inline")
 
 _FAST_DEVICES = ("cpu",)
 _FAST_CACHE: dict[str, Any] = {}
@@ -114,14 +109,6 @@ def below_threshold(p: float) -> int:
     return math.ceil(p32 * 2.0**23)
 
 
-def compiled_mode() -> str:
-    """``FNLLM_COMPILED_SAMPLER``: ``"op"`` (default) or ``"inline"``; refuses anything else."""
-    mode = os.environ.get(_COMPILED_VARIABLE, "op").strip().lower() or "op"
-    if mode not in _COMPILED_MODES:
-        raise ValueError(f"{_COMPILED_VARIABLE}={mode!r}: expected one of {list(_COMPILED_MODES)}")
-    return mode
-
-
 # ------------------------------------------------------------------ the compiled mask op
 
 
@@ -166,3 +153,46 @@ def _keep_mask_vmap(
 
 
 torch.library.register_vmap("fnllm::keep_mask", _keep_mask_vmap)
+
+
+@torch.library.custom_op("fnllm::threefry_pairs", mutates_args=(), device_types=None)
+def threefry_pairs(key: Tensor, start: int, n: int) -> Tensor:
+    """New keys ``[n, 2]``: the hash of counters ``start .. start + n - 1`` under ``key``.
+
+    ``split(key, n)`` is ``threefry_pairs(key, 0, n)``, ``fold_in(key, d)`` is
+    ``threefry_pairs(key, d, 1)[0]``. Under ``torch.compile`` the few new keys of a step come
+    from this opaque call: traced, their 20 rounds of int64 ops were fused into large kernels
+    (e.g. the embedding's) that took long to generate and compile.
+    """
+    if key.device.type in _FAST_DEVICES and not _FAST_CACHE.get("broken"):
+        try:
+            k0, k1 = key.tolist()
+            return _native.pairs(k0 & _MASK, k1 & _MASK, start, n).to(key.device)
+        except Exception as e:
+            _FAST_CACHE["broken"] = True
+            warnings.warn(
+                f"fnllm.random: the native sampling kernel failed ({type(e).__name__}: {e}); "
+                "compiled key splits fall back to plain tensor ops (same values, slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    counters = torch.arange(start, start + n, dtype=torch.int64, device=key.device)
+    x0, x1 = _threefry(key[0], key[1], None, counters)
+    return torch.stack([x0, x1], dim=-1)
+
+
+@threefry_pairs.register_fake
+def _threefry_pairs_fake(key: Tensor, start: int, n: int) -> Tensor:
+    return key.new_empty((n, 2), dtype=torch.int64)
+
+
+def _threefry_pairs_vmap(
+    info: Any, in_dims: tuple[Any, ...], key: Tensor, start: int, n: int
+) -> tuple[Tensor, Any]:
+    if in_dims[0] is None:
+        return threefry_pairs(key, start, n), None
+    keys = key.movedim(in_dims[0], 0)
+    return torch.stack([threefry_pairs(k, start, n) for k in keys]), 0
+
+
+torch.library.register_vmap("fnllm::threefry_pairs", _threefry_pairs_vmap)

@@ -39,14 +39,22 @@ static inline uint32_t rotl(uint32_t x, int r) { return (x << r) | (x >> (32 - r
 
 #define ROUND(r) x0 += x1; x1 = rotl(x1, r) ^ x0;
 
-/* threefry2x32, 20 rounds, of the counter (0, c) under key (k0, k1): x0 ^ x1 */
-static inline uint32_t threefry_bits(uint32_t k0, uint32_t k1, uint32_t k2, uint32_t c) {
+/* threefry2x32, 20 rounds, of the counter (0, c) under key (k0, k1) */
+static inline void threefry(uint32_t k0, uint32_t k1, uint32_t k2, uint32_t c, uint32_t *y0,
+                            uint32_t *y1) {
     uint32_t x0 = k0, x1 = c + k1;
     ROUND(13) ROUND(15) ROUND(26) ROUND(6)  x0 += k1; x1 += k2 + 1u;
     ROUND(17) ROUND(29) ROUND(16) ROUND(24) x0 += k2; x1 += k0 + 2u;
     ROUND(13) ROUND(15) ROUND(26) ROUND(6)  x0 += k0; x1 += k1 + 3u;
     ROUND(17) ROUND(29) ROUND(16) ROUND(24) x0 += k1; x1 += k2 + 4u;
     ROUND(13) ROUND(15) ROUND(26) ROUND(6)  x0 += k2; x1 += k0 + 5u;
+    *y0 = x0;
+    *y1 = x1;
+}
+
+static inline uint32_t threefry_bits(uint32_t k0, uint32_t k1, uint32_t k2, uint32_t c) {
+    uint32_t x0, x1;
+    threefry(k0, k1, k2, c, &x0, &x1);
     return x0 ^ x1;
 }
 
@@ -66,6 +74,17 @@ void fnllm_unit_f32(uint32_t k0, uint32_t k1, int64_t start, int64_t n, float *o
         out[i] = (float)(threefry_bits(k0, k1, k2, (uint32_t)(start + i)) >> 9) * 0x1p-23f;
 }
 
+/* both words per counter (new keys: split, fold_in), as int64 pairs */
+void fnllm_pairs_i64(uint32_t k0, uint32_t k1, int64_t start, int64_t n, int64_t *out) {
+    KEYS
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t x0, x1;
+        threefry(k0, k1, k2, (uint32_t)(start + i), &x0, &x1);
+        out[2 * i] = (int64_t)x0;
+        out[2 * i + 1] = (int64_t)x1;
+    }
+}
+
 /* uniform < p for a float32 p: (bits >> 9) < threshold, threshold = ceil(p * 2**23) */
 void fnllm_below_u8(uint32_t k0, uint32_t k1, int64_t start, int64_t n, uint32_t threshold,
                     uint8_t *out) {
@@ -74,7 +93,7 @@ void fnllm_below_u8(uint32_t k0, uint32_t k1, int64_t start, int64_t n, uint32_t
         out[i] = (threefry_bits(k0, k1, k2, (uint32_t)(start + i)) >> 9) < threshold;
 }
 """
-_VERSION = "1"
+_VERSION = "2"
 # Work is split into chunks of this many values, run on up to torch.get_num_threads() threads.
 _CHUNK = 1 << 16
 _CACHE_VARIABLE = "FNLLM_CACHE_DIR"
@@ -191,7 +210,8 @@ def _load_or_build() -> ctypes.CDLL:
     lib.fnllm_bits_i64.argtypes = [u32, u32, i64, i64, ptr]
     lib.fnllm_unit_f32.argtypes = [u32, u32, i64, i64, ptr]
     lib.fnllm_below_u8.argtypes = [u32, u32, i64, i64, u32, ptr]
-    for f in (lib.fnllm_bits_i64, lib.fnllm_unit_f32, lib.fnllm_below_u8):
+    lib.fnllm_pairs_i64.argtypes = [u32, u32, i64, i64, ptr]
+    for f in (lib.fnllm_bits_i64, lib.fnllm_unit_f32, lib.fnllm_below_u8, lib.fnllm_pairs_i64):
         f.restype = None
     return lib
 
@@ -204,6 +224,13 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         pool = _STATE["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="fnllm-threefry")
         _STATE["pool_size"] = threads
     return pool
+
+
+def pairs(k0: int, k1: int, start: int, n: int) -> Tensor:
+    """Both threefry words of the counters ``start .. start + n - 1``: int64 ``[n, 2]``."""
+    out = torch.empty(n, 2, dtype=torch.int64)
+    load().fnllm_pairs_i64(k0, k1, start, n, out.data_ptr())
+    return out
 
 
 def draw(kind: str, k0: int, k1: int, n: int, threshold: int = 0) -> Tensor:

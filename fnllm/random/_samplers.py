@@ -22,6 +22,7 @@ from fnllm.random._keys import (
     _key_words,
     _random_bits32,
     _threefry,
+    _use_ops,
     split,
 )
 from fnllm.random._keys import key as key  # the examples below call key(0)
@@ -194,12 +195,8 @@ def bernoulli(key: Tensor, p: float | Tensor = 0.5, shape: Sequence[int] | None 
     _check_broadcast("bernoulli", "p", p_shape, shape)
     if not isinstance(p, Tensor):
         threshold = _fast.below_threshold(float(p))
-        if (
-            torch.compiler.is_compiling()
-            and key.device.type in _fast._FAST_DEVICES
-            and 0 < math.prod(shape) <= 2**32
-            and _fast.compiled_mode() == "op"
-        ):  # one opaque op: not fused into (and recomputed by) every kernel reading the mask
+        if _use_ops(key) and 0 < math.prod(shape) <= 2**32:
+            # one opaque op: not fused into (nor recomputed by) every kernel reading the mask
             return torch.ops.fnllm.keep_mask(words, list(shape), threshold)
         keep = _fast_draw("below", words, shape, threshold)
         if keep is not None:
