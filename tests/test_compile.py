@@ -173,3 +173,21 @@ def test_a_second_process_hits_the_caches(tmp_path: Path) -> None:
     assert second["hit"] >= 1 and second["miss"] == 0 and second["built_before"]
     assert first["out"] == second["out"]
     assert list((tmp_path / "fnllm" / "native").glob("threefry-*"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_native_draws_work_in_a_forked_child() -> None:
+    # a data-loader worker forked after the parent made its thread pool must not hang
+    torch.set_num_threads(2)
+    try:
+        k0, k1 = jr.key(4).tolist()
+        n = 4 * _native._CHUNK
+        want = _native.draw("bits", k0, k1, n)  # the parent's pool now exists
+        pid = os.fork()
+        if pid == 0:  # child: exit 0 only if the draw finishes with the same bits
+            ok = torch.equal(_native.draw("bits", k0, k1, n), want)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+    finally:
+        torch.set_num_threads(1)

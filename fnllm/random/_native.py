@@ -218,11 +218,12 @@ def _load_or_build() -> ctypes.CDLL:
 
 def _pool(threads: int) -> ThreadPoolExecutor:
     pool = _STATE.get("pool")
-    if pool is None or _STATE.get("pool_size") != threads:
-        if pool is not None:
+    owner = (os.getpid(), threads)  # a forked child (a data-loader worker) has no pool threads
+    if pool is None or _STATE.get("pool_owner") != owner:
+        if pool is not None and _STATE.get("pool_owner", (None,))[0] == os.getpid():
             pool.shutdown(wait=False)
         pool = _STATE["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="fnllm-threefry")
-        _STATE["pool_size"] = threads
+        _STATE["pool_owner"] = owner
     return pool
 
 
