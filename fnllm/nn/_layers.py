@@ -303,9 +303,9 @@ def dropout(key: Tensor | None, x: Tensor, rate: float | Tensor) -> Tensor:
     With ``key=None`` (evaluation) or ``rate == 0`` the input comes back unchanged. The mask
     is ``fnllm.random.bernoulli(key, 1 - rate, x.shape)`` (the keep mask), so the same key
     gives the same mask, bit-identical to ``jax.random.bernoulli``; kept values are
-    ``x / (1 - rate)``. In eager mode the mask of a large tensor comes from one compiled
-    kernel (see :mod:`fnllm.random`); under ``torch.compile`` mask and scaling fuse into the
-    surrounding code.
+    ``x / (1 - rate)``. The mask of a large tensor comes from fnllm's native threefry kernel;
+    under ``torch.compile`` on the CPU it is one opaque op whose 1-byte mask the backward
+    reuses, while the scaling fuses into the surrounding code (see :mod:`fnllm.random`).
 
     Example:
         >>> import torch

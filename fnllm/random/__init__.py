@@ -27,14 +27,21 @@ convert losslessly to and from JAX (``uint32[..., 2]`` key data or typed keys). 
 must lie in ``[0, 2**32)``: eager calls refuse other int64 words (they would alias other keys);
 int32 keys are read as the bit patterns of uint32 words.
 
-Speed: in eager mode, once a process has made 8 draws of 4096 values or more of a kind (so a
-training loop with ``fnllm.nn.dropout``, but not a one-off shuffle), :func:`bits`, float32
-:func:`uniform` and :func:`bernoulli` run the 20 threefry rounds as one kernel made by
-``torch.compile`` with dynamic shapes (one compile per kind for every size, cached on disk by
-inductor: tens of seconds the first time on a machine, about a second in later processes;
-``FNLLM_EAGER_SAMPLER=compiled`` compiles on the first large draw, ``=ops`` never); smaller
-draws, code traced by ``torch.compile`` (fused there anyway) and draws
-inside ``torch.func`` transforms use plain tensor ops. Both give the same bits.
+Speed: in eager mode, draws of 4096 values or more (:func:`bits`, float32 :func:`uniform`,
+:func:`bernoulli`) run the 20 threefry rounds in a small native kernel: about 60 lines of C,
+built with the system C compiler in well under a second the first time a process needs it and
+cached in fnllm's cache folder (``$FNLLM_CACHE_DIR``, else ``~/.cache/fnllm``), then loaded in
+milliseconds by later processes. A process builds it at its first draw of 65536 values or more,
+or after 8 smaller large draws, so a one-off shuffle never pays it
+(``FNLLM_EAGER_SAMPLER=compiled`` builds it at the first large draw, ``=ops`` never).
+Under ``torch.compile`` on the CPU, Bernoulli masks with a float probability (every
+``nn.dropout`` mask) and new keys (:func:`split`, :func:`fold_in` of an int) come from two
+opaque custom ops, ``fnllm::keep_mask`` and ``fnllm::threefry_pairs``, running the same kernel:
+inductor keeps the 1-byte mask for the backward instead of fusing the hash into every kernel that
+reads it, which made a train step with dropout take minutes to compile
+(``FNLLM_COMPILED_SAMPLER=inline`` traces the hash into the graph as before). Smaller draws,
+other devices and draws inside ``torch.func`` transforms use plain tensor ops. Every path
+gives the same bits.
 
 Example:
     >>> from fnllm import random as jr

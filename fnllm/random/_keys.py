@@ -8,6 +8,7 @@ Eager calls check the key's dtype, shape and words here, once, for every sampler
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,12 @@ KEY_DTYPE = torch.int64
 _MASK = 0xFFFFFFFF
 _ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = 0x1BD11BDA
+# FNLLM_COMPILED_SAMPLER: "op" (the default: under torch.compile on the CPU, dropout masks and
+# new keys come from the opaque custom ops fnllm::keep_mask and fnllm::threefry_pairs, see
+# _fast) or "inline" (the hash traced into the graph and fused by inductor: same bits, far
+# slower to compile). Read when the code is traced.
+_COMPILED_VARIABLE = "FNLLM_COMPILED_SAMPLER"
+_COMPILED_MODES = ("op", "inline")
 
 
 def key(seed: int | Tensor, *, device: torch.device | str | None = None) -> Tensor:
@@ -73,6 +80,10 @@ def split(key: Tensor, num: int | Sequence[int] = 2) -> Tensor:
     k0, k1 = _check_key("split", key)
     shape = (num,) if isinstance(num, int) and not isinstance(num, bool) else num
     shape = _check_shape("split: num", shape)
+    n = math.prod(shape)
+    if _use_ops(key) and isinstance(n, int) and n <= 2**32:
+        words = key if key.dtype == torch.int64 else key.to(torch.int64) & _MASK
+        return torch.ops.fnllm.threefry_pairs(words, 0, n).reshape(*shape, 2)
     x0, x1 = _threefry(k0, k1, *_counters(shape, key.device))
     return torch.stack([x0, x1], dim=-1)
 
@@ -102,11 +113,27 @@ def fold_in(key: Tensor, data: int | Tensor) -> Tensor:
     elif isinstance(data, int) and not isinstance(data, bool):
         if not 0 <= data <= _MASK:
             raise ValueError(f"fold_in: data {data} outside [0, 2**32)")
+        if _use_ops(key):
+            words = key if key.dtype == torch.int64 else key.to(torch.int64) & _MASK
+            return torch.ops.fnllm.threefry_pairs(words, data, 1)[0]
         lo = torch.tensor(data, dtype=torch.int64, device=key.device)
     else:
         raise TypeError(f"fold_in: data must be an int or a tensor, got {type(data).__name__}")
     x0, x1 = _threefry(k0, k1, None, lo)
     return torch.stack([x0, x1])
+
+
+def compiled_mode() -> str:
+    """``FNLLM_COMPILED_SAMPLER``: ``"op"`` (default) or ``"inline"``; refuses anything else."""
+    mode = os.environ.get(_COMPILED_VARIABLE, "op").strip().lower() or "op"
+    if mode not in _COMPILED_MODES:
+        raise ValueError(f"{_COMPILED_VARIABLE}={mode!r}: expected one of {list(_COMPILED_MODES)}")
+    return mode
+
+
+def _use_ops(key: Tensor) -> bool:
+    """Whether traced code draws through fnllm's custom ops (compiling, on the CPU, mode op)."""
+    return torch.compiler.is_compiling() and key.device.type == "cpu" and compiled_mode() == "op"
 
 
 def to_jax_key(key: Tensor) -> Any:

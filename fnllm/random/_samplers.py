@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fnllm.random import _fast
 from fnllm.random._erfinv import _ABOVE_MINUS_ONE, _erfinv_f32
 from fnllm.random._fast import _fast_draw
 from fnllm.random._keys import (
@@ -21,6 +22,7 @@ from fnllm.random._keys import (
     _key_words,
     _random_bits32,
     _threefry,
+    _use_ops,
     split,
 )
 from fnllm.random._keys import key as key  # the examples below call key(0)
@@ -192,9 +194,16 @@ def bernoulli(key: Tensor, p: float | Tensor = 0.5, shape: Sequence[int] | None 
     shape = _check_shape("bernoulli: shape", shape)
     _check_broadcast("bernoulli", "p", p_shape, shape)
     if not isinstance(p, Tensor):
+        threshold = _fast.below_threshold(float(p))
+        if _use_ops(key) and 0 < math.prod(shape) <= 2**32:
+            # one opaque op: not fused into (nor recomputed by) every kernel reading the mask
+            return torch.ops.fnllm.keep_mask(words, list(shape), threshold)
+        keep = _fast_draw("below", words, shape, threshold)
+        if keep is not None:
+            return keep
         p = torch.tensor(float(p), dtype=dtype, device=key.device)
-    if dtype == torch.float32 and p.dim() == 0 and p.device == key.device:
-        u = _fast_draw("unit", words, shape)  # a bool-output kernel is not vectorised
+    elif dtype == torch.float32 and p.dim() == 0 and p.device == key.device:
+        u = _fast_draw("unit", words, shape)
         if u is not None:
             return u < p
     return _uniform(words[0], words[1], shape, dtype, 0.0, 1.0, key.device) < p
