@@ -281,7 +281,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         batches = functools.partial(
             data.bert_batches, batch_size=cfg.batch_size, max_len=cfg.block_size
         )
-    loader = _epochs(lambda e: batches(corpus, k_data, epoch=e))
+    loader = data.epochs(lambda e: batches(corpus, k_data, epoch=e))
     val_batches = _val_batches(batches(val_corpus, k_val))
     baseline = unigram_entropy(torch.cat([b[targets].flatten() for b in val_batches]))
 
@@ -300,12 +300,12 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     trainable, frozen = tree.partition(params, "*")
     warmup = max(1, min(100, cfg.steps // 10))
     opt = optim.adamw(optim.warmup_cosine(cfg.lr, warmup, cfg.steps + 1), weight_decay=0.01)
+    checkpoint = train.Checkpointing(out / "checkpoints", every=cfg.checkpoint_every)
     if ranks > 1:
         # each rank takes its slice of the global batch; gradients are averaged over ranks
         result = distributed.fit(
             loss_fn, opt, trainable, frozen, loader, key=k_train, steps=cfg.steps, clip=1.0,
-            checkpoint_dir=out / "checkpoints", checkpoint_every=cfg.checkpoint_every,
-            model=model, progress=cfg.progress, meta={"seed": cfg.seed},
+            checkpoint=checkpoint, model=model, progress=cfg.progress, meta={"seed": cfg.seed},
         )  # fmt: skip
         if not distributed.is_main():
             return {"step": result.step, "rank": distributed.rank()}
@@ -313,9 +313,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         result = train.fit(
             loss_fn, opt, trainable, frozen, loader, key=k_train, steps=cfg.steps,
             compile=cfg.compile, clip=1.0, eval_fn=evaluate,
-            eval_every=cfg.eval_every or cfg.steps, checkpoint_dir=out / "checkpoints",
-            checkpoint_every=cfg.checkpoint_every, model=model, progress=cfg.progress,
-            meta={"seed": cfg.seed},
+            eval_every=cfg.eval_every or cfg.steps, checkpoint=checkpoint, model=model,
+            progress=cfg.progress, meta={"seed": cfg.seed},
         )  # fmt: skip
     trained = tree.combine(result.trainable, frozen)
     last = result.evals[-1] if result.evals else {}
@@ -356,20 +355,6 @@ def _bert_loss(model: BERT) -> Any:
         return mlm_loss + sop_loss, {"lm": mlm_loss.detach(), "sop_accuracy": correct.detach()}
 
     return loss_fn
-
-
-def _epochs(make: Any) -> Any:
-    """``step -> batch`` across epochs, each with its own shuffle (pure in the step)."""
-    loaders: dict[int, Any] = {}
-
-    def batch_at(step: int) -> dict:
-        first = loaders.setdefault(0, make(0))
-        epoch, i = divmod(step, first.num_steps)
-        if epoch not in loaders:
-            loaders[epoch] = make(epoch)
-        return loaders[epoch].batch(i)
-
-    return batch_at
 
 
 def _val_batches(loader: Any, limit: int = 16) -> list[dict]:

@@ -9,29 +9,27 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fnllm import distributed, random, tree
+from fnllm import distributed, random, testing, tree
 from fnllm.distributed.collectives import _bucketed
 
-
-@st.composite
-def _trees(draw: st.DrawFn) -> Any:
-    dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int64])
-    shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)
-    leaf = st.builds(lambda s, d, v: torch.full(s, v, dtype=d), shapes, dtypes, st.integers(-3, 3))
-    return draw(
-        st.recursive(
-            leaf,
-            lambda kids: st.one_of(
-                st.lists(kids, max_size=3),
-                st.dictionaries(st.sampled_from(["a", "b", "w", "x"]), kids, max_size=3),
-            ),
-            max_leaves=12,
-        )
-    )
+# any tree fnllm's collectives may be handed: a bare leaf, lists or dicts at the root, empty
+# containers, mixed dtypes and empty tensors
+_TREES = testing.trees(
+    testing.tensors(
+        testing.shapes(max_dims=3, min_side=0, max_side=4),
+        dtype=[torch.float32, torch.float64, torch.bfloat16, torch.int64],
+        min_value=-3,
+        max_value=3,
+    ),
+    max_leaves=12,
+    min_leaves=0,
+    root="any",
+    empty=True,
+)
 
 
 @settings(max_examples=60)
-@given(t=_trees(), bucket_bytes=st.integers(1, 200))
+@given(t=_TREES, bucket_bytes=st.integers(1, 200))
 def test_bucketing_keeps_structure_values_and_input_for_any_bucket_size(
     t: Any, bucket_bytes: int
 ) -> None:
