@@ -164,6 +164,25 @@ def test_demo_runs_on_a_users_model_and_csv(tmp_path, capsys, kind):
     _check_outputs(tmp_path / "out", names)
 
 
+def test_reference_recipe_and_preset_are_recorded_and_train_from_the_embeddings(tmp_path, capsys):
+    directory, csv = _tiny_dir(tmp_path, "bert")
+    argv = ["demo", "--model-dir", str(directory), "--data", str(csv), "--text-column",
+            "review", "--label-column", "sentiment", "--strategies", "head,last:1", "--seeds",
+            "2", "--recipe", "reference", "--preset", "reference", "--no-progress", "--out",
+            str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    rows = _rows(capsys.readouterr().out)
+    # dropout runs in the frozen blocks too: training starts at the embeddings, eval reuses
+    assert {r[0]: r[4] for r in rows[1:]} == {"head": "- (eval 2/2)", "last:1": "- (eval 1/2)"}
+    assert {r[0]: r[2] for r in rows[1:]} == {"head": "1", "last:1": "1"}  # one recipe for all
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["preset"] == "reference" and results["seeds"] == 2
+    assert results["recipe"]["name"] == "reference"
+    assert set(results["recipe"]["learning_rates"].values()) == {5e-5}
+    assert results["recipe"]["dropout"] == "from the checkpoint's config"
+    assert results["max_len"] == 32  # the preset's 64 tokens, capped at the model's max_len
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
