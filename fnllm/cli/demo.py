@@ -4,6 +4,10 @@ By default: the pretrained all-MiniLM-L6-v2 on the VADER study's human-rated mov
 sentences (positive vs negative). Feature-based probes (logistic regression, boosted trees)
 and finetuning strategies (``head``, ``bitfit``, ``last:1``, ``last:2``, ``full``, ``lora``)
 each train on the same split; one table compares trainable parameters, time and accuracy.
+Every finetuning row trains with ``--seeds`` keys (default 3): the table shows mean ± sample
+standard deviation, the figure error bars, and the closing lines say which differences are
+larger than that spread. ``--recipe reference`` trains as a ``transformers`` script does;
+``--preset reference`` runs 4,000/1,000/2,000 sentences of 64 tokens.
 ``fnllm demo --pretrain`` runs the earlier demo (a small GPT pretrained from scratch).
 """
 

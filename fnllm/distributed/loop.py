@@ -1,7 +1,7 @@
 """The distributed fit: :func:`fnllm.train.fit`'s loop on a process group.
 
-Every rank runs ``train.fit``'s loop (:func:`fnllm.train.fit.fit_loop`) on its slice of the
-global batch; a :class:`~fnllm.train._run.Runner` for the process group supplies what differs.
+Every rank runs ``train.fit``'s loop (``fnllm.train.fit.fit_loop``) on its slice of the
+global batch; a ``Runner`` (``fnllm.train._run``) for the process group supplies what differs.
 The loss is wrapped with :func:`~fnllm.distributed.data_parallel` (replicated params) or
 :func:`~fnllm.distributed.sharded` (DTensor params), so all ranks make the same update. Only
 rank 0 shows a progress bar and prints; checkpoints are written by rank 0 alone

@@ -40,7 +40,7 @@ AUTO_COMPILE_MIN_STEPS = {"cpu": 1000, "cuda": 2000}
 
 
 class Runner:
-    """How the fit loop meets its process(es): the hooks :func:`fnllm.train.fit.fit_loop` calls.
+    """How the fit loop meets its process(es): the hooks ``fnllm.train.fit.fit_loop`` calls.
 
     This one is a single process: the loss and data as given, the optimizer state initialised
     here, checkpoints written by this process. ``fnllm.distributed.fit`` subclasses it for a

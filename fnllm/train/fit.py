@@ -1,8 +1,8 @@
 """The fit loop: run train steps with a progress bar, evaluation, a NaN guard and checkpoints.
 
-:func:`fit` is the one training loop: :func:`fit_loop` runs it, with a
-:class:`~fnllm.train._run.Runner` that says how it meets its process(es); ``fnllm.distributed.fit``
-runs the same loop on a process group.
+:func:`fit` is the one training loop: ``fit_loop`` runs it, with a ``Runner``
+(``fnllm.train._run``) that says how it meets its process(es); ``fnllm.distributed.fit`` runs
+the same loop on a process group.
 
 Determinism contract (what makes resuming bit-identical): the key of step ``s`` is
 ``random.fold_in(key, s)`` and its batch is ``data(s)``, so both are pure functions of the step
@@ -246,7 +246,7 @@ def fit_loop(
 ) -> FitResult:
     """The loop of :func:`fit` on checked arguments, its process(es) given by ``runner``.
 
-    :func:`fit` runs it with :class:`fnllm.train._run.Runner` (one process);
+    :func:`fit` runs it with ``fnllm.train._run.Runner`` (one process);
     :func:`fnllm.distributed.fit` with a process group's runner. Same arguments as
     :func:`fit`, with ``compile``, ``autocast`` and the checkpoint options already resolved.
 
