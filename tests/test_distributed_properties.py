@@ -87,3 +87,32 @@ def test_privatize_refuses_a_non_number_clip() -> None:
         distributed.privatize(
             random.key(0), {"w": torch.ones(2, 3)}, clip="1", noise_multiplier=1.0
         )
+
+
+def test_fit_in_one_process_is_train_fits_loop_with_its_options() -> None:
+    """distributed.fit runs train.fit's loop: epochs, eval_fn and on_nonfinite behave alike."""
+    from fnllm import data, optim, train
+
+    batches = [{"x": torch.eye(3)[i : i + 1], "y": torch.full((1,), float(i))} for i in range(3)]
+    stream = data.epochs(batches, key=random.key(4), num_epochs=4)
+
+    def loss_fn(tr: Any, fr: Any, b: Any, key: Any) -> torch.Tensor:
+        return ((b["x"] @ tr["w"] - b["y"]) ** 2).mean()
+
+    def evaluate(tr: Any, fr: Any) -> float:
+        return float(tr["w"].sum())
+
+    kw = dict(key=random.key(0), epochs=4, eval_fn=evaluate, eval_every=3, progress=False)
+    ours = distributed.fit(loss_fn, optim.adamw(0.1), {"w": torch.zeros(3)}, {}, stream, **kw)
+    ref = train.fit(
+        loss_fn, optim.adamw(0.1), {"w": torch.zeros(3)}, {}, stream, compile=False, **kw
+    )
+    assert ours.step == ref.step == 12 and ours.evals == ref.evals and len(ours.evals) == 4
+    assert torch.equal(ours.trainable["w"], ref.trainable["w"])
+    assert [h["loss"] for h in ours.history] == [h["loss"] for h in ref.history]
+    nan = lambda tr, fr, b, key: loss_fn(tr, fr, b, key) * float("nan")
+    stopped = distributed.fit(
+        nan, optim.sgd(0.1), {"w": torch.zeros(3)}, {}, stream, key=random.key(0), steps=5,
+        on_nonfinite="stop", progress=False,
+    )  # fmt: skip
+    assert stopped.step == 0 and stopped.stopped and stopped.skipped == [0]
