@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shlex
 import sys
 import time
@@ -218,7 +219,7 @@ def _check_out(out: Path, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--out {out}: is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".fnllm-demo-write-test"
+        probe = out / f".fnllm-demo-write-test-{os.getpid()}"  # one per rank under torchrun
         probe.write_text("")
         probe.unlink()
     except OSError as err:
