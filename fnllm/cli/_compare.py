@@ -71,13 +71,13 @@ DEFAULT = Recipe(
     dropout=False,
     head_epochs=10,
     notes=(
-        "dropout off: frozen blocks are then a fixed function of the input, so the frozen "
-        "pass is computed once and reused by head, last:N and the probes, across epochs and "
-        "seeds (the rows train in a fraction of the time); with one short epoch dropout "
-        "barely regularises anyway",
+        "dropout off (the checkpoint says 0.1): frozen blocks are then a fixed function of "
+        "the input, so the frozen pass is computed once and reused by head, last:N and the "
+        "probes, across epochs and seeds; those rows train in a fraction of the time. "
+        "--recipe reference keeps the checkpoint's dropout",
         "a learning rate per strategy (head 1e-2, bitfit and lora 2e-3, full and last:N "
-        "1e-4): one rate for all rows either underfits the few-parameter rows or breaks the "
-        "pretrained weights of full in a single epoch",
+        "1e-4): rows with few trainable parameters (a fresh head, biases, adapters) barely "
+        "move in one epoch at the 5e-5 of the reference recipe",
         "last:N trains its fresh head at the head row's 1e-2 (a second optimizer over the "
         "partition): at 1e-4 a randomly initialised head is still underfit after one epoch",
         "head trains 10x --epochs: an epoch on cached features costs next to nothing",
