@@ -283,7 +283,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         batches = functools.partial(
             data.bert_batches, batch_size=cfg.batch_size, max_len=cfg.block_size
         )
-    loader = _epochs(lambda e: batches(corpus, k_data, epoch=e))
+    loader = data.epochs(lambda e: batches(corpus, k_data, epoch=e))
     val_batches = _val_batches(batches(val_corpus, k_val))
     baseline = unigram_entropy(torch.cat([b[targets].flatten() for b in val_batches]))
 
@@ -357,20 +357,6 @@ def _bert_loss(model: BERT) -> Any:
         return mlm_loss + sop_loss, {"lm": mlm_loss.detach(), "sop_accuracy": correct.detach()}
 
     return loss_fn
-
-
-def _epochs(make: Any) -> Any:
-    """``step -> batch`` across epochs, each with its own shuffle (pure in the step)."""
-    loaders: dict[int, Any] = {}
-
-    def batch_at(step: int) -> dict:
-        first = loaders.setdefault(0, make(0))
-        epoch, i = divmod(step, first.num_steps)
-        if epoch not in loaders:
-            loaders[epoch] = make(epoch)
-        return loaders[epoch].batch(i)
-
-    return batch_at
 
 
 def _val_batches(loader: Any, limit: int = 16) -> list[dict]:

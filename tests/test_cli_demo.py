@@ -18,6 +18,7 @@ COLUMNS = [
     "strategy",
     "trainable",
     "epochs",
+    "seeds",
     "frozen pass reused",
     "time (s)",
     "val acc",
@@ -56,20 +57,50 @@ def _check_outputs(out_dir, names):
         assert 0.0 <= r["test_acc"] <= 1.0 and r["trainable"] > 0
 
 
-def test_quick_demo_on_minilm_and_vader(tmp_path, capsys):
+def test_quick_demo_with_two_seeds_on_minilm_and_vader(tmp_path, capsys):
+    """``fnllm demo --quick --seeds 2``: mean ± std per finetuning row in the table, the same
+    numbers in Markdown and JSON, and the figure's error bars are the rows' spreads."""
     try:
         io.pretrained_dir("all-MiniLM-L6-v2")
         data.load_vader()
     except (FileNotFoundError, ImportError) as err:
         pytest.skip(str(err))
-    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
-    rows = _rows(capsys.readouterr().out)
+    assert main(["demo", "--quick", "--seeds", "2", "--no-progress", "--out", str(tmp_path)]) == 0
+    stdout = capsys.readouterr().out
+    rows = _rows(stdout)
     assert rows[0] == COLUMNS
     assert [r[0] for r in rows[1:]] == list(DEFAULT_STRATEGIES)
-    reused = {r[0]: r[3] for r in rows[1:]}
+    reused = {r[0]: r[4] for r in rows[1:]}
     assert reused["head"] == "6/6 blocks" and reused["last:2"] == "4/6 blocks"
     assert reused["full"] == "-" and reused["lora"] == "-"
     _check_outputs(tmp_path, list(DEFAULT_STRATEGIES))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seeds"] == 2 and "standard deviation" in results["spread"]
+    md = [ln for ln in (tmp_path / "results.md").read_text().splitlines() if ln.startswith("|")]
+    md_rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in md[2:]]
+    points = {p["name"]: p for p in results["figure"]["accuracy"]}
+    for row, printed, cells in zip(results["rows"], rows[1:], md_rows, strict=True):
+        probe = row["name"].startswith("features+")
+        assert row["seeds"] == (1 if probe else 2) == len(row["runs"])
+        accs = [r["test_acc"] for r in row["runs"]]
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if not probe else 0.0
+        assert row["test_acc"] == pytest.approx(mean) and row["test_acc_std"] == pytest.approx(std)
+        assert (row["test_acc_min"], row["test_acc_max"]) == (min(accs), max(accs))
+        want = f"{mean:.3f}" if probe else f"{mean:.3f} ± {std:.3f}"
+        assert cells[COLUMNS.index("test acc")] == printed[COLUMNS.index("test acc")] == want
+        assert cells == printed, row["name"]  # the Markdown table is the printed one
+        point = points[row["name"]]  # what the figure drew: the mean and its error bar
+        assert point["y"] == pytest.approx(mean) and point["yerr"] == pytest.approx(std)
+        assert point["bar"] == pytest.approx([mean - std, mean + std], abs=1e-9)
+    assert results["verdicts"][0].startswith("best test accuracy:")
+    assert all(
+        ("larger than the spread" in v) or ("within the spread" in v) or ("no spread" in v)
+        for v in results["verdicts"][1:]
+    )
+    assert len(results["verdicts"]) == len(DEFAULT_STRATEGIES)
+    assert "\n".join(results["verdicts"]) in stdout
+    assert results["recipe"]["name"] == "default" and results["recipe"]["notes"]
 
 
 def _tiny_dir(tmp_path, kind: str):
@@ -120,6 +151,8 @@ def test_demo_runs_on_a_users_model_and_csv(tmp_path, capsys, kind):
         "2",
         "--lora-rank",
         "2",
+        "--seeds",
+        "1",
         "--no-progress",
         "--out",
         str(tmp_path / "out"),
@@ -131,13 +164,42 @@ def test_demo_runs_on_a_users_model_and_csv(tmp_path, capsys, kind):
     _check_outputs(tmp_path / "out", names)
 
 
+def test_reference_recipe_and_preset_are_recorded_and_train_from_the_embeddings(tmp_path, capsys):
+    directory, csv = _tiny_dir(tmp_path, "bert")
+    argv = ["demo", "--model-dir", str(directory), "--data", str(csv), "--text-column",
+            "review", "--label-column", "sentiment", "--strategies", "head,last:1", "--seeds",
+            "2", "--recipe", "reference", "--preset", "reference", "--no-progress", "--out",
+            str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    rows = _rows(capsys.readouterr().out)
+    # dropout runs in the frozen blocks too: training starts at the embeddings, eval reuses
+    assert {r[0]: r[4] for r in rows[1:]} == {"head": "- (eval 2/2)", "last:1": "- (eval 1/2)"}
+    assert {r[0]: r[2] for r in rows[1:]} == {"head": "1", "last:1": "1"}  # one recipe for all
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["preset"] == "reference" and results["seeds"] == 2
+    assert results["recipe"]["name"] == "reference"
+    assert set(results["recipe"]["learning_rates"].values()) == {5e-5}
+    assert results["recipe"]["dropout"] == "from the checkpoint's config"
+    assert results["max_len"] == 32  # the preset's 64 tokens, capped at the model's max_len
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--strategies", "head,everything"], "unknown name 'everything'"),
         (["--strategies", "last:3"], "N must be in [1, 2]"),
+        (["--strategies", "last:1.5"], "'last:1.5': N must be a whole number"),
+        (["--strategies", "head,head"], "'head' is given twice"),
         (["--label-column", "stars"], "has no column 'stars'"),
         (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--lora-rank", "1000"], "--lora-rank 1000: lora.init: rank 1000"),
+        (["--threads", "-1"], "--threads must be >= 1, got -1"),
+        (["--steps", "0"], "--steps is for --pretrain"),
+        (["--compile"], "--compile is for --pretrain"),
+        (["--quick", "--preset", "reference"], "--quick and --preset reference: give one"),
+        (["--recipe", "mine"], "invalid choice: 'mine'"),
+        (["--data", "missing.csv"], "--data missing.csv: no such file"),
     ],
 )
 def test_demo_bad_flags_exit_with_a_message(tmp_path, capsys, extra, message):
@@ -153,12 +215,53 @@ def test_demo_bad_flags_exit_with_a_message(tmp_path, capsys, extra, message):
         "--label-column",
         "sentiment",
         "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
         *extra,
     ]
     with pytest.raises(SystemExit) as err:
         main(argv)
     assert err.value.code == 2
-    assert message in capsys.readouterr().err
+    stderr = capsys.readouterr().err
+    assert message in stderr and "fnllm demo: error:" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "out" / "results.json").exists()
+
+
+def test_demo_refuses_an_out_that_is_a_file_and_splits_that_come_out_empty(tmp_path, capsys):
+    directory, _ = _tiny_dir(tmp_path, "bert")
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("review,sentiment\ngreat film,pos\nawful film,neg\nfun film,pos\ndull,neg\n")
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    base = ["demo", "--model-dir", str(directory), "--text-column", "review", "--label-column",
+            "sentiment", "--no-progress"]  # fmt: skip
+    for extra, message in (
+        (["--data", str(tiny), "--out", str(a_file)], f"--out {a_file}: is a file, not a folder"),
+        (["--data", str(tiny), "--out", str(tmp_path / "o")], "every split needs at least one"),
+    ):
+        with pytest.raises(SystemExit) as err:
+            main([*base, *extra])
+        assert err.value.code == 2
+        stderr = capsys.readouterr().err
+        assert message in stderr and "fnllm demo: error:" in stderr, stderr
+
+
+def test_pretrain_demo_rerun_with_fewer_steps_is_refused_and_the_same_steps_resume(
+    tmp_path, capsys
+):
+    argv = ["demo", "--pretrain", "--no-progress", "--no-minilm", "--threads", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main([*argv, "--steps", "4"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        main([*argv, "--steps", "2"])
+    assert err.value.code == 2
+    assert "trained to step 4, past --steps 2" in capsys.readouterr().err
+    assert main([*argv, "--steps", "4"]) == 0  # a finished run: nothing left to train
+    assert "already trained to --steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as err:
+        main([*argv, "--steps", "4", "--seeds", "2"])
+    assert "--seeds is for the finetuning comparison" in capsys.readouterr().err
 
 
 def test_demo_model_dir_without_weights_or_of_another_architecture(tmp_path, capsys):

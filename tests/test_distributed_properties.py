@@ -9,29 +9,27 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fnllm import distributed, random, tree
+from fnllm import distributed, random, testing, tree
 from fnllm.distributed.collectives import _bucketed
 
-
-@st.composite
-def _trees(draw: st.DrawFn) -> Any:
-    dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int64])
-    shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)
-    leaf = st.builds(lambda s, d, v: torch.full(s, v, dtype=d), shapes, dtypes, st.integers(-3, 3))
-    return draw(
-        st.recursive(
-            leaf,
-            lambda kids: st.one_of(
-                st.lists(kids, max_size=3),
-                st.dictionaries(st.sampled_from(["a", "b", "w", "x"]), kids, max_size=3),
-            ),
-            max_leaves=12,
-        )
-    )
+# any tree fnllm's collectives may be handed: a bare leaf, lists or dicts at the root, empty
+# containers, mixed dtypes and empty tensors
+_TREES = testing.trees(
+    testing.tensors(
+        testing.shapes(max_dims=3, min_side=0, max_side=4),
+        dtype=[torch.float32, torch.float64, torch.bfloat16, torch.int64],
+        min_value=-3,
+        max_value=3,
+    ),
+    max_leaves=12,
+    min_leaves=0,
+    root="any",
+    empty=True,
+)
 
 
 @settings(max_examples=60)
-@given(t=_trees(), bucket_bytes=st.integers(1, 200))
+@given(t=_TREES, bucket_bytes=st.integers(1, 200))
 def test_bucketing_keeps_structure_values_and_input_for_any_bucket_size(
     t: Any, bucket_bytes: int
 ) -> None:
@@ -89,3 +87,32 @@ def test_privatize_refuses_a_non_number_clip() -> None:
         distributed.privatize(
             random.key(0), {"w": torch.ones(2, 3)}, clip="1", noise_multiplier=1.0
         )
+
+
+def test_fit_in_one_process_is_train_fits_loop_with_its_options() -> None:
+    """distributed.fit runs train.fit's loop: epochs, eval_fn and on_nonfinite behave alike."""
+    from fnllm import data, optim, train
+
+    batches = [{"x": torch.eye(3)[i : i + 1], "y": torch.full((1,), float(i))} for i in range(3)]
+    stream = data.epochs(batches, key=random.key(4), num_epochs=4)
+
+    def loss_fn(tr: Any, fr: Any, b: Any, key: Any) -> torch.Tensor:
+        return ((b["x"] @ tr["w"] - b["y"]) ** 2).mean()
+
+    def evaluate(tr: Any, fr: Any) -> float:
+        return float(tr["w"].sum())
+
+    kw = dict(key=random.key(0), epochs=4, eval_fn=evaluate, eval_every=3, progress=False)
+    ours = distributed.fit(loss_fn, optim.adamw(0.1), {"w": torch.zeros(3)}, {}, stream, **kw)
+    ref = train.fit(
+        loss_fn, optim.adamw(0.1), {"w": torch.zeros(3)}, {}, stream, compile=False, **kw
+    )
+    assert ours.step == ref.step == 12 and ours.evals == ref.evals and len(ours.evals) == 4
+    assert torch.equal(ours.trainable["w"], ref.trainable["w"])
+    assert [h["loss"] for h in ours.history] == [h["loss"] for h in ref.history]
+    nan = lambda tr, fr, b, key: loss_fn(tr, fr, b, key) * float("nan")
+    stopped = distributed.fit(
+        nan, optim.sgd(0.1), {"w": torch.zeros(3)}, {}, stream, key=random.key(0), steps=5,
+        on_nonfinite="stop", progress=False,
+    )  # fmt: skip
+    assert stopped.step == 0 and stopped.stopped and stopped.skipped == [0]

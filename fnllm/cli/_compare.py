@@ -3,7 +3,8 @@
 Frozen blocks below the lowest trainable one are a fixed function of the input (no dropout),
 so :func:`frozen_pass` runs them once per example and keeps the hidden states at every layer
 a strategy resumes from; ``head``, ``last:N`` and the feature-based probes all reuse that pass,
-across epochs and across strategies.
+across epochs, seeds and strategies. A :class:`Recipe` says how the rows train: the demo's own
+(:data:`DEFAULT`) or the common ``transformers`` one (:data:`REFERENCE`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fnllm import distributed, losses, optim, train, tree
+from fnllm import data, distributed, losses, optim, train, tree
 from fnllm import random as jr
 from fnllm.finetune import (
     Classifier,
@@ -24,33 +25,142 @@ from fnllm.finetune import (
     linear_probe,
     lora,
     macro_f1,
+    predict,
     strategy,
 )
 
 PROBES = ("features+logreg", "features+boosting")
-# Adam learning rates per strategy (peak of a warm-up + cosine schedule).
-LEARNING_RATES = {"head": 1e-2, "bitfit": 2e-3, "lora": 2e-3, "full": 1e-4}
-LAST_N_LR = 1e-4
-# The fresh head of ``last:N`` trains at its own rate (the ``head`` row's), not the blocks' small
-# one: one epoch at 1e-4 leaves a randomly initialised head underfit.
-HEAD_LR = 1e-2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the finetuning rows train: learning rates, schedule, dropout, epochs of ``head``."""
+
+    name: str
+    lrs: dict[str, float]  # per strategy name; "last:N" under the key "last"
+    head_lr: float | None  # the fresh head's own rate in last:N rows (None: the blocks' rate)
+    schedule: str  # "warmup_cosine" or "linear" (transformers' default: linear decay to 0)
+    weight_decay: float
+    dropout: bool  # the checkpoint's dropout while training (a key to every forward)
+    head_epochs: int  # epochs of the head row, as a multiple of --epochs
+    notes: tuple[str, ...]  # what the recipe changes from the reference, and why
+
+    def lr(self, name: str) -> float:
+        return self.lrs["last" if name.startswith("last:") else name]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "optimizer": f"AdamW, weight decay {self.weight_decay}",
+            "learning_rates": self.lrs,
+            "last_n_head_learning_rate": self.head_lr,
+            "schedule": self.schedule,
+            "dropout": "from the checkpoint's config" if self.dropout else "off",
+            "head_epochs": f"{self.head_epochs} x --epochs",
+            "notes": list(self.notes),
+        }
+
+
+# The demo's own recipe: each row at the rate that suits it in one short epoch.
+DEFAULT = Recipe(
+    name="default",
+    lrs={"head": 1e-2, "bitfit": 2e-3, "lora": 2e-3, "full": 1e-4, "last": 1e-4},
+    head_lr=1e-2,
+    schedule="warmup_cosine",
+    weight_decay=0.01,
+    dropout=False,
+    head_epochs=10,
+    notes=(
+        "dropout off (the checkpoint says 0.1): frozen blocks are then a fixed function of "
+        "the input, so the frozen pass is computed once and reused by head, last:N and the "
+        "probes, across epochs and seeds; those rows train in a fraction of the time. "
+        "--recipe reference keeps the checkpoint's dropout",
+        "a learning rate per strategy (head 1e-2, bitfit and lora 2e-3, full and last:N "
+        "1e-4): rows with few trainable parameters (a fresh head, biases, adapters) barely "
+        "move in one epoch at the 5e-5 of the reference recipe",
+        "last:N trains its fresh head at the head row's 1e-2 (a second optimizer over the "
+        "partition): at 1e-4 a randomly initialised head is still underfit after one epoch",
+        "head trains 10x --epochs: an epoch on cached features costs next to nothing",
+        "warm-up (10% of steps) then cosine decay, AdamW weight decay 0.01",
+    ),
+)
+# The common transformers recipe (Trainer defaults), row for row comparable with such a script.
+REFERENCE = Recipe(
+    name="reference",
+    lrs={"head": 5e-5, "bitfit": 5e-5, "lora": 5e-5, "full": 5e-5, "last": 5e-5},
+    head_lr=None,
+    schedule="linear",
+    weight_decay=0.0,
+    dropout=True,
+    head_epochs=1,
+    notes=(
+        "as a transformers script: one learning rate 5e-5 for every trainable leaf of every "
+        "row, linear decay to 0 without warm-up, AdamW without weight decay, dropout from the "
+        "checkpoint's config in every block (frozen ones too, as model.train() does), so "
+        "training starts from the embeddings; evaluation reuses the frozen pass",
+    ),
+)
+RECIPES = {"default": DEFAULT, "reference": REFERENCE}
 
 
 @dataclass
-class Row:
-    """One line of the table."""
+class Run:
+    """One seed of a finetuning row (or the one run of a probe)."""
 
-    name: str
-    trainable: int
-    epochs: int
-    reused: str
     seconds: float
     val_acc: float
     val_f1: float
     test_acc: float
     test_f1: float
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    """One line of the table: a strategy over its seeds (mean and sample std)."""
+
+    name: str
+    trainable: int
+    epochs: int
+    reused: str
+    runs: list[Run]
     steps_per_epoch: int = 1
+
+    @property
+    def seeds(self) -> int:
+        return len(self.runs)
+
+    def mean(self, metric: str) -> float:
+        values = [getattr(r, metric) for r in self.runs]
+        return sum(values) / len(values)
+
+    def std(self, metric: str) -> float:
+        """The sample standard deviation over the seeds (0 for a single run)."""
+        values = [getattr(r, metric) for r in self.runs]
+        if len(values) < 2:
+            return 0.0
+        m = sum(values) / len(values)
+        return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+    def summary(self) -> dict[str, Any]:
+        """The row as results.json stores it: means, spreads and every run."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "trainable": self.trainable,
+            "epochs": self.epochs,
+            "seeds": self.seeds,
+            "reused": self.reused,
+            "seconds": self.mean("seconds"),
+        }
+        for metric in ("val_acc", "val_f1", "test_acc", "test_f1"):
+            values = [getattr(r, metric) for r in self.runs]
+            out[metric] = self.mean(metric)
+            out[f"{metric}_std"] = self.std(metric)
+            out[f"{metric}_min"], out[f"{metric}_max"] = min(values), max(values)
+        out["losses"] = self.runs[0].losses  # the first seed's curve (the figure's)
+        out["steps_per_epoch"] = self.steps_per_epoch
+        out["runs"] = [r.__dict__ for r in self.runs]
+        return out
 
 
 @dataclass
@@ -68,7 +178,7 @@ def resume_layer(setup: Setup, name: str, rank: int) -> int:
     """The layer a strategy's forward can start at (its frozen bottom blocks)."""
     if name in PROBES:
         return setup.model.n_layer
-    params = _with_adapters(setup, name, rank)
+    params = _with_adapters(setup.params, name, rank)
     return frozen_prefix(setup.model, params, strategy(name, setup.model))
 
 
@@ -127,94 +237,93 @@ def run_probe(setup: Setup, name: str, quick: bool) -> Row:
         pred = torch.as_tensor(probe.predict(feats[split].numpy())).long()
         scores[split] = (accuracy(pred, labels[split]), macro_f1(pred, labels[split]))
     seconds = time.perf_counter() - start
-    return Row(name, size, 1, f"{n}/{n} blocks", seconds, *scores["val"], *scores["test"])
+    run = Run(seconds, *scores["val"], *scores["test"])
+    return Row(name, size, 1, f"{n}/{n} blocks", [run])
 
 
 def run_strategy(
-    setup: Setup, name: str, epochs: int, rank: int, key: torch.Tensor, progress: bool
-) -> Row:
-    """Train one strategy with AdamW and score it on validation and test."""
+    setup: Setup,
+    name: str,
+    epochs: int,
+    rank: int,
+    key: torch.Tensor,
+    progress: bool,
+    recipe: Recipe = DEFAULT,
+) -> tuple[Run, int, str, int]:
+    """Train one strategy with AdamW for one seed (``key``) and score it on validation and test.
+
+    The seed draws the head (and LoRA adapters), the batch order of every epoch and, with the
+    reference recipe, the dropout masks. Returns ``(run, trainable count, reused, steps per
+    epoch)``.
+    """
     model = setup.model
-    params = _with_adapters(setup, name, rank)
+    k_head, k_lora, k_order, k_fit = jr.split(key, 4)
+    params = _with_adapters(
+        {**setup.params, "head": model.init(k_head, setup.params["base"])["head"]},
+        name,
+        rank,
+        k_lora,
+    )
     filt = strategy(name, model)
     k = frozen_prefix(model, params, filt)
+    k_train = 0 if recipe.dropout else k  # dropout runs in the frozen blocks too: no cache
     trainable, frozen = tree.partition(params, filt)
-    lr = LEARNING_RATES.get(name, LAST_N_LR)
-    head_lr = HEAD_LR if name.startswith("last:") else None
-    train_batches = setup.batches["train"]
-    n_batches = len(train_batches)
-    steps = epochs * n_batches
-    k_order, k_fit = jr.split(key)
-    orders: dict[int, list[int]] = {}
 
-    def inputs(split: str, j: int) -> torch.Tensor:
-        return setup.cache[k][split][j] if k else setup.batches[split][j]["input_ids"]
+    def batches(split: str, layer: int) -> list[dict[str, torch.Tensor]]:
+        return [
+            {**b, "x": setup.cache[layer][split][j] if layer else b["input_ids"]}
+            for j, b in enumerate(setup.batches[split])
+        ]
 
-    def batch_at(step: int) -> dict[str, torch.Tensor]:
-        epoch, i = divmod(step, n_batches)
-        if epoch not in orders:
-            orders[epoch] = jr.permutation(jr.fold_in(k_order, epoch), n_batches).tolist()
-        j = orders[epoch][i]
-        b = train_batches[j]
-        return {"x": inputs("train", j), "mask": b["attention_mask"], "labels": b["labels"]}
-
-    def logits_of(p: Any, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return model.apply_from(p, x, k, mask) if k else model.apply(p, x, mask)
+    def logits_of(p: Any, b: dict[str, torch.Tensor], layer: int, key: Any = None) -> Any:
+        if layer:
+            return model.apply_from(p, b["x"], layer, b["attention_mask"], key)
+        return model.apply(p, b["x"], b["attention_mask"], key)
 
     def loss_fn(tr: Any, fr: Any, batch: dict[str, torch.Tensor], key: Any) -> torch.Tensor:
-        logits = logits_of(tree.combine(tr, fr), batch["x"], batch["mask"])
+        drop = key if recipe.dropout else None
+        logits = logits_of(tree.combine(tr, fr), batch, k_train, drop)
         return losses.classification(logits, batch["labels"])
 
+    stream = data.epochs(batches("train", k_train), key=k_order, num_epochs=epochs)
+    steps = epochs * stream.steps_per_epoch
     start = time.perf_counter()
-    warmup = max(1, steps // 10)
-    opt = optim.adamw(optim.warmup_cosine(lr, warmup, steps + 1), weight_decay=0.01)
-    if head_lr is not None:
-        head_opt = optim.adamw(optim.warmup_cosine(head_lr, warmup, steps + 1), weight_decay=0.01)
-        opt = per_part(_is_head, head_opt, opt)
-    if distributed.world_size() > 1:  # under torchrun: each rank trains on its rows of a batch
-        result = distributed.fit(
-            loss_fn, opt, trainable, frozen, batch_at, key=k_fit, steps=steps, progress=progress
-        )
-    else:
-        result = train.fit(
-            loss_fn,
-            opt,
-            trainable,
-            frozen,
-            batch_at,
-            key=k_fit,
-            steps=steps,
-            compile=False,
-            progress=progress,
-            tokens_per_batch=lambda b: int(b["mask"].sum()),
-        )
+    opt = _optimizer(recipe, recipe.lr(name), steps)
+    if recipe.head_lr is not None and name.startswith("last:"):
+        opt = per_part(_is_head, _optimizer(recipe, recipe.head_lr, steps), opt)
+    fit = distributed.fit if distributed.world_size() > 1 else train.fit
+    options = {"compile": False} if fit is train.fit else {}  # under torchrun: data parallel
+    result = fit(
+        loss_fn, opt, trainable, frozen, stream, key=k_fit, epochs=epochs, progress=progress,
+        tokens_per_batch=lambda b: int(b["attention_mask"].sum()), **options,
+    )  # fmt: skip
     trained = tree.combine(result.trainable, frozen)
     scores = {s: (float("nan"), float("nan")) for s in ("val", "test")}
-    with torch.no_grad():
-        for split in ("val", "test") if distributed.is_main() else ():  # only rank 0 reports
-            batches = setup.batches[split]
-            logits = torch.cat(
-                [
-                    logits_of(trained, inputs(split, j), b["attention_mask"])
-                    for j, b in enumerate(batches)
-                ]
-            )
-            labels = torch.cat([b["labels"] for b in batches])
-            scores[split] = (accuracy(logits, labels), macro_f1(logits, labels))
+    for split in ("val", "test") if distributed.is_main() else ():  # only rank 0 reports
+        out = predict(model, trained, batches(split, k), forward=lambda p, b: logits_of(p, b, k))
+        scores[split] = (accuracy(out.logits, out.labels), macro_f1(out.logits, out.labels))
     seconds = time.perf_counter() - start
-    n = model.n_layer
-    reused = f"{k}/{n} blocks" if k else "-"
-    return Row(
-        name,
-        tree.count(trainable),
-        epochs,
-        reused,
-        seconds,
-        *scores["val"],
-        *scores["test"],
-        losses=[h["loss"] for h in result.history],
-        steps_per_epoch=n_batches,
-    )
+    reused = f"{k_train}/{model.n_layer} blocks" if k_train else "-"
+    if k and not k_train:
+        reused = f"- (eval {k}/{model.n_layer})"
+    run = Run(seconds, *scores["val"], *scores["test"], losses=[h["loss"] for h in result.history])
+    return run, tree.count(trainable), reused, stream.steps_per_epoch
+
+
+def _optimizer(recipe: Recipe, lr: float, steps: int) -> optim.GradientTransformation:
+    if recipe.schedule == "linear":  # transformers' default: from lr down to 0, no warm-up
+        schedule = _linear_decay(lr, steps)
+    else:
+        schedule = optim.warmup_cosine(lr, max(1, steps // 10), steps + 1)
+    return optim.adamw(schedule, weight_decay=recipe.weight_decay)
+
+
+def _linear_decay(lr: float, steps: int) -> optim.Schedule:
+    def schedule(step: torch.Tensor | int) -> torch.Tensor:
+        t = torch.as_tensor(step, dtype=torch.float32)
+        return lr * torch.clamp(1.0 - t / max(steps, 1), min=0.0)
+
+    return schedule
 
 
 def per_part(
@@ -254,10 +363,10 @@ def _is_head(path: str, leaf: Any) -> bool:
     return path == "head" or path.startswith("head.")
 
 
-def _with_adapters(setup: Setup, name: str, rank: int) -> Any:
+def _with_adapters(params: Any, name: str, rank: int, key: torch.Tensor | None = None) -> Any:
     if name != "lora":
-        return setup.params
-    return lora.init(jr.key(17), setup.params, rank=rank, alpha=2 * rank)
+        return params
+    return lora.init(jr.key(17) if key is None else key, params, rank=rank, alpha=2 * rank)
 
 
 def _tree_nodes(probe: Any) -> int:

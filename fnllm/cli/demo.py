@@ -4,13 +4,19 @@ By default: the pretrained all-MiniLM-L6-v2 on the VADER study's human-rated mov
 sentences (positive vs negative). Feature-based probes (logistic regression, boosted trees)
 and finetuning strategies (``head``, ``bitfit``, ``last:1``, ``last:2``, ``full``, ``lora``)
 each train on the same split; one table compares trainable parameters, time and accuracy.
+Every finetuning row trains with ``--seeds`` keys (default 3): the table shows mean ± sample
+standard deviation, the figure error bars, and the closing lines say which differences are
+larger than that spread. ``--recipe reference`` trains as a ``transformers`` script does;
+``--preset reference`` runs 4,000/1,000/2,000 sentences of 64 tokens.
 ``fnllm demo --pretrain`` runs the earlier demo (a small GPT pretrained from scratch).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import shlex
 import sys
 import time
@@ -32,11 +38,20 @@ DEFAULT_STRATEGIES = (
     "full",
     "lora",
 )
-HEAD_EPOCHS = 10  # an epoch of `head` on cached features costs next to nothing
+# 3 keys per finetuning row: the smallest count with a spread, within ~5 min on 2 cores
+DEFAULT_SEEDS = 3
+RECIPES_HELP = ("default", "reference")
+# data sizes (train, val, test sentences; tokens per text)
+PRESETS = {
+    "default": {"train": 1600, "val": 400, "test": 800, "max_len": 40},
+    "quick": {"train": 32, "val": 16, "test": 32, "max_len": 24},
+    "reference": {"train": 4000, "val": 1000, "test": 2000, "max_len": 64},
+}
 _COLUMNS = (
     "strategy",
     "trainable",
     "epochs",
+    "seeds",
     "frozen pass reused",
     "time (s)",
     "val acc",
@@ -89,7 +104,27 @@ def register(sub: Any) -> None:
         "--epochs",
         type=int,
         default=None,
-        help=f"finetuning epochs (default 1; head trains x{HEAD_EPOCHS})",
+        help="finetuning epochs (default 1; the default recipe trains head x10)",
+    )
+    demo.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help=f"keys per finetuning row, for the spread (default {DEFAULT_SEEDS}; --quick: 1)",
+    )
+    demo.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES_HELP),
+        default="default",
+        help="how rows train: 'default' (the demo's, see results.json) or 'reference' "
+        "(as a transformers script: dropout on, lr 5e-5 for every leaf, linear decay)",
+    )
+    demo.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="data sizes: 'default' (1600/400/800 sentences, 40 tokens), 'quick' (as --quick) "
+        "or 'reference' (4000/1000/2000 sentences, 64 tokens); the size flags override it",
     )
     demo.add_argument("--train-size", type=int, default=None, help="training examples (1600)")
     demo.add_argument("--val-size", type=int, default=None, help="validation examples (400)")
@@ -113,27 +148,39 @@ def register(sub: Any) -> None:
         help="run the pretraining demo instead (a small GPT from scratch)",
     )
     pretrain_demo.add_arguments(demo)
-    demo.set_defaults(run=_run)
+    # errors name the subcommand: "fnllm demo: error: ..."
+    demo.set_defaults(run=lambda args, parser: _run(args, demo))
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.pretrain:
+        for flag, value in (("--seeds", args.seeds), ("--preset", args.preset)):
+            if value is not None:
+                parser.error(f"{flag} is for the finetuning comparison, not --pretrain")
         return pretrain_demo.run(args, parser)
-    quick = args.quick
+    given = [f for f, v in pretrain_demo.flags_given(args).items() if v]
+    if given:
+        parser.error(f"{given[0]} is for --pretrain (the pretraining demo); add --pretrain")
+    if args.quick and args.preset not in (None, "quick"):
+        parser.error(f"--quick and --preset {args.preset}: give one")
+    preset = PRESETS[args.preset or ("quick" if args.quick else "default")]
+    quick = preset is PRESETS["quick"]
 
-    def pick(value: int | None, quick_value: int, full_value: int) -> int:
-        return value if value is not None else (quick_value if quick else full_value)
+    def pick(value: int | None, default: int) -> int:
+        return value if value is not None else default
 
     sizes = {
-        "train": pick(args.train_size, 32, 1600),
-        "val": pick(args.val_size, 16, 400),
-        "test": pick(args.test_size, 32, 800),
+        "train": pick(args.train_size, preset["train"]),
+        "val": pick(args.val_size, preset["val"]),
+        "test": pick(args.test_size, preset["test"]),
     }
-    max_len = pick(args.max_len, 24, 40)
-    batch_size = pick(args.batch_size, 16, 32)
-    epochs = pick(args.epochs, 1, 1)
+    max_len = pick(args.max_len, preset["max_len"])
+    batch_size = pick(args.batch_size, 16 if quick else 32)
+    epochs = pick(args.epochs, 1)
+    seeds = pick(args.seeds, 1 if quick else DEFAULT_SEEDS)
     for flag, value in (
         ("--epochs", epochs),
+        ("--seeds", seeds),
         ("--batch-size", batch_size),
         ("--lora-rank", args.lora_rank),
         *((f"--{k}-size", v) for k, v in sizes.items()),
@@ -142,15 +189,41 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"{flag} must be >= 1, got {value}")
     if max_len < 2:
         parser.error(f"--max-len must be >= 2, got {max_len}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not names:
         parser.error("--strategies: give at least one")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        parser.error(f"--strategies: {repeated[0]!r} is given twice")
     out = args.out or Path("fnllm-demo")
+    _check_out(out, parser)
+    if args.data is not None and not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file")
+    if args.model_dir is not None and not args.model_dir.is_dir():
+        parser.error(f"--model-dir {args.model_dir}: no such folder")
+    options = {"epochs": epochs, "seeds": seeds, "batch_size": batch_size, "quick": quick}
     try:
-        return _demo(args, names, sizes, max_len, epochs, batch_size, out, parser)
+        return _demo(args, names, sizes, max_len, options, out, parser)
     except (FileNotFoundError, KeyError) as err:
         parser.error(str(err).strip("'\""))
     return 2  # pragma: no cover
+
+
+def _check_out(out: Path, parser: argparse.ArgumentParser) -> None:
+    """Refuse an output folder that cannot be written before anything runs."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".fnllm-demo-write-test-{os.getpid()}"  # one per rank under torchrun
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        parser.error(f"--out {out}: cannot write there ({err.strerror or err})")
 
 
 def _demo(
@@ -158,14 +231,13 @@ def _demo(
     names: list[str],
     sizes: dict[str, int],
     max_len: int,
-    epochs: int,
-    batch_size: int,
+    options: dict[str, Any],
     out: Path,
     parser: argparse.ArgumentParser,
 ) -> int:
     import torch
 
-    from fnllm import data, distributed, io
+    from fnllm import data, distributed, io, tree
     from fnllm import random as jr
     from fnllm.cli import _compare
     from fnllm.finetune import Classifier, strategy
@@ -198,13 +270,20 @@ def _demo(
             parser.error(f"--data: {err}")
         source = str(args.data)
     model = Classifier(base, n_classes=len(classes), pooling=base.default_pooling)
+    template = model.init(jr.key(0), base_params=base_params)  # for the checks below
     for name in names:
         if name in _compare.PROBES:
             continue
+        if name.startswith("last:") and not name[5:].isdigit():
+            parser.error(f"--strategies: {name!r}: N must be a whole number (like 'last:2')")
         try:
-            strategy(name, model)
+            trainable, _ = tree.partition(template, strategy(name, model))
         except ValueError as err:
             parser.error(f"--strategies: {err}; or one of {list(_compare.PROBES)}")
+        if not tree.leaves(trainable) and name != "lora":
+            parser.error(f"--strategies: {name!r} selects no parameter of this model")
+    epochs, seeds, batch_size = options["epochs"], options["seeds"], options["batch_size"]
+    recipe = _compare.RECIPES[args.recipe]
     root = jr.key(args.seed)
     k_split, k_head, k_batch, k_train = jr.split(root, 4)
     total_n, wanted = len(labels), sum(sizes.values())
@@ -213,6 +292,12 @@ def _demo(
         parts = data.stratified_split(k_split, labels, fractions)[:3]
     else:
         parts = data.stratified_split(k_split, labels, (0.8, 0.1, 0.1))
+    got = {split: min(int(idx.numel()), n) for (split, n), idx in zip(sizes.items(), parts)}
+    if min(got.values()) < 1:
+        parser.error(
+            f"--data: {total_n} examples split into train {got['train']}, val {got['val']}, "
+            f"test {got['test']}: every split needs at least one example (give more rows)"
+        )
     pad_id = tokenizer.token_to_id("[PAD]") or 0
     width = min(max_len, base.max_len)
     batches, truncated = {}, 0
@@ -239,6 +324,11 @@ def _demo(
             f"examples does not divide; pick sizes that are multiples of {ranks}"
         )
     params = model.init(k_head, base_params=base_params)
+    if "lora" in names:  # a rank the layers cannot take is refused before any work
+        try:
+            _compare.resume_layer(_compare.Setup(model, params, {}), "lora", args.lora_rank)
+        except ValueError as err:
+            parser.error(f"--lora-rank {args.lora_rank}: {err}")
     setup = _compare.Setup(model, params, batches)
     counts = {s: sum(len(b["labels"]) for b in bs) for s, bs in batches.items()}
     say(
@@ -251,6 +341,14 @@ def _demo(
     say(
         f"      train {counts['train']}, val {counts['val']}, test {counts['test']} "
         f"(stratified split, key {args.seed}), at most {width} tokens ({truncated} truncated)"
+    )
+    say(
+        f"recipe: {recipe.name}; finetuning rows x {seeds} seed(s)"
+        + (
+            " (the frozen pass and the probes' features are shared by all seeds)"
+            if seeds > 1
+            else ""
+        )
     )
 
     layers = {_compare.resume_layer(setup, n, args.lora_rank) for n in names}
@@ -265,17 +363,27 @@ def _demo(
         if name in _compare.PROBES:
             if not main:  # scikit-learn/XGBoost in one process: rank 0 alone fits the probe
                 continue
-            rows.append(_compare.run_probe(setup, name, args.quick))
+            rows.append(_compare.run_probe(setup, name, options["quick"]))
         else:  # under torchrun: every rank trains, on its slice of each batch
-            key = jr.fold_in(k_train, i)
-            n_epochs = epochs * HEAD_EPOCHS if name == "head" else epochs
-            rows.append(_compare.run_strategy(setup, name, n_epochs, args.lora_rank, key, progress))
+            n_epochs = epochs * recipe.head_epochs if name == "head" else epochs
+            runs, counts_per = [], None
+            for seed in range(seeds):
+                key = jr.fold_in(jr.fold_in(k_train, i), seed)
+                run, trainable, reused, per_epoch = _compare.run_strategy(
+                    setup, name, n_epochs, args.lora_rank, key, progress, recipe
+                )
+                runs.append(run)
+                counts_per = (trainable, reused, per_epoch)
+            assert counts_per is not None
+            trainable, reused, per_epoch = counts_per
+            rows.append(_compare.Row(name, trainable, n_epochs, reused, runs, per_epoch))
         if not main:
             continue
         r = rows[-1]
         say(
-            f"  {r.name}: test acc {r.test_acc:.3f} in {r.seconds:.1f} s "
-            f"(process CPU so far {time.process_time():.0f} s)",
+            f"  {r.name}: test acc {_cell(r, 'test_acc')} in {r.mean('seconds'):.1f} s"
+            + (" a seed" if r.seeds > 1 else "")
+            + f" (process CPU so far {time.process_time():.0f} s)",
             flush=True,
         )
     if not main:
@@ -283,16 +391,21 @@ def _demo(
         return 0
     total = time.perf_counter() - t0
     table = _table(rows)
+    spread = _spread_note(seeds)
+    verdicts = _verdicts(rows)
     say()
     say(table)
+    say()
+    say(spread)
+    say("\n".join(verdicts))
     say(
-        f"\ntotal {total:.0f} s wall, {time.process_time():.0f} s CPU "
+        f"\ntotal {total:.0f} s wall ({total / 60:.1f} min), {time.process_time():.0f} s CPU "
         f"(frozen pass {setup.cache_seconds:.0f} s)"
     )
-    out.mkdir(parents=True, exist_ok=True)
     command = (
         "fnllm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "fnllm demo"
     )
+    figure = _write_plot(out / "results.png", rows)
     _write_markdown(
         out / "results.md",
         rows,
@@ -303,11 +416,23 @@ def _demo(
         width,
         total,
         setup,
+        recipe,
+        [spread, *verdicts],
     )
-    _write_plot(out / "results.png", rows)
-    (out / "results.json").write_text(
-        json.dumps({"rows": [r.__dict__ for r in rows], "total_seconds": total}, indent=1)
-    )
+    results = {
+        "command": command,
+        "preset": args.preset or ("quick" if options["quick"] else "default"),
+        "recipe": recipe.describe(),
+        "seeds": seeds,
+        "spread": "sample standard deviation over the seeds (ddof=1); min and max as well",
+        "sizes": counts,
+        "max_len": width,
+        "rows": [r.summary() for r in rows],
+        "verdicts": verdicts,
+        "figure": figure,
+        "total_seconds": total,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {out / 'results.md'}, {out / 'results.png'}, {out / 'results.json'}")
     distributed.barrier()
     return 0
@@ -317,18 +442,52 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
     """``print`` on the ranks that do not report."""
 
 
+def _cell(r: Any, metric: str) -> str:
+    """``mean ± std`` over the seeds (the mean alone for one run)."""
+    if r.seeds < 2:
+        return f"{r.mean(metric):.3f}"
+    return f"{r.mean(metric):.3f} ± {r.std(metric):.3f}"
+
+
 def _cells(r: Any) -> list[str]:
     return [
         r.name,
         f"{r.trainable:,}",
         str(r.epochs),
+        str(r.seeds),
         r.reused,
-        f"{r.seconds:.1f}",
-        f"{r.val_acc:.3f}",
-        f"{r.val_f1:.3f}",
-        f"{r.test_acc:.3f}",
-        f"{r.test_f1:.3f}",
+        f"{r.mean('seconds'):.1f}",
+        *(_cell(r, m) for m in ("val_acc", "val_f1", "test_acc", "test_f1")),
     ]
+
+
+def _spread_note(seeds: int) -> str:
+    if seeds < 2:
+        return "one seed per row: no spread measured (--seeds N gives mean ± std)"
+    return (
+        f"finetuning rows: mean ± std over {seeds} seeds (sample standard deviation; the seed "
+        "draws the head, LoRA adapters and batch order, the split stays); probes: one run "
+        "(they are deterministic given the split); time (s) is per seed"
+    )
+
+
+def _verdicts(rows: list[Any]) -> list[str]:
+    """Closing lines: neighbours in the ranking by test accuracy, and whether their difference
+    is larger than the spread (|difference of means| > std_a + std_b)."""
+    ranked = sorted(rows, key=lambda r: -r.mean("test_acc"))
+    lines = [f"best test accuracy: {ranked[0].name} {_cell(ranked[0], 'test_acc')}"]
+    if not any(r.seeds > 1 for r in rows):
+        return lines
+    for a, b in itertools.pairwise(ranked):
+        gap = a.mean("test_acc") - b.mean("test_acc")
+        spread = a.std("test_acc") + b.std("test_acc")
+        if a.seeds < 2 and b.seeds < 2:
+            verdict = "no spread measured (one run each)"
+        else:
+            word = "larger than" if gap > spread else "within"
+            verdict = f"{word} the spread (std sum {spread:.3f})"
+        lines.append(f"  {a.name} vs {b.name}: {gap:+.3f}, {verdict}")
+    return lines
 
 
 def _table(rows: list[Any]) -> str:
@@ -352,6 +511,8 @@ def _write_markdown(
     width: int,
     total: float,
     setup: Any,
+    recipe: Any,
+    closing: list[str],
 ) -> None:
     import torch
 
@@ -368,20 +529,22 @@ def _write_markdown(
         "| " + " | ".join("---" if i == 0 else "---:" for i in range(len(_COLUMNS))) + " |",
     ]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    lines += ["", *[ln.strip() + "  " for ln in closing], ""]
     lines += [
-        "",
         "*frozen pass reused*: the row starts its forward at that layer from hidden states "
-        "computed "
-        "once for all rows. *trainable* for boosting counts tree nodes. Learning rates (AdamW, "
-        "warm-up + cosine): `head` 1e-2, `bitfit` and `lora` 2e-3, `full` 1e-4; `last:N` "
-        "trains its blocks at 1e-4 and its fresh head at its own 1e-2 (two optimizers over "
-        "the partition).",
+        "computed once for all rows and seeds. *trainable* for boosting counts tree nodes.",
+        "",
+        f"Recipe `{recipe.name}` (AdamW, weight decay {recipe.weight_decay}, schedule "
+        f"{recipe.schedule}, dropout {'on' if recipe.dropout else 'off'}):",
+        "",
+        *[f"- {note}" for note in recipe.notes],
         "",
     ]
     path.write_text("\n".join(lines))
 
 
-def _write_plot(path: Path, rows: list[Any]) -> None:
+def _write_plot(path: Path, rows: list[Any]) -> dict[str, Any]:
+    """Draw the figure; return what it shows (points with error bars, loss curves) for JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,32 +554,38 @@ def _write_plot(path: Path, rows: list[Any]) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {r.name: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rows)}
+    points = []
     for r in rows:
-        left.scatter(max(r.trainable, 1), r.test_acc, s=30, color=colors[r.name])
-        left.annotate(
-            r.name,
-            (max(r.trainable, 1), r.test_acc),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
-        )
+        x, y, err = max(r.trainable, 1), r.mean("test_acc"), r.std("test_acc")
+        bar = left.errorbar(
+            x, y, yerr=err if r.seeds > 1 else None, fmt="o", ms=5, capsize=3,
+            color=colors[r.name],
+        )  # fmt: skip
+        left.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        drawn = bar.lines[2][0].get_segments()[0][:, 1].tolist() if bar.lines[2] else [y, y]
+        points.append({"name": r.name, "x": x, "y": y, "yerr": err, "bar": drawn})
     left.set_xscale("log")
     low, high = left.get_xlim()
     left.set_xlim(low, high * 4)  # room for the rightmost point's label
     left.set_xlabel("trainable parameters (log)")
-    left.set_ylabel("test accuracy")
+    seeds = max(r.seeds for r in rows)
+    left.set_ylabel("test accuracy" + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else ""))
     left.set_title("accuracy vs trainable parameters")
     left.grid(alpha=0.3)
+    curves = []
     for r in rows:
-        if r.losses:
-            x = [(i + 1) / r.steps_per_epoch for i in range(len(r.losses))]
-            right.plot(x, _moving_average(r.losses, 8), label=r.name, lw=1.2, color=colors[r.name])
+        losses = r.runs[0].losses
+        if losses:
+            x = [(i + 1) / r.steps_per_epoch for i in range(len(losses))]
+            right.plot(x, _moving_average(losses, 8), label=r.name, lw=1.2, color=colors[r.name])
+            curves.append({"name": r.name, "points": len(losses)})
     right.set_xlabel("epoch")
-    right.set_ylabel("training loss (smoothed)")
+    right.set_ylabel("training loss (smoothed, first seed)")
     right.set_title("training loss")
     right.grid(alpha=0.3)
-    if any(r.losses for r in rows):
+    if curves:
         right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return {"accuracy": points, "loss_curves": curves}

@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "flags_given", "run"]
+
+DEFAULT_STEPS = 200
 
 
 def add_arguments(demo: Any) -> None:
@@ -24,9 +26,30 @@ def add_arguments(demo: Any) -> None:
         demo: the ``demo`` subcommand's ``argparse`` parser.
     """
     g = demo.add_argument_group("pretraining demo (--pretrain)")
-    g.add_argument("--steps", type=int, default=200, help="train steps (default 200)")
+    g.add_argument("--steps", type=int, default=None, help=f"train steps (default {DEFAULT_STEPS})")
     g.add_argument("--compile", action="store_true", help="torch.compile the train step")
     g.add_argument("--no-minilm", action="store_true", help="skip the MiniLM part")
+
+
+def flags_given(args: argparse.Namespace) -> dict[str, bool]:
+    """Which of the pretraining demo's own flags were given (they mean nothing without it).
+
+    Example:
+        >>> import argparse
+        >>> flags_given(argparse.Namespace(steps=None, compile=True, no_minilm=False))
+        {'--steps': False, '--compile': True, '--no-minilm': False}
+
+    Args:
+        args: the parsed ``demo`` flags.
+
+    Returns:
+        ``{flag: given}``.
+    """
+    return {
+        "--steps": args.steps is not None,
+        "--compile": bool(args.compile),
+        "--no-minilm": bool(args.no_minilm),
+    }
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -53,12 +76,34 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.steps is None:
+        args = argparse.Namespace(**{**vars(args), "steps": DEFAULT_STEPS})
     if args.steps < 1:
-        parser.error("--steps must be >= 1")
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.out is not None:
+        _check_out(args.out, args.steps, parser)
     if args.out is None:
         with tempfile.TemporaryDirectory(prefix="fnllm-demo-") as tmp:
             return _demo(args, Path(tmp))
     return _demo(args, args.out)
+
+
+def _check_out(out: Path, steps: int, parser: argparse.ArgumentParser) -> None:
+    """Refuse an ``--out`` that is a file, or whose checkpoints are past ``--steps``."""
+    from fnllm import train
+
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: is a file, not a folder")
+    latest = train.latest_checkpoint(out / "checkpoints") if out.is_dir() else None
+    if latest is not None:
+        done = int(latest.stem.split("_")[-1])  # step_00000200.safetensors
+        if done > steps:
+            parser.error(
+                f"--out {out} holds a run trained to step {done}, past --steps {steps}: give "
+                f"--steps {done} or more to resume it, or another --out"
+            )
 
 
 def _demo(args: argparse.Namespace, out: Path) -> int:
@@ -84,19 +129,11 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     print(f"params: {tree.count(params):,} in {len(tree.paths(params))} tensors")
 
     block, batch_size = 32, 8
-    loaders: dict[int, Any] = {}
-
-    def batch_at(step: int) -> dict[str, torch.Tensor]:
-        # epoch e has its own shuffle; the batch of a step depends only on (key, step)
-        first = loaders.setdefault(
-            0, data.gpt_batches(corpus, k_data, batch_size=batch_size, block_size=block)
-        )
-        epoch, i = divmod(step, len(first))
-        if epoch not in loaders:
-            loaders[epoch] = data.gpt_batches(
-                corpus, k_data, batch_size=batch_size, block_size=block, epoch=epoch
-            )
-        return loaders[epoch].batch(i)
+    # epoch e has its own shuffle; the batch of a step depends only on (key, step)
+    batches = data.epochs(
+        lambda e: data.gpt_batches(corpus, k_data, batch_size=batch_size, block_size=block, epoch=e)
+    )
+    batch_at = batches.batch
 
     def loss_fn(trainable: Any, frozen: Any, batch: dict[str, torch.Tensor], key: Any) -> Any:
         logits = gpt.apply(tree.combine(trainable, frozen), batch["input_ids"])
@@ -119,8 +156,15 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     part1 = train.fit(loss_fn, opt, trainable, frozen, batch_at, steps=first_half, **common)
     # a fresh call resumes from the newest checkpoint in `ckpt`, as after a crash
     result = train.fit(loss_fn, opt, trainable, frozen, batch_at, steps=args.steps, **common)
-    losses_seen = [h["loss"] for h in part1.history + result.history]
-    print(f"loss: {losses_seen[0]:.3f} at step 1 -> {losses_seen[-1]:.3f} at step {result.step}")
+    losses_seen = part1.history + result.history
+    if losses_seen:
+        first, last = losses_seen[0], losses_seen[-1]
+        print(
+            f"loss: {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step "
+            f"{last['step']}"
+        )
+    else:  # a re-run of a finished run: everything came from its checkpoint
+        print(f"resumed at step {result.step}: already trained to --steps, nothing to train")
 
     trained = tree.combine(result.trainable, frozen)
     model_file = out / "gpt.safetensors"

@@ -1,16 +1,19 @@
-"""Deterministic, resumable loaders over a :class:`~fnllm.data.Corpus`.
+"""Deterministic, resumable loaders over a :class:`~fnllm.data.Corpus` or labelled batches.
 
 :func:`gpt_batches` and :func:`bert_batches` return :class:`Batches`: the batch at step ``s``
 of epoch ``e`` is a pure function of ``(key, e, s)`` (the epoch order comes from
 ``fold_in(key, e)``, the step's masking key from ``fold_in(..., s)``), so training resumes
-exactly from a step number.
+exactly from a step number. :func:`epochs` chains epochs into one stream, from such a loader
+or from a list of ready batches (labelled data from :func:`~fnllm.data.length_batches`),
+reshuffled per epoch by a key.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -128,13 +131,39 @@ class Epochs:
 
 
 def epochs(
-    loader: Callable[[int], Batches], *, num_epochs: int | None = None, start_step: int = 0
+    loader: Callable[[int], Batches] | Sequence[Any],
+    *,
+    key: Tensor | None = None,
+    num_epochs: int | None = None,
+    start_step: int = 0,
 ) -> Epochs:
-    """Chain a loader's epochs into one stream addressed by the global step.
+    """Chain epochs into one stream addressed by the global step (what ``train.fit`` takes).
+
+    Two sources:
+
+    - a loader ``epoch -> Batches`` (:func:`gpt_batches`, :func:`bert_batches` with
+      ``epoch=epoch``), which shuffles each epoch itself;
+    - a list of ready batches, e.g. the labelled batches of
+      :func:`~fnllm.data.length_batches`, with ``key``: epoch ``e`` visits every batch once,
+      in the order ``random.permutation(fold_in(key, e), len(batches))``. The batches keep
+      their rows (and their length buckets); only their order changes from epoch to epoch.
+
+    Either way the batch of global step ``s`` depends only on ``(key, s)``, so a run resumes
+    exactly from a step number, mid-epoch included.
 
     Example:
+        >>> import torch
         >>> from fnllm import random
-        >>> from fnllm.data import Corpus, epochs, gpt_batches
+        >>> from fnllm.data import epochs, length_batches
+        >>> ids = [[5, 6], [7], [8, 9, 10], [11], [12, 13]]
+        >>> batches = length_batches(ids, torch.tensor([0, 1, 0, 1, 1]), 2, bucket=None)
+        >>> stream = epochs(batches, key=random.key(0), num_epochs=3)
+        >>> stream.steps_per_epoch, len(stream)
+        (3, 9)
+        >>> seen = [stream.batch(s)["index"].tolist() for s in range(3)]   # epoch 0
+        >>> sorted(i for rows in seen for i in rows)                        # every row once
+        [0, 1, 2, 3, 4]
+        >>> from fnllm.data import Corpus, gpt_batches
         >>> corpus, key = Corpus(kind="bpe", vocab_size=300), random.key(0)
         >>> stream = epochs(lambda e: gpt_batches(corpus, key, batch_size=8, block_size=32,
         ...                                       epoch=e))
@@ -143,8 +172,10 @@ def epochs(
         True
 
     Args:
-        loader: ``epoch -> Batches``, e.g. a :func:`gpt_batches` or :func:`bert_batches`
-            call with ``epoch=epoch``; every epoch must have the same number of steps.
+        loader: ``epoch -> Batches`` (every epoch must have the same number of steps), or a
+            list/tuple of batches (any objects, typically dicts of tensors).
+        key: a ``fnllm.random`` key for the per-epoch order of a list of batches (required
+            with a list; not taken with a loader, which has its own).
         num_epochs: epochs to iterate over (``None``: iterate without end).
         start_step: the global step iteration starts from (resume point).
 
@@ -152,14 +183,26 @@ def epochs(
         An :class:`Epochs`.
 
     Raises:
-        TypeError: ``loader`` is not callable or does not return :class:`Batches`.
-        ValueError: a count is not a non-negative int (``num_epochs`` >= 1).
+        TypeError: ``loader`` is neither callable nor a list of batches, a loader that does not
+            return :class:`Batches`, ``key`` missing with a list or given with a loader.
+        ValueError: an empty list of batches, a count that is not a non-negative int
+            (``num_epochs`` >= 1).
     """
-    if not callable(loader):
-        raise TypeError(f"loader: expected a function epoch -> Batches, got {loader!r}")
     if num_epochs is not None:
-        _checks.check_int("num_epochs", num_epochs, low=1)
-    _checks.check_int("start_step", start_step, low=0)
+        _checks.check_int("epochs: num_epochs", num_epochs, low=1)
+    _checks.check_int("epochs: start_step", start_step, low=0)
+    if isinstance(loader, Sequence) and not isinstance(loader, (str, bytes, Mapping)):
+        loader = _shuffled_epochs(loader, key)
+    elif not callable(loader):
+        raise TypeError(
+            "epochs: loader must be a function epoch -> Batches or a list of batches, got "
+            f"{type(loader).__name__}"
+        )
+    elif key is not None:
+        raise TypeError(
+            "epochs: key= is for a list of batches; a loader shuffles each epoch with its own "
+            "key (e.g. gpt_batches(corpus, key, ..., epoch=e))"
+        )
     first = _epoch_loader(loader, 0, None)
     return Epochs(loader, first.num_steps, num_epochs, start_step)
 
@@ -317,6 +360,30 @@ def _epoch_keys(key: Tensor, epoch: int, n: int) -> tuple[Tensor, Tensor]:
     """The epoch's example order (a permutation of ``n``) and the key for its steps."""
     k_order, k_steps = jr.split(jr.fold_in(key, epoch), 2)
     return jr.permutation(k_order, n), k_steps
+
+
+@dataclass(frozen=True)
+class _Shuffled:
+    """``epoch -> Batches``: a fixed list of batches in the order ``fold_in(key, epoch)`` draws."""
+
+    batches: tuple[Any, ...]
+    key: Tensor
+
+    def __call__(self, epoch: int) -> Batches:
+        order = jr.permutation(jr.fold_in(self.key, epoch), len(self.batches)).tolist()
+        return Batches(lambda i: self.batches[order[i]], len(self.batches))
+
+
+def _shuffled_epochs(batches: Sequence[Any], key: Tensor | None) -> _Shuffled:
+    if key is None:
+        raise TypeError(
+            "epochs: a list of batches needs key= (a fnllm.random key) for the per-epoch order"
+        )
+    if not isinstance(key, Tensor):
+        raise TypeError(f"epochs: key must be a fnllm.random key tensor, got {type(key).__name__}")
+    if len(batches) == 0:
+        raise ValueError("epochs: the list of batches is empty")
+    return _Shuffled(tuple(batches), key)
 
 
 def _epoch_loader(loader: Callable[[int], Batches], epoch: int, steps: int | None) -> Batches:

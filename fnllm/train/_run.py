@@ -1,5 +1,6 @@
 """The parts of :func:`fnllm.train.fit` (private): argument checks, the checkpoint folder,
-resuming, the compile choice and the per-step record.
+resuming, the compile choice, the per-step record, and :class:`Runner`, the one place where
+the loop meets its process(es) (``fnllm.distributed.fit`` plugs a process group in there).
 """
 
 from __future__ import annotations
@@ -39,6 +40,55 @@ _LEGACY = ("checkpoint_dir", "checkpoint_every", "keep")
 AUTO_COMPILE_MIN_STEPS = {"cpu": 1000, "cuda": 2000}
 
 
+class Runner:
+    """How the fit loop meets its process(es): the hooks ``fnllm.train.fit.fit_loop`` calls.
+
+    This one is a single process: the loss and data as given, the optimizer state initialised
+    here, checkpoints written by this process. ``fnllm.distributed.fit`` subclasses it for a
+    process group (gradient all-reduce in the loss, each rank's slice of the batch, rank-0
+    progress and checkpoints); the loop itself is the same.
+    """
+
+    #: whether this process shows progress and prints (rank 0 of a group)
+    is_main = True
+
+    def prepare(self, loss_fn: Any, batch_of: Callable[[int], Any]) -> tuple[Any, Any]:
+        """The loss and the ``step -> batch`` function the steps run."""
+        return loss_fn, batch_of
+
+    def start(
+        self, trainable: Any, frozen: Any, opt_state: Any, optimizer: Any
+    ) -> tuple[Any, Any, Any]:
+        """``(trainable, frozen, opt_state)`` to start from (before any resume)."""
+        if opt_state is None:
+            opt_state = optimizer.init(trainable)
+        return trainable, frozen, opt_state
+
+    def open_folder(self, ckpt: Checkpointing | None, resume: bool) -> None:
+        """Tidy the checkpoint folder and refuse another run's (see :func:`open_folder`)."""
+        open_folder(ckpt, resume)
+
+    def resume(
+        self,
+        ckpt: Checkpointing | None,
+        resume: bool,
+        *,
+        trainable: Any,
+        opt_state: Any,
+        key: torch.Tensor,
+        model: Any,
+    ) -> tuple[Any, Any, int]:
+        """``(trainable, opt_state, start step)``: from the newest checkpoint, or as given."""
+        return resume_from(
+            ckpt, resume, trainable=trainable, opt_state=opt_state, key=key, model=model
+        )
+
+    def save(self, ckpt: Checkpointing, step: int, **state: Any) -> None:
+        """Write the train state of ``step`` (``trainable``, ``opt_state``, ``key``, ``model``,
+        ``meta``) and prune older checkpoints."""
+        save(ckpt, step, **state)
+
+
 def checkpointing(
     checkpoint: Checkpointing | str | os.PathLike | None, legacy: Mapping[str, Any]
 ) -> Checkpointing | None:
@@ -76,6 +126,38 @@ def checkpointing(
     return Checkpointing(
         directory, every=legacy.get("checkpoint_every", 0), keep=legacy.get("keep", 2)
     )
+
+
+def total_steps(steps: Any, epochs: Any, data: Any) -> Any:
+    """The step count a run reaches: ``steps``, or ``epochs`` times the data's epoch length.
+
+    A stream that knows its end (``num_epochs``, as :func:`fnllm.data.epochs` sets) is checked
+    here, before any step runs, rather than failing at its last batch.
+    """
+    if (steps is None) == (epochs is None):
+        raise TypeError(
+            "fit: give steps= or epochs=, not both"
+            if steps is not None
+            else "fit: missing steps= (or epochs= with a data stream that has steps_per_epoch)"
+        )
+    per_epoch = getattr(data, "steps_per_epoch", None)
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"fit: epochs must be an int >= 1, got {epochs!r}")
+        if not isinstance(per_epoch, int):
+            raise TypeError(
+                f"fit: epochs={epochs} needs data with steps_per_epoch (fnllm.data.epochs), "
+                f"got {type(data).__name__}; or pass steps="
+            )
+        steps = epochs * per_epoch
+    last = getattr(data, "num_epochs", None)
+    bounded = isinstance(per_epoch, int) and isinstance(last, int) and isinstance(steps, int)
+    if bounded and steps > last * per_epoch:
+        raise ValueError(
+            f"fit: steps={steps} is past the end of data ({last} epochs x {per_epoch} "
+            "steps); build it with more num_epochs (or None)"
+        )
+    return steps
 
 
 def check_args(

@@ -1,5 +1,9 @@
 """The fit loop: run train steps with a progress bar, evaluation, a NaN guard and checkpoints.
 
+:func:`fit` is the one training loop: ``fit_loop`` runs it, with a ``Runner``
+(``fnllm.train._run``) that says how it meets its process(es); ``fnllm.distributed.fit`` runs
+the same loop on a process group.
+
 Determinism contract (what makes resuming bit-identical): the key of step ``s`` is
 ``random.fold_in(key, s)`` and its batch is ``data(s)``, so both are pure functions of the step
 number. A checkpoint stores the trainable params, the optimizer state, the number of steps taken
@@ -19,7 +23,7 @@ from tqdm.auto import tqdm
 from fnllm import optim, tree
 from fnllm import random as jr
 from fnllm.train import _run
-from fnllm.train.checkpoint import Checkpointing, checkpoint_path, latest_checkpoint
+from fnllm.train.checkpoint import Checkpointing
 from fnllm.train.step import check_trainable, make_step
 
 __all__ = ["FitResult", "NonFiniteError", "fit"]
@@ -72,7 +76,8 @@ def fit(
     data: Callable[[int], Any] | Any,
     *,
     key: torch.Tensor,
-    steps: int,
+    steps: int | None = None,
+    epochs: int | None = None,
     opt_state: Any = None,
     compile: bool | Mapping[str, Any] | Literal["auto"] = "auto",
     clip: float | None = None,
@@ -89,7 +94,8 @@ def fit(
     donate: bool = True,
     **legacy: Any,
 ) -> FitResult:
-    """Train ``trainable`` for ``steps`` steps (resuming from its checkpoint folder if it has one).
+    """Train ``trainable`` for ``steps`` steps, or ``epochs`` epochs of ``data`` (resuming from
+    its checkpoint folder if it has one).
 
     Step ``s`` (0-based) runs ``make_step(loss_fn, optimizer, ...)`` on the batch ``data(s)``
     with the key ``random.fold_in(key, s)``. A step whose loss or gradient norm is NaN/inf leaves
@@ -126,6 +132,17 @@ def fit(
         >>> out.step, round(out.history[-1]["loss"], 6), out.trainable["w"]
         (20, 0.0, tensor([1., 1.]))
 
+        Labelled batches, reshuffled every epoch (:func:`fnllm.data.epochs`), for 3 epochs:
+
+        >>> from fnllm import data
+        >>> batches = [{"x": torch.eye(2)[i : i + 1], "y": torch.ones(1)} for i in range(2)]
+        >>> loss_fn = lambda tr, fr, b, key: ((b["x"] @ tr["w"] - b["y"]) ** 2).mean()
+        >>> stream = data.epochs(batches, key=random.key(1))
+        >>> out = train.fit(loss_fn, optim.sgd(0.25), {"w": torch.zeros(2)}, {}, stream,
+        ...                 key=random.key(0), epochs=3, compile=False, progress=False)
+        >>> out.step, out.trainable["w"]
+        (6, tensor([0.8750, 0.8750]))
+
     Args:
         loss_fn: ``loss_fn(trainable, frozen, batch, key) -> loss`` or ``(loss, aux)``; the
             loss is a 0-d floating-point tensor.
@@ -134,10 +151,14 @@ def fit(
         trainable: the params to train (a partition's selected half).
         frozen: the params to keep fixed (they are never modified, and get no gradient).
         data: ``data(step) -> batch``, or a loader with ``data.batch(step)`` (such as
-            :class:`fnllm.data.Batches`); the batch must be a pure function of the step for
-            resuming to be exact (e.g. drawn from ``(data_key, step)``).
+            :class:`fnllm.data.Batches` or :class:`fnllm.data.Epochs`); the batch must be a
+            pure function of the step for resuming to be exact (e.g. drawn from
+            ``(data_key, step)``).
         key: the run's base key (:func:`fnllm.random.key`).
         steps: the total number of steps to reach (not counting from a resume point).
+        epochs: instead of ``steps``: this many epochs of ``data``, which must say how many
+            steps an epoch has (``data.steps_per_epoch``, as :func:`fnllm.data.epochs` does);
+            ``steps = epochs * data.steps_per_epoch``. Give one of ``steps`` and ``epochs``.
         opt_state: the initial optimizer state (default ``optimizer.init(trainable)``).
         compile: ``"auto"`` (see above), ``True``/``False``, or a dict of extra
             ``torch.compile`` arguments (see :func:`~fnllm.train.make_step`).
@@ -172,22 +193,80 @@ def fit(
         A :class:`FitResult` (trainable, opt_state, step, history, evals, skipped, stopped).
 
     Raises:
-        TypeError: an argument of the wrong type (named), or ``loss_fn`` returning something
-            other than a floating-point tensor.
-        ValueError: bad arguments (named), options that cannot take effect (``eval_every``
-            without ``eval_fn``, ``checkpoint_every``/``keep``/``model``/``meta`` without a
-            checkpoint folder), a loss that is not 0-d, ``trainable`` holding no parameter, a
-            checkpoint folder of another run (another model, partition or key; or
+        TypeError: an argument of the wrong type (named), neither or both of ``steps`` and
+            ``epochs``, or ``loss_fn`` returning something other than a floating-point tensor.
+        ValueError: bad arguments (named), more steps than a finite ``data`` stream holds,
+            options that cannot take effect (``eval_every`` without ``eval_fn``,
+            ``checkpoint_every``/``keep``/``model``/``meta`` without a checkpoint folder), a
+            loss that is not 0-d, ``trainable`` holding no parameter, a checkpoint folder of
+            another run (another model, partition or key; or
             ``resume=False`` into a folder with checkpoints).
         NonFiniteError: a non-finite step with ``on_nonfinite="raise"``.
     """
     ckpt = _run.checkpointing(checkpoint, legacy)
+    steps = _run.total_steps(steps, epochs, data)
     _run.check_args(
         loss_fn=loss_fn, optimizer=optimizer, key=key, steps=steps, eval_fn=eval_fn,
         eval_every=eval_every, ckpt=ckpt, resume=resume, meta=meta,
         on_nonfinite=on_nonfinite, progress=progress, tokens_per_batch=tokens_per_batch,
         donate=donate, compile=compile,
     )  # fmt: skip
+    return fit_loop(
+        _run.Runner(), loss_fn, optimizer, trainable, frozen, data, key=key, steps=steps,
+        opt_state=opt_state, compile=_run.choose_compile(compile, steps, trainable), clip=clip,
+        autocast=_run.autocast_dtype(autocast), eval_fn=eval_fn, eval_every=eval_every,
+        ckpt=ckpt, resume=resume, model=model, meta=meta, on_nonfinite=on_nonfinite,
+        progress=progress, tokens_per_batch=tokens_per_batch, donate=donate,
+    )  # fmt: skip
+
+
+def fit_loop(
+    runner: _run.Runner,
+    loss_fn: Callable[..., Any],
+    optimizer: optim.GradientTransformation,
+    trainable: Any,
+    frozen: Any,
+    data: Callable[[int], Any] | Any,
+    *,
+    key: torch.Tensor,
+    steps: int,
+    opt_state: Any,
+    compile: bool | Mapping[str, Any],
+    clip: float | None,
+    autocast: torch.dtype | None,
+    eval_fn: Callable[[Any, Any], Any] | None,
+    eval_every: int,
+    ckpt: Checkpointing | None,
+    resume: bool,
+    model: Any,
+    meta: dict[str, Any] | None,
+    on_nonfinite: OnNonFinite,
+    progress: bool,
+    tokens_per_batch: int | Callable[[Any], int] | None,
+    donate: bool,
+) -> FitResult:
+    """The loop of :func:`fit` on checked arguments, its process(es) given by ``runner``.
+
+    :func:`fit` runs it with ``fnllm.train._run.Runner`` (one process);
+    :func:`fnllm.distributed.fit` with a process group's runner. Same arguments as
+    :func:`fit`, with ``compile``, ``autocast`` and the checkpoint options already resolved.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import optim, random
+        >>> from fnllm.train import _run
+        >>> out = fit_loop(_run.Runner(), lambda tr, fr, b, k: (tr["w"] - b).pow(2).sum(),
+        ...                optim.sgd(0.25), {"w": torch.zeros(1)}, {}, lambda s: torch.ones(1),
+        ...                key=random.key(0), steps=2, opt_state=None, compile=False, clip=None,
+        ...                autocast=None, eval_fn=None, eval_every=0, ckpt=None, resume=True,
+        ...                model=None, meta=None, on_nonfinite="skip", progress=False,
+        ...                tokens_per_batch=None, donate=False)
+        >>> out.step, out.trainable["w"]
+        (2, tensor([0.7500]))
+
+    Returns:
+        A :class:`FitResult`.
+    """
     batch_of = getattr(data, "batch", data)  # a fnllm.data.Batches loader or a function
     if not callable(batch_of):
         raise TypeError(
@@ -195,17 +274,11 @@ def fit(
             f"got {type(data).__name__}"
         )
     check_trainable(trainable, frozen)
-    step_fn = make_step(
-        loss_fn,
-        optimizer,
-        compile=_run.choose_compile(compile, steps, trainable),
-        clip=clip,
-        autocast=_run.autocast_dtype(autocast),
-    )
-    if opt_state is None:
-        opt_state = optimizer.init(trainable)
-    _run.open_folder(ckpt, resume)
-    trainable, opt_state, start = _run.resume_from(
+    loss_fn, batch_of = runner.prepare(loss_fn, batch_of)
+    step_fn = make_step(loss_fn, optimizer, compile=compile, clip=clip, autocast=autocast)
+    trainable, frozen, opt_state = runner.start(trainable, frozen, opt_state, optimizer)
+    runner.open_folder(ckpt, resume)
+    trainable, opt_state, start = runner.resume(
         ckpt, resume, trainable=trainable, opt_state=opt_state, key=key, model=model
     )
     if donate:  # the steps update fit's own copies in place; the caller's trees stay as they are
@@ -214,15 +287,20 @@ def fit(
     evals: list[dict[str, Any]] = []
     skipped: list[int] = []
     stopped: str | None = None
-    done = start
+    done = saved = start
+    show = progress and runner.is_main
     bar = tqdm(
-        total=steps, initial=min(start, steps), disable=not progress, desc="fit", dynamic_ncols=True
+        total=steps, initial=min(start, steps), disable=not show, desc="fit", dynamic_ncols=True
     )
+
+    def say(msg: str) -> None:
+        if runner.is_main:  # one line per run, not one per rank
+            bar.write(msg)
 
     def save(n: int) -> None:
         assert ckpt is not None
-        _run.save(ckpt, n, trainable=trainable, opt_state=opt_state, key=key, model=model,
-                  meta=meta)  # fmt: skip
+        runner.save(ckpt, n, trainable=trainable, opt_state=opt_state, key=key, model=model,
+                    meta=meta)  # fmt: skip
 
     try:
         for s in range(start, steps):
@@ -245,9 +323,9 @@ def fit(
                     raise NonFiniteError(msg)
                 if on_nonfinite == "stop":
                     stopped = msg
-                    bar.write(msg + "; stopping")
+                    say(msg + "; stopping")
                     break
-                bar.write(msg)
+                say(msg)
             trainable, opt_state = new_tr, new_state
             done = s + 1
             # the postfix first, so the bar's refresh shows the loss of the step just finished
@@ -257,15 +335,11 @@ def fit(
             bar.update(1)
             if eval_fn is not None and done % eval_every == 0:
                 evals.append({"step": done, **_run.as_numbers(eval_fn(trainable, frozen))})
-                bar.write(f"fit: step {done}: eval {evals[-1]}")
+                say(f"fit: step {done}: eval {evals[-1]}")
             if ckpt is not None and ckpt.every and done % ckpt.every == 0:
                 save(done)
-        final = ckpt is not None and stopped is None and done > start
-        if (
-            ckpt is not None
-            and final
-            and latest_checkpoint(ckpt.directory) != checkpoint_path(ckpt.directory, done)
-        ):
+                saved = done
+        if ckpt is not None and stopped is None and done > saved:
             save(done)
     finally:
         bar.close()
