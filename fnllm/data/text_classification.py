@@ -96,20 +96,20 @@ def read_labelled(
             )
         if isinstance(label, str) and not label.strip():
             raise ValueError(f"read_labelled: {where}: empty label ({label_column} {label!r})")
-    rows = [(text, label.strip() if isinstance(label, str) else label) for _, text, label in rows]
-    kinds = {type(label) for _, label in rows}
+    pairs = [(text, label.strip() if isinstance(label, str) else label) for _, text, label in rows]
+    kinds = {type(label) for _, label in pairs}
     if len(kinds) > 1:
         raise TypeError(f"read_labelled: {path} mixes integer and string labels")
-    counts = Counter(label for _, label in rows)
+    counts = Counter(label for _, label in pairs)
     classes = sorted(counts)
     if len(classes) < 2:
         raise ValueError(
-            f"read_labelled: {path} has a single class {classes[0]!r} ({len(rows)} rows); "
+            f"read_labelled: {path} has a single class {classes[0]!r} ({len(pairs)} rows); "
             "a classifier needs two"
         )
     index = {c: i for i, c in enumerate(classes)}
-    labels = torch.tensor([index[label] for _, label in rows], dtype=torch.int64)
-    return [t for t, _ in rows], labels, classes
+    labels = torch.tensor([index[label] for _, label in pairs], dtype=torch.int64)
+    return [t for t, _ in pairs], labels, classes
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[int]]:
@@ -342,7 +342,7 @@ def _read_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str
             f"{err.start}); re-save the file as UTF-8"
         ) from None
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    rows = []
+    rows: list[tuple[str, Any, Any]] = []
     try:
         header = next(reader, None)
         if header is None:

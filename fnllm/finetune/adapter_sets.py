@@ -382,7 +382,7 @@ def _selected(
             )
         trainable = strategy(trainable, model)
     if isinstance(trainable, Strategy):
-        entry = {"name": trainable.name, "globs": list(trainable.globs)}
+        entry: dict[str, Any] = {"name": trainable.name, "globs": list(trainable.globs)}
     elif isinstance(trainable, str):
         entry = {"name": "globs", "globs": [trainable]}
     elif isinstance(trainable, (list, tuple)):

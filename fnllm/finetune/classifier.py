@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ from fnllm.nn import mean_pool
 __all__ = ["Classifier", "Pooling", "mean_pool"]
 
 Params: TypeAlias = dict[str, Any]
-Pooling: TypeAlias = Literal["cls", "mean", "last"]
+Pooling: TypeAlias = _base.Pooling
 _POOLINGS = ("cls", "mean", "last")
 
 

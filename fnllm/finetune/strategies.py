@@ -147,7 +147,7 @@ def strategy(name: str | Sequence[str], model: Any) -> Strategy:
     if name.startswith("last:"):
         n = _last_n(name, base.n_layer)
         blocks = tuple(prefix + p for p in base.block_paths()[base.n_layer - n :])
-        norm = (prefix + base.final_norm,) if base.final_norm else ()
+        norm: tuple[str, ...] = (prefix + base.final_norm,) if base.final_norm else ()
         if isinstance(model, Classifier) and model.pooling == "cls":
             norm += tuple(prefix + p for p in base.pool_first_paths())
         return Strategy(name, tuple(dict.fromkeys((*blocks, *norm, *heads))))

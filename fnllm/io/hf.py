@@ -353,7 +353,7 @@ def _codec_of_config(cfg: Mapping[str, Any], where: str) -> ModuleType:
                 mt = t
                 break
     try:
-        codec = _models.hf_codec(mt)
+        codec = _models.hf_codec(str(mt))
     except ValueError as e:
         raise ValueError(f"from_hf: {where}: {e}") from None
     archs = cfg.get("architectures") or []
@@ -437,9 +437,9 @@ def _classifier_export(
     spec = _classifier_spec(model, architecture)
     head = {k: v.detach() for k, v in _tree.flatten(params["head"]).items()}
     want = {"weight": (model.n_classes, model.base.d_model), "bias": (model.n_classes,)}
-    got = {k: tuple(v.shape) for k, v in head.items()}
-    if got != want:
-        raise ValueError(f"to_hf: the classifier's head has shapes {got}, expected {want}")
+    shapes = {k: tuple(v.shape) for k, v in head.items()}
+    if shapes != want:
+        raise ValueError(f"to_hf: the classifier's head has shapes {shapes}, expected {want}")
     cfg = {**hf_config(model, architecture=architecture), **_labels(model, classes)}
     if spec is None:
         state = to_hf_state_dict(model.base, params["base"])

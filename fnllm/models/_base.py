@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,6 +23,8 @@ from fnllm.models._cache import CacheStep, KVCache
 from fnllm.models._config import from_config, to_config
 
 Params = dict[str, Any]
+#: How a sequence of hidden states becomes one vector (a classifier's or probe's input).
+Pooling = Literal["cls", "mean", "last"]
 
 
 def check_config(model: Any, positive: tuple[str, ...]) -> None:
@@ -222,10 +224,6 @@ class ModelConfig:
     kind: ClassVar[str] = ""
     _causal: ClassVar[bool] = False
     _renamed: ClassVar[dict[str, str]] = {}  # old field name -> new (see renamed_fields)
-    if TYPE_CHECKING:  # fields every model dataclass declares (not fields of this base)
-        n_layer: int
-        dropout: float
-
     # Fields every model config has (declared here for the type checker; each model's own
     # dataclass defines them).
     vocab_size: int
@@ -244,7 +242,7 @@ class ModelConfig:
     #: The module of the Hugging Face codec for those types (interface: ``models._hf``).
     hf_codec_module: ClassVar[str | None] = None
     #: The pooling a feature extractor or classifier uses by default.
-    default_pooling: ClassVar[str] = "last"
+    default_pooling: ClassVar[Pooling] = "last"
     #: Globs (``tree`` dialect) of the linear layers LoRA adapts by default.
     lora_targets: ClassVar[tuple[str, ...]] = ()
     #: Path of the norm applied after the last block (``None``: none).
@@ -259,6 +257,10 @@ class ModelConfig:
         """The embedding output for ``[B, T]`` ids: ``hidden_states[0]``, the input of block 0
         (each model defines it; ``finetune.Classifier.prefix`` starts here)."""
         raise NotImplementedError(f"{type(self).__name__}.embed")
+
+    def init(self, key: Tensor) -> Params:
+        """Draw the parameters (each model defines it)."""
+        raise NotImplementedError(f"{type(self).__name__}.init")
 
     def block_paths(self) -> tuple[str, ...]:
         """The paths of the blocks, bottom to top (``"blocks.0"``, ...): ``last:N`` trains

@@ -113,7 +113,10 @@ def apply_table(
             f"{sorted(table_paths ^ set(expected))}"
         )
     wanted = {n for _, _, ns in table for n in ns}
-    display = lambda n: names.get(n, n if n.startswith(unprefixed) else prefix + n)
+
+    def display(n: str) -> str:
+        return names.get(n) or (n if n.startswith(unprefixed) else prefix + n)
+
     missing = sorted(display(n) for n in wanted - set(state))
     unexpected = sorted(display(n).lstrip("\0") for n in set(state) - wanted)
     _checks.check_keys(

@@ -132,7 +132,7 @@ class BERT(_base.ModelConfig):
     kind: ClassVar[str] = "bert"
     hf_model_types: ClassVar[tuple[str, ...]] = ("bert",)
     hf_codec_module: ClassVar[str | None] = "fnllm.models._hf_bert"
-    default_pooling: ClassVar[str] = "mean"
+    default_pooling: ClassVar[_base.Pooling] = "mean"
     lora_targets: ClassVar[tuple[str, ...]] = ("*.attn.qkv", "*.attn.proj")
 
     vocab_size: int = 30522

@@ -89,7 +89,7 @@ class GPT(_base.ModelConfig):
     _causal: ClassVar[bool] = True
     hf_model_types: ClassVar[tuple[str, ...]] = ("gpt2",)
     hf_codec_module: ClassVar[str | None] = "fnllm.models._hf_gpt2"
-    default_pooling: ClassVar[str] = "last"
+    default_pooling: ClassVar[_base.Pooling] = "last"
     lora_targets: ClassVar[tuple[str, ...]] = ("*.attn.qkv", "*.attn.proj")
     final_norm: ClassVar[str | None] = "ln_f"
 

@@ -27,7 +27,7 @@ left-padded row decodes as it would alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -120,8 +120,7 @@ class Llama(_base.ModelConfig):
 
     hf_model_types: ClassVar[tuple[str, ...]] = ("llama", "qwen2", "mistral")
     hf_codec_module: ClassVar[str | None] = "fnllm.models._hf_llama"
-    hf_codec_module: ClassVar[str | None] = "fnllm.models._hf_llama"
-    default_pooling: ClassVar[str] = "last"
+    default_pooling: ClassVar[_base.Pooling] = "last"
     lora_targets: ClassVar[tuple[str, ...]] = (
         "*.attn.q", "*.attn.k", "*.attn.v", "*.attn.o", "*.mlp.gate", "*.mlp.up", "*.mlp.down",
     )  # fmt: skip
@@ -157,13 +156,13 @@ class Llama(_base.ModelConfig):
                     "(give head_dim to set the head width explicitly)"
                 )
             object.__setattr__(self, "head_dim", self.d_model // self.n_head)
-        if self.n_head % self.n_kv_head:
+        if self.n_head % self._n_kv:
             raise ValueError(
                 f"Llama: n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head} "
                 "(grouped-query attention shares each key/value head among n_head / n_kv_head "
                 "query heads)"
             )
-        if self.head_dim % 2:
+        if self._hd % 2:
             raise ValueError(
                 f"Llama: head_dim {self.head_dim} is odd; rotary embeddings rotate pairs of "
                 "features, so each head needs an even width"
@@ -178,6 +177,16 @@ class Llama(_base.ModelConfig):
             raise type(e)(f"Llama: {e}") from None
 
     # ------------------------------------------------------------------ parameters
+
+    @property
+    def _n_kv(self) -> int:
+        """``n_kv_head`` once resolved (``__post_init__`` replaces ``None``)."""
+        return cast(int, self.n_kv_head)
+
+    @property
+    def _hd(self) -> int:
+        """``head_dim`` once resolved."""
+        return cast(int, self.head_dim)
 
     def init(self, key: Tensor) -> Params:
         """Draw parameters: weights and embeddings N(0, 0.02), biases zero, norms ones.
@@ -196,7 +205,7 @@ class Llama(_base.ModelConfig):
         Returns:
             The parameter tree (see the module docstring for its layout).
         """
-        std, d, hd = 0.02, self.d_model, self.head_dim
+        std, d, hd = 0.02, self.d_model, self._hd
         k_tok, k_head, k_blocks = jr.split(key, 3)
         params: Params = {
             "embed": {"tokens": nn.init_embedding(k_tok, self.vocab_size, d, std=std)},
@@ -211,8 +220,8 @@ class Llama(_base.ModelConfig):
                     "attn_norm": nn.init_rms_norm(key, d),
                     "attn": {
                         "q": nn.init_linear(k_q, d, self.n_head * hd, bias=bias, std=std),
-                        "k": nn.init_linear(k_k, d, self.n_kv_head * hd, bias=bias, std=std),
-                        "v": nn.init_linear(k_v, d, self.n_kv_head * hd, bias=bias, std=std),
+                        "k": nn.init_linear(k_k, d, self._n_kv * hd, bias=bias, std=std),
+                        "v": nn.init_linear(k_v, d, self._n_kv * hd, bias=bias, std=std),
                         "o": nn.init_linear(k_o, self.n_head * hd, d, bias=False, std=std),
                     },
                     "mlp_norm": nn.init_rms_norm(key, d),
@@ -367,7 +376,7 @@ class Llama(_base.ModelConfig):
         """
         step = _cache.begin(cache, attention_mask, inplace=inplace)
         x = _embed(params["embed"]["tokens"], tokens)
-        impl = "math" if tokens.shape[1] == 1 else "auto"  # one query: fused, no flash set-up
+        impl: nn.Impl = "math" if tokens.shape[1] == 1 else "auto"  # one query: no flash set-up
         extra = self._extras(step.positions, x.dtype)
         fwd = _base.Forward(None, 0.0, impl, step.positions, extra, step)
         keys, values = [], []
@@ -397,8 +406,8 @@ class Llama(_base.ModelConfig):
         h = nn.rms_norm(p["attn_norm"], x, eps=self.norm_eps)
         attn = p["attn"]
         q = _heads(nn.linear(attn["q"], h), self.n_head)
-        k = _heads(nn.linear(attn["k"], h), self.n_kv_head)
-        v = _heads(nn.linear(attn["v"], h), self.n_kv_head)
+        k = _heads(nn.linear(attn["k"], h), self._n_kv)
+        v = _heads(nn.linear(attn["v"], h), self._n_kv)
         if fwd.extra is None:
             positions = torch.arange(x.shape[-2], device=x.device)
             cos, sin = self._extras(positions, x.dtype)
@@ -409,8 +418,9 @@ class Llama(_base.ModelConfig):
             y = nn.dot_product_attention(q, k, v, causal=fwd.mask is None, mask=fwd.mask,
                                          key=key, dropout=fwd.drop, impl=fwd.impl)  # fmt: skip
         else:
-            kv = _cache.write(fwd.step, kv[0], kv[1], k, v)
-            y = nn.dot_product_attention(q, kv[0], kv[1], mask=fwd.step.attend, impl=fwd.impl)
+            step = cast(_cache.CacheStep, fwd.step)  # a cached forward always sets it
+            kv = _cache.write(step, kv[0], kv[1], k, v)
+            y = nn.dot_product_attention(q, kv[0], kv[1], mask=step.attend, impl=fwd.impl)
         x = x + nn.linear(attn["o"], nn.merge_heads(y))
         x = x + nn.swiglu(p["mlp"], nn.rms_norm(p["mlp_norm"], x, eps=self.norm_eps))
         return x if kv is None else (x, kv)
@@ -422,7 +432,7 @@ class Llama(_base.ModelConfig):
 
     def _inv_freq(self, device: torch.device | str | None) -> Tensor:
         return nn.rotary_frequencies(
-            self.head_dim,
+            self._hd,
             theta=self.rope_theta,
             rope_type=self.rope_type,  # type: ignore[arg-type]
             factor=self.rope_factor,
@@ -455,7 +465,7 @@ class Llama(_base.ModelConfig):
 
     def kv_shape(self) -> tuple[int, int]:
         """``(n_kv_head, head_dim)`` of one layer's cached keys and values."""
-        return self.n_kv_head, self.head_dim
+        return self._n_kv, self._hd
 
 
 def _heads(y: Tensor, n: int) -> Tensor:
