@@ -491,6 +491,35 @@ def test_strict_build_runs_blocks_embeds_figures_and_checks_them(tmp_path: Path)
     assert code != 0 and "px at column width" in log, log[-3000:]
 
 
+_COMPILE_PAGE = """\
+    # Page
+
+    ```python exec="on" session="mini" source="above" result="text"
+    import sys
+    import torch
+    open("helper_mod.py", "w").write("def call(f, x):\\n    return f(x)\\n")
+    sys.path.insert(0, ".")
+    import helper_mod
+    scale = torch.tensor(2.0)
+    ```
+
+    ```python exec="on" session="mini" source="above" result="text"
+    def f(x):
+        return x * scale
+
+    print(torch.compile(helper_mod.call, backend="eager", fullgraph=True)(f, torch.ones(2)))
+    ```
+    """
+
+
+def test_compiling_another_modules_function_that_calls_page_code(tmp_path: Path) -> None:
+    """TorchDynamo reaches a page function's globals through the block's module, which the
+    hook makes a view of the session's namespace (markdown-exec's own is empty)."""
+    code, log = _mini_build(tmp_path, _COMPILE_PAGE)
+    assert code == 0, log[-3000:]
+    assert "tensor([2., 2.])" in (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
+
+
 def test_strict_build_fails_on_silent_printing_and_unexplained_blocks(tmp_path: Path) -> None:
     silent = _FIGURE_PAGE.replace('print("saved")', 'def f():\n        print("never")')
     code, log = _mini_build(tmp_path / "silent", silent)

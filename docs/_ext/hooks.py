@@ -46,6 +46,7 @@ import struct
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -482,15 +483,46 @@ def _snapshot() -> dict[str, tuple[int, int]]:
     return out
 
 
+class _SessionModule(types.ModuleType):
+    """The module markdown-exec registers for a block, reading the session's namespace.
+
+    markdown-exec runs a block in its session's globals dict but registers an *empty* module
+    under the globals' ``__name__``. TorchDynamo, compiling a function of another module that
+    calls a function defined on the page, reaches that function's globals through the module
+    (``sys.modules[__name__].name``) and failed with "module has no attribute". This module
+    answers from the live namespace.
+    """
+
+    def __init__(self, name: str, namespace: dict[str, Any]) -> None:
+        super().__init__(name)
+        object.__setattr__(self, "_fnllm_namespace", namespace)
+
+    def __getattr__(self, attr: str) -> Any:
+        try:
+            return object.__getattribute__(self, "_fnllm_namespace")[attr]
+        except KeyError:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}") from None
+
+
 def _patch_markdown_exec() -> None:
-    """Wrap markdown-exec's python runner: record each block's output and the PNGs it wrote."""
+    """Wrap markdown-exec's python runner: record each block's output and the PNGs it wrote;
+    register each block's module as a view of its session's namespace."""
     from markdown_exec._internal.formatters import python as mx
 
     if getattr(mx._run_python, "_fnllm", False):
         return
     original = mx._run_python
 
+    def module_for(name: str) -> types.ModuleType:
+        session = _state.get("session")
+        if session:
+            return _SessionModule(name, mx._sessions_globals[session])
+        return types.ModuleType(name)
+
+    mx.ModuleType = module_for  # the name markdown-exec builds each block's module with
+
     def run(code: str, *args: Any, **kwargs: Any) -> str:
+        _state["session"] = kwargs.get("session")
         before = _snapshot()
         record: dict[str, Any] = {"code": code, "output": None, "pngs": []}
         _state.setdefault("runs", []).append(record)
