@@ -276,11 +276,13 @@ def _demo(
             continue
         if name.startswith("last:") and not name[5:].isdigit():
             parser.error(f"--strategies: {name!r}: N must be a whole number (like 'last:2')")
+        if name == "lora":  # the adapters are added later (and --lora-rank checked there)
+            continue
         try:
             trainable, _ = tree.partition(template, strategy(name, model))
         except ValueError as err:
             parser.error(f"--strategies: {err}; or one of {list(_compare.PROBES)}")
-        if not tree.leaves(trainable) and name != "lora":
+        if not tree.leaves(trainable):
             parser.error(f"--strategies: {name!r} selects no parameter of this model")
     epochs, seeds, batch_size = options["epochs"], options["seeds"], options["batch_size"]
     recipe = _compare.RECIPES[args.recipe]
