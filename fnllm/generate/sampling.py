@@ -486,6 +486,10 @@ def _check_logits(name: str, logits: Any) -> None:
             f"{name}: {float(logits[tuple(where)])} at {where}: the model's output is not a "
             "distribution (do the params hold NaN or inf?)"
         )
+    dead = (logits == -math.inf).all(-1)
+    if bool(dead.any()):
+        where = [int(i) for i in dead.nonzero()[0]]
+        raise ValueError(f"{name}: every logit of row {where} is -inf: no token can be drawn")
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
