@@ -197,6 +197,8 @@ def check_lr_value(where: str, value: Any, count: Tensor | None) -> Any:
     A negative rate would move the parameters uphill and a NaN one would poison them, silently.
     """
     if not isinstance(value, Tensor):
+        if torch.compiler.is_compiling():  # a traced float cannot be read; eager steps check it
+            return value
         if callable(value):
             raise TypeError(f"{where}: lr: the schedule returned a function, not a number")
         # a Python number from a custom schedule: the same rule as for a tensor
