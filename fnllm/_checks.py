@@ -261,6 +261,33 @@ def check_id_list(name: str, ids: Iterable[object], vocab_size: int) -> tuple[in
     return tuple(sorted(out))
 
 
+def check_logits(name: str, logits: Any) -> None:
+    """Refuse logits no token can be drawn from: NaN or +inf anywhere, or a row all -inf.
+
+    Every sampler would otherwise answer token 0. The dtype and shape checks always run; the
+    values are read (one host sync) only outside tracing and ``torch.func`` transforms.
+    """
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name}: expected floating-point logits, got {logits.dtype}")
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{name}: expected [..., V] logits with V >= 1, got {tuple(logits.shape)}")
+    if tracing(logits):
+        return
+    bad = torch.isnan(logits) | (logits == math.inf)
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(
+            f"{name}: {float(logits[tuple(where)])} at {where}: the model's output is not a "
+            "distribution (do the params hold NaN or inf?)"
+        )
+    dead = (logits == -math.inf).all(-1)
+    if bool(dead.any()):
+        where = [int(i) for i in dead.nonzero()[0]]
+        raise ValueError(f"{name}: every logit of row {where} is -inf: no token can be drawn")
+
+
 def _vmap_on_stack() -> bool:
     """Walk the functorch interpreter stack top-down (the form dynamo can trace)."""
     if not torch._C._are_functorch_transforms_active():

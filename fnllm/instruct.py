@@ -159,7 +159,9 @@ def sft_batch(
             string, ``encode`` returns anything but token ids (named by record), or an id
             argument is not an int.
     """
-    check_batch_args(records, encode, eos_id, max_len, pad_id, ("instruction", "input", "response"))
+    _check_batch_args(
+        records, encode, eos_id, max_len, pad_id, ("instruction", "input", "response")
+    )
     rows, prompt_lens = [], []
     for i, rec in enumerate(records):
         if "response" not in rec:
@@ -204,7 +206,7 @@ def sft_loss(model: Any) -> Callable[..., Tensor]:
     return loss_fn
 
 
-def check_batch_args(
+def _check_batch_args(
     records: Any, encode: Any, eos_id: Any, max_len: Any, pad_id: Any, fields: Sequence[str]
 ) -> None:
     """The checks :func:`sft_batch` and ``preference.preference_batch`` share (private):

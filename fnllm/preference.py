@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fnllm import _checks, losses, tree
-from fnllm.instruct import Encode, _ids, _right_pad, _row, check_batch_args, read_jsonl
+from fnllm.instruct import Encode, _check_batch_args, _ids, _right_pad, _row, read_jsonl
 
 __all__ = [
     "dpo_loss",
@@ -103,7 +103,7 @@ def preference_batch(
         TypeError: ``records`` is not a list of dicts, a field is not a string, ``encode``
             returns anything but token ids, or an id argument is not an int.
     """
-    check_batch_args(records, encode, eos_id, max_len, pad_id, ("prompt", "chosen", "rejected"))
+    _check_batch_args(records, encode, eos_id, max_len, pad_id, ("prompt", "chosen", "rejected"))
     rows: dict[str, list[list[int]]] = {"chosen": [], "rejected": []}
     starts = []
     for i, rec in enumerate(records):

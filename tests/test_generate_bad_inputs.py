@@ -59,3 +59,10 @@ def test_decode_step_refuses_another_models_params_like_prefill():
         generate.decode_step(GPT, deeper, cache, torch.tensor([3]))
     with pytest.raises(KeyError, match=r"params: unexpected blocks\.2"):
         generate.prefill(GPT, deeper, generate.init_cache(GPT, 1, 8), torch.tensor([[1, 2]]))
+
+
+def test_a_row_of_minus_inf_logits_is_refused():
+    logits = torch.tensor([[0.0, 1.0], [-float("inf"), -float("inf")]])
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"every logit of row \[1\] is -inf"):
+            generate.next_token(jr.key(0), logits, temperature=temperature)

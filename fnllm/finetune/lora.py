@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fnllm import _checks, nn, tree
+from fnllm import nn, tree
 from fnllm import random as jr
+from fnllm.finetune import _lora_checks
 from fnllm.finetune.adapter_sets import (
     AdapterSet,
     adapters,
@@ -167,7 +168,7 @@ def init(
             globs, _linears(params), where="lora.init: targets", what="linear layer", each=False,
             hint=hint,
         )  # fmt: skip
-    _refuse_unrun(found, params)
+    _lora_checks.refuse_unrun(found, params)
     return out
 
 
@@ -199,7 +200,7 @@ def merge(params: Params) -> Params:
     def fold(node: Any, path: str) -> Any:
         if isinstance(node, dict):
             if nn.has_adapter(node):
-                a, _, _ = _adapter_leaves("lora.merge", node, path)
+                a, _, _ = _lora_checks.adapter_leaves("lora.merge", node, path, _LEAVES)
                 if a.ndim != 2:
                     raise ValueError(f"lora.merge: {path} holds stacked adapters {tuple(a.shape)}")
                 rest = {k: v for k, v in node.items() if k not in _LEAVES}
@@ -214,63 +215,6 @@ def merge(params: Params) -> Params:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _refuse_unrun(found: list[str], params: Params) -> None:
-    """Refuse targets the model's forward reads directly rather than through ``nn.linear``.
-
-    Those are the embedding tables (every path with an ``embed`` part: a lookup, not a
-    matmul) and an untied language-model head, a ``head`` linear next to the ``embed``
-    tables (the models multiply by its weight themselves). ``apply`` would ignore an adapter
-    there while :func:`merge` folds it in, so the two would disagree.
-    """
-    flat_paths = set(tree.paths(params))
-    for path in found:
-        parts = path.split(".")
-        if "embed" in parts:
-            raise ValueError(
-                f"lora.init: target {path} is an embedding table, not a linear layer the "
-                "forward runs: an adapter there would be ignored by apply and folded in by "
-                "merge; target the blocks' linear layers (e.g. '*.attn.qkv')"
-            )
-        parent = ".".join(parts[:-1])
-        sibling = f"{parent}.embed.tokens.weight" if parent else "embed.tokens.weight"
-        if parts[-1] == "head" and sibling in flat_paths:
-            raise ValueError(
-                f"lora.init: target {path} is the language-model head, which the model "
-                "multiplies by directly (not through nn.linear): an adapter there would be "
-                "ignored by apply and generate and folded in by merge; target the blocks' "
-                "linear layers (e.g. '*.attn.qkv')"
-            )
-
-
-def _adapter_leaves(where: str, node: Mapping[str, Any], path: str) -> tuple[Any, Any, Any]:
-    """The ``(lora_a, lora_b, lora_scale)`` of one layer, checked to fit together."""
-    missing = [k for k in _LEAVES if node.get(k) is None]
-    if missing:
-        raise ValueError(f"{where}: {path} has adapters but lacks {', '.join(missing)}")
-    a, b, s = (node[k] for k in _LEAVES)
-    for k, v in zip(_LEAVES, (a, b, s)):
-        if not isinstance(v, Tensor):
-            raise TypeError(f"{where}: {path}.{k} is a {type(v).__name__}, not a tensor")
-    stacked = a.ndim == 3
-    if a.ndim not in (2, 3) or b.ndim != a.ndim or s.ndim != a.ndim - 2:
-        raise ValueError(
-            f"{where}: {path} has adapters of shapes lora_a {tuple(a.shape)}, lora_b "
-            f"{tuple(b.shape)}, lora_scale {tuple(s.shape)}, which do not fit together"
-        )
-    if a.shape[-2] != b.shape[-1] or (stacked and not a.shape[0] == b.shape[0] == s.shape[0]):
-        raise ValueError(
-            f"{where}: {path}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} disagree on "
-            "the rank (lora_a is [r, in], lora_b [out, r])"
-        )
-    if not _checks.tracing(s) and not bool(torch.isfinite(s.detach()).all()):
-        raise ValueError(f"{where}: {path}.lora_scale is not finite ({s.detach().tolist()})")
-    return a, b, s
-
-
-def _few(items: list[str]) -> str:
-    return _checks.few(items, 3)
 
 
 def _matches(path: str, globs: tuple[str, ...]) -> bool:

@@ -70,7 +70,7 @@ def next_token(
     _check_sampling(temperature, top_k, top_p)
     if temperature > 0 and key is None:
         raise ValueError("key: sampling with temperature > 0 needs a fnllm.random key")
-    _check_logits("next_token: logits", logits)
+    _checks.check_logits("next_token: logits", logits)
     return _choose(key, logits, temperature, top_k, top_p)
 
 
@@ -361,7 +361,7 @@ def _generate(
         with torch.no_grad():
             x, _ = model.apply_cached(params, tokens, mask, cache, inplace=True)
             first = model.logits(params, x[:, -1])
-            _check_logits("generate: the logits after the prompts", first)
+            _checks.check_logits("generate: the logits after the prompts", first)
             out[:, 0] = _choose(keys[0], first, *how)
             decode_params = _decode_layout(params)
         for i in range(n):
@@ -463,25 +463,6 @@ def _choose(
         logits = logits.masked_fill(drop, -math.inf)
     assert key is not None
     return jr.categorical(key, logits)
-
-
-def _check_logits(name: str, logits: Any) -> None:
-    """Refuse logits holding NaN (eagerly): every sampler would answer token 0 for them."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"{name}: expected floating-point logits, got {logits.dtype}")
-    if logits.ndim == 0 or logits.shape[-1] == 0:
-        raise ValueError(f"{name}: expected [..., V] logits with V >= 1, got {tuple(logits.shape)}")
-    if _checks.tracing(logits):
-        return
-    bad = torch.isnan(logits) | (logits == math.inf)
-    if bool(bad.any()):
-        where = [int(i) for i in bad.nonzero()[0]]
-        raise ValueError(
-            f"{name}: {float(logits[tuple(where)])} at {where}: the model's output is not a "
-            "distribution (do the params hold NaN or inf?)"
-        )
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -4,7 +4,6 @@ structure check, shape checks, weight-decay masks and state checks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -198,6 +197,8 @@ def check_lr_value(where: str, value: Any, count: Tensor | None) -> Any:
     A negative rate would move the parameters uphill and a NaN one would poison them, silently.
     """
     if not isinstance(value, Tensor):
+        if torch.compiler.is_compiling():  # a traced float cannot be read; eager steps check it
+            return value
         if callable(value):
             raise TypeError(f"{where}: lr: the schedule returned a function, not a number")
         # a Python number from a custom schedule: the same rule as for a tensor
@@ -233,11 +234,15 @@ def check_finite_grads(where: str, name: str, leaves: Sequence[Tensor], spec: An
         return
     if any(x.is_complex() or not x.is_floating_point() for x in leaves):
         return  # the dtype checks elsewhere name those
-    peaks = torch.stack([m.float() for m in torch._foreach_norm(list(leaves), ord=math.inf)])
-    bad = ~torch.isfinite(peaks)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        kind = "NaN" if bool(torch.isnan(leaves[i]).any()) else "inf"
+    # one fused pass (the 2-norm: ~100x faster on CPU than the inf-norm or isfinite per leaf);
+    # a flagged leaf is then checked exactly, so a finite leaf whose square overflows passes
+    norms = torch.stack([m.float() for m in torch._foreach_norm(list(leaves))])
+    flagged = (~torch.isfinite(norms)).nonzero()[:, 0].tolist()
+    for i in flagged:
+        x = leaves[i]
+        if bool(torch.isfinite(x).all()):
+            continue
+        kind = "NaN" if bool(torch.isnan(x).any()) else "inf"
         raise ValueError(
             f"{where}: {name} {_path_at(spec, i)} holds {kind}: the update would poison the "
             "parameters and the optimizer state (fnllm.train.fit skips such steps; outside it, "
