@@ -267,7 +267,7 @@ def _hf_step(s: dict[str, Any], compile: bool) -> Any:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(out.loss)
+        out.loss.item()
 
     return step
 

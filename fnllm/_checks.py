@@ -78,8 +78,11 @@ def wrapped(x: object) -> bool:
 
 
 def tracing(*tensors: object) -> bool:
-    """True under ``torch.compile`` tracing or when any tensor is a ``torch.func`` wrapper."""
-    return torch.compiler.is_compiling() or any(wrapped(t) for t in tensors)
+    """True when values may not be read: under ``torch.compile`` tracing, or when any tensor
+    is a ``torch.func`` wrapper or has no values (meta or fake: ``fnllm.memory.plan``)."""
+    return torch.compiler.is_compiling() or any(
+        wrapped(t) or (isinstance(t, Tensor) and not has_values(t)) for t in tensors
+    )
 
 
 def check_ids(ids: Any, size: int, *, name: str = "tokens") -> Tensor:

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from fnllm import _checks, losses, nn, optim, tree
 from fnllm import random as jr
@@ -172,7 +171,7 @@ def plan(
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
         params = _fake_params(model, params_or_dtype, fake)
         if strategy == "lora" and not any(nn.is_adapter_leaf(p) for p in tree.paths(params)):
-            params = finetune.lora.init(jr.key(0), params, rank=lora_rank)
+            params = finetune.lora.init(jr.key(0), params, rank=lora_rank, model=model)
         trainable, frozen = tree.partition(params, filt)
         data = {
             "input_ids": torch.zeros(batch, seq_len, dtype=torch.long),
@@ -240,7 +239,7 @@ class _Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        for x in tree_flatten(out)[0]:
+        for x in tree.leaves(out):
             if isinstance(x, Tensor):
                 self._track(x)
         return out

@@ -29,7 +29,7 @@ import torch
 
 from fnllm import data, io, losses, optim, train, tree
 from fnllm import random as jr
-from fnllm.models import BERT, GPT
+from fnllm.models import BERT, GPT, Llama
 
 __all__ = ["PretrainConfig", "cached_tokenizer", "pretrain", "python_docs", "unigram_entropy"]
 
@@ -157,7 +157,7 @@ class PretrainConfig:
 
     Args:
         out: the output folder (checkpoints, model, tokenizer, metrics, loss curve).
-        model: ``"gpt"`` (next token) or ``"bert"`` (MLM + sentence order).
+        model: ``"gpt"`` or ``"llama"`` (next token) or ``"bert"`` (MLM + sentence order).
         steps: train steps in total (a rerun resumes and continues up to this).
         batch_size: sequences per step.
         block_size: tokens per sequence.
@@ -235,8 +235,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         ``val_sop_accuracy``.
     """
     cfg = config
-    if cfg.model not in ("gpt", "bert"):
-        raise ValueError(f"model: expected 'gpt' or 'bert', got {cfg.model!r}")
+    if cfg.model not in ("gpt", "llama", "bert"):
+        raise ValueError(f"model: expected 'gpt', 'llama' or 'bert', got {cfg.model!r}")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise ValueError(f"val_fraction: expected a number in (0, 1), got {cfg.val_fraction}")
     out = Path(cfg.out)
@@ -247,7 +247,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     order = jr.permutation(k_split, len(texts)).tolist()
     val_texts = [texts[i] for i in sorted(order[:n_val])]
     train_texts = [texts[i] for i in sorted(order[n_val:])]
-    kind = "bpe" if cfg.model == "gpt" else "wordpiece"
+    kind = "wordpiece" if cfg.model == "bert" else "bpe"
     from fnllm import distributed
 
     ranks = distributed.launched_world_size()
@@ -271,8 +271,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         "d_model": cfg.d_model,
         "max_len": cfg.block_size,
     }
-    if cfg.model == "gpt":
-        model: Any = GPT(**sizes)
+    if cfg.model in ("gpt", "llama"):
+        model: Any = GPT(**sizes) if cfg.model == "gpt" else Llama(**sizes, **_llama_shape(cfg))
         loss_fn, targets = _gpt_loss(model), "targets"
         batches = functools.partial(
             data.gpt_batches, batch_size=cfg.batch_size, block_size=cfg.block_size
@@ -334,7 +334,14 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _gpt_loss(model: GPT) -> Any:
+def _llama_shape(cfg: PretrainConfig) -> dict[str, Any]:
+    """Llama's extra sizes for a small model: half as many key/value heads (grouped-query
+    attention, where ``n_head`` is even) and a SwiGLU width of about 8/3 ``d_model``."""
+    n_kv = cfg.n_head // 2 if cfg.n_head % 2 == 0 else cfg.n_head
+    return {"n_kv_head": n_kv, "d_ff": max(8, (8 * cfg.d_model // 3) // 8 * 8)}
+
+
+def _gpt_loss(model: Any) -> Any:
     def loss_fn(trainable: Any, frozen: Any, batch: dict, key: Any) -> Any:
         logits = model.apply(tree.combine(trainable, frozen), batch["input_ids"])
         loss = losses.cross_entropy(logits, batch["targets"])
@@ -398,7 +405,7 @@ def _plot(metrics: dict, path: Path, baseline: float, kind: str) -> None:
     )
     ax.axhline(baseline, ls="--", color="gray", label=f"unigram entropy {baseline:.2f}")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)" if kind == "gpt" else "MLM + SOP loss")
+    ax.set_ylabel("MLM + SOP loss" if kind == "bert" else "loss (nats/token)")
     ax.set_title(f"fnllm pretrain ({kind})")
     ax.legend()
     fig.tight_layout()

@@ -408,10 +408,12 @@ def check_globs(
 
     Example:
         >>> from fnllm import tree
-        >>> tree.check_globs(["haed"], ["head.weight"], where="demo")
-        Traceback (most recent call last):
-        ...
-        ValueError: demo: glob 'haed' matches no leaf (paths: head.weight)
+        >>> tree.check_globs(["head"], ["head.weight"], where="demo")  # matches: no error
+        >>> try:
+        ...     tree.check_globs(["haed"], ["head.weight"], where="demo")
+        ... except ValueError as err:
+        ...     print(err)
+        demo: glob 'haed' matches no leaf (paths: head.weight)
 
     Args:
         globs: the globs to check.

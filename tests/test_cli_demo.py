@@ -13,6 +13,7 @@ from fnllm import data, io
 from fnllm import random as jr
 from fnllm.cli import main
 from fnllm.cli.demo import DEFAULT_STRATEGIES
+from fnllm.models import Llama
 
 COLUMNS = [
     "strategy",
@@ -114,6 +115,9 @@ def _tiny_dir(tmp_path, kind: str):
     vocab = tok.get_vocab_size()
     if kind == "bert":
         model = tiny_bert(vocab_size=vocab, max_len=32, mlm_head=False, pair_head=False)
+    elif kind == "llama":
+        model = Llama(vocab_size=vocab, n_layer=2, n_head=2, n_kv_head=1, d_model=16, d_ff=32,
+                      max_len=32)  # fmt: skip
     else:
         model = tiny_gpt(vocab_size=vocab, max_len=32)
     directory = tmp_path / kind
@@ -125,7 +129,7 @@ def _tiny_dir(tmp_path, kind: str):
     return directory, csv
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt"])
+@pytest.mark.parametrize("kind", ["bert", "gpt", "llama"])
 def test_demo_runs_on_a_users_model_and_csv(tmp_path, capsys, kind):
     directory, csv = _tiny_dir(tmp_path, kind)
     names = ["features+logreg", "head", "last:1", "lora"]

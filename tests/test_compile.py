@@ -191,3 +191,13 @@ def test_native_draws_work_in_a_forked_child() -> None:
         assert os.WEXITSTATUS(status) == 0
     finally:
         torch.set_num_threads(1)
+
+
+def test_fake_tensors_take_the_op_path_without_disabling_the_kernel() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        k = mode.from_tensor(jr.key(1))
+        out = jr.bernoulli(k, 0.9, (80, 80))
+    assert out.shape == (80, 80) and out.dtype == torch.bool
+    assert not _fast._FAST_CACHE.get("broken")

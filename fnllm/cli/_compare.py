@@ -10,6 +10,7 @@ across epochs, seeds and strategies. A :class:`Recipe` says how the rows train: 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,7 +179,7 @@ def resume_layer(setup: Setup, name: str, rank: int) -> int:
     """The layer a strategy's forward can start at (its frozen bottom blocks)."""
     if name in PROBES:
         return setup.model.n_layer
-    params = _with_adapters(setup.params, name, rank)
+    params = _with_adapters(setup.model, setup.params, name, rank)
     return frozen_prefix(setup.model, params, strategy(name, setup.model))
 
 
@@ -259,6 +260,7 @@ def run_strategy(
     model = setup.model
     k_head, k_lora, k_order, k_fit = jr.split(key, 4)
     params = _with_adapters(
+        model,
         {**setup.params, "head": model.init(k_head, setup.params["base"])["head"]},
         name,
         rank,
@@ -275,7 +277,7 @@ def run_strategy(
             for j, b in enumerate(setup.batches[split])
         ]
 
-    def logits_of(p: Any, b: dict[str, torch.Tensor], layer: int, key: Any = None) -> Any:
+    def logits_of(p: Any, b: Mapping[str, torch.Tensor], layer: int, key: Any = None) -> Any:
         if layer:
             return model.apply_from(p, b["x"], layer, b["attention_mask"], key)
         return model.apply(p, b["x"], b["attention_mask"], key)
@@ -292,7 +294,7 @@ def run_strategy(
     if recipe.head_lr is not None and name.startswith("last:"):
         opt = per_part(_is_head, _optimizer(recipe, recipe.head_lr, steps), opt)
     fit = distributed.fit if distributed.world_size() > 1 else train.fit
-    options = {"compile": False} if fit is train.fit else {}  # under torchrun: data parallel
+    options: dict[str, Any] = {"compile": False} if fit is train.fit else {}  # torchrun: DP
     result = fit(
         loss_fn, opt, trainable, frozen, stream, key=k_fit, epochs=epochs, progress=progress,
         tokens_per_batch=lambda b: int(b["attention_mask"].sum()), **options,
@@ -363,10 +365,14 @@ def _is_head(path: str, leaf: Any) -> bool:
     return path == "head" or path.startswith("head.")
 
 
-def _with_adapters(params: Any, name: str, rank: int, key: torch.Tensor | None = None) -> Any:
+def _with_adapters(
+    model: Any, params: Any, name: str, rank: int, key: torch.Tensor | None = None
+) -> Any:
+    """The LoRA row's adapters on the model's own default targets (``model.lora_targets``)."""
     if name != "lora":
         return params
-    return lora.init(jr.key(17) if key is None else key, params, rank=rank, alpha=2 * rank)
+    key = jr.key(17) if key is None else key
+    return lora.init(key, params, rank=rank, alpha=2 * rank, model=model)
 
 
 def _tree_nodes(probe: Any) -> int:

@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
     help_text = "pretrain a GPT or BERT from scratch on the Python docs"
     p = sub.add_parser("pretrain", help=help_text, description=_DESCRIPTION)
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--model", choices=("gpt", "bert"), default="gpt", help="default gpt")
+    p.add_argument("--model", choices=("gpt", "llama", "bert"), default="gpt", help="default gpt")
     p.add_argument("--quick", action="store_true", help="a tiny run that takes seconds")
     for name, kind, default, text in _numbers():
         flag = "--" + name.replace("_", "-")

@@ -15,7 +15,7 @@ from fnllm.finetune import lora
 from fnllm.finetune.classifier import Classifier, Pooling, mean_pool
 from fnllm.finetune.features import boosting_probe, extract_features, linear_probe
 from fnllm.finetune.metrics import accuracy, confusion_matrix, macro_f1
-from fnllm.finetune.predict import Predictions, predict
+from fnllm.finetune.prediction import Predictions, predict
 from fnllm.finetune.strategies import NAMES, Strategy, frozen_prefix, strategy
 
 __all__ = [

@@ -344,8 +344,51 @@ class ModelConfig:
         slots, positions and attention mask, every block reads and writes its cache slot, and
         the result is the final hidden states ``[B, T, D]`` (after :meth:`finish`) with the
         new cache; :meth:`logits` turns them into next-token logits. ``generate`` checks the
-        inputs and runs the sampling loop on top.
+        inputs and runs the sampling loop on top. Positions count each row's real tokens (as
+        `transformers`' ``generate`` does), so a left-padded row decodes as it would alone.
+        What differs between decoders is the model's: ``_embed_at``, ``_extras`` and
+        ``_block`` with its cache slot.
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import Llama
+            >>> llama = Llama(vocab_size=32, n_layer=2, n_head=4, n_kv_head=2, d_model=16,
+            ...               d_ff=32, max_len=16)
+            >>> params, tokens = llama.init(random.key(0)), torch.tensor([[3, 4, 5, 6]])
+            >>> cache = llama.init_cache(batch_size=1, size=8)
+            >>> ones = torch.ones(1, 3, dtype=torch.bool)
+            >>> _, cache = llama.apply_cached(params, tokens[:, :3], ones, cache)
+            >>> x, cache = llama.apply_cached(params, tokens[:, 3:], ones[:, :1], cache)
+            >>> full = llama.apply(params, tokens)[:, -1]
+            >>> torch.allclose(llama.logits(params, x[:, -1]), full, atol=1e-5), int(cache.length)
+            (True, 4)
+
+        Args:
+            params: the parameter tree.
+            tokens: int ids ``[B, T]``.
+            attention_mask: bool ``[B, T]``, False for left padding.
+            cache: a cache from :meth:`init_cache` with ``T`` free slots.
+            inplace: write the cache's own tensors (only for a cache nobody else holds).
+
+        Returns:
+            ``(hidden states [B, T, D], the new cache)``.
         """
+        self.check_decoder("apply_cached")
+        step = _cache.begin(cache, attention_mask, inplace=inplace)
+        x = self._embed_at(params, tokens, step.positions)
+        impl: nn.Impl = "math" if tokens.shape[1] == 1 else "auto"  # one query: no flash set-up
+        fwd = Forward(None, 0.0, impl, step.positions, self._extras(step.positions, x.dtype), step)
+        keys, values = [], []
+        for p, k_cache, v_cache in zip(params["blocks"], cache.keys, cache.values):
+            x, (k_cache, v_cache) = self._block(p, x, None, fwd, (k_cache, v_cache))
+            keys.append(k_cache)
+            values.append(v_cache)
+        return self.finish(params, x), _cache.finish(cache, step, keys, values)
+
+    def _embed_at(self, params: Params, tokens: Tensor, positions: Tensor) -> Tensor:
+        """A decoder's input embeddings of ``tokens`` at ``positions`` (no dropout), for
+        :meth:`apply_cached`."""
         raise TypeError(self._not_decoder("apply_cached"))
 
     def check_decoder(self, where: str) -> None:

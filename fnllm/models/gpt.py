@@ -375,30 +375,7 @@ class GPT(_base.ModelConfig):
         head = params["embed"]["tokens"]["weight"] if self.tie_head else params["head"]["weight"]
         return F.linear(x, head)
 
-    def apply_cached(
-        self,
-        params: Params,
-        tokens: Tensor,
-        attention_mask: Tensor,
-        cache: KVCache,
-        *,
-        inplace: bool = False,
-    ) -> tuple[Tensor, KVCache]:
-        """Embeddings at the cache's positions, every block with its cache slot, ``ln_f``.
-
-        The unchecked core of ``apply(..., cache=)`` and of ``fnllm.generate`` (see
-        ``ModelConfig.apply_cached``): returns the final hidden states
-        ``[B, T, D]`` and the new cache.
-        """
-        step = _cache.begin(cache, attention_mask, inplace=inplace)
-        impl: nn.Impl = "math" if tokens.shape[1] == 1 else "auto"  # one query: no flash set-up
+    def _embed_at(self, params: Params, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Token plus learned position embeddings at ``positions`` (no dropout)."""
         embed = params["embed"]
-        x = nn.embedding(embed["tokens"], tokens) + nn.embedding(embed["positions"], step.positions)
-        extra = self._extras(step.positions, x.dtype)
-        fwd = _base.Forward(None, 0.0, impl, step.positions, extra, step)
-        keys, values = [], []
-        for p, k_cache, v_cache in zip(params["blocks"], cache.keys, cache.values):
-            x, (k_cache, v_cache) = self._block(p, x, None, fwd, (k_cache, v_cache))
-            keys.append(k_cache)
-            values.append(v_cache)
-        return self.finish(params, x), _cache.finish(cache, step, keys, values)
+        return nn.embedding(embed["tokens"], tokens) + nn.embedding(embed["positions"], positions)

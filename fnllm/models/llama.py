@@ -333,60 +333,9 @@ class Llama(_base.ModelConfig):
         table = params["embed"]["tokens"]
         return _embed(table, nn.check_ids(tokens, table["weight"].shape[0], name="ids"))
 
-    def apply_cached(
-        self,
-        params: Params,
-        tokens: Tensor,
-        attention_mask: Tensor,
-        cache: KVCache,
-        *,
-        inplace: bool = False,
-    ) -> tuple[Tensor, KVCache]:
-        """The forward over ``tokens [B, T]`` written into ``cache`` (no checks).
-
-        Prefill (the left-padded prompts) and decode (one token per row) are this one
-        function; positions count each row's real tokens, as `transformers`' ``generate``
-        does. Returns the final hidden states ``[B, T, D]`` (after the final norm) and the new
-        cache; :meth:`logits` turns them into next-token logits.
-
-        Example:
-            >>> import torch
-            >>> from fnllm import random
-            >>> from fnllm.models import Llama
-            >>> llama = Llama(vocab_size=32, n_layer=2, n_head=4, n_kv_head=2, d_model=16,
-            ...               d_ff=32, max_len=16)
-            >>> params, tokens = llama.init(random.key(0)), torch.tensor([[3, 4, 5, 6]])
-            >>> cache = llama.init_cache(batch_size=1, size=8)
-            >>> ones = torch.ones(1, 3, dtype=torch.bool)
-            >>> _, cache = llama.apply_cached(params, tokens[:, :3], ones, cache)
-            >>> x, cache = llama.apply_cached(params, tokens[:, 3:], ones[:, :1], cache)
-            >>> full = llama.apply(params, tokens)[:, -1]
-            >>> torch.allclose(llama.logits(params, x[:, -1]), full, atol=1e-5), int(cache.length)
-            (True, 4)
-
-        Args:
-            params: the parameter tree.
-            tokens: int ids ``[B, T]``.
-            attention_mask: bool ``[B, T]``, False for left padding.
-            cache: a cache from :meth:`init_cache` with ``T`` free slots.
-            inplace: write the cache's own tensors (only for a cache nobody else holds).
-
-        Returns:
-            ``(hidden states [B, T, D], the new cache)``.
-        """
-        step = _cache.begin(cache, attention_mask, inplace=inplace)
-        x = _embed(params["embed"]["tokens"], tokens)
-        impl: nn.Impl = "math" if tokens.shape[1] == 1 else "auto"  # one query: no flash set-up
-        extra = self._extras(step.positions, x.dtype)
-        fwd = _base.Forward(None, 0.0, impl, step.positions, extra, step)
-        keys, values = [], []
-        for block, k_cache, v_cache in zip(params["blocks"], cache.keys, cache.values):
-            x, (k_cache, v_cache) = self._block(block, x, None, fwd, (k_cache, v_cache))
-            keys.append(k_cache)
-            values.append(v_cache)
-        return self.finish(params, x), _cache.finish(cache, step, keys, values)
-
-    # ------------------------------------------------------------------ one block
+    def _embed_at(self, params: Params, tokens: Tensor, positions: Tensor) -> Tensor:
+        """The token embeddings (positions enter through the rotary tables, :meth:`_extras`)."""
+        return _embed(params["embed"]["tokens"], tokens)
 
     def _block(
         self,

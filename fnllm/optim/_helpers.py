@@ -232,6 +232,8 @@ def check_finite_grads(where: str, name: str, leaves: Sequence[Tensor], spec: An
     """
     if not leaves or _checks.tracing(*leaves):
         return
+    if any(type(x) not in (Tensor, torch.nn.Parameter) for x in leaves):
+        return  # a tensor subclass (a DTensor shard): its step's owner guards it (fit's guard)
     if any(x.is_complex() or not x.is_floating_point() for x in leaves):
         return  # the dtype checks elsewhere name those
     # one fused pass (the 2-norm: ~100x faster on CPU than the inf-norm or isfinite per leaf);

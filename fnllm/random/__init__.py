@@ -31,7 +31,7 @@ Speed: in eager mode, draws of 4096 values or more (:func:`bits`, float32 :func:
 :func:`bernoulli`) run the 20 threefry rounds in a small native kernel: about 60 lines of C,
 built with the system C compiler in well under a second the first time a process needs it and
 cached in fnllm's cache folder (``$FNLLM_CACHE_DIR``, else ``~/.cache/fnllm``), then loaded in
-milliseconds by later processes. A process builds it at its first draw of 65536 values or more,
+milliseconds by later processes. A process builds it at its first draw of 16384 values or more,
 or after 8 smaller large draws, so a one-off shuffle never pays it
 (``FNLLM_EAGER_SAMPLER=compiled`` builds it at the first large draw, ``=ops`` never).
 Under ``torch.compile`` on the CPU, Bernoulli masks with a float probability (every

@@ -32,7 +32,7 @@ _FAST_MIN = 4096
 # path would take longer than the build), or once it has made _FAST_AFTER large draws (a
 # training loop gets there within a step); a one-off draw of a few thousand values (shuffling a
 # data set once) never pays it.
-_FAST_BIG = 1 << 16
+_FAST_BIG = 1 << 14
 _FAST_AFTER = 8
 # FNLLM_EAGER_SAMPLER: "auto" (the default, see above), "compiled" (build and use the native
 # kernel at the first large draw; the name is historical), "ops" (never). Same values in every
@@ -58,6 +58,8 @@ def _fast_draw(kind: str, key: Tensor, shape: tuple[int, ...], threshold: int = 
         return None
     n = math.prod(shape)
     if n < _FAST_MIN or n > 2**32 or key.device.type not in _FAST_DEVICES:
+        return None
+    if torch._subclasses.fake_tensor.is_fake(key):  # shapes only (e.g. a memory plan): no data
         return None
     if _FAST_CACHE.get("broken"):
         return None
@@ -98,7 +100,6 @@ def _native_core(kind: str) -> Callable[..., Tensor]:
     return core
 
 
-@torch.compiler.assume_constant_result  # a Python float in, an int out: a trace constant
 def below_threshold(p: float) -> int:
     """The integer ``t`` with ``uniform < float32(p)`` exactly when ``bits >> 9 < t``.
 
@@ -107,6 +108,12 @@ def below_threshold(p: float) -> int:
     """
     p32 = struct.unpack("f", struct.pack("f", p))[0]  # round to float32 (nearest even)
     return math.ceil(p32 * 2.0**23)
+
+
+# A Python float in, an int out: Dynamo calls it and keeps the result as a trace constant. What
+# torch.compiler.assume_constant_result sets, without importing torch._dynamo with fnllm
+# (slow, and it pulls in optional packages).
+below_threshold._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------ the compiled mask op

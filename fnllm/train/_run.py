@@ -151,8 +151,12 @@ def total_steps(steps: Any, epochs: Any, data: Any) -> Any:
             )
         steps = epochs * per_epoch
     last = getattr(data, "num_epochs", None)
-    bounded = isinstance(per_epoch, int) and isinstance(last, int) and isinstance(steps, int)
-    if bounded and steps > last * per_epoch:
+    if (
+        isinstance(per_epoch, int)
+        and isinstance(last, int)
+        and isinstance(steps, int)
+        and steps > last * per_epoch
+    ):
         raise ValueError(
             f"fit: steps={steps} is past the end of data ({last} epochs x {per_epoch} "
             "steps); build it with more num_epochs (or None)"
