@@ -20,7 +20,7 @@ from fnllm.data import causal_targets, instruction_targets, pack
     )
 )
 def test_targets_are_next_tokens_except_where_a_pair_touches_padding(batch: dict) -> None:
-    tokens, mask = batch["tokens"], batch["attention_mask"]
+    tokens, mask = batch["input_ids"], batch["attention_mask"]
     rows, length = tokens.shape
     targets = causal_targets(tokens, mask)
     assert targets.shape == tokens.shape and targets.dtype == tokens.dtype
@@ -41,7 +41,7 @@ def test_targets_without_mask_shift_everything_and_work_unbatched() -> None:
 def test_loss_on_targets_equals_hugging_face_causal_lm_loss(batch: dict) -> None:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    tokens, mask = batch["tokens"], batch["attention_mask"]
+    tokens, mask = batch["input_ids"], batch["attention_mask"]
     shape = (*tokens.shape, 17)
     logits = torch.from_numpy(np.random.default_rng(0).standard_normal(shape)).float()
     hf_labels = torch.where(mask.bool(), tokens, -100)  # HF: labels = ids, -100 on padding
@@ -56,7 +56,7 @@ def test_loss_on_targets_equals_hugging_face_causal_lm_loss(batch: dict) -> None
 def test_instruction_targets_drop_exactly_the_prompt_predictions(
     batch: dict, data: st.DataObject
 ) -> None:
-    tokens, mask = batch["tokens"], batch["attention_mask"]
+    tokens, mask = batch["input_ids"], batch["attention_mask"]
     rows, length = tokens.shape
     prompt = torch.tensor(data.draw(st.lists(st.integers(0, length), min_size=rows, max_size=rows)))
     by_len = instruction_targets(tokens, prompt_len=prompt, attention_mask=mask)

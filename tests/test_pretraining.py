@@ -74,6 +74,31 @@ def test_generate_command_streams_the_greedy_continuation(quick_run, capsys) -> 
     assert printed == prompt + tok.decode(new) + "\n"
 
 
+def test_generate_default_length_fits_the_quick_models_context(quick_run, capsys) -> None:
+    model, params = io.load_model(quick_run / "model.safetensors")
+    tok = data.load_tokenizer(quick_run / "tokenizer.json")
+    prompt = "The for statement"
+    n_prompt = len(tok.encode(prompt, add_special_tokens=False).ids)
+    room = model.max_len - n_prompt
+    assert room < 64  # the quick model's context is shorter than the default 64 new tokens
+    argv = ["generate", str(quick_run), "--prompt", prompt, "--temperature", "0"]
+    assert main(argv) == 0  # default flags: capped to the context, with a notice
+    out, err = capsys.readouterr()
+    assert f"generating {room} new tokens" in err
+    ids = generate.sample(None, model, params, [tok.encode(prompt).ids], room, temperature=0)
+    eos = tok.token_to_id("<|endoftext|>")
+    new = ids[0].tolist()
+    new = new[: new.index(eos)] if eos in new else new
+    assert out == prompt + tok.decode(new) + "\n"
+    # an explicit count that does not fit is refused, naming the flag and the room
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--max-new-tokens", str(room + 1)])
+    assert exc.value.code == 2
+    assert f"--max-new-tokens {room + 1}: the {n_prompt}-token prompt leaves room for {room}" in (
+        capsys.readouterr().err
+    )
+
+
 def test_generate_reads_a_transformers_gpt2_folder(tmp_path, capsys) -> None:
     tok = data.train_tokenizer(data.default_documents(), "bpe", 300)
     gpt = GPT(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=16, max_len=32)

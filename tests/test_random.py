@@ -493,7 +493,10 @@ def test_every_sampler_compiles_with_zero_graph_breaks(name: str) -> None:
     torch._dynamo.reset()
     f, k = SAMPLERS[name], fr.key(5)
     assert torch._dynamo.explain(f)(k).graph_break_count == 0
-    assert torch.equal(torch.compile(f, fullgraph=True)(k), f(k))
+    # the functionalised graph, without inductor's C++ codegen (minutes per sampler on a cold
+    # cache); inductor itself is checked on one sampler above and on whole steps in test_compile
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(k), f(k))
 
 
 def test_keys_stay_on_their_device() -> None:

@@ -122,8 +122,8 @@ def test_every_drawn_gpt_builds_and_runs_every_drawn_batch(data_, model_params):
             padding=data_.draw(st.sampled_from(["right", "left", "none"])),
         )
     )
-    logits = model.apply(params, batch["tokens"], attention_mask=batch["attention_mask"])
-    assert logits.shape == (*batch["tokens"].shape, model.vocab_size)
+    logits = model.apply(params, batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert logits.shape == (*batch["input_ids"].shape, model.vocab_size)
     assert bool(logits.isfinite().all())
 
 
@@ -136,16 +136,16 @@ def test_every_drawn_bert_builds_and_runs_every_drawn_batch(data_, model_params)
     batch = data_.draw(testing.token_batches(model.vocab_size, model.max_len))
     types = data_.draw(
         testing.tensors(
-            tuple(batch["tokens"].shape),
+            tuple(batch["input_ids"].shape),
             torch.int64,
             min_value=0,
             max_value=model.type_vocab_size - 1,
         )
     )
     out = model.apply(
-        params, batch["tokens"], token_type_ids=types, attention_mask=batch["attention_mask"]
+        params, batch["input_ids"], token_type_ids=types, attention_mask=batch["attention_mask"]
     )
-    assert out.last_hidden_state.shape == (*batch["tokens"].shape, model.d_model)
+    assert out.last_hidden_state.shape == (*batch["input_ids"].shape, model.d_model)
     assert bool(out.last_hidden_state.isfinite().all())
 
 
@@ -165,7 +165,8 @@ def test_token_batches_pad_with_pad_id_and_keep_min_tokens_per_row(data_, vocab,
             vocab, t, pad_id=pad_id, padding=padding, exclude=exclude, min_tokens=least
         )
     )
-    tokens, mask = b["tokens"], b["attention_mask"].bool()
+    tokens, mask = b["input_ids"], b["attention_mask"].bool()
+    assert b["tokens"] is b["input_ids"]  # the old key, until 0.2
     assert tokens.dtype == torch.int64 and tokens.shape == mask.shape and tokens.shape[1] <= t
     assert bool((mask.sum(dim=1) >= least).all())
     assert bool((tokens[~mask] == pad_id).all())

@@ -62,7 +62,7 @@ def encode(pairs):
     return {
         "input_ids": torch.tensor([e.ids for e in enc]),
         "attention_mask": torch.tensor([e.attention_mask for e in enc]),
-        "label": torch.tensor([label for _, label in pairs]),
+        "labels": torch.tensor([label for _, label in pairs]),
     }
 
 
@@ -104,14 +104,14 @@ def logits_of(params, batch, key=None):
 def classify_loss(trainable, frozen, batch, key):
     return losses.cross_entropy(
         logits_of(tree.combine(trainable, frozen), batch, key),
-        batch["label"],
+        batch["labels"],
     )
 
 
 def accuracy(trainable, batch):
     with torch.no_grad():
         pred = logits_of(tree.combine(trainable, frozen), batch).argmax(-1)
-    return (pred == batch["label"]).float().mean().item()
+    return (pred == batch["labels"]).float().mean().item()
 
 
 print(f"test accuracy before: {accuracy(trainable, test_batch):.2f}")

@@ -1,4 +1,5 @@
-"""``fnllm generate``: sample from a GPT checkpoint or a transformers GPT-2 folder, streaming."""
+"""``fnllm generate``: sample from a decoder (an fnllm GPT or Llama file, or a transformers
+GPT-2, Llama, Qwen2 or Mistral folder), streaming."""
 
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument("source", type=Path, help="model file or folder")
     p.add_argument("--prompt", default="", help="the text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help="default 64, or fewer when the model's context (max_len) is shorter",
+    )  # fmt: skip
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
@@ -80,6 +84,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if missing and args.stop is not None:
         parser.error(f"--stop: {missing} not in the tokenizer's vocabulary")
     stop_ids = [i for i in stop_ids if i is not None]
+    args.max_new_tokens = _new_token_count(args.max_new_tokens, len(prompt_ids), model, parser)
     try:
         steps = generate.stream(
             jr.key(args.seed), model, params, [prompt_ids], args.max_new_tokens,
@@ -110,7 +115,7 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     """Refuse bad flag values before any model is read (one line each, exit 2)."""
     import math
 
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
@@ -126,6 +131,38 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         parser.error(f"{args.source}: no such file or folder")
     if args.tokenizer is not None and not args.tokenizer.exists():
         parser.error(f"--tokenizer {args.tokenizer}: no such file or folder")
+
+
+DEFAULT_NEW_TOKENS = 64
+
+
+def _new_token_count(
+    asked: int | None, prompt_len: int, model: Any, parser: argparse.ArgumentParser
+) -> int:
+    """The number of tokens to generate: ``--max-new-tokens``, or the default capped so the
+    prompt and the new tokens fit the model's context (with a notice on stderr)."""
+    room = int(getattr(model, "max_len", prompt_len + DEFAULT_NEW_TOKENS)) - prompt_len
+    if room < 1:
+        parser.error(
+            f"--prompt: {prompt_len} tokens leave no room in the model's context "
+            f"(max_len {prompt_len + room}); give a shorter prompt"
+        )
+    if asked is None:
+        if room < DEFAULT_NEW_TOKENS:
+            print(
+                f"fnllm generate: the model's context is {prompt_len + room} tokens, so "
+                f"generating {room} new tokens after the {prompt_len}-token prompt "
+                "(pass --max-new-tokens to choose)",
+                file=sys.stderr,
+            )
+        return min(room, DEFAULT_NEW_TOKENS)
+    if asked > room:
+        parser.error(
+            f"--max-new-tokens {asked}: the {prompt_len}-token prompt leaves room for {room} "
+            f"new tokens in the model's context (max_len {prompt_len + room}); pass "
+            f"--max-new-tokens {room} or less"
+        )
+    return asked
 
 
 def _load(source: Path) -> tuple[Any, Any, Path]:

@@ -29,14 +29,18 @@ from fnllm.interop.arrays import from_jax, to_jax
 __all__ = ["as_jax", "as_torch"]
 
 
-def as_jax(fn: Callable[..., Any]) -> Callable[..., Any]:
+def as_jax(
+    fn: Callable[..., Any], *, argnums: int | Sequence[int] | None = None
+) -> Callable[..., Any]:
     """Wrap a pure PyTorch function of tensor trees as a JAX function with gradients.
 
     The wrapped function takes trees of JAX arrays where ``fn`` takes trees of tensors, and
     returns ``fn``'s tree of outputs as JAX arrays. It works under ``jax.grad``,
     ``jax.value_and_grad``, ``jax.vjp``, ``jax.jit`` and ``jax.vmap`` (nested too), and on
-    concrete arrays without any transform. Gradients flow to every floating-point input;
-    integer inputs (token ids) get JAX's ``float0`` zero cotangent.
+    concrete arrays without any transform. Gradients flow to every floating-point input, or
+    only to those in the positional arguments ``argnums`` names; the others get zero
+    cotangents without PyTorch computing them, and integer inputs (token ids) get JAX's
+    ``float0`` zero cotangent.
 
     Example:
         >>> import jax, jax.numpy as jnp, torch
@@ -50,6 +54,17 @@ def as_jax(fn: Callable[..., Any]) -> Callable[..., Any]:
         >>> jax.jit(jax.grad(jloss))(params, x)["w"].tolist()
         [[72.0, 72.0], [102.0, 102.0], [132.0, 132.0]]
 
+    A frozen half of the parameters passed as its own argument costs no gradient work when
+    ``argnums`` leaves it out (``jax.grad(..., argnums=0)`` alone would still let PyTorch
+    compute and then drop its gradient):
+
+        >>> def split_loss(trainable, frozen, x):
+        ...     return ((x @ frozen["w"] @ trainable["v"]) ** 2).sum()
+        >>> jsplit = interop.as_jax(split_loss, argnums=0)
+        >>> g = jax.grad(jsplit)({"v": jnp.ones((2, 1))}, params, x)
+        >>> g["v"].tolist()
+        [[612.0], [612.0]]
+
     Limits: ``fn`` must be pure (JAX may call it again or not at all) and its output shapes
     must depend only on its input shapes; higher-order derivatives (``jax.grad`` of
     ``jax.grad``) and forward mode (``jax.jvp``, ``jax.jacfwd``) are not supported. 64-bit
@@ -61,14 +76,18 @@ def as_jax(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn: a PyTorch function whose positional arguments are trees (dict/list/tuple) of
             tensors and whose result is a tree of tensors. It must compose with
             ``torch.func.grad``/``vjp`` (and ``torch.func.vmap`` for ``jax.vmap``).
+        argnums: the positional arguments that get gradients, like ``jax.grad``'s (an index
+            or a sequence of them); ``None`` (default) means every argument.
 
     Returns:
         The JAX function. Output shapes are found once per input signature by running ``fn``
         on meta tensors (or, if that fails, on zeros).
 
     Raises:
+        TypeError: ``argnums`` is not an int or a sequence of ints.
         TypeError: (when called) an argument leaf is not an array, or ``fn`` returns a
             non-tensor leaf; the message names the path.
+        ValueError: (when called) ``argnums`` names an argument the call does not pass.
         ValueError: (when called) an int64 argument holds a value outside int32 while
             ``jax_enable_x64`` is off; ``fn``'s output shapes depend on the input values (found
             when it is first called for a signature, by running it on zeros and on ones).
@@ -78,17 +97,24 @@ def as_jax(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
     if not callable(fn):
         raise TypeError(f"as_jax: fn must be a function of tensor trees, got {type(fn).__name__}")
+    wanted = _argnums(argnums)
     jax = _common.jax()
     name = getattr(fn, "__name__", "fn")
     cache: dict[Any, Callable[..., Any]] = {}
 
     @functools.wraps(fn)
     def wrapped(*args: Any) -> Any:
-        leaves, treedef = _jax_leaves(jax, args, name)
-        signature = (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+        if wanted is not None and wanted and max(wanted) >= len(args):
+            raise ValueError(
+                f"{name}: argnums={argnums} names argument {max(wanted)}, but the call passes "
+                f"{len(args)} positional argument(s)"
+            )
+        leaves, treedef, positions = _jax_leaves(jax, args, name)
+        chosen = tuple(wanted is None or p in wanted for p in positions)
+        signature = (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves), chosen)
         call = cache.get(signature)
         if call is None:
-            call = cache[signature] = _build(jax, fn, name, treedef, signature[1])
+            call = cache[signature] = _build(jax, fn, name, treedef, signature[1], chosen)
         return call(*leaves)
 
     return wrapped
@@ -157,10 +183,27 @@ def as_torch(jax_fn: Callable[..., Any], *, jit: bool = True) -> Callable[..., A
 # as_jax internals
 
 
-def _jax_leaves(jax: Any, args: tuple[Any, ...], name: str) -> tuple[list[Any], Any]:
-    """Flatten JAX arguments, turning numbers into arrays and naming bad leaves."""
+def _argnums(argnums: int | Sequence[int] | None) -> frozenset[int] | None:
+    """``as_jax``'s ``argnums`` as a set of non-negative argument positions."""
+    if argnums is None:
+        return None
+    items = (argnums,) if isinstance(argnums, int) else argnums
+    if isinstance(argnums, (str, bytes)) or not isinstance(items, (tuple, list)):
+        raise TypeError(f"as_jax: argnums must be an int or a sequence of ints, got {argnums!r}")
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise TypeError(
+                f"as_jax: argnums must hold non-negative ints (argument positions), got {i!r}"
+            )
+    return frozenset(items)
+
+
+def _jax_leaves(jax: Any, args: tuple[Any, ...], name: str) -> tuple[list[Any], Any, list[int]]:
+    """Flatten JAX arguments, turning numbers into arrays and naming bad leaves; also return
+    the positional argument each leaf belongs to."""
     pairs, treedef = jax.tree_util.tree_flatten_with_path(args)
     leaves = []
+    positions = [path[0].idx for path, _ in pairs]
     x64 = _common.x64_enabled()
     for path, x in pairs:
         if isinstance(x, (bool, int, float, np.number)) and not isinstance(x, jax.Array):
@@ -174,7 +217,7 @@ def _jax_leaves(jax: Any, args: tuple[Any, ...], name: str) -> tuple[list[Any], 
         if not x64 and isinstance(x, np.ndarray) and x.dtype.kind in "iu":
             x = _narrow_int(name, path, x)
         leaves.append(x)
-    return leaves, treedef
+    return leaves, treedef, positions
 
 
 def _narrow_int(name: str, path: Any, x: np.ndarray) -> np.ndarray:
@@ -195,12 +238,20 @@ def _narrow_int(name: str, path: Any, x: np.ndarray) -> np.ndarray:
 
 
 def _build(
-    jax: Any, fn: Callable[..., Any], name: str, treedef: Any, avals: Sequence[tuple]
+    jax: Any,
+    fn: Callable[..., Any],
+    name: str,
+    treedef: Any,
+    avals: Sequence[tuple],
+    chosen: Sequence[bool],
 ) -> Callable[..., Any]:
-    """Make the ``custom_vjp`` function for one input signature."""
+    """Make the ``custom_vjp`` function for one input signature; gradients flow to the
+    floating leaves marked in ``chosen``."""
     in_dtypes = [_common.torch_dtype(name, f"input leaf {i}", d) for i, (_, d) in enumerate(avals)]
     in_shapes = [s for s, _ in avals]
-    diff = [i for i, d in enumerate(in_dtypes) if d.is_floating_point]
+    diff = [i for i, d in enumerate(in_dtypes) if d.is_floating_point and chosen[i]]
+    # floating leaves outside argnums: a zero cotangent, never computed by PyTorch
+    still = [i for i, d in enumerate(in_dtypes) if d.is_floating_point and not chosen[i]]
 
     def flat_fn(*tensors: Tensor) -> list[Tensor]:
         out = fn(*jax.tree_util.tree_unflatten(treedef, list(tensors)))
@@ -274,13 +325,15 @@ def _build(
         is_scalar, grads, leaves = res
         if is_scalar:
             grads = [(g * cts[0]).astype(g.dtype) for g in grads]
-        elif not out_diff:  # only integer outputs: nothing flows back
+        elif not out_diff or not diff:  # integer outputs only, or no input asks: none flows
             grads = [jax.numpy.zeros(a.shape, a.dtype) for a in diff_avals]
         else:
             grads = callback(run_vjp, diff_avals, *leaves, *(cts[k] for k in out_diff))
         out: list[Any] = [np.zeros(np.shape(x), dtype=jax.dtypes.float0) for x in leaves]
         for i, g in zip(diff, grads):
             out[i] = g
+        for i in still:
+            out[i] = jax.numpy.zeros(np.shape(leaves[i]), leaves[i].dtype)
         return tuple(out)
 
     call.defvjp(call_fwd, call_bwd)

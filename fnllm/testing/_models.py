@@ -169,7 +169,10 @@ def token_batches(
     exclude: tuple[int, ...] = (),
     min_tokens: int = 1,
 ) -> st.SearchStrategy[dict[str, torch.Tensor]]:
-    """Draw padded token batches ``{"tokens": [B, T] int64, "attention_mask": [B, T] int64}``.
+    """Draw padded token batches ``{"input_ids": [B, T] int64, "attention_mask": [B, T] int64}``.
+
+    The batch keys are the ones ``fnllm.data`` writes. ``"tokens"`` holds the same tensor
+    under its old name until fnllm 0.2 (see the deprecation page).
 
     Every row has at least ``min_tokens`` real tokens (one by default, so every row can be
     attended to); padded positions hold ``pad_id`` and mask 0. Real
@@ -182,7 +185,7 @@ def token_batches(
         ... @given(testing.token_batches(vocab_size=50, max_len=8))
         ... def test_mask_marks_real_tokens(batch):
         ...     real = batch["attention_mask"].bool()
-        ...     assert bool((batch["tokens"][~real] == 0).all()) and bool(real.any(1).all())
+        ...     assert bool((batch["input_ids"][~real] == 0).all()) and bool(real.any(1).all())
         >>> test_mask_marks_real_tokens()
 
     Args:
@@ -222,7 +225,9 @@ def token_batches(
             rows.append(row + pad if padding != "left" else pad + row)
             mask = [1] * n + [0] * (t - n)
             masks.append(mask if padding != "left" else mask[::-1])
-        return {"tokens": torch.tensor(rows), "attention_mask": torch.tensor(masks)}
+        ids = torch.tensor(rows)
+        # "tokens": the old key for the same tensor, until fnllm 0.2 (docs/deprecation.md)
+        return {"input_ids": ids, "attention_mask": torch.tensor(masks), "tokens": ids}
 
     return _draw()
 
@@ -279,7 +284,7 @@ def mlm_args(
         random_frac = draw(st.sampled_from([0.0, 0.1, round(1.0 - mask_frac, 6)]))
         return {
             "key": draw(keys()),
-            "tokens": batch["tokens"],
+            "tokens": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
             "mask_id": mask_id,
             "vocab_size": vocab,
