@@ -15,7 +15,7 @@
 """
 
 from fnllm.io.hf import from_hf, hf_config, mean_pool, pretrained_dir, to_hf, to_hf_state_dict
-from fnllm.io.quantize import dequantize, quantize
+from fnllm.io.quantized import dequantize, quantize
 from fnllm.io.store import clean_temp_files, load, load_meta, load_model, save, save_model
 
 __all__ = [
