@@ -13,12 +13,14 @@ list/tuple slots hold an empty tuple ``()``, so both halves are ordinary trees t
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import optree
 import torch
 
+from fnllm import _quant
 from fnllm import _tree_ops as _ops
 
 Tree: TypeAlias = Any
@@ -279,7 +281,8 @@ def cast(
             to 0); refused unless asked for.
 
     Returns:
-        The cast tree. Leaves that already have ``dtype`` are returned as the same objects.
+        The cast tree. Leaves that already have ``dtype`` are returned as the same objects, and
+        so are quantized weights (``io.quantize``), which keep their packed storage.
 
     Raises:
         TypeError: ``dtype`` is not a ``torch.dtype``.
@@ -294,7 +297,7 @@ def cast(
         )
 
     def _cast(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor):
+        if not isinstance(x, torch.Tensor) or _quant.is_quantized(x):  # NF4/int8 stay packed
             return x
         if floating_only and not (x.is_floating_point() or x.is_complex()):
             return x
@@ -463,7 +466,8 @@ def partition(tree: Tree, filter: Filter, *, allow_unmatched: bool = False) -> t
         ``(selected, rest)``.
 
     Raises:
-        ValueError: a glob of a list matches no leaf (the message names it and a few paths).
+        ValueError: a glob of a list matches no leaf (the message names it and a few paths);
+            the filter selects a quantized weight (``io.quantize``), which can not train.
     """
     pred = filter_fn(filter)
     # glob matching is not traced: the check runs eagerly
@@ -474,7 +478,16 @@ def partition(tree: Tree, filter: Filter, *, allow_unmatched: bool = False) -> t
     check = getattr(filter, "check_matches", None)  # e.g. finetune.Strategy("lora")
     if callable(check) and not allow_unmatched and eager:
         check(tree)
-    return _ops.partition(tree, pred, "")
+    selected, rest = _ops.partition(tree, pred, "")
+    if eager and "torchao" in sys.modules:  # only then can a leaf be quantized
+        quantized = [p for p, x in flatten(selected).items() if _quant.is_quantized(x)]
+        if quantized:
+            raise ValueError(
+                f"tree.partition: the filter selects quantized weights, which can not train "
+                f"({', '.join(quantized[:4])}{' ...' if len(quantized) > 4 else ''}); "
+                "train adapters on top (finetune.strategy('lora', model)) or io.dequantize first"
+            )
+    return selected, rest
 
 
 def combine(*trees: Tree) -> Tree:

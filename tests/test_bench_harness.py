@@ -67,3 +67,15 @@ def test_print_table_shows_the_spread_beside_the_ratio(capsys: pytest.CaptureFix
     assert float(median) == pytest.approx(float(c.ratio), abs=1e-3)
     assert "median [min, max]" in out
     assert "| 0.500 " in out  # a plain float stays a plain number
+
+
+def test_llm_memory_counts_a_quantized_weight_by_what_it_stores() -> None:
+    pytest.importorskip("torchao")
+    from benchmarks.llm_memory import _held_bytes
+    from fnllm import io
+
+    w = torch.zeros(64, 256)
+    q = io.quantize({"l": {"weight": w}}, "l", "nf4")["l"]["weight"]
+    assert _held_bytes([w, w[1:]]) == 64 * 256 * 4  # one storage, counted once
+    packed = _held_bytes([q])  # 4 bits a weight, plus the 8-bit scales and their factors
+    assert 64 * 256 // 2 <= packed < 64 * 256 // 2 * 1.2  # (a view keeps its whole storage)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fnllm import nn, tree
+from fnllm import _quant, nn, tree
 from fnllm import random as jr
 from fnllm.finetune import _lora_checks
 from fnllm.finetune.adapter_sets import (
@@ -192,8 +192,9 @@ def merge(params: Params) -> Params:
         A plain tree with the base model's paths (``io.to_hf`` exports it as is).
 
     Raises:
-        ValueError: the adapters are stacked (merge one set: ``pick`` needs a batch), or a
-            layer's adapters are incomplete, misshaped or hold a non-finite scale (the
+        ValueError: the adapters are stacked (merge one set: ``pick`` needs a batch); a base
+            weight is quantized (``io.quantize``: merge ``io.dequantize(params)`` explicitly);
+            or a layer's adapters are incomplete, misshaped or hold a non-finite scale (the
             message names the layer).
     """
 
@@ -201,6 +202,13 @@ def merge(params: Params) -> Params:
         if isinstance(node, dict):
             if nn.has_adapter(node):
                 a, _, _ = _lora_checks.adapter_leaves("lora.merge", node, path, _LEAVES)
+                if _quant.is_quantized(node.get("weight")):
+                    raise ValueError(
+                        f"lora.merge: {path}.weight is quantized ({_quant.kind_of(node['weight'])}"
+                        "): folding an adapter into it would need a dense weight; merge "
+                        "explicitly with lora.merge(io.dequantize(params)) (dense weights in "
+                        "their original dtype), and quantize the result again if wanted"
+                    )
                 if a.ndim != 2:
                     raise ValueError(f"lora.merge: {path} holds stacked adapters {tuple(a.shape)}")
                 rest = {k: v for k, v in node.items() if k not in _LEAVES}

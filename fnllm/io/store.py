@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fnllm import _tree_ops
+from fnllm import _quant, _tree_ops
 from fnllm import models as _models
 from fnllm import tree as _tree
 from fnllm.io import _safetensors
@@ -60,10 +60,11 @@ def save(path: PathLike, tree: Any, meta: Mapping[str, Any] | None = None) -> No
     Args:
         path: the file to write. It is replaced only once the new file is complete on disk.
         tree: nested ``dict`` (string keys without dots) / ``list`` / ``tuple`` containers whose
-            leaves are tensors; ``None``, ``bool``, ``int``, ``float`` and ``str`` leaves are
-            kept in the metadata. Tensors may live on any device, be non-contiguous or share
-            storage (tied weights): leaves that are the very same tensor load back as one
-            tensor object again.
+            leaves are tensors (quantized weights from :func:`fnllm.io.quantize` are stored as
+            their inner tensors, ``<path>.<name>``, and rebuilt by :func:`load`); ``None``,
+            ``bool``, ``int``, ``float`` and ``str`` leaves are kept in the metadata. Tensors
+            may live on any device, be non-contiguous or share storage (tied weights): leaves
+            that are the very same tensor load back as one tensor object again.
         meta: extra JSON-serialisable values stored in the file's metadata, one JSON string per
             key. Keys ``"format"`` and ``"fnllm.*"`` are reserved.
 
@@ -284,6 +285,11 @@ def _encode_tree(tree: Any) -> tuple[dict[str, torch.Tensor], Any, dict[str, str
         return "T"
 
     def walk(node: Any, path: str) -> Any:
+        if _quant.is_quantized(node):  # NF4/int8 (io.quantize): its inner tensors + metadata
+            kind, inner, info = _quant.encode(node)
+            for name, x in inner.items():
+                prep.add(_tree_ops.join(path, name), x)
+            return {"q": [kind, info, list(inner)]}
         if isinstance(node, torch.Tensor):
             return leaf(path, node)
         if node is None or isinstance(node, (bool, int, float, str)):
@@ -345,7 +351,23 @@ def _decode_tree(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dic
                 return [walk(v, _tree_ops.join(p, str(i))) for i, v in enumerate(body)]
             if tag == "t":
                 return tuple(walk(v, _tree_ops.join(p, str(i))) for i, v in enumerate(body))
+            if tag == "q":
+                return quantized(body, p)
         raise ValueError(f"{name}: corrupt fnllm structure metadata at {p or '<root>'!r}")
+
+    def quantized(body: Any, p: str) -> Any:
+        try:
+            kind, info, names = body
+            keys = [_tree_ops.join(p, n) for n in names]
+            missing = [k for k in keys if k not in tensors]
+            if missing:
+                raise ValueError(f"the file has no tensor {missing[0]!r}")
+            used.update(keys)
+            return _quant.decode(kind, {n: tensors[k] for n, k in zip(names, keys)}, info)
+        except ImportError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{name}: corrupt quantized leaf {p or '<root>'!r}: {e}") from None
 
     out = walk(structure, "")
     extra = sorted(set(tensors) - used)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fnllm import _quant
 from fnllm import random as jr
 from fnllm._checks import check_ids, check_int, check_number, checks_enabled
 from fnllm.nn._adapters import adapter_delta, has_adapter
@@ -65,7 +66,9 @@ def linear(params: Params, x: Tensor) -> Tensor:
     Args:
         params: ``{"weight": [out, in]}`` and optionally ``"bias": [out]``; or one layer
             per row of the batch, ``weight [B, out, in]`` and ``bias [B, out]`` (what
-            ``finetune.lora.pick`` gives a head stacked per set).
+            ``finetune.lora.pick`` gives a head stacked per set). The weight may be a
+            quantized leaf (:func:`fnllm.io.quantize`): it is dequantized on the fly in forward
+            and backward and gets no gradient.
         x: input ``[..., in]`` (``[B, ..., in]`` for per-row layers).
 
     Returns:
@@ -87,7 +90,10 @@ def linear(params: Params, x: Tensor) -> Tensor:
         raise ValueError(
             f"linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
         )
-    y = F.linear(x, weight, bias)
+    if _quant.is_quantized(weight):  # a frozen NF4/int8 base (fnllm.io.quantize)
+        y = _quant.linear(x, weight, bias)
+    else:
+        y = F.linear(x, weight, bias)
     if has_adapter(params):  # an adapter (fnllm.nn._adapters); W stays untouched
         y = y + adapter_delta(params, x)
     return y
