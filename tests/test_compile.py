@@ -325,3 +325,8 @@ def test_a_second_process_reuses_the_compiled_regional_step(tmp_path: Path) -> N
     # forward and backward kernels from the FX-graph cache, the joint graph from AOTAutograd's
     assert second["fx"] == [first["fx"][1], 0] and second["aot"] == [1, 0]
     assert second["loss"] == first["loss"]
+
+
+def test_regional_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match=r"compile\['regional'\] must be a bool"):
+        train.make_step(lambda *a: 0.0, optim.sgd(0.1), compile={"regional": "yes"})
