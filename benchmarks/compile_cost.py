@@ -25,6 +25,7 @@ load average is printed before and after: on a shared machine the absolute times
     .venv/bin/python -m benchmarks.compile_cost --quick          # tiny shapes, a few minutes
     .venv/bin/python -m benchmarks.compile_cost --threads 2      # the full table (hours cold)
     .venv/bin/python -m benchmarks.compile_cost --workloads minilm-0.1 --cells eager
+    .venv/bin/python -m benchmarks.compile_cost --regional   # fnllm: compile={"regional": True}
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cells", default=",".join(CELLS), help="comma-separated: eager,cold,warm")
     p.add_argument("--libs", default=",".join(LIBS), help="comma-separated: fnllm,transformers")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell process")
+    p.add_argument(
+        "--regional", action="store_true",
+        help='fnllm compiles with make_step(compile={"regional": True}): forward regions',
+    )  # fmt: skip
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print JSON
     args = p.parse_args(argv)
     if args.cell:
@@ -97,6 +102,7 @@ def _spawn(lib: str, name: str, cell: str, tmp: str, args: argparse.Namespace) -
     cmd = [sys.executable, "-m", "benchmarks.compile_cost", "--cell", f"{lib}:{name}:{cell}"]
     cmd += ["--threads", str(args.threads), "--steps", str(args.steps)]
     cmd += ["--quick"] if args.quick else []
+    cmd += ["--regional"] if args.regional else []
     t0 = time.perf_counter()
     try:
         res = subprocess.run(
@@ -173,7 +179,10 @@ def _run_cell(spec: str, args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     lib, name, cell = spec.split(":")
     s = _shapes(name, args.quick)
-    step = (_fnllm_step if lib == "fnllm" else _hf_step)(s, compile=cell != "eager")
+    compile: Any = cell != "eager"
+    if lib == "fnllm" and compile and args.regional:
+        compile = {"regional": True}
+    step = (_fnllm_step if lib == "fnllm" else _hf_step)(s, compile=compile)
     t0 = time.perf_counter()
     step(0)
     first_s = time.perf_counter() - t0
@@ -187,7 +196,7 @@ def _run_cell(spec: str, args: argparse.Namespace) -> dict[str, float]:
     return {"first_s": first_s, "step_ms": statistics.median(times)}
 
 
-def _fnllm_step(s: dict[str, Any], compile: bool) -> Any:
+def _fnllm_step(s: dict[str, Any], compile: Any) -> Any:
     import torch
 
     from fnllm import losses, optim, train, tree

@@ -201,3 +201,132 @@ def test_fake_tensors_take_the_op_path_without_disabling_the_kernel() -> None:
         out = jr.bernoulli(k, 0.9, (80, 80))
     assert out.shape == (80, 80) and out.dtype == torch.bool
     assert not _fast._FAST_CACHE.get("broken")
+
+
+def _blocks_loss(model):
+    """A loss through ``apply_blocks`` (the loop whose blocks are nested compile regions)."""
+
+    def loss_fn(tr, fr, batch, key):
+        params = tree.combine(tr, fr)
+        k_emb, k_blocks = jr.split(key)
+        x = model.embed(params, batch, key=k_emb)
+        x = model.finish(params, model.apply_blocks(params, x, key=k_blocks))
+        return (x[..., :3] ** 2).mean()
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("make", [tiny_gpt, tiny_bert], ids=["gpt", "bert"])
+def test_regional_step_traces_one_block_for_every_layer_and_equals_eager(make) -> None:
+    from torch._dynamo import lookup_backend
+
+    model = make(dropout=0.3, n_layer=3)
+    params = model.init(jr.key(0))
+    tokens = jr.randint(jr.key(1), (2, 16), 0, model.vocab_size)
+    loss_fn, opt = _blocks_loss(model), optim.adamw(1e-2)
+    state, key = opt.init(params), jr.key(9)
+    graphs: list = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, inputs)
+
+    eager = train.make_step(loss_fn, opt, compile=False)(params, {}, state, tokens, key)
+    torch._dynamo.reset()
+    step = train.make_step(loss_fn, opt, compile={"backend": backend, "regional": True})
+    compiled = step(params, {}, state, tokens, key)
+    (gm,) = graphs
+    calls = [n for n in gm.graph.nodes if "invoke_subgraph" in str(n.target)]
+    regions = [name for name, _ in gm.named_children() if name.startswith("subgraph")]
+    assert len(calls) == 3 and len(regions) == 1  # three layers, one traced block
+    # the same masks and the same arithmetic: loss, gradients and update agree to the bit
+    assert torch.equal(compiled[2]["loss"], eager[2]["loss"])
+    assert torch.equal(compiled[2]["grad_norm"], eager[2]["grad_norm"])
+    for a, b in zip(tree.leaves(compiled[0]), tree.leaves(eager[0])):
+        assert torch.equal(a, b)
+
+
+def test_whole_step_compile_inlines_the_blocks() -> None:
+    # torch.func.grad in the graph: no regions (Dynamo cannot trace them under a transform)
+    from torch._dynamo import lookup_backend
+
+    model = tiny_bert(dropout=0.3, n_layer=1)
+    params = model.init(jr.key(0))
+    tokens = jr.randint(jr.key(1), (2, 16), 0, model.vocab_size)
+    loss_fn, opt = _blocks_loss(model), optim.sgd(0.1)
+    graphs: list = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, inputs)
+
+    state = opt.init(params)
+    eager = train.make_step(loss_fn, opt, compile=False)(params, {}, state, tokens, jr.key(9))
+    torch._dynamo.reset()
+    step = train.make_step(loss_fn, opt, compile={"backend": backend})
+    whole = step(params, {}, state, tokens, jr.key(9))
+    assert not any("invoke_subgraph" in str(n.target) for n in graphs[0].graph.nodes)
+    assert torch.equal(whole[2]["loss"], eager[2]["loss"])
+
+
+def test_regional_blocks_under_vmap_and_compile() -> None:
+    model = tiny_bert(dropout=0.3, n_layer=2)
+    params = model.init(jr.key(0))
+    x = torch.randn(3, 1, 5, 16)
+    keys = jr.split(jr.key(4), 3)
+    f = lambda x, k: model.apply_blocks(params, x, key=k)
+    loop = torch.stack([f(x[i], keys[i]) for i in range(3)])
+    torch._dynamo.reset()
+    got = torch.compile(vmap(f), fullgraph=True, backend="aot_eager")(x, keys)
+    assert torch.equal(got, loop)
+
+
+_STEP_CHILD = textwrap.dedent(
+    """
+    import json, torch
+    from torch._dynamo.utils import counters
+    from fnllm import optim, random as jr, train, tree
+    from tests._tiny import tiny_bert
+    from tests.test_compile import _blocks_loss
+    torch.set_num_threads(1)
+    model = tiny_bert(dropout=0.1, n_layer=2)
+    params, opt = model.init(jr.key(0)), optim.adamw(1e-3)
+    tokens = jr.randint(jr.key(1), (2, 8), 0, model.vocab_size)
+    step = train.make_step(_blocks_loss(model), opt, compile={"regional": True})
+    _, _, m = step(params, {}, opt.init(params), tokens, jr.key(2))
+    fx, aot = counters["inductor"], counters["aot_autograd"]
+    print(json.dumps({"loss": m["loss"].item(),
+                      "fx": [fx["fxgraph_cache_hit"], fx["fxgraph_cache_miss"]],
+                      "aot": [aot["autograd_cache_hit"], aot["autograd_cache_miss"]]}))
+    """
+)
+
+
+def test_a_second_process_reuses_the_compiled_regional_step(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",
+        "FNLLM_CACHE_DIR": str(tmp_path / "fnllm"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+
+    def run() -> dict:
+        res = subprocess.run(
+            [sys.executable, "-c", _STEP_CHILD],
+            env=env, capture_output=True, text=True, check=False, cwd=ROOT,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["fx"][0] == 0 and first["fx"][1] >= 2 and first["aot"] == [0, 1]
+    # forward and backward kernels from the FX-graph cache, the joint graph from AOTAutograd's
+    assert second["fx"] == [first["fx"][1], 0] and second["aot"] == [1, 0]
+    assert second["loss"] == first["loss"]
+
+
+def test_regional_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match=r"compile\['regional'\] must be a bool"):
+        train.make_step(lambda *a: 0.0, optim.sgd(0.1), compile={"regional": "yes"})

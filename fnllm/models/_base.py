@@ -64,6 +64,39 @@ def block_keys(key: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor
     return k_attn, k_res1, k_res2
 
 
+def run_block(model: Any, p: Params, x: Tensor, key: Tensor | None, fwd: Forward) -> Tensor:
+    """One block of :meth:`ModelConfig.apply_blocks`' layer loop: ``model._block(p, x, key,
+    fwd)``.
+
+    Under ``torch.compile`` the block is a nested compile region
+    (``torch.compiler.nested_compile_region``): the layers share one shape, so Dynamo traces
+    one block and reuses that graph for every layer (and inductor compiles it once)."""
+    # Not inside torch.func.grad / vmap: Dynamo cannot trace a region under a functorch
+    # transform in torch 2.13 (an AssertionError on the grad, a KeyError on vmap).
+    if torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
+        name = f"{type(model).__module__}.{type(model).__qualname__}"
+        values = tuple(getattr(model, f.name) for f in dataclasses.fields(model))
+        return _block_region(name, values, fwd.drop, fwd.impl, p, x, key, fwd.mask)
+    return model._block(p, x, key, fwd)
+
+
+@torch.compiler.nested_compile_region
+def _block_region(
+    name: str,
+    values: tuple[Any, ...],
+    drop: float,
+    impl: nn.Impl,
+    p: Params,
+    x: Tensor,
+    key: Tensor | None,
+    mask: Tensor | None,
+) -> Tensor:
+    """``model._block`` with inputs Dynamo can match between layers (tensors, ``None`` and
+    Python constants: the model travels as its class name and field values)."""
+    model = _MODEL_CLASSES[name](*values)
+    return model._block(p, x, key, Forward(mask, drop, impl))
+
+
 class Forward(NamedTuple):
     """What every block of one forward shares: the attention mask, made once by
     :func:`fnllm.nn.make_attention_mask` (``None``: no padding), the dropout rate in effect
@@ -199,6 +232,10 @@ def _layout(model: Any) -> tuple[Any, tuple[tuple[int, ...], ...]]:
     return spec, tuple(shapes[paths[i]] for i in order)
 
 
+#: Every model class by module and name, for :func:`_block_region` (filled as classes are made).
+_MODEL_CLASSES: dict[str, Any] = {}
+
+
 class ModelConfig:
     """What every model config shares: its parameter layout, checks and JSON form.
 
@@ -232,6 +269,10 @@ class ModelConfig:
     d_model: int
     max_len: int
     dropout: float
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _MODEL_CLASSES[f"{cls.__module__}.{cls.__qualname__}"] = cls
 
     # ------------------------------------------------------------------ the model protocol
     # What other modules ask a model instead of testing its class (DESIGN.md: no module
@@ -540,5 +581,5 @@ class ModelConfig:
         if key is not None and drop > 0.0 and stop > start:
             keys = list(jr.split(key, stop - start))
         for block, k in zip(params["blocks"][start:stop], keys):
-            x = self._block(block, x, k, fwd)
+            x = run_block(self, block, x, k, fwd)
         return x

@@ -146,7 +146,11 @@ def make_step(
             ``update(grads, state, params) -> (updates, state)`` (e.g. ``fnllm.optim.adamw``).
         compile: compile the step with ``torch.compile(fullgraph=True)``; a dict adds keyword
             arguments for ``torch.compile`` (e.g. ``{"mode": "max-autotune"}`` or
-            ``{"backend": "aot_eager"}``).
+            ``{"backend": "aot_eager"}``). ``{"regional": True}`` compiles only the forward
+            (``loss_fn``; AOTAutograd compiles its backward) and runs ``autograd.grad`` and the
+            optimizer eagerly, so each block that a model's ``apply_blocks`` runs is one
+            nested compile region, traced and compiled once for all layers (a whole-step
+            compile traces ``torch.func.grad``, under which torch 2.13 cannot keep regions).
         clip: scale the gradient so its global L2 norm is at most ``clip`` (None: no clipping).
         autocast: run ``loss_fn`` under ``torch.autocast`` with this dtype (e.g.
             ``torch.bfloat16``); params, gradients and optimizer state keep their dtypes.
@@ -201,17 +205,31 @@ def make_step(
             return  # loss_fn fails by itself: its own error is the one to see
         _split_loss(out)
 
+    options = dict(compile) if isinstance(compile, Mapping) else {}
+    regional = options.pop("regional", False)
+    if not isinstance(regional, bool):
+        raise TypeError(f"make_step: compile['regional'] must be a bool, got {regional!r}")
+    options = {"fullgraph": True, **options}
+
+    def forward(tr: Any, frozen: Any, batch: Any, key: Any) -> tuple[torch.Tensor, Any]:
+        with autocast_ctx(tr):
+            out = loss_fn(tr, frozen, batch, key)
+        # static checks; under torch.compile a failure stops the trace and the step
+        # reruns the check eagerly to raise the error (TrainStep.check_loss)
+        return _split_loss(out)
+
+    # regional: only the forward is compiled (its backward by AOTAutograd), so each model
+    # block is one nested compile region reused for every layer (models._base.run_block);
+    # gradients come from autograd and the update from the eager (fused) optimizer
+    loss_call = torch.compile(forward, **options) if compile is not False and regional else forward
+
     def step(
         trainable: Any, frozen: Any, opt_state: Any, batch: Any, key: Any, donate: bool = False
     ) -> tuple[Any, Any, dict[str, Any]]:
         frozen = tree.map(_detach, frozen)
 
         def objective(tr: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
-            with autocast_ctx(tr):
-                out = loss_fn(tr, frozen, batch, key)
-            # static checks; under torch.compile a failure stops the trace and the step
-            # reruns the check eagerly to raise the error (TrainStep.check_loss)
-            loss, aux = _split_loss(out)
+            loss, aux = loss_call(tr, frozen, batch, key)
             return loss, (loss.detach(), aux)
 
         if torch.compiler.is_compiling():
@@ -251,9 +269,8 @@ def make_step(
             _copy_into(opt_state, new_state)
         return trainable, opt_state, metrics
 
-    if compile is False:
+    if compile is False or regional:
         return TrainStep(inner=step, compiled=step, guard=guard)
-    options = {"fullgraph": True, **(compile if isinstance(compile, Mapping) else {})}
     return TrainStep(
         inner=step,
         compiled=torch.compile(step, **options),
