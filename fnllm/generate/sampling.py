@@ -350,6 +350,8 @@ def _generate(
         keys = jr.split(key.to(device), n)
     else:
         keys = torch.zeros(n, 2, dtype=torch.int64, device=device)
+    if compile:  # one compiled step for every size in a bucket (see _bucket)
+        size = _bucket(size, model.max_len)
     cache = init_cache(model, B, size, dtype=weight.dtype, device=device)
     out = torch.full((B, n), pad_id, dtype=torch.int64, device=device)
     state = _State(out, torch.ones(1, dtype=torch.int64, device=device), keys,
@@ -429,6 +431,18 @@ def _decode_layout(params: Params) -> Params:
         return w.t().contiguous().t() if w.ndim == 2 else w
 
     return tree.map(transposed, params)
+
+
+def _bucket(size: int, max_len: int, step: int = 64) -> int:
+    """The cache size a compiled decode loop allocates: ``size`` rounded up to a multiple of
+    ``step`` (at most ``max_len``).
+
+    The compiled step is specialised to the cache's shape, and a new shape compiles again
+    (minutes for a large model on a CPU; past dynamo's recompile limit the step silently runs
+    eagerly). Slots past the last token are never attended (the cache's slot mask), so the
+    extra ones change no result; a different ``max_new_tokens`` then reuses the step.
+    """
+    return min(max_len, -(-size // step) * step)
 
 
 @functools.cache
