@@ -1,6 +1,10 @@
 """Llama: fnllm against `transformers` (and `peft`) on a SmolLM-135M-shaped model.
 
-Run: ``.venv/bin/python -m benchmarks.llama [--quick] [--device cuda] [--runs N]``.
+Run: ``.venv/bin/python -m benchmarks.llama [--quick] [--device cuda] [--runs N] [--clock cpu]``.
+
+``--clock cpu`` times with the process's CPU time (``getrusage``) instead of the wall clock:
+on a shared, loaded machine it is the steadier measure (use ``--threads 1`` with it, so that
+idle threads spinning do not count).
 
 Workloads: ``smollm-135m`` (30 layers, d 576, 9 heads, 3 key/value heads, d_ff 1536, vocab
 49152, tied embeddings; random weights), batch 8 x 256; ``llama-tiny`` (4 layers, d 256,
@@ -13,7 +17,9 @@ and the median [min, max] of the paired ratios.
    ``torch.compile``'d. Goal: <= 1.0x eager, <= 0.9x compiled.
 2. LoRA r=16 on every linear layer of the blocks (q, k, v, o, gate, up, down): fnllm
    ``finetune.lora`` against ``peft``, eager. Goal: step <= 0.9x, peak memory <= peft's
-   (measured on CUDA only; CPU allocations are not counted by torch).
+   (CUDA: ``max_memory_allocated``, weights included; CPU: the peak of the tensors a step
+   allocates on top of what was live before it, from the profiler's memory events). Peak
+   memory does not depend on the machine's load: ``--sections lora --runs 1`` measures it.
 3. Greedy decoding, prompt 32, 64 new tokens, batch 1 and 8: fnllm's cached forward with a
    compiled decode step (``generate.sample`` where it takes a Llama, else the same loop
    written here) against ``generate(cache_implementation="static")``; outputs checked token
@@ -31,7 +37,7 @@ from typing import Any
 
 import torch
 
-from benchmarks._harness import Ratio, compare, load_average, print_table
+from benchmarks._harness import Ratio, compare, cpu_clock, load_average, print_table
 from benchmarks.full_step import _fn_step, _hf_step
 from fnllm import generate, io, losses, optim, tree
 from fnllm import random as jr
@@ -56,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = cpu_clock if args.clock == "cpu" else time.perf_counter
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timing = {"sync": sync, "clock": clock}  # how compare() times both sides
     name = "llama-tiny" if args.quick else args.workload
     model, batch, seq = WORKLOADS[name]
     runs = args.runs or (3 if args.quick else 5)
@@ -69,13 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     sections = args.sections.split(",")
     if "step" in sections:
         hf = _twin(model, params).to(device)  # each section gets a fresh twin: steps train it
-        step_rows = _full_step(model, params, hf, tokens, sync, runs, compile_)
+        step_rows = _full_step(model, params, hf, tokens, timing, runs, compile_)
         print_table(step_rows, header=("step", "fnllm ms", "HF ms", "ratio"),
                     title=f"{name} full train step, batch {batch} x {seq}")  # fmt: skip
         print("goal: eager <= 1.0, compiled <= 0.9")
     if "lora" in sections:
         hf = _twin(model, params).to(device)
-        lora_rows = _lora_step(model, params, hf, tokens, sync, runs)
+        lora_rows = _lora_step(model, params, hf, tokens, timing, runs)
         print_table(lora_rows, header=("LoRA r=16", "fnllm", "peft", "ratio"),
                     title=f"{name} LoRA step, every block linear, {batch} x {seq}")  # fmt: skip
         print("goal: step <= 0.9, peak memory <= peft's")
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     hf = _twin(model, params).to(device).eval()
     decode_rows = []
     for b in (1, 8):
-        decode_rows.append(_decode(model, params, hf, b, device, sync, runs, compile_))
+        decode_rows.append(_decode(model, params, hf, b, device, timing, runs, compile_))
     print_table(decode_rows, header=("greedy decode", "fnllm tok/s", "HF tok/s", "speed-up",
                                      "fnllm path"),
                 title=f"{name} greedy decoding, prompt {PROMPT}, {NEW} new tokens")  # fmt: skip
@@ -99,6 +107,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=int, default=0, help="timed runs per comparison")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="time with the wall clock or with this process's CPU time")  # fmt: skip
     g = p.add_mutually_exclusive_group()
     g.add_argument("--compile", dest="compile", action="store_true", default=None)
     g.add_argument("--no-compile", dest="compile", action="store_false")
@@ -122,14 +132,14 @@ def _loss_fn(model: Llama) -> Callable[..., torch.Tensor]:
     return loss_fn
 
 
-def _full_step(model, params, hf, tokens, sync, runs, compile_) -> list[list[Any]]:
+def _full_step(model, params, hf, tokens, timing, runs, compile_) -> list[list[Any]]:
     opt = optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], weight_decay=WD)
     ours = _fn_step(_loss_fn(model), opt, params, {}, tokens, None, compile_=False)
     theirs = _hf_step(hf.train(), tokens, None, tokens.device)
     a, b = float(ours()[2]["loss"]), float(theirs())
     if abs(a - b) > 1e-3 * max(1.0, abs(b)):
         print(f"LOSSES DIFFER: fnllm {a:.6f} vs HF {b:.6f}")
-    c = compare(ours, theirs, warmup=1, runs=runs, sync=sync)
+    c = compare(ours, theirs, warmup=1, runs=runs, **timing)
     rows = [["eager", c.a.median, c.b.median, c.ratio]]
     if compile_:
         t0 = time.perf_counter()
@@ -138,12 +148,12 @@ def _full_step(model, params, hf, tokens, sync, runs, compile_) -> list[list[Any
         theirs_c = _hf_step(torch.compile(hf), tokens, None, tokens.device)
         theirs_c()
         print(f"compiling both steps took {time.perf_counter() - t0:.0f} s")
-        c = compare(ours_c, theirs_c, warmup=1, runs=runs, sync=sync)
+        c = compare(ours_c, theirs_c, warmup=1, runs=runs, **timing)
         rows.append(["compiled", c.a.median, c.b.median, c.ratio])
     return rows
 
 
-def _lora_step(model, params, hf, tokens, sync, runs) -> list[list[Any]]:
+def _lora_step(model, params, hf, tokens, timing, runs) -> list[list[Any]]:
     import peft
 
     lp = lora.init(jr.key(3), params, rank=RANK, alpha=ALPHA, targets=list(model.lora_targets))
@@ -152,22 +162,38 @@ def _lora_step(model, params, hf, tokens, sync, runs) -> list[list[Any]]:
     ours = _fn_step(_loss_fn(model), opt, trainable, frozen, tokens, None, compile_=False)
     cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=HF_TARGETS, lora_dropout=0.0)
     theirs = _hf_step(peft.get_peft_model(hf, cfg).train(), tokens, None, tokens.device)
-    c = compare(ours, theirs, warmup=1, runs=runs, sync=sync)
+    c = compare(ours, theirs, warmup=1, runs=runs, **timing)
     rows: list[list[Any]] = [["step ms", c.a.median, c.b.median, c.ratio]]
     if tokens.device.type == "cuda":
         peaks = []
         for fn in (ours, theirs):
             torch.cuda.reset_peak_memory_stats()
             fn()
-            sync()
+            timing["sync"]()
             peaks.append(torch.cuda.max_memory_allocated() / 2**20)
         rows.append(["peak MiB", peaks[0], peaks[1], peaks[0] / peaks[1]])
     else:
-        rows.append(["peak MiB", "n/a (CPU)", "n/a (CPU)", "-"])
+        peaks = [_cpu_peak_mib(ours), _cpu_peak_mib(theirs)]
+        rows.append(["step peak MiB", peaks[0], peaks[1], peaks[0] / peaks[1]])
     return rows
 
 
-def _decode(model, params, hf, batch, device, sync, runs, compile_) -> list[Any]:
+def _cpu_peak_mib(fn: Callable[[], Any]) -> float:
+    """The peak of the CPU tensors ``fn()`` allocates on top of those live before it, in MiB
+    (the running sum, in start order, of each op's own net allocation in the profiler's
+    memory events: to the op, not to the byte)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0  # an op's own net allocation, and frees outside ops ("[memory]")
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def _decode(model, params, hf, batch, device, timing, runs, compile_) -> list[Any]:
     prompts = jr.randint(jr.key(4), (batch, PROMPT), 1, model.vocab_size).to(device)
     ours, path = _fn_greedy(model, params, prompts, compile_)
     static = {"cache_implementation": "static", "do_sample": False}
@@ -180,7 +206,7 @@ def _decode(model, params, hf, batch, device, sync, runs, compile_) -> list[Any]
         same = (mine.cpu() == ref.cpu()).float().mean().item()
         print(f"batch {batch}: OUTPUTS DIFFER ({100 * same:.0f}% of tokens equal)")
     with torch.no_grad():
-        c = compare(ours, theirs, warmup=1, runs=runs, sync=sync)
+        c = compare(ours, theirs, warmup=1, runs=runs, **timing)
     tok = batch * NEW
     speed = 1 / c.ratio
     return [f"batch {batch}", tok / (c.a.median / 1e3), tok / (c.b.median / 1e3),

@@ -124,6 +124,12 @@ def test_decode_step_compiles_once_without_graph_breaks(params: dict) -> None:
     assert torch.equal(
         generate.sample(jr.key(5), GPT_TINY, params, PROMPTS, **kw, compile=True), eager
     )
+    # another max_new_tokens: the cache size is bucketed, so the same step runs again
+    kw["max_new_tokens"] = 9
+    eager = generate.sample(jr.key(6), GPT_TINY, params, PROMPTS, **kw)
+    assert torch.equal(
+        generate.sample(jr.key(6), GPT_TINY, params, PROMPTS, **kw, compile=True), eager
+    )
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
     assert not counters["recompiles"]

@@ -1,4 +1,5 @@
-"""lora.to_peft / lora.from_peft against peft itself: equal logits both ways, BERT and GPT-2."""
+"""lora.to_peft / lora.from_peft against peft itself: equal logits both ways, BERT, GPT-2 and
+the Llama family (Llama, Qwen2, Mistral; grouped-query attention on)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 from _tiny import tiny_bert, tiny_gpt
 
-from fnllm import io, tree
+from fnllm import io, testing, tree
 from fnllm import random as jr
 from fnllm.finetune import Classifier, lora
+from fnllm.models import Llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -156,3 +158,70 @@ def test_bad_peft_folders_and_exports_are_named(tmp_path):
                               GPT_CLF)  # fmt: skip
     with pytest.raises(KeyError, match="modules this BERT does not have"):
         lora.from_peft(gpt_folder, BERT_CLF)
+
+
+# ----------------------------------------------------------------------------- Llama family
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny_llama(arch):
+    """GQA on (4 query heads over 2 KV heads); Qwen2 with q/k/v biases and a tied head."""
+    qwen = arch == "qwen2"
+    return Llama(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, d_model=16, d_ff=24,
+                 max_len=16, qkv_bias=qwen, tie_head=qwen)  # fmt: skip
+
+
+def _real(logits):
+    return logits[MASK.bool()]  # right padding: real positions only
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_to_peft_llama_family_loads_in_peft_with_equal_logits(arch, tmp_path):
+    model = _tiny_llama(arch)
+    base = _random(model.init(jr.key(0)), jr.key(4))
+    lp = lora.init(jr.key(1), base, rank={"blocks.1.mlp.*": 3, "*": 2}, alpha=6.0, model=model)
+    lp = _random(lp, jr.key(5), only=lambda p: "lora_" in p)
+    folder = lora.to_peft(lp, tmp_path / "adapter", model)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["fan_in_fan_out"] is False
+    assert len(cfg["target_modules"]) == 2 * 7 and set(cfg["rank_pattern"].values()) == {3}
+    assert {m.rpartition(".")[2] for m in cfg["target_modules"]} == set(LLAMA_LINEARS)
+    hf = _hf_model(model, base, tmp_path / "base")
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM")
+    before = _run(hf, PADDED, MASK)
+    pm = peft.PeftModel.from_pretrained(hf, folder).eval()
+    want = model.apply(lp, PADDED, attention_mask=MASK)
+    assert not torch.allclose(_real(before), _real(want), atol=1e-3)  # the adapters matter
+    torch.testing.assert_close(_real(_run(pm, PADDED, MASK)), _real(want), atol=1e-5, rtol=1e-5)
+    again = lora.attach(base, lora.from_peft(folder, model))  # and back
+    testing.assert_trees_equal(again, lp)
+    torch.testing.assert_close(model.apply(again, PADDED, attention_mask=MASK), want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_from_peft_reads_llama_family_adapters_and_saved_head(arch, tmp_path):
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[arch]
+    hf_cfg = cls(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                 tie_word_embeddings=False, sliding_window=None)  # fmt: skip
+    hf = getattr(transformers, f"{arch.capitalize()}ForCausalLM")(hf_cfg)
+    with torch.no_grad():
+        for i, (_, p) in enumerate(sorted(hf.named_parameters())):
+            p.copy_(jr.normal(jr.fold_in(jr.key(3), i), tuple(p.shape)) * 0.2 + (p.ndim == 1))
+    hf.eval().save_pretrained(tmp_path / "base")
+    model, params = io.from_hf(tmp_path / "base")
+    config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=LLAMA_LINEARS,
+                             rank_pattern={"down_proj": 3}, alpha_pattern={"v_proj": 7},
+                             modules_to_save=["lm_head"])  # fmt: skip
+    pm = _peft_trained(hf, config, jr.key(9))
+    pm.save_pretrained(tmp_path / "adapter")
+    want = _run(pm, PADDED, MASK)
+    leaves = lora.from_peft(tmp_path / "adapter", model)
+    assert "head.weight" in leaves and "blocks.1.attn.k.lora_a" in leaves
+    assert leaves["blocks.0.mlp.down.lora_a"].shape == (3, 24)
+    torch.testing.assert_close(float(leaves["blocks.0.attn.v.lora_scale"]), 3.5)
+    got = model.apply(lora.attach(params, leaves), PADDED, attention_mask=MASK)
+    torch.testing.assert_close(_real(got), _real(want), atol=1e-5, rtol=1e-5)
+    plain = model.apply(params, PADDED, attention_mask=MASK)
+    assert not torch.allclose(_real(plain), _real(want), atol=1e-3)  # the adapters matter

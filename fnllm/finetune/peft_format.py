@@ -22,6 +22,12 @@ has three modules (``query``, ``key``, ``value``):
 
 A fused adapter read from peft therefore has a larger rank than each of peft's, and writing it
 back gives three adapters of that rank (the same function, not the same file).
+
+The Llama family (Llama, Qwen2, Mistral) keeps every projection separate on both sides
+(``blocks.0.attn.q`` is ``model.layers.0.self_attn.q_proj``), so its adapters map one to one;
+an untied ``lm_head`` that peft saved (``modules_to_save``) is read as ``head.weight``.
+Which module names a model has is its Hugging Face codec's ``peft_modules`` (in
+:mod:`fnllm.models`).
 """
 
 from __future__ import annotations
@@ -72,8 +78,8 @@ def to_peft(
     Args:
         params: an adapted tree (not stacked) of ``model``.
         folder: the folder to write (created if needed).
-        model: its config: a ``GPT``/``BERT`` or a ``finetune.Classifier`` whose pooling has a
-            `transformers` class (``BertForSequenceClassification``,
+        model: its config: a ``GPT``/``BERT``/``Llama`` or a ``finetune.Classifier`` whose
+            pooling has a `transformers` class (``BertForSequenceClassification``,
             ``GPT2ForSequenceClassification``).
         architecture: the `transformers` class the adapters are for (bare models; default as
             :func:`fnllm.io.to_hf`): it decides the module names' prefix.
@@ -165,8 +171,9 @@ def from_peft(folder: str | os.PathLike, model: Any) -> AdapterSet:
     Args:
         folder: a folder holding ``adapter_config.json`` and ``adapter_model.safetensors``
             (``adapter_model.bin`` is read with ``torch.load(weights_only=True)``).
-        model: the fnllm config the adapters are for: a ``GPT``/``BERT`` (module names with or
-            without the backbone prefix) or a ``finetune.Classifier`` (its head is read from
+        model: the fnllm config the adapters are for: a ``GPT``/``BERT``/``Llama`` (module
+            names with or without the backbone prefix; a saved ``lm_head`` is read as
+            ``head.weight``) or a ``finetune.Classifier`` (its head is read from
             ``modules_to_save``).
 
     Returns:
@@ -383,6 +390,6 @@ def _peft_codec(model: Any, where: str) -> Any:
     if not hasattr(codec, "peft_modules"):
         raise ValueError(
             f"{where}: fnllm has no peft module names for {type(model).__name__} yet "
-            "(supported: GPT-2 and BERT)"
+            "(supported: GPT-2, BERT and the Llama family)"
         )
     return codec

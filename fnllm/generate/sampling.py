@@ -345,13 +345,16 @@ def _generate(
     B = tokens.shape[0]
     weight = tree.leaves(params)[0]
     device = weight.device
+    # compiled: one step for every size in a bucket (see _bucket); eager: the exact sizes
+    width = _bucket(n, n + _BUCKET) if compile else n
+    keys = torch.zeros(width, 2, dtype=torch.int64, device=device)
     if how[0] > 0:
         assert key is not None
-        keys = jr.split(key.to(device), n)
-    else:
-        keys = torch.zeros(n, 2, dtype=torch.int64, device=device)
+        keys[:n] = jr.split(key.to(device), n)  # the keys of max_new_tokens, at any width
+    if compile:
+        size = _bucket(size, model.max_len)
     cache = init_cache(model, B, size, dtype=weight.dtype, device=device)
-    out = torch.full((B, n), pad_id, dtype=torch.int64, device=device)
+    out = torch.full((B, width), pad_id, dtype=torch.int64, device=device)
     state = _State(out, torch.ones(1, dtype=torch.int64, device=device), keys,
                    torch.zeros(B, dtype=torch.bool, device=device))  # fmt: skip
     stop = torch.tensor(stop_ids, dtype=torch.int64, device=device)
@@ -429,6 +432,22 @@ def _decode_layout(params: Params) -> Params:
         return w.t().contiguous().t() if w.ndim == 2 else w
 
     return tree.map(transposed, params)
+
+
+_BUCKET = 64
+
+
+def _bucket(size: int, limit: int, step: int = _BUCKET) -> int:
+    """The cache size (and output width) a compiled decode loop allocates: ``size`` rounded
+    up to a multiple of ``step``, at most ``limit``.
+
+    The compiled step is specialised to the cache's shape, and a new shape compiles again
+    (minutes for a large model on a CPU; past dynamo's recompile limit the step silently runs
+    eagerly). Slots past the last token are never attended (the cache's slot mask), so the
+    extra ones change no result, nor do unused output columns; a different
+    ``max_new_tokens`` then reuses the step.
+    """
+    return min(limit, -(-size // step) * step)
 
 
 @functools.cache

@@ -211,3 +211,19 @@ def _check_window(cfg: Mapping[str, Any], model_type: str, max_len: int, where: 
             "use the checkpoint on shorter sequences, pass config= with "
             f"max_position_embeddings <= {window}",
         )
+
+
+FAN_IN_FAN_OUT = False  # nn.Linear stores [out, in], as fnllm does
+
+
+def peft_modules(model: Any) -> dict[str, list[str]]:
+    """fnllm linear layer -> the `transformers` module (backbone name) that peft adapts.
+
+    Every attention and MLP projection is its own module on both sides (``blocks.0.attn.q``
+    is ``layers.0.self_attn.q_proj``), so each adapter maps one to one.
+    """
+    out: dict[str, list[str]] = {}
+    for path, _op, names in table(model):
+        if re.search(r"\.(attn|mlp)\.[a-z]+\.weight$", path):
+            out[path.removesuffix(".weight")] = [n.removesuffix(".weight") for n in names]
+    return out
