@@ -172,8 +172,21 @@ class _Recompute(torch.autograd.Function):
             return ctx.call(*full)
 
         grads: list[Tensor | None] = [None] * len(saved)
-        if wanted:
-            _, vjp = torch.func.vjp(partial, *(saved[i] for i in wanted))
-            for i, g in zip(wanted, vjp(grad)):
-                grads[i] = g
+        if not wanted:
+            return (None, *grads)
+        if torch._C._are_functorch_transforms_active():  # inside func.grad / vmap
+            # func.grad runs backward with create_graph=True: recorded, the recomputation
+            # would stay alive to the end of the backward. The transform is differentiable
+            # once (as torch.utils.checkpoint); func.vjp ignores the outer no_grad.
+            with torch.no_grad():
+                _, vjp = torch.func.vjp(partial, *(saved[i] for i in wanted))
+                found = vjp(grad)
+        else:  # plain autograd: the same recomputation, less overhead
+            inputs = [saved[i].detach().requires_grad_() for i in wanted]
+            with torch.enable_grad():
+                out = partial(*inputs)
+            found = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+            found = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs))
+        for i, g in zip(wanted, found):
+            grads[i] = g
         return (None, *grads)
