@@ -143,6 +143,16 @@ def test_budget_advice_lists_changes_that_fit() -> None:
     assert roomy.advice == ()
 
 
+def test_budget_advice_names_checkpointing_when_it_fits() -> None:
+    full = memory.plan(GPT_SMALL, torch.float32, "full", batch=8, seq_len=64)
+    remat = memory.plan(GPT_SMALL, torch.float32, "full", batch=8, seq_len=64, checkpointing=True)
+    budget = (full.peak + remat.peak) // 2  # checkpointing fits, the plain step does not
+    plan = memory.plan(GPT_SMALL, torch.float32, "full", batch=8, seq_len=64, budget=budget)
+    assert any("checkpointing=True" in a for a in plan.advice), plan.advice
+    with pytest.raises(ValueError, match="k >= 1"):
+        memory.plan(GPT_SMALL, batch=1, seq_len=8, checkpointing=0)
+
+
 def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="batch"):
         memory.plan(GPT_SMALL, batch=0, seq_len=8)

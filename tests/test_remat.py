@@ -74,7 +74,7 @@ def test_per_example_gradients_equal(name: str) -> None:
 
 
 def test_a_compiled_step_equals_the_eager_one() -> None:
-    model = GPT(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_len=16)
+    model = GPT(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_len=16, dropout=0.1)
     params = model.init(jr.key(0))
 
     def loss_fn(tr: Any, fr: Any, tokens: torch.Tensor, key: Any) -> torch.Tensor:
@@ -85,8 +85,8 @@ def test_a_compiled_step_equals_the_eager_one() -> None:
     tr, fr = tree.partition(params, "blocks.*")
     eager = train.make_step(loss_fn, opt, compile=False)
     compiled = train.make_step(loss_fn, opt, compile={"backend": "aot_eager"})  # fullgraph
-    want, _, m1 = eager(tr, fr, opt.init(tr), TOKENS, None)
-    got, _, m2 = compiled(tr, fr, opt.init(tr), TOKENS, None)
+    want, _, m1 = eager(tr, fr, opt.init(tr), TOKENS, jr.key(3))
+    got, _, m2 = compiled(tr, fr, opt.init(tr), TOKENS, jr.key(3))  # a graph break raises
     torch.testing.assert_close(m2["loss"], m1["loss"])
     _close(got, want)
 
