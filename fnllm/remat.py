@@ -148,7 +148,7 @@ class _Recompute(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(call: Callable[..., Tensor], *tensors: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(call: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
         return call(*tensors)
 
     @staticmethod
@@ -157,7 +157,7 @@ class _Recompute(torch.autograd.Function):
         ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         wanted = [
             i
@@ -179,7 +179,7 @@ class _Recompute(torch.autograd.Function):
             # would stay alive to the end of the backward. The transform is differentiable
             # once (as torch.utils.checkpoint); func.vjp ignores the outer no_grad.
             with torch.no_grad():
-                _, vjp = torch.func.vjp(partial, *(saved[i] for i in wanted))
+                vjp = torch.func.vjp(partial, *(saved[i] for i in wanted))[1]
                 found = vjp(grad)
         else:  # plain autograd: the same recomputation, less overhead
             inputs = [saved[i].detach().requires_grad_() for i in wanted]

@@ -66,9 +66,7 @@ def test_checkpointed_gradients_equal_the_unchecked_ones(name: str, policy: Any,
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_per_example_gradients_equal(name: str) -> None:
     key = jr.key(7)
-    want = grads.per_example(_loss(name, None), in_dims=(None, 0, None))(
-        PARAMS[name], TOKENS, key
-    )
+    want = grads.per_example(_loss(name, None), in_dims=(None, 0, None))(PARAMS[name], TOKENS, key)
     got = grads.per_example(_loss(name, 2), in_dims=(None, 0, None))(PARAMS[name], TOKENS, key)
     _close(got, want)
 
