@@ -36,8 +36,9 @@ from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
+
+from fnllm import tree
 
 __all__ = ["Policy", "checkpoint", "selected"]
 
@@ -76,7 +77,7 @@ def checkpoint(fn: F) -> F:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # see the module docstring: run as written
             return fn(*args, **kwargs)
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+        leaves, spec = tree.flatten_spec((args, kwargs))
         where = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
         tensors = [leaves[i] for i in where]
 
@@ -84,7 +85,7 @@ def checkpoint(fn: F) -> F:
             full = list(leaves)
             for i, t in zip(where, ts):
                 full[i] = t
-            a, kw = pytree.tree_unflatten(full, spec)
+            a, kw = tree.unflatten_spec(spec, full)
             out = fn(*a, **kw)
             if not isinstance(out, Tensor):
                 raise TypeError(
