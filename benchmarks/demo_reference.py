@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     folder = io.pretrained_dir("all-MiniLM-L6-v2")
     train, test = _split(folder, args.train_size, args.test_size, args.max_len)
-    print(f"train {sum(len(b['labels']) for b in train)}, test "
-          f"{sum(len(b['labels']) for b in test)}, lr {args.lr}, dropout from the config")  # fmt: skip
+    n_train, n_test = (sum(len(b["labels"]) for b in split) for split in (train, test))
+    print(f"train {n_train}, test {n_test}, lr {args.lr}, dropout from the config")
     for head in args.heads.split(","):
         for name in args.strategies.split(","):
             accs = []

@@ -27,6 +27,7 @@ from fnllm import (
     nn,
     optim,
     random,
+    remat,
     train,
     tree,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "nn",
     "optim",
     "random",
+    "remat",
     "train",
     "tree",
 ]

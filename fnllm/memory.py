@@ -31,7 +31,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fnllm import _checks, losses, nn, optim, tree
+from fnllm import _checks, losses, nn, optim, remat, tree
 from fnllm import random as jr
 
 __all__ = ["MemoryPlan", "measure", "plan"]
@@ -112,6 +112,7 @@ def plan(
     lora_rank: int = 8,
     loss_fn: Callable[..., Tensor] | None = None,
     budget: int | float | None = None,
+    checkpointing: Any = None,
 ) -> MemoryPlan:
     """Predict the peak memory of one train step of ``model``, before anything runs.
 
@@ -148,6 +149,10 @@ def plan(
             causal LM loss for a decoder, cross-entropy for a classifier.
         budget: bytes available; when the plan does not fit, :attr:`MemoryPlan.advice`
             lists the changes that make it fit.
+        checkpointing: which blocks the default loss recomputes in the backward pass
+            (the models' ``checkpoint=``, :func:`fnllm.remat.selected`: ``True`` every
+            block, ``k`` every ``k``-th, ``None`` none). A ``loss_fn`` of your own passes
+            ``checkpoint=`` to the model itself.
 
     Returns:
         A :class:`MemoryPlan`.
@@ -166,7 +171,9 @@ def plan(
     if budget is not None:
         budget = _checks.check_number("plan: budget", budget, positive=True)
     opt = optim.adamw(1e-4) if optimizer is None else optimizer
-    step_loss = loss_fn if loss_fn is not None else _default_loss(model)
+    n_layer = getattr(getattr(model, "base", model), "n_layer", 0)
+    remat.selected(checkpointing, n_layer)  # a bad policy fails here, named
+    step_loss = loss_fn if loss_fn is not None else _default_loss(model, checkpointing)
     filt = finetune.strategy(strategy, model) if isinstance(strategy, str) else strategy
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
         params = _fake_params(model, params_or_dtype, fake)
@@ -186,10 +193,13 @@ def plan(
         "dtype": "/".join(dtypes),
         "trainable": tree.count(trainable),
         "frozen": tree.count(frozen),
+        "checkpointing": checkpointing,
     }
     out = dataclasses.replace(result, settings=settings)
     if budget is not None and not out.fits(budget):
-        advice = _advise(model, params, strategy, batch, seq_len, opt, loss_fn, budget)
+        advice = _advise(
+            model, params, strategy, batch, seq_len, opt, loss_fn, budget, checkpointing
+        )
         out = dataclasses.replace(out, advice=advice)
     return out
 
@@ -283,16 +293,22 @@ def _plan_step(
     )
 
 
-def _default_loss(model: Any) -> Callable[..., Tensor]:
+def _default_loss(model: Any, checkpointing: Any = None) -> Callable[..., Tensor]:
     if getattr(model, "is_decoder", False):
 
         def causal(trainable: Any, frozen: Any, batch: Any, key: Any) -> Tensor:
             params = tree.combine(trainable, frozen)
-            logits = model.apply(params, batch["input_ids"], key=key)
-            return losses.causal_lm(logits, batch["input_ids"])
+            ids = batch["input_ids"]
+            logits = model.apply(params, ids, key=key, checkpoint=checkpointing)
+            return losses.causal_lm(logits, ids)
 
         return causal
     if hasattr(model, "n_classes") and hasattr(model, "base"):
+        if checkpointing:
+            raise TypeError(
+                "plan: checkpointing= applies to the default loss of a decoder; for a "
+                "classifier pass a loss_fn that checkpoints"
+            )
 
         def classify(trainable: Any, frozen: Any, batch: Any, key: Any) -> Tensor:
             params = tree.combine(trainable, frozen)
@@ -331,23 +347,30 @@ def _advise(
     opt: Any,
     loss_fn: Any,
     budget: float,
+    checkpointing: Any = None,
 ) -> tuple[str, ...]:
     """Changes that bring the plan under ``budget``, each with its predicted peak."""
-    tried: list[tuple[str, Any, Any, int]] = []
+    ck = checkpointing
+    tried: list[tuple[str, Any, Any, int, Any]] = []
     if strategy != "lora":
-        tried.append(("finetune with LoRA (strategy='lora')", params, "lora", batch))
+        tried.append(("finetune with LoRA (strategy='lora')", params, "lora", batch, ck))
     dtype = tree.leaves(params)[0].dtype
     if dtype == torch.float32:
         half = tree.map(lambda x: x.to(torch.bfloat16), params)
-        tried.append(("store the weights in bf16 (tree.cast)", half, strategy, batch))
+        tried.append(("store the weights in bf16 (tree.cast)", half, strategy, batch, ck))
+    if ck is not True and loss_fn is None and getattr(model, "is_decoder", False):
+        what = "recompute every block in the backward (checkpointing=True, apply(checkpoint=))"
+        tried.append((what, params, strategy, batch, True))
     smaller = batch // 2
     while smaller >= 1:
         what = f"batch {smaller} with {batch // smaller} accumulation steps"
-        tried.append((what, params, strategy, smaller))
+        tried.append((what, params, strategy, smaller, ck))
         smaller //= 2
     out = []
-    for what, p, s, b in tried:
-        candidate = plan(model, p, s, batch=b, seq_len=seq_len, optimizer=opt, loss_fn=loss_fn)
+    for what, p, s, b, c in tried:
+        candidate = plan(
+            model, p, s, batch=b, seq_len=seq_len, optimizer=opt, loss_fn=loss_fn, checkpointing=c
+        )
         if candidate.fits(budget):
             out.append(f"{what}: peak {_mib(candidate.peak)} MiB")
     if not out:

@@ -262,9 +262,19 @@ def count(tree: Tree) -> int:
 
 
 def cast(
-    tree: Tree, dtype: torch.dtype, *, floating_only: bool = True, allow_integer: bool = False
+    tree: Tree,
+    dtype: torch.dtype,
+    where: Filter | None = None,
+    *,
+    floating_only: bool = True,
+    allow_integer: bool = False,
 ) -> Tree:
     """Cast the tensor leaves of a tree to ``dtype`` (a new tree; the input is unchanged).
+
+    With ``where`` only the leaves it selects are cast: a bf16 frozen base with float32
+    trainable leaves is ``tree.cast(params, torch.bfloat16, frozen_filter)`` (or cast the
+    frozen half of :func:`partition`); the models, ``train.make_step`` and ``fit`` accept
+    float32 leaves next to one 16-bit dtype.
 
     Example:
         >>> import torch
@@ -272,10 +282,15 @@ def cast(
         >>> t = tree.cast({"w": torch.zeros(2), "ids": torch.arange(2)}, torch.bfloat16)
         >>> t["w"].dtype, t["ids"].dtype
         (torch.bfloat16, torch.int64)
+        >>> t = tree.cast({"w": torch.zeros(2), "ln": torch.ones(2)}, torch.bfloat16, "w")
+        >>> t["w"].dtype, t["ln"].dtype
+        (torch.bfloat16, torch.float32)
 
     Args:
         tree: a tree of tensors.
         dtype: the target dtype.
+        where: which leaves to cast, as :func:`partition` takes it (a glob, a list of globs,
+            a predicate); ``None``: every leaf.
         floating_only: leave integer and bool tensors as they are (the default).
         allow_integer: allow an integer or bool ``dtype``, which truncates every weight (most
             to 0); refused unless asked for.
@@ -303,7 +318,10 @@ def cast(
             return x
         return x.to(dtype)
 
-    return map(_cast, tree)
+    if where is None:
+        return map(_cast, tree)
+    picked, rest = partition(tree, where)
+    return combine(map(_cast, picked), rest)
 
 
 def structure_equal(a: Tree, b: Tree, *, shapes: bool = False) -> bool:

@@ -11,14 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fnllm import finetune, losses, memory, optim, random, train, tree
-from fnllm.models import BERT, GPT
+from fnllm.models import BERT, GPT, Llama
 
 GPT_SMALL = GPT(vocab_size=500, n_layer=2, n_head=4, d_model=64, max_len=64)
 BERT_SMALL = BERT(vocab_size=500, n_layer=2, n_head=4, d_model=64, d_ff=128, max_len=64,
                   mlm_head=False, pair_head=False)  # fmt: skip
 
 
-def _measured(model: Any, strategy: str, batch: int, seq_len: int) -> int:
+LLAMA_SMALL = Llama(vocab_size=500, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128,
+                    max_len=64)  # fmt: skip
+
+
+def _measured(model: Any, strategy: str, batch: int, seq_len: int, checkpoint: Any = None) -> int:
     """Weights + optimizer state + the measured peak of one real donated step on the CPU."""
     params = model.init(random.key(0))
     if strategy == "lora":
@@ -32,7 +36,8 @@ def _measured(model: Any, strategy: str, batch: int, seq_len: int) -> int:
         )
     else:
         loss_fn = lambda tr, fr, b, k: losses.causal_lm(
-            model.apply(tree.combine(tr, fr), b["input_ids"], key=k), b["input_ids"]
+            model.apply(tree.combine(tr, fr), b["input_ids"], key=k, checkpoint=checkpoint),
+            b["input_ids"],
         )
     data = {
         "input_ids": random.randint(random.key(2), (batch, seq_len), 0, 500),
@@ -55,6 +60,28 @@ def test_plan_is_within_15_percent_of_the_measured_peak(model: Any, strategy: st
     plan = memory.plan(model, torch.float32, strategy, batch=4, seq_len=64)
     measured = _measured(model, strategy, 4, 64)
     assert abs(plan.peak - measured) <= 0.15 * measured, (plan.peak, measured)
+
+
+@pytest.mark.parametrize("model", [GPT_SMALL, LLAMA_SMALL], ids=["gpt", "llama"])
+@pytest.mark.parametrize("checkpointing", [None, True])
+def test_plan_with_checkpointing_is_within_15_percent(model: Any, checkpointing: Any) -> None:
+    plan = memory.plan(model, torch.float32, "full", batch=4, seq_len=64,
+                       checkpointing=checkpointing)  # fmt: skip
+    measured = _measured(model, "full", 4, 64, checkpoint=checkpointing)
+    assert abs(plan.peak - measured) <= 0.15 * measured, (plan.peak, measured)
+    assert plan.settings["checkpointing"] == checkpointing
+
+
+def test_checkpointing_lowers_the_planned_and_measured_activations() -> None:
+    deep = GPT(vocab_size=500, n_layer=6, n_head=4, d_model=64, max_len=128)
+    plain = memory.plan(deep, torch.float32, "full", batch=4, seq_len=128)
+    remat = memory.plan(deep, torch.float32, "full", batch=4, seq_len=128, checkpointing=True)
+    assert remat.activations < 0.6 * plain.activations, (remat.activations, plain.activations)
+    assert remat.weights_trainable == plain.weights_trainable
+    measured_plain = _measured(deep, "full", 4, 128)
+    measured_remat = _measured(deep, "full", 4, 128, checkpoint=True)
+    assert measured_remat < measured_plain
+    assert (measured_plain - measured_remat) > 0.3 * (plain.activations)
 
 
 def test_parts_add_up_to_the_trees() -> None:
@@ -114,6 +141,16 @@ def test_budget_advice_lists_changes_that_fit() -> None:
     assert "| peak |" in plan.table() and plan.advice[0] in str(plan)
     roomy = memory.plan(GPT_SMALL, torch.float32, "full", batch=8, seq_len=64, budget=2**40)
     assert roomy.advice == ()
+
+
+def test_budget_advice_names_checkpointing_when_it_fits() -> None:
+    full = memory.plan(GPT_SMALL, torch.float32, "full", batch=8, seq_len=64)
+    remat = memory.plan(GPT_SMALL, torch.float32, "full", batch=8, seq_len=64, checkpointing=True)
+    budget = (full.peak + remat.peak) // 2  # checkpointing fits, the plain step does not
+    plan = memory.plan(GPT_SMALL, torch.float32, "full", batch=8, seq_len=64, budget=budget)
+    assert any("checkpointing=True" in a for a in plan.advice), plan.advice
+    with pytest.raises(ValueError, match="k >= 1"):
+        memory.plan(GPT_SMALL, batch=1, seq_len=8, checkpointing=0)
 
 
 def test_bad_inputs_are_named() -> None:

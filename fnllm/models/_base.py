@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from fnllm import nn, tree
+from fnllm import nn, remat, tree
 from fnllm import random as jr
 from fnllm.models import _cache
 from fnllm.models._cache import CacheStep, KVCache
@@ -73,7 +73,10 @@ def run_block(model: Any, p: Params, x: Tensor, key: Tensor | None, fwd: Forward
     one block and reuses that graph for every layer (and inductor compiles it once)."""
     # Not inside torch.func.grad / vmap: Dynamo cannot trace a region under a functorch
     # transform in torch 2.13 (an AssertionError on the grad, a KeyError on vmap).
-    if torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
+    # Only a plain forward: a cached one (positions, cache step) or one with per-forward
+    # extras (Llama's rotary tables) runs the block as written.
+    plain = fwd.positions is None and fwd.extra is None and fwd.step is None
+    if plain and torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
         name = f"{type(model).__module__}.{type(model).__qualname__}"
         values = tuple(getattr(model, f.name) for f in dataclasses.fields(model))
         return _block_region(name, values, fwd.drop, fwd.impl, p, x, key, fwd.mask)
@@ -112,6 +115,31 @@ class Forward(NamedTuple):
     step: CacheStep | None = None
 
 
+def run_blocks(
+    model: Any,
+    blocks: list[Params],
+    x: Tensor,
+    keys: list[Tensor | None],
+    fwd: Forward,
+    checkpoint: remat.Policy = None,
+    *,
+    start: int = 0,
+    hidden: list[Tensor] | None = None,
+) -> Tensor:
+    """The block loop of ``apply`` and :meth:`ModelConfig.apply_blocks`: each block in turn
+    (``blocks[i]`` is block ``start + i``), recomputed in the backward where ``checkpoint``
+    (:func:`fnllm.remat.selected`) picks it; every output is appended to ``hidden``."""
+    recompute = remat.selected(checkpoint, model.n_layer)[start : start + len(blocks)]
+    for p, k, again in zip(blocks, keys, recompute):
+        if again:
+            x = remat.checkpoint(model._block)(p, x, k, fwd)
+        else:
+            x = run_block(model, p, x, k, fwd)
+        if hidden is not None:
+            hidden.append(x)
+    return x
+
+
 def batched(*xs: Tensor | None) -> list[Any]:
     """Add a leading batch dimension of 1 to every tensor (``None`` stays ``None``)."""
     return [None if x is None else x[None] for x in xs]
@@ -143,8 +171,13 @@ def check_params(model: Any, params: Params) -> None:
     _check_one_dtype(leaves, spec)
 
 
+#: The 16-bit dtypes a frozen base may be stored in, next to float32 trainable leaves.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _check_one_dtype(leaves: list[Any], spec: Any) -> None:
-    """All leaves floating, of one dtype and on one device; else name the odd leaf."""
+    """All leaves floating and on one device, of one dtype or of float32 plus one 16-bit
+    dtype (a bf16 frozen base with float32 trainable leaves); else name the odd leaf."""
     if not leaves:
         return
     first = leaves[0]
@@ -157,12 +190,16 @@ def _check_one_dtype(leaves: list[Any], spec: Any) -> None:
         if not x.is_floating_point():
             raise TypeError(f"params: {path} has dtype {x.dtype}, expected a floating dtype")
     dtypes = [x.dtype for x in leaves]
-    common = max(set(dtypes), key=dtypes.count)
+    kinds = set(dtypes)
+    mixed_ok = len(kinds) == 2 and torch.float32 in kinds and bool(kinds & set(HALF_DTYPES))
+    common = max(kinds, key=dtypes.count)
     for path, x in zip(paths, leaves):
-        if x.dtype is not common:
+        if not mixed_ok and x.dtype is not common:
             raise TypeError(
                 f"params: {path} has dtype {x.dtype} while the other leaves are {common}; "
-                "cast the whole tree (fnllm.tree.cast) so that every leaf has one dtype"
+                "cast the whole tree (fnllm.tree.cast) so that every leaf has one dtype, or "
+                "keep a bfloat16/float16 frozen base with float32 trainable leaves (no other "
+                "mix)"
             )
     devices = [x.device for x in leaves]
     where = max(set(devices), key=devices.count)
@@ -479,7 +516,8 @@ class ModelConfig:
         return param_shapes(self)
 
     def check_params(self, params: Params) -> None:
-        """Raise unless ``params`` has exactly this model's leaves, shapes and one dtype.
+        """Raise unless ``params`` has exactly this model's leaves, shapes and dtypes: one
+        dtype, or float32 with one 16-bit dtype (a bf16 frozen base, float32 trainable leaves).
 
         Example:
             >>> from fnllm import random
@@ -499,7 +537,7 @@ class ModelConfig:
         Raises:
             KeyError: a leaf is missing or unexpected (named by path). ValueError: a leaf has
                 the wrong shape (named by path). TypeError: a leaf is not floating, or its dtype
-                differs from the others'.
+                differs from the others' in another way than float32 next to bf16/fp16.
         """
         check_params(self, params)
 
@@ -544,6 +582,7 @@ class ModelConfig:
         stop: int | None = None,
         key: Tensor | None = None,
         impl: nn.Impl = "auto",
+        checkpoint: remat.Policy = None,
     ) -> Tensor:
         """Run blocks ``start .. stop-1`` on hidden states: a forward resumed at layer ``start``.
 
@@ -568,6 +607,8 @@ class ModelConfig:
             stop: one past the last block to run (default ``n_layer``).
             key: a ``fnllm.random`` key to enable dropout; ``None`` = eval.
             impl: attention implementation.
+            checkpoint: which blocks to recompute in the backward pass instead of keeping
+                their activations (:func:`fnllm.remat.selected`; indices count from block 0).
 
         Returns:
             ``[B, T, D]``: the output of block ``stop - 1`` (before GPT's final layer norm).
@@ -580,6 +621,5 @@ class ModelConfig:
         keys: list[Tensor | None] = [None] * (stop - start)
         if key is not None and drop > 0.0 and stop > start:
             keys = list(jr.split(key, stop - start))
-        for block, k in zip(params["blocks"][start:stop], keys):
-            x = run_block(self, block, x, k, fwd)
-        return x
+        blocks = params["blocks"][start:stop]
+        return run_blocks(self, blocks, x, keys, fwd, checkpoint, start=start)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fnllm import nn
+from fnllm import nn, remat
 from fnllm import random as jr
 from fnllm._deprecation import deprecated
 from fnllm.models import _base, _config
@@ -219,6 +219,7 @@ class BERT(_base.ModelConfig):
         key: Tensor | None = None,
         output_hidden_states: bool = False,
         impl: nn.Impl = "auto",
+        checkpoint: remat.Policy = None,
     ) -> BertOutput:
         """Run the encoder: token ids to hidden states (and the pooled output).
 
@@ -247,6 +248,9 @@ class BERT(_base.ModelConfig):
             key: a ``fnllm.random`` key to enable dropout (training); ``None`` = eval.
             output_hidden_states: also return every layer's hidden states.
             impl: attention implementation, ``"auto"``, ``"sdpa"`` or ``"math"``.
+            checkpoint: which blocks recompute their activations in the backward pass
+                instead of keeping them (``True`` every block, ``k`` every ``k``-th, a set
+                of indices; see :mod:`fnllm.remat`): same values and gradients, less memory.
 
         Returns:
             A :class:`BertOutput` (leading batch dimension dropped for unbatched input).
@@ -274,9 +278,7 @@ class BERT(_base.ModelConfig):
         fwd = _base.Forward(nn.make_attention_mask(attention_mask), drop, impl)
         x = self._embeddings(params["embed"], tokens, token_type_ids, keys[-1], drop)
         hidden = [x]
-        for block, k in zip(params["blocks"], keys):
-            x = self._block(block, x, k, fwd)
-            hidden.append(x)
+        x = _base.run_blocks(self, params["blocks"], x, keys, fwd, checkpoint, hidden=hidden)
 
         pooled = None
         if self.pooler:

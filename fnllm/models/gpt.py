@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, cast, overload
 import torch.nn.functional as F
 from torch import Tensor
 
-from fnllm import nn
+from fnllm import nn, remat
 from fnllm import random as jr
 from fnllm.models import _base, _cache
 from fnllm.models._base import Params
@@ -168,6 +168,7 @@ class GPT(_base.ModelConfig):
         key: Tensor | None = ...,
         output_hidden_states: Literal[False] = ...,
         impl: nn.Impl = ...,
+        checkpoint: remat.Policy = ...,
         cache: None = ...,
     ) -> Tensor: ...
     @overload
@@ -180,6 +181,7 @@ class GPT(_base.ModelConfig):
         key: Tensor | None = ...,
         output_hidden_states: bool,
         impl: nn.Impl = ...,
+        checkpoint: remat.Policy = ...,
         cache: None = ...,
     ) -> Tensor | GPTOutput: ...
     @overload
@@ -192,6 +194,7 @@ class GPT(_base.ModelConfig):
         key: Tensor | None = ...,
         output_hidden_states: Literal[False] = ...,
         impl: nn.Impl = ...,
+        checkpoint: remat.Policy = ...,
         cache: KVCache,
     ) -> tuple[Tensor, KVCache]: ...
     def apply(
@@ -203,6 +206,7 @@ class GPT(_base.ModelConfig):
         key: Tensor | None = None,
         output_hidden_states: bool = False,
         impl: nn.Impl = "auto",
+        checkpoint: remat.Policy = None,
         cache: KVCache | None = None,
     ) -> Tensor | GPTOutput | tuple[Tensor, KVCache]:
         """Run the model: token ids to next-token logits (with a KV cache: and the new cache).
@@ -245,6 +249,9 @@ class GPT(_base.ModelConfig):
             key: a ``fnllm.random`` key to enable dropout (training); ``None`` = eval.
             output_hidden_states: also return every layer's hidden states.
             impl: attention implementation, ``"auto"``, ``"sdpa"`` or ``"math"``.
+            checkpoint: which blocks recompute their activations in the backward pass
+                instead of keeping them (``True`` every block, ``k`` every ``k``-th, a set
+                of indices; see :mod:`fnllm.remat`): same values and gradients, less memory.
             cache: a KV cache to continue (``tokens`` ``[B, T]``, left padding only, no
                 ``key`` and no ``output_hidden_states``).
 
@@ -268,9 +275,7 @@ class GPT(_base.ModelConfig):
         embed = params["embed"]
         x = self._embeddings(embed, tokens, keys[-1], drop)
         hidden = [x]
-        for block, k in zip(params["blocks"], keys):
-            x = self._block(block, x, k, fwd)
-            hidden.append(x)
+        x = _base.run_blocks(self, params["blocks"], x, keys, fwd, checkpoint, hidden=hidden)
         x = self.finish(params, x)
         logits = self.logits(params, x)
 
@@ -373,7 +378,7 @@ class GPT(_base.ModelConfig):
     def logits(self, params: Params, x: Tensor) -> Tensor:
         """The language-model head, tied to the token embedding unless ``tie_head=False``."""
         head = params["embed"]["tokens"]["weight"] if self.tie_head else params["head"]["weight"]
-        return F.linear(x, head)
+        return F.linear(x.to(head.dtype), head)  # a float32 head on a bf16 stream: float32
 
     def _embed_at(self, params: Params, tokens: Tensor, positions: Tensor) -> Tensor:
         """Token plus learned position embeddings at ``positions`` (no dropout)."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fnllm import nn
+from fnllm import nn, remat
 from fnllm import random as jr
 from fnllm.models import _base, _cache
 from fnllm.models._base import Params
@@ -243,6 +243,7 @@ class Llama(_base.ModelConfig):
         key: Tensor | None = None,
         output_hidden_states: bool = False,
         impl: nn.Impl = "auto",
+        checkpoint: remat.Policy = None,
         cache: KVCache | None = None,
     ) -> Tensor | LlamaOutput | tuple[Tensor, KVCache]:
         """Run the model: token ids to next-token logits (with a KV cache: and the new cache).
@@ -273,6 +274,9 @@ class Llama(_base.ModelConfig):
             key: a ``fnllm.random`` key to enable dropout (training); ``None`` = eval.
             output_hidden_states: also return every layer's hidden states.
             impl: attention implementation, ``"auto"``, ``"sdpa"`` or ``"math"``.
+            checkpoint: which blocks recompute their activations in the backward pass
+                instead of keeping them (``True`` every block, ``k`` every ``k``-th, a set
+                of indices; see :mod:`fnllm.remat`): same values and gradients, less memory.
             cache: a KV cache from :meth:`init_cache` to continue (``tokens`` ``[B, T]``,
                 left padding only, no ``key``, no ``output_hidden_states``): the checked
                 form of :meth:`apply_cached`, as for ``GPT``.
@@ -297,9 +301,7 @@ class Llama(_base.ModelConfig):
         mask = nn.make_attention_mask(attention_mask, causal=True)  # None: nothing padded
         fwd = _base.Forward(mask, drop, impl, positions, self._extras(positions, x.dtype))
         hidden = [x]
-        for block, k in zip(params["blocks"], keys):
-            x = self._block(block, x, k, fwd)
-            hidden.append(x)
+        x = _base.run_blocks(self, params["blocks"], x, keys, fwd, checkpoint, hidden=hidden)
         x = self.finish(params, x)
         logits = self.logits(params, x)
 
@@ -410,7 +412,7 @@ class Llama(_base.ModelConfig):
     def logits(self, params: Params, x: Tensor) -> Tensor:
         """Next-token logits ``[..., V]`` from final hidden states (the tied or own head)."""
         head = params["embed"]["tokens"]["weight"] if self.tie_head else params["head"]["weight"]
-        return F.linear(x, head)
+        return F.linear(x.to(head.dtype), head)  # a float32 head on a bf16 stream: float32
 
     def kv_shape(self) -> tuple[int, int]:
         """``(n_kv_head, head_dim)`` of one layer's cached keys and values."""

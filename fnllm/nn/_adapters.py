@@ -95,7 +95,7 @@ def adapter_delta(params: dict[str, Any], x: Tensor) -> Tensor:
         tensor([[1.5000, 1.5000, 1.5000]])
     """
     a, b, scale = (params[n] for n in ADAPTER_LEAVES)
-    scale = scale.detach()
+    scale, x = scale.detach(), x.to(a.dtype)  # runs in the adapter's dtype (float32 LoRA)
     if a.ndim == 2:
         return scale * F.linear(F.linear(x, a), b)
     h = torch.einsum("b...i,bri->b...r", x, a)

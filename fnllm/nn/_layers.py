@@ -72,7 +72,9 @@ def linear(params: Params, x: Tensor) -> Tensor:
         x: input ``[..., in]`` (``[B, ..., in]`` for per-row layers).
 
     Returns:
-        ``[..., out]``.
+        ``[..., out]``, in the weight's dtype: ``x`` is cast to it first, so a bf16 base
+        layer runs in bf16 whatever the input. A LoRA adapter on the layer runs in its own
+        dtype (float32 adapters stay float32 on a bf16 base) and its output is cast back.
 
     Raises:
         ValueError: the width of ``x`` is not the weight's ``in``, or the bias is not ``[out]``.
@@ -90,12 +92,15 @@ def linear(params: Params, x: Tensor) -> Tensor:
         raise ValueError(
             f"linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
         )
+    # mixed precision: the input is cast to the weight's dtype (a bf16 frozen base runs in
+    # bf16); an adapter runs in its own dtype (float32 LoRA) and its delta is cast back
+    x_w = x.to(weight.dtype)
     if _quant.is_quantized(weight):  # a frozen NF4/int8 base (fnllm.io.quantize)
-        y = _quant.linear(x, weight, bias)
+        y = _quant.linear(x_w, weight, bias)
     else:
-        y = F.linear(x, weight, bias)
+        y = F.linear(x_w, weight, bias)
     if has_adapter(params):  # an adapter (fnllm.nn._adapters); W stays untouched
-        y = y + adapter_delta(params, x)
+        y = y + adapter_delta(params, x).to(y.dtype)
     return y
 
 
@@ -215,7 +220,8 @@ def layer_norm(params: Params, x: Tensor, *, eps: float = 1e-5) -> Tensor:
         eps: added to the variance.
 
     Returns:
-        Same shape as ``x``.
+        Same shape and dtype as ``x``. When the norm's dtype differs from ``x``'s (float32
+        norms on a bf16 residual stream), it is computed in float32 and cast back.
 
     Raises:
         ValueError: the width of ``x`` is not that of the norm's weight.
@@ -228,6 +234,9 @@ def layer_norm(params: Params, x: Tensor, *, eps: float = 1e-5) -> Tensor:
             f"layer_norm: x has width {x.shape[-1]} (shape {tuple(x.shape)}), expected "
             f"{tuple(weight.shape)[-1]} to match weight {tuple(weight.shape)}"
         )
+    if weight.dtype != x.dtype or bias.dtype != x.dtype:  # mixed precision: in float32
+        y = F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
+        return y.to(x.dtype)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 

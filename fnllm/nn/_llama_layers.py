@@ -69,6 +69,8 @@ def rms_norm(params: Params, x: Tensor, *, eps: float = 1e-6) -> Tensor:
         )
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype != x.dtype:  # mixed precision (float32 norm, bf16 stream): in float32
+        return (weight.float() * h).to(x.dtype)
     return weight * h.to(x.dtype)
 
 

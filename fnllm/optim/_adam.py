@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fnllm import _checks, tree
 from fnllm.optim import _helpers
@@ -452,10 +453,13 @@ def _run_kernel(
 
 
 def _fused_ok(s: _Step) -> bool:
-    """Eager, and every leaf's grad, moments (and param) share a supported device and dtype."""
-    if _checks.tracing(s.grads[0], s.mu[0], s.count) or (s.params and _checks.tracing(s.params[0])):
+    """Eager, and every leaf's grad, moments (and param) share a supported device and dtype.
+
+    Fake tensors (``fnllm.memory.plan``) take the kernel too, so that the plan counts the
+    memory of the path a real step runs."""
+    if _traced(s.grads[0], s.mu[0], s.count) or (s.params and _traced(s.params[0])):
         return False
-    if isinstance(s.lr, Tensor) and _checks.tracing(s.lr):
+    if isinstance(s.lr, Tensor) and _traced(s.lr):
         return False
     lists = [s.grads, s.mu, s.nu] if s.params is None else [s.grads, s.mu, s.nu, s.params]
     for xs in lists[1:]:
@@ -465,6 +469,11 @@ def _fused_ok(s: _Step) -> bool:
     if len(devices) != 1 or next(iter(devices)).type not in _FUSED_DEVICES:
         return False  # several devices: the multi-tensor path handles any placement
     return all(g.dtype in _FUSED_DTYPES for g in s.grads)
+
+
+def _traced(*tensors: object) -> bool:
+    """:func:`fnllm._checks.tracing`, except that a fake tensor runs the kernel as a real one."""
+    return _checks.tracing(*(t for t in tensors if not isinstance(t, FakeTensor)))
 
 
 def _kernel_ok(s: _Step) -> bool:

@@ -301,9 +301,12 @@ def check_trainable(trainable: Any, frozen: Any) -> None:
 
     Raises:
         ValueError: ``trainable`` holds no floating-point tensor.
+        TypeError: float32 and 16-bit leaves are mixed, and a 16-bit leaf is trainable
+            (mixed precision means a 16-bit *frozen* base with float32 trainable leaves).
     """
     leaves = tree.leaves(trainable)
     if any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in leaves):
+        _check_precision(trainable, frozen)
         return
     frozen_paths = tree.paths(frozen)
     raise ValueError(
@@ -314,6 +317,23 @@ def check_trainable(trainable: Any, frozen: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _check_precision(trainable: Any, frozen: Any) -> None:
+    """A tree mixing float32 and 16-bit leaves trains its float32 leaves only: a 16-bit
+    trainable leaf would take updates below its precision while the rest is float32."""
+    dtypes = {x.dtype for x in tree.leaves((trainable, frozen)) if isinstance(x, torch.Tensor)}
+    if torch.float32 not in dtypes or not dtypes & {torch.bfloat16, torch.float16}:
+        return
+    flat = tree.flatten(trainable)
+    for path, x in flat.items():
+        if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
+            raise TypeError(
+                f"trainable: {path} is {x.dtype} while other leaves are float32; with a "
+                "16-bit frozen base keep the trainable leaves in float32 (cast only the frozen "
+                "part: fnllm.tree.cast(params, dtype, where) or cast the frozen half of "
+                "tree.partition), or cast the whole tree to one dtype"
+            )
 
 
 def _split_loss(out: Any) -> tuple[torch.Tensor, Any]:
