@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fnllm import nn, remat, tree
@@ -138,6 +139,13 @@ def run_blocks(
         if hidden is not None:
             hidden.append(x)
     return x
+
+
+def lm_logits(params: Params, x: Tensor, tie_head: bool) -> Tensor:
+    """A decoder's next-token logits: ``x`` times the token embedding (tied) or ``head``; the
+    stream is cast to the head's dtype (a float32 head on a bf16 stream gives float32)."""
+    head = params["embed"]["tokens"]["weight"] if tie_head else params["head"]["weight"]
+    return F.linear(x.to(head.dtype), head)
 
 
 def batched(*xs: Tensor | None) -> list[Any]:

@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple, cast, overload
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from fnllm import nn, remat
@@ -377,8 +376,7 @@ class GPT(_base.ModelConfig):
 
     def logits(self, params: Params, x: Tensor) -> Tensor:
         """The language-model head, tied to the token embedding unless ``tie_head=False``."""
-        head = params["embed"]["tokens"]["weight"] if self.tie_head else params["head"]["weight"]
-        return F.linear(x.to(head.dtype), head)  # a float32 head on a bf16 stream: float32
+        return _base.lm_logits(params, x, self.tie_head)
 
     def _embed_at(self, params: Params, tokens: Tensor, positions: Tensor) -> Tensor:
         """Token plus learned position embeddings at ``positions`` (no dropout)."""

@@ -30,7 +30,6 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fnllm import nn, remat
@@ -411,8 +410,7 @@ class Llama(_base.ModelConfig):
 
     def logits(self, params: Params, x: Tensor) -> Tensor:
         """Next-token logits ``[..., V]`` from final hidden states (the tied or own head)."""
-        head = params["embed"]["tokens"]["weight"] if self.tie_head else params["head"]["weight"]
-        return F.linear(x.to(head.dtype), head)  # a float32 head on a bf16 stream: float32
+        return _base.lm_logits(params, x, self.tie_head)
 
     def kv_shape(self) -> tuple[int, int]:
         """``(n_kv_head, head_dim)`` of one layer's cached keys and values."""
