@@ -118,7 +118,10 @@ def loss_curve(
         if smooth > 1:
             avg = _moving_average(values, smooth)
             ax.plot(steps, avg, color=line.get_color(), label=f"_{name or key} (smoothed)")
-    ax.set_xlabel("step")
+    # what the two shades of a run mean, where the figure has both
+    ax.set_xlabel(
+        f"step (faint: each step; solid: mean of the last {smooth})" if smooth > 1 else "step"
+    )
     ax.set_ylabel(key)
     if log_y:
         ax.set_yscale("log")

@@ -46,8 +46,9 @@ def test_loss_curve_draws_the_values_and_a_moving_average(values: list[float], w
     if width > 1:  # trailing mean over the last `width` values (fewer at the start)
         ref = [np.mean(values[max(0, i - width + 1) : i + 1]) for i in range(len(values))]
         np.testing.assert_allclose(lines[1].get_ydata(), ref, rtol=1e-9)
+        assert f"solid: mean of the last {width}" in fig.axes[0].get_xlabel()  # says the shades
     else:
-        assert len(lines) == 1
+        assert len(lines) == 1 and fig.axes[0].get_xlabel() == "step"
 
 
 def test_loss_curve_reads_fit_histories_and_names_runs() -> None:
