@@ -855,6 +855,19 @@ frame.addEventListener("load", async () => {
 </script></body></html>"""
 
 
+# Every guide and gallery page (screenshots), and the pages that draw figures (they must load).
+_SHOT_PAGES = [f"/guides/{p.stem}/" for p in sorted((DOCS / "guides").glob("*.md"))] + [
+    "/examples/",
+    *(f"/examples/{p.stem.replace('_', '-')}/" for p in EXAMPLES),
+]
+_FIGURE_PAGES = [
+    "/",
+    "/performance/",
+    *(f"/guides/{name}/" for name in ("finetuning", "jax", "pretraining", "training")),
+    *(f"/examples/{p.stem.replace('_', '-')}/" for p in EXAMPLES),
+]
+
+
 def _inspect_in_chromium(site: Path, served: str, url_path: str) -> dict[str, object]:
     import html
     import json
@@ -872,9 +885,24 @@ def _inspect_in_chromium(site: Path, served: str, url_path: str) -> dict[str, ob
     not (Path(CHROMIUM).exists() and os.access(CHROMIUM, os.X_OK)),
     reason=f"headless Chromium not installed at {CHROMIUM}",
 )
-@pytest.mark.parametrize(
-    "url_path", ["/", "/guides/training/", "/examples/pretrain-gpt/", "/guides/finetuning/"]
+@pytest.mark.parametrize("url_path", _SHOT_PAGES, ids=_SHOT_PAGES)
+def test_chromium_screenshots_every_guide_and_example(served: str, url_path: str) -> None:
+    """A screenshot of every guide and gallery page in ``artifacts/`` (read them: a figure or
+    table that does not fit the column shows there), each a real rendered page."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    target = ARTIFACTS / ("docs-" + url_path.strip("/").replace("/", "-") + ".png")
+    target.unlink(missing_ok=True)
+    proc = _chromium("--window-size=1280,3000", f"--screenshot={target}", served + url_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = target.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, f"{url_path}: blank page?"
+
+
+@pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and os.access(CHROMIUM, os.X_OK)),
+    reason=f"headless Chromium not installed at {CHROMIUM}",
 )
+@pytest.mark.parametrize("url_path", _FIGURE_PAGES, ids=_FIGURE_PAGES)
 def test_chromium_figures_load(site: Path, served: str, url_path: str) -> None:
     """Each figure on the page is an ``<img>`` the browser decodes to a non-empty picture."""
     found = _inspect_in_chromium(site, served, url_path)
