@@ -555,6 +555,8 @@ def _write_markdown(
 def _write_plot(path: Path, rows: list[Any]) -> dict[str, Any]:
     """Draw the figure (``plot.finetune_results``, as the docs draw a stored ``results.json``);
     return what it shows (points with error bars, loss curves) for the JSON."""
+    from matplotlib.container import ErrorbarContainer
+
     from fnllm import plot
 
     drawn = [
@@ -569,12 +571,12 @@ def _write_plot(path: Path, rows: list[Any]) -> dict[str, Any]:
     ]
     fig = plot.finetune_results({"rows": drawn})
     fig.savefig(path, dpi=110)
-    top, bottom = fig.axes
+    bars = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
     points = []
-    for d, bar in zip(drawn, top.containers, strict=True):  # one errorbar container per row
+    for d, bar in zip(drawn, bars, strict=True):  # one errorbar container per row
         y, cols = d["test_acc"], bar.lines[2]
         span = cols[0].get_segments()[0][:, 1].tolist() if cols else [y, y]
         x = max(int(d["trainable"]), 1)
         points.append({"name": d["name"], "x": x, "y": y, "yerr": d["test_acc_std"], "bar": span})
-    curves = [{"name": ln.get_label(), "points": len(ln.get_xdata())} for ln in bottom.get_lines()]
+    curves = [{"name": d["name"], "points": len(d["losses"])} for d in drawn if d["losses"]]
     return {"accuracy": points, "loss_curves": curves}
