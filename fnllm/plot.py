@@ -118,7 +118,10 @@ def loss_curve(
         if smooth > 1:
             avg = _moving_average(values, smooth)
             ax.plot(steps, avg, color=line.get_color(), label=f"_{name or key} (smoothed)")
-    ax.set_xlabel("step")
+    # what the two shades of a run mean, where the figure has both
+    ax.set_xlabel(
+        f"step (faint: each step; solid: mean of the last {smooth})" if smooth > 1 else "step"
+    )
     ax.set_ylabel(key)
     if log_y:
         ax.set_yscale("log")
@@ -472,13 +475,18 @@ def ratio_bars(
         COLORS["goal"] if n in goal and ratios[n] > goal[n] else COLORS["trainable"] for n in names
     ]
     ax.barh(ys, [float(ratios[n]) for n in names], color=colors, height=0.6)
+    high = max(max(float(v) for v in ratios.values()), *goal.values(), 1.0)
     for y, n in zip(ys, names):
+        value = float(ratios[n])
         if n in goal:
             ax.plot([goal[n]] * 2, [y - 0.42, y + 0.42], color="black", linewidth=2)
-        ax.text(float(ratios[n]), y, f" {ratios[n]:.2f}", va="center", fontsize=9)
+        # the value right of the bar, or right of a goal tick that would cover it
+        at = goal[n] if n in goal and value <= goal[n] < value + 0.1 * high else value
+        ax.text(at + 0.01 * high, y, f" {value:.2f}", va="center", fontsize=9)
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     ax.set_yticks(ys, names, fontsize=9)
-    ax.set_xlabel("ratio (black tick: goal)")
+    ax.set_xlim(0, high * 1.15)  # room for the rightmost value
+    ax.set_xlabel("ratio (black tick: goal; orange bar: goal missed)")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     return fig
@@ -491,7 +499,8 @@ def finetune_results(
     smooth: float = 0.2,
 ) -> Figure:
     """Draw ``fnllm demo``'s ``results.json``: test accuracy against trainable parameters
-    (top), and each row's training loss over its own training (bottom).
+    (top; error bars: the seeds' ``test_acc_std`` where a row has one), and each row's
+    training loss over its own training (bottom).
 
     Rows train for different numbers of steps (``head`` runs ten epochs on cached features,
     the others one), so the loss panel's x axis is each row's *fraction of its training*:
@@ -509,7 +518,8 @@ def finetune_results(
 
     Args:
         results: a mapping with ``"rows"``: dicts holding ``name``, ``trainable``,
-            ``test_acc`` and (optionally) ``losses``, one per training step.
+            ``test_acc`` and (optionally) ``test_acc_std`` and ``losses``, one per training
+            step.
         title: the title of the figure.
         smooth: the width of the trailing moving average over each loss curve, as a
             fraction of the row's steps (0: none).
@@ -535,7 +545,11 @@ def finetune_results(
     colors = {r["name"]: palette[i % len(palette)] for i, r in enumerate(rows)}
     for r in rows:
         x, y = max(int(r["trainable"]), 1), float(r["test_acc"])
-        top.scatter(x, y, s=36, color=colors[r["name"]], zorder=3)
+        std = float(r.get("test_acc_std") or 0.0)
+        top.errorbar(
+            x, y, yerr=std if std > 0 else None, fmt="o", ms=6, capsize=3,
+            color=colors[r["name"]], zorder=3,
+        )  # fmt: skip
         top.annotate(
             f"{r['name']} {y:.2f}", (x, y), textcoords="offset points", xytext=(6, -3), fontsize=9
         )
@@ -543,7 +557,8 @@ def finetune_results(
     low, high = top.get_xlim()
     top.set_xlim(low, high * 6)  # room for the rightmost label
     top.set_xlabel("trainable parameters (log scale)")
-    top.set_ylabel("test accuracy")
+    spread = any(float(r.get("test_acc_std") or 0.0) > 0 for r in rows)
+    top.set_ylabel("test accuracy" + (" (mean ± std)" if spread else ""))
     top.grid(alpha=0.3)
     drawn = []
     for r in rows:

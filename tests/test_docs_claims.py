@@ -99,3 +99,20 @@ def test_samplers_the_docs_call_bit_identical_to_jax_are(kind: str) -> None:
                 assert np.array_equal(ours, theirs), f"{name} (seed {seed}) differs from jax"
             else:
                 np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_home_page_calls_bit_identical_only_the_samplers_tested_so() -> None:
+    """The home page's line on randomness names the same samplers as Getting started: those
+    before "bit-identical" are in the tested identical list, the close ones come after it."""
+    text = (DOCS / "index.md").read_text(encoding="utf-8")
+    m = re.search(r"^- Randomness.*?(?=^- |^\s*$)", text, re.M | re.S)
+    assert m, "index.md: no '- Randomness ...' line"
+    head, found, tail = m.group(0).partition("bit-identical")
+    assert found, "index.md: the randomness line no longer says which draws are bit-identical"
+    identical, close = set(_listed("jax-identical")), _listed("jax-close")
+    named = set(re.findall(r"`(\w+)`", head)) - {"jax"}
+    assert named and named <= identical, (
+        f"called bit-identical but not tested so: {named - identical}"
+    )
+    for name in close:
+        assert f"`{name}`" not in head and f"`{name}`" in tail, f"index.md: how close {name} is"

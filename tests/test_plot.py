@@ -46,8 +46,9 @@ def test_loss_curve_draws_the_values_and_a_moving_average(values: list[float], w
     if width > 1:  # trailing mean over the last `width` values (fewer at the start)
         ref = [np.mean(values[max(0, i - width + 1) : i + 1]) for i in range(len(values))]
         np.testing.assert_allclose(lines[1].get_ydata(), ref, rtol=1e-9)
+        assert f"solid: mean of the last {width}" in fig.axes[0].get_xlabel()  # says the shades
     else:
-        assert len(lines) == 1
+        assert len(lines) == 1 and fig.axes[0].get_xlabel() == "step"
 
 
 def test_loss_curve_reads_fit_histories_and_names_runs() -> None:
@@ -227,6 +228,37 @@ def test_ratio_bars_draws_ratios_goals_and_misses() -> None:
         plot.ratio_bars(ratios, goals={"nope": 1.0})
     with pytest.raises(ValueError, match="ratios: nothing to draw"):
         plot.ratio_bars({})
+
+
+def test_finetune_results_normalises_each_rows_loss_axis_and_draws_the_spread() -> None:
+    """Rows train for different numbers of steps (``head`` ten epochs, the others one): the
+    loss panel puts every row on 0..1 of its own training; the accuracy panel draws each
+    row's standard deviation over the seeds as an error bar."""
+    rows = [
+        {"name": "head", "trainable": 770, "test_acc": 0.76, "test_acc_std": 0.02,
+         "losses": [0.7 - 0.001 * i for i in range(320)]},
+        {"name": "full", "trainable": 22_000_000, "test_acc": 0.73, "test_acc_std": 0.0,
+         "losses": [0.7, 0.6, 0.5, 0.4]},
+        {"name": "probe", "trainable": 384, "test_acc": 0.70},
+    ]  # fmt: skip
+    fig = plot.finetune_results({"rows": rows}, smooth=0)
+    top, bottom = fig.axes
+    lines = {ln.get_label(): ln for ln in bottom.get_lines()}
+    assert sorted(lines) == ["full", "head"]  # a row without losses has no curve
+    for name, n in (("head", 320), ("full", 4)):
+        xs = lines[name].get_xdata()
+        assert len(xs) == n and xs[0] == pytest.approx(1 / n) and xs[-1] == pytest.approx(1.0)
+    assert bottom.get_xlim() == (0.0, 1.0)
+    bars = [c for c in top.collections if c.get_segments()]  # error bar segments
+    assert len(bars) == 1  # only head has a spread
+    np.testing.assert_allclose(bars[0].get_segments()[0][:, 1], [0.74, 0.78])
+    assert "mean ± std" in top.get_ylabel()
+    legend = bottom.get_legend()
+    assert legend is not None and legend.get_bbox_to_anchor().x0 > bottom.bbox.x1 - 1  # outside
+    with pytest.raises(ValueError, match="no rows"):
+        plot.finetune_results({"rows": []})
+    with pytest.raises(ValueError, match=r"missing \['test_acc'\]"):
+        plot.finetune_results({"rows": [{"name": "x", "trainable": 1}]})
 
 
 # ----------------------------------------------------------------------------- to_html

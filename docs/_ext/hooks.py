@@ -30,7 +30,9 @@ names a page's code uses are listed in prose at its end, so that searching ``pri
 the pages that call it.
 
 Set ``FNLLM_DOCS_REPORT=<file>`` to get a JSON report of every page's blocks (the tests count
-blocks that print without showing output with it).
+blocks that print without showing output with it) and of the wall and CPU seconds its executed
+blocks took (CPU seconds of the build process and of the processes it waited for, e.g. the
+``torchrun`` launches; they move far less with the machine's load than wall time).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import json
 import logging
 import os
 import re
+import resource
 import struct
 import sys
 import tempfile
@@ -353,6 +356,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     blocks = list(code_blocks(markdown))
     if any(b["kind"] in ("exec", "file") for b in blocks):
         _state["start"] = time.perf_counter()
+        _state["cpu"] = _cpu_seconds()
         _state["cwd"] = os.getcwd()
         _state["tmp"] = tempfile.TemporaryDirectory(prefix="fnllm-docs-")
         os.chdir(_state["tmp"].name)
@@ -395,9 +399,10 @@ def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
         os.chdir(_state.pop("cwd"))
         _state.pop("tmp").cleanup()
         seconds = time.perf_counter() - _state.pop("start")
-        log.info("%s: executed blocks ran in %.1f s", src, seconds)
+        cpu = _cpu_seconds() - _state.pop("cpu")
+        log.info("%s: executed blocks ran in %.1f s (%.1f CPU s)", src, seconds, cpu)
     else:
-        seconds = 0.0
+        seconds = cpu = 0.0
     runs, expected = _state.pop("runs", []), _state.pop("expected", [])
     if len(runs) != len(expected):
         log.warning("%s: %d python blocks ran, %d expected", src, len(runs), len(expected))
@@ -430,6 +435,7 @@ def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
         "printing_without_output": len(silent),
         "figures": len(pngs),
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),
     }
     # a block that printed nothing leaves no empty output box under its code
     html = re.sub(
@@ -473,6 +479,16 @@ def _figures_html(pngs: list[tuple[str, bytes]]) -> str:
             f"<figcaption>{_html.escape(name)}</figcaption></figure>"
         )
     return "\n".join(parts)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of the children it waited for (a
+    ``torchrun`` launch): a page's cost that, unlike wall time, does not grow with the load."""
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _snapshot() -> dict[str, tuple[int, int]]:

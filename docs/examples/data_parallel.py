@@ -1,7 +1,8 @@
 """Data-parallel training under torchrun
 
-One script for one process or many: `python data_parallel.py` trains in a group of one,
-`torchrun --nproc-per-node 2 data_parallel.py` on two processes (gloo on CPU, NCCL on GPUs).
+One script that trains a GPT on one process or on several, averaging gradients over the ranks.
+`python data_parallel.py` trains in a group of one, `torchrun --nproc-per-node 2
+data_parallel.py` on two processes (gloo on CPU, NCCL on GPUs).
 Every rank computes the same *global* batch from the step number, keeps its own slice of it,
 and the gradients are averaged over ranks before the update, so two ranks end where one
 process on the same global batches ends. Rank 0 alone prints, checkpoints and draws.

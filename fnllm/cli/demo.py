@@ -553,48 +553,30 @@ def _write_markdown(
 
 
 def _write_plot(path: Path, rows: list[Any]) -> dict[str, Any]:
-    """Draw the figure; return what it shows (points with error bars, loss curves) for JSON."""
-    import matplotlib
+    """Draw the figure (``plot.finetune_results``, as the docs draw a stored ``results.json``);
+    return what it shows (points with error bars, loss curves) for the JSON."""
+    from matplotlib.container import ErrorbarContainer
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fnllm import plot
 
-    from fnllm._figure_parts import _moving_average
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {r.name: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rows)}
-    points = []
-    for r in rows:
-        x, y, err = max(r.trainable, 1), r.mean("test_acc"), r.std("test_acc")
-        bar = left.errorbar(
-            x, y, yerr=err if r.seeds > 1 else None, fmt="o", ms=5, capsize=3,
-            color=colors[r.name],
-        )  # fmt: skip
-        left.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        drawn = bar.lines[2][0].get_segments()[0][:, 1].tolist() if bar.lines[2] else [y, y]
-        points.append({"name": r.name, "x": x, "y": y, "yerr": err, "bar": drawn})
-    left.set_xscale("log")
-    low, high = left.get_xlim()
-    left.set_xlim(low, high * 4)  # room for the rightmost point's label
-    left.set_xlabel("trainable parameters (log)")
-    seeds = max(r.seeds for r in rows)
-    left.set_ylabel("test accuracy" + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else ""))
-    left.set_title("accuracy vs trainable parameters")
-    left.grid(alpha=0.3)
-    curves = []
-    for r in rows:
-        losses = r.runs[0].losses
-        if losses:
-            x = [(i + 1) / r.steps_per_epoch for i in range(len(losses))]
-            right.plot(x, _moving_average(losses, 8), label=r.name, lw=1.2, color=colors[r.name])
-            curves.append({"name": r.name, "points": len(losses)})
-    right.set_xlabel("epoch")
-    right.set_ylabel("training loss (smoothed, first seed)")
-    right.set_title("training loss")
-    right.grid(alpha=0.3)
-    if curves:
-        right.legend(fontsize=8)
-    fig.tight_layout()
+    drawn = [
+        {
+            "name": r.name,
+            "trainable": r.trainable,
+            "test_acc": r.mean("test_acc"),
+            "test_acc_std": r.std("test_acc"),
+            "losses": r.runs[0].losses,
+        }
+        for r in rows
+    ]
+    fig = plot.finetune_results({"rows": drawn})
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    bars = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    points = []
+    for d, bar in zip(drawn, bars, strict=True):  # one errorbar container per row
+        y, cols = d["test_acc"], bar.lines[2]
+        span = cols[0].get_segments()[0][:, 1].tolist() if cols else [y, y]
+        x = max(int(d["trainable"]), 1)
+        points.append({"name": d["name"], "x": x, "y": y, "yerr": d["test_acc_std"], "bar": span})
+    curves = [{"name": d["name"], "points": len(d["losses"])} for d in drawn if d["losses"]]
     return {"accuracy": points, "loss_curves": curves}
