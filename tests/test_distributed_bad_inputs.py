@@ -317,8 +317,10 @@ def test_make_mesh_checks_the_shape_before_the_process_group(shape, error, match
 def test_wrappers_refuse_a_loss_fn_that_is_not_callable_and_log_a_bad_bar():
     with pytest.raises(TypeError, match="data_parallel: loss_fn must be a function"):
         distributed.data_parallel(3)
-    with pytest.raises(ValueError, match="data_parallel: bucket_mb: expected a finite"):
+    with pytest.raises(ValueError, match="data_parallel: bucket_mb must be > 0, got nan"):
         distributed.data_parallel(lambda *a: 0, bucket_mb=float("nan"))
+    with pytest.raises(TypeError, match="data_parallel: bucket_mb must be a number, got '1'"):
+        distributed.data_parallel(lambda *a: 0, bucket_mb="1")
     with pytest.raises(TypeError, match="sharded: loss_fn must be a function"):
         distributed.sharded("loss")
     with pytest.raises(TypeError, match=r"log: bar must be a tqdm progress bar"):

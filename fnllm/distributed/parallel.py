@@ -11,6 +11,7 @@ over ranks, the noise added once).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any, Literal
@@ -104,7 +105,10 @@ def data_parallel(
             f"loss, got {type(loss_fn).__name__}"
         )
     if bucket_mb is not None:
-        _checks.check_number("data_parallel: bucket_mb", bucket_mb, positive=True)
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)):
+            raise TypeError(f"data_parallel: bucket_mb must be a number, got {bucket_mb!r}")
+        if not (math.isfinite(bucket_mb) and bucket_mb > 0):
+            raise ValueError(f"data_parallel: bucket_mb must be > 0, got {bucket_mb}")
     if world_size(group) == 1:
         return loss_fn
     checked: set[Any] = set()
