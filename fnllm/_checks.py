@@ -165,13 +165,18 @@ def few(items: list[str], limit: int = 8) -> str:
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def check_int(name: str, value: object, *, low: int | None = None) -> int:
-    """Raise unless ``value`` is a Python int (not bool) at least ``low``."""
+def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
+    """Raise unless ``value`` is a Python int (not bool) in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {value!r}")
     if low is not None and value < low:
         raise ValueError(f"{name}: {value} < {low}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}: {value} > {high}")
     return value
+
+
+INT64_MAX = 2**63 - 1  # the largest token id an int64 tensor holds
 
 
 def check_number(
@@ -322,3 +327,38 @@ def _check_bounds(
         raise ValueError(f"{name}: expected {'>' if low_open else '>='} {low}, got {lo}{what}")
     if high is not None and (hi >= high if high_open else hi > high):
         raise ValueError(f"{name}: expected {'<' if high_open else '<='} {high}, got {hi}{what}")
+
+
+def check_decoder(where: str, model: Any) -> None:
+    """Refuse a model that cannot score next tokens: an encoder config (BERT), or an object
+    without ``apply``. A model config's own ``check_decoder`` gives the message."""
+    check = getattr(model, "check_decoder", None)
+    if callable(check):
+        check(where)
+    elif not callable(getattr(model, "apply", None)):
+        raise TypeError(
+            f"{where}: model: expected a causal LM config (fnllm.models.GPT, Llama, ...), "
+            f"got {type(model).__name__}"
+        )
+
+
+def check_texts(name: str, texts: Any, *, allow_empty: bool = False) -> list[Any]:
+    """Refuse anything but a list/tuple of strings (one string, None, a dict...); return a list."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{name}: expected a list of strings, got one {type(texts).__name__}")
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of strings, got {type(texts).__name__}")
+    if not texts and not allow_empty:
+        raise ValueError(f"{name}: empty list (need at least one)")
+    return list(texts)
+
+
+def check_batch_keys(where: str, batch: Any, keys: Iterable[str]) -> None:
+    """Refuse a batch that is not a mapping holding ``keys`` (static: no tensor is read)."""
+    if not hasattr(batch, "keys") or not hasattr(batch, "__getitem__"):
+        raise TypeError(f"{where}: batch must be a dict of tensors, got {type(batch).__name__}")
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(
+            f"{where}: batch lacks {few(missing)} (it has {few(sorted(map(str, batch.keys())))})"
+        )

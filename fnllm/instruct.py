@@ -58,7 +58,8 @@ def read_jsonl(
 
     Raises:
         ValueError: a line that is not UTF-8, not JSON, not an object, lacks a required field
-            or holds a non-string field (the message names ``path:line``).
+            or holds a non-string field (the message names ``path:line``); a file with no
+            record; no ``required`` field.
         FileNotFoundError: no such file.
         TypeError: ``path`` is not a path; ``required``/``optional`` is one string.
     """
@@ -66,6 +67,11 @@ def read_jsonl(
         raise TypeError(f"read_jsonl: expected a file path (str or os.PathLike), got {path!r:.60}")
     if isinstance(required, str) or isinstance(optional, str):
         raise TypeError("read_jsonl: required and optional are lists of field names, not a str")
+    for arg, names in (("required", required), ("optional", optional)):
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+            raise TypeError(f"read_jsonl: {arg} must be a list of field names, got {names!r:.60}")
+    if not required:
+        raise ValueError("read_jsonl: required is empty: name the fields every record must have")
     records = []
     where = os.fspath(path)
     for lineno, obj in json_objects(path):
@@ -82,6 +88,8 @@ def read_jsonl(
                 )
             record[name] = obj[name]
         records.append(record)
+    if not records:
+        raise ValueError(f"read_jsonl: {where} holds no records (an empty file?)")
     return records
 
 
@@ -156,12 +164,17 @@ def sft_batch(
             ``eos_id``/``pad_id`` or ``max_len`` < 2.
         KeyError: a record without ``instruction`` or ``response``.
         TypeError: ``records`` is not a list of dicts (one dict is refused), a field is not a
-            string, ``encode`` returns anything but token ids (named by record), or an id
-            argument is not an int.
+            string, ``encode`` returns anything but token ids (named by record), an id
+            argument is not an int, or ``fmt`` is not an :class:`InstructionFormat`.
     """
     _check_batch_args(
         records, encode, eos_id, max_len, pad_id, ("instruction", "input", "response")
     )
+    if not isinstance(fmt, InstructionFormat):
+        raise TypeError(
+            f"fmt: expected an instruct.InstructionFormat, got {type(fmt).__name__} (build "
+            "one: InstructionFormat(template=...))"
+        )
     rows, prompt_lens = [], []
     for i, rec in enumerate(records):
         if "response" not in rec:
@@ -196,9 +209,15 @@ def sft_loss(model: Any) -> Callable[..., Tensor]:
     Returns:
         ``loss_fn(trainable, frozen, batch, key) -> loss`` (the token mean over response
         tokens of the batch).
+
+    Raises:
+        TypeError: ``model`` is an encoder (BERT) or not a model; (from ``loss_fn``) a batch
+            that is not a dict with ``input_ids``, ``attention_mask`` and ``targets``.
     """
+    _checks.check_decoder("sft_loss", model)
 
     def loss_fn(trainable: Any, frozen: Any, batch: Mapping[str, Tensor], key: Any) -> Tensor:
+        _checks.check_batch_keys("sft_loss", batch, ("input_ids", "attention_mask", "targets"))
         params = tree.combine(trainable, frozen)
         logits = model.apply(params, batch["input_ids"], attention_mask=batch["attention_mask"])
         return losses.cross_entropy(logits, batch["targets"])
@@ -226,8 +245,8 @@ def _check_batch_args(
                 raise TypeError(f"records[{i}]: field {k!r} must be a string, got {v!r:.40}")
     if not callable(encode):
         raise TypeError(f"encode: expected a function text -> ids, got {type(encode).__name__}")
-    _checks.check_int("eos_id", eos_id, low=0)
-    _checks.check_int("pad_id", pad_id, low=0)
+    _checks.check_int("eos_id", eos_id, low=0, high=_checks.INT64_MAX)
+    _checks.check_int("pad_id", pad_id, low=0, high=_checks.INT64_MAX)
     _checks.check_int("max_len", max_len, low=2)
 
 

@@ -238,22 +238,42 @@ def with_reference(
 
     Returns:
         ``step -> batch`` with ``ref_chosen_logps`` and ``ref_rejected_logps`` ``[B]`` added.
+
+    Raises:
+        TypeError: ``data`` is not callable, ``model`` is an encoder.
+        KeyError: ``ref_params`` is not ``model``'s tree (missing or unexpected paths).
+        ValueError: (per batch) non-finite reference log-probabilities.
     """
     batch_of = getattr(data, "batch", data)
     if not callable(batch_of):
         raise TypeError(f"data: expected step -> batch or a loader, got {type(data).__name__}")
+    _checks.check_decoder("with_reference", model)
+    check_params = getattr(model, "check_params", None)
+    if callable(check_params):
+        try:
+            check_params(ref_params)
+        except (KeyError, ValueError, TypeError) as err:
+            raise type(err)(f"with_reference: ref_params: {err}") from None
 
     def batch_at(step: int) -> dict[str, Tensor]:
         batch = dict(batch_of(step))
         with torch.no_grad():
             for name in ("chosen", "rejected"):
-                batch[f"ref_{name}_logps"] = response_logprobs(
+                logps = response_logprobs(
                     model,
                     ref_params,
                     batch[f"{name}_ids"],
                     batch[f"{name}_mask"],
                     batch[f"{name}_response"],
                 )
+                bad = ~torch.isfinite(logps)
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"with_reference: step {step}: the reference model scores {name} row "
+                        f"{int(bad.nonzero()[0])} as {float(logps[bad][0])} (do ref_params "
+                        "hold NaN or inf?)"
+                    )
+                batch[f"ref_{name}_logps"] = logps
         return batch
 
     return batch_at
@@ -286,11 +306,21 @@ def dpo_loss(
         ``loss_fn(trainable, frozen, batch, key) -> (loss, aux)`` where aux holds the mean
         log-ratios (policy minus reference) of chosen and rejected responses and the mean
         implicit-reward margin ``beta * (chosen - rejected)``.
+
+    Raises:
+        TypeError: ``model`` is an encoder (BERT); ``beta``/``label_smoothing`` not numbers.
+        ValueError: ``beta <= 0``, ``label_smoothing`` outside ``[0, 0.5)``, or non-finite.
     """
-    if not beta > 0:
-        raise ValueError(f"beta: expected > 0, got {beta}")
+    _checks.check_decoder("dpo_loss", model)
+    beta = _checks.check_range("dpo_loss: beta", beta, low=0.0, low_open=True)
+    label_smoothing = _checks.check_range(
+        "dpo_loss: label_smoothing (0.5 would leave no gradient)",
+        label_smoothing, low=0.0, high=0.5, high_open=True,
+    )  # fmt: skip
 
     def loss_fn(trainable: Any, frozen: Any, batch: Batch, key: Any) -> tuple[Tensor, dict]:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"dpo_loss: batch must be a dict, got {type(batch).__name__}")
         for name in ("ref_chosen_logps", "ref_rejected_logps"):
             if name not in batch:
                 raise KeyError(f"batch: missing {name!r} (wrap the data with with_reference)")

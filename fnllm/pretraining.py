@@ -239,6 +239,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         raise ValueError(f"model: expected 'gpt', 'llama' or 'bert', got {cfg.model!r}")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise ValueError(f"val_fraction: expected a number in (0, 1), got {cfg.val_fraction}")
+    _check_shape(cfg)  # before the tokenizer and the data: minutes of work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     k_split, k_init, k_data, k_val, k_train = jr.split(jr.key(cfg.seed), 5)
@@ -332,6 +333,30 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _check_shape(cfg: PretrainConfig) -> None:
+    """Refuse sizes no model or tokenizer can take, naming the field, before any work."""
+    low = 3 if cfg.model == "bert" else 2  # [CLS] A [SEP] B [SEP]; or a token and its target
+    if cfg.block_size < low:
+        raise ValueError(
+            f"block_size: {cfg.block_size} < {low}, too short for a {cfg.model} training row"
+        )
+    if cfg.model in ("gpt", "llama") and cfg.vocab_size < 257:
+        raise ValueError(f"vocab_size: {cfg.vocab_size} < 257, the byte alphabet plus EOS")
+    sizes: dict[str, Any] = {
+        "vocab_size": cfg.vocab_size,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "d_model": cfg.d_model,
+        "max_len": cfg.block_size,
+    }
+    if cfg.model == "gpt":
+        GPT(**sizes)
+    elif cfg.model == "llama":
+        Llama(**sizes, **_llama_shape(cfg))
+    else:
+        BERT(**sizes, d_ff=4 * cfg.d_model)
 
 
 def _llama_shape(cfg: PretrainConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fnllm import losses, tree
+from fnllm import _checks, losses, tree
 from fnllm import random as jr
 
 __all__ = [
@@ -227,15 +227,25 @@ def label_logprobs(
         Float32 ``[N, C]`` summed log-probabilities.
 
     Raises:
-        ValueError: no prompts or answers, an answer that encodes to no tokens, a row
-            longer than ``model.max_len``, or a NaN score (the message names the prompt and
-            the answer).
-        TypeError: ``prompts`` or ``answers`` is one string, or ``batch_size`` a bool.
+        ValueError: no prompts or answers, an answer given twice, an answer that encodes
+            to no tokens, a row longer than ``model.max_len``, or a NaN score (the message
+            names the prompt and the answer).
+        TypeError: ``prompts`` or ``answers`` is not a list of strings, ``batch_size`` a
+            bool, ``encode`` not a function, or ``model`` an encoder (BERT).
     """
     if isinstance(prompts, str) or isinstance(answers, str):
         raise TypeError("prompts, answers: expected lists of strings, not one string")
-    if not prompts or not answers:
-        raise ValueError("label_logprobs: need at least one prompt and one answer")
+    prompts = _checks.check_texts("label_logprobs: prompts", prompts)
+    answers = _checks.check_texts("label_logprobs: answers", answers)
+    _checks.check_decoder("label_logprobs", model)
+    if not callable(encode):
+        raise TypeError(f"encode: expected a function text -> ids, got {type(encode).__name__}")
+    for j, a in enumerate(answers):
+        if a in answers[:j]:
+            raise ValueError(
+                f"answers[{j}]: {a!r} appears twice (answers[{answers.index(a)}]): the two "
+                "would always tie"
+            )
     if isinstance(batch_size, bool):
         raise TypeError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -406,6 +416,10 @@ def _check_template(template: Any) -> None:
 
 
 def _pick_shots(key: Tensor, examples: Sequence[Example], k: int) -> list[Example]:
+    if not isinstance(examples, (list, tuple)):
+        raise TypeError(
+            f"examples: expected a list of example dicts, got {type(examples).__name__}"
+        )
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k: expected an int >= 0, got {k!r}")
     if k > len(examples):

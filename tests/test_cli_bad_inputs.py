@@ -68,6 +68,30 @@ def _fails(argv, capsys):
             ["pretrain", "--out", "{tmp}/o", "--model", "t5"],
             "fnllm pretrain: error: argument --model",
         ),
+        (
+            ["pretrain", "--out", "{tmp}/o", "--block-size", "1"],
+            "fnllm pretrain: error: --block-size: 1 < 2, too short for a gpt training row",
+        ),
+        (
+            ["pretrain", "--out", "{tmp}/o", "--model", "bert", "--block-size", "2"],
+            "fnllm pretrain: error: --block-size: 2 < 3",
+        ),
+        (
+            ["pretrain", "--out", "{tmp}/o", "--vocab-size", "5"],
+            "fnllm pretrain: error: --vocab-size: 5 < 257",
+        ),
+        (
+            ["pretrain", "--out", "{tmp}/o", "--n-head", "3"],
+            "fnllm pretrain: error: GPT: --d-model 256 is not divisible by --n-head 3",
+        ),
+        (
+            ["pretrain", "--out", "{tmp}/o", "--model", "llama", "--n-head", "3"],
+            "fnllm pretrain: error: Llama: --d-model 256 is not divisible by --n-head 3",
+        ),
+        (
+            ["demo", "--label-column", " ", "--out", "{tmp}/d"],
+            "fnllm demo: error: --label-column must name a column, got ' '",
+        ),
         (["bogus"], "fnllm: error: argument command: invalid choice: 'bogus'"),
         ([], "fnllm: error: the following arguments are required: command"),
     ],

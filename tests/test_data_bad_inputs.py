@@ -210,3 +210,69 @@ def test_length_batches_accepts_a_list_of_labels():
 def test_vader_path_names_a_bad_folder():
     with pytest.raises(TypeError, match="data_dir: expected a folder path, got 3"):
         data.load_vader(3)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("text,text,label\na,b,x\nc,d,y\n", r"d.csv:1: the header names column 'text' 2 times"),
+        (b"text,label\na,x\nb\x00c,y\n", r"d.csv:3: a NUL byte \(a UTF-16 or binary file\?\)"),
+        ("text,label\na,x\nb,y\n".encode("utf-16"), r"d.csv:1: bytes that are not UTF-8"),
+    ],
+)
+def test_read_labelled_refuses_duplicate_columns_and_binary_bytes(tmp_path, content, match):
+    with pytest.raises(ValueError, match=match):
+        data.read_labelled(_write(tmp_path / "d.csv", content))
+
+
+@pytest.mark.parametrize(
+    ("labels", "fractions", "error", "match"),
+    [
+        (["a", "b", "a", "b"], (0.5, 0.5), TypeError, "labels must be int class ids .* got list"),
+        (
+            torch.tensor([0, 1, 0, 1]),
+            (float("nan"), 1.0),
+            ValueError,
+            "fractions must be positive and finite",
+        ),
+        (
+            torch.tensor([0, 1, 0, 1]),
+            (float("inf"), -1.0),
+            ValueError,
+            "fractions must be positive and finite",
+        ),
+    ],
+)
+def test_stratified_split_refuses_string_labels_and_non_finite_fractions(
+    labels, fractions, error, match
+):
+    with pytest.raises(error, match=f"stratified_split: {match}"):
+        data.stratified_split(jr.key(0), labels, fractions)
+
+
+def test_stratified_split_names_an_empty_part_and_splits_any_integer_ids():
+    with pytest.warns(UserWarning, match=r"leave part 0 empty \(sizes \[0, 1\]\)"):
+        parts = data.stratified_split(jr.key(0), torch.tensor([0]), (0.4, 0.6))
+    assert [p.tolist() for p in parts] == [[], [0]]
+    big = torch.tensor([0, 10**12, 0, 10**12, -5, -5])
+    np = pytest.importorskip("numpy")
+    for labels in (big, np.array(big.tolist())):
+        parts = data.stratified_split(jr.key(0), labels, (0.5, 0.5))
+        assert sorted(torch.cat(parts).tolist()) == list(range(6))
+        assert all(int((big[p] == c).sum()) == 1 for p in parts for c in (0, 10**12, -5))
+
+
+def test_load_vader_names_a_truncated_download(tmp_path):
+    (tmp_path / "good").mkdir()
+    good = _fake_vader(tmp_path / "good", ["1\t0.9\tgood", "2\t-0.9\tbad"])
+    raw = (good / vader.SDIST).read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / vader.SDIST).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=rf"load_vader: .*{vader.SDIST} is damaged \(truncated"):
+        data.load_vader(bad)
+
+
+def test_length_batches_refuses_a_negative_token_id_naming_the_example():
+    with pytest.raises(ValueError, match=r"length_batches: ids\[1\] holds a negative token id"):
+        data.length_batches([[1, 2], [3, -1]], torch.tensor([0, 1]), 2)

@@ -273,3 +273,55 @@ def test_an_export_killed_mid_write_keeps_the_old_weights_and_the_next_export_sw
 def test_collectives_name_bad_trees_even_without_a_process_group(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ---------------------------------------------------------------------- helpers, one process
+
+
+@pytest.mark.parametrize("fn", [distributed.rank, distributed.world_size, distributed.is_main,
+                                distributed.barrier])  # fmt: skip
+@pytest.mark.parametrize("group", ["g", 3, np.int64(0)])
+def test_a_group_that_is_not_a_process_group_is_refused(fn, group):
+    with pytest.raises(TypeError, match=r"group must be None .* or a torch.distributed"):
+        fn(group)
+
+
+def test_shard_data_checks_rank_and_world_size_up_front():
+    def data(step):
+        return {"x": torch.zeros(4)}
+
+    with pytest.raises(TypeError, match="shard_data: rank must be an int, got '0'"):
+        distributed.shard_data(data, rank="0", world_size=2)
+    with pytest.raises(ValueError, match=r"shard_data: rank must be in \[0, world_size 2\)"):
+        distributed.shard_data(data, rank=2, world_size=2)
+    assert distributed.shard_data(data, rank=np.int64(1), world_size=2)(0)["x"].shape == (2,)
+
+
+def test_latest_sharded_names_a_file_given_as_the_directory(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"latest_sharded: .*f is a file"):
+        distributed.latest_sharded(tmp_path / "f")
+    assert distributed.latest_sharded(tmp_path / "missing") is None  # documented
+
+
+@pytest.mark.parametrize(
+    ("shape", "error", "match"),
+    [(0, ValueError, "shape must hold sizes >= 1"), ("2", TypeError, "shape must hold ints"),
+     ([2, True], TypeError, "shape must hold ints"), (-1, ValueError, "shape must hold sizes")],
+)  # fmt: skip
+def test_make_mesh_checks_the_shape_before_the_process_group(shape, error, match):
+    with pytest.raises(error, match=f"make_mesh: {match}"):
+        distributed.make_mesh(shape)
+
+
+def test_wrappers_refuse_a_loss_fn_that_is_not_callable_and_log_a_bad_bar():
+    with pytest.raises(TypeError, match="data_parallel: loss_fn must be a function"):
+        distributed.data_parallel(3)
+    with pytest.raises(ValueError, match="data_parallel: bucket_mb must be > 0, got nan"):
+        distributed.data_parallel(lambda *a: 0, bucket_mb=float("nan"))
+    with pytest.raises(TypeError, match="data_parallel: bucket_mb must be a number, got '1'"):
+        distributed.data_parallel(lambda *a: 0, bucket_mb="1")
+    with pytest.raises(TypeError, match="sharded: loss_fn must be a function"):
+        distributed.sharded("loss")
+    with pytest.raises(TypeError, match=r"log: bar must be a tqdm progress bar"):
+        distributed.log("x", bar="bar")

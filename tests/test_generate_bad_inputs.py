@@ -66,3 +66,39 @@ def test_a_row_of_minus_inf_logits_is_refused():
     for temperature in (0.0, 1.0):
         with pytest.raises(ValueError, match=r"every logit of row \[1\] is -inf"):
             generate.next_token(jr.key(0), logits, temperature=temperature)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"key": 0}, TypeError, r"key: expected a fnllm.random key \(int \[2\]\), got 0"),
+        ({"key": torch.zeros(2)}, TypeError, r"key: expected a fnllm.random key .*float32"),
+        ({"stop_ids": 5}, TypeError, r"stop_ids: expected a list of token ids, got 5"),
+        ({"stop_ids": "5"}, TypeError, "stop_ids: expected a list of token ids"),
+        ({"stop_ids": [99]}, ValueError, r"stop_ids: id 99 is outside the vocabulary \[0, 40\)"),
+    ],
+)
+def test_sample_names_a_bad_key_or_stop_ids(kwargs, error, match):
+    args = {"key": jr.key(0), **kwargs}
+    key = args.pop("key")
+    with pytest.raises(error, match=match):
+        generate.sample(key, GPT, PARAMS, [[1, 2]], 3, **args)
+
+
+def test_stop_ids_as_a_tensor_are_read_as_ids():
+    out = generate.sample(None, GPT, PARAMS, [[1, 2]], 3, temperature=0,
+                          stop_ids=torch.tensor([3, 4]))  # fmt: skip
+    assert out.shape[0] == 1
+
+
+def test_init_cache_refuses_an_integer_dtype():
+    with pytest.raises(TypeError, match=r"init_cache: dtype must be a floating-point"):
+        generate.init_cache(GPT, 1, 8, dtype=torch.int64)
+
+
+def test_stacked_adapter_sets_are_refused_by_name_not_broadcast():
+    from fnllm.finetune import lora
+
+    sets = lora.stack([lora.init(jr.key(i), PARAMS, rank=2) for i in (1, 2)])
+    with pytest.raises(ValueError, match=r"adapter: 2 per-row adapter sets .*lora.pick"):
+        generate.sample(jr.key(0), GPT, sets, [[1, 2]], 2)

@@ -115,3 +115,42 @@ def test_sft_batch_names_bad_records_and_arguments(records, encode, kwargs, erro
 def test_sft_batch_accepts_extra_non_string_fields_and_tensor_ids():
     batch = _sft([{**REC, "id": 7}], lambda s: torch.tensor(list(s.encode())))
     assert batch["targets"].tolist() == [[-100, -100, -100, 50, 0, -100]]
+
+
+def test_read_jsonl_refuses_an_empty_file_and_no_required_field(tmp_path):
+    from fnllm.instruct import read_jsonl
+
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"read_jsonl: .*e.jsonl holds no records"):
+        read_jsonl(empty, ["instruction"])
+    good = tmp_path / "g.jsonl"
+    good.write_text('{"instruction": "a"}\n')
+    with pytest.raises(ValueError, match="read_jsonl: required is empty"):
+        read_jsonl(good, [])
+    with pytest.raises(TypeError, match="read_jsonl: optional must be a list of field names"):
+        read_jsonl(good, ["instruction"], optional=[3])
+
+
+def test_sft_batch_refuses_a_bad_fmt_and_an_id_past_int64():
+    with pytest.raises(TypeError, match=r"fmt: expected an instruct.InstructionFormat, got str"):
+        sft_batch([REC], lambda s: list(s.encode()), eos_id=0, max_len=32, fmt="{instruction}")
+    with pytest.raises(ValueError, match=r"eos_id: 1180591620717411303424 > 9223372036854775807"):
+        _sft([REC], eos_id=2**70)
+
+
+def test_sft_loss_refuses_an_encoder_and_names_missing_batch_keys():
+    from _tiny import tiny_bert, tiny_gpt
+
+    from fnllm import random as jr
+    from fnllm.instruct import sft_loss
+
+    with pytest.raises(TypeError, match=r"sft_loss: model: .* BERT is an encoder"):
+        sft_loss(tiny_bert())
+    gpt = tiny_gpt()
+    batch = _sft([REC], encode=lambda s: [b % 40 for b in s.encode()], max_len=16)
+    with pytest.raises(KeyError, match=r"sft_loss: batch lacks targets"):
+        sft_loss(gpt)(gpt.init(jr.key(0)), {}, {k: batch[k] for k in ("input_ids",
+                      "attention_mask")}, None)  # fmt: skip
+    with pytest.raises(TypeError, match="sft_loss: batch must be a dict of tensors, got list"):
+        sft_loss(gpt)(gpt.init(jr.key(0)), {}, [batch], None)

@@ -83,3 +83,22 @@ def test_train_optax_refuses_an_empty_batch_list():
 def test_as_torch_refuses_a_non_callable():
     with pytest.raises(TypeError, match="as_torch: jax_fn must be a JAX function"):
         interop.as_torch("f")
+
+
+def test_train_optax_names_a_bad_optimizer_and_a_bad_batch():
+    optax = pytest.importorskip("optax")
+
+    def loss(p, x):
+        return (p["w"] ** 2).sum() * x.sum()
+
+    with pytest.raises(TypeError, match="train_optax: optimizer must be an optax"):
+        interop.train_optax(loss, {"w": torch.zeros(2)}, [torch.ones(1)], None)
+    with pytest.raises(TypeError, match="train_optax: batches must be an iterable"):
+        interop.train_optax(loss, {"w": torch.zeros(2)}, {"x": torch.ones(1)}, optax.sgd(0.1))
+    with pytest.raises(TypeError, match=r"train_optax: batch 1: to_jax: leaf .* is a int"):
+        interop.train_optax(loss, {"w": torch.zeros(2)}, [torch.ones(1), 3], optax.sgd(0.1))
+
+
+def test_plot_loss_curves_refuses_one_list_of_losses():
+    with pytest.raises(TypeError, match=r"curves: expected a \{run name: losses\} dict, got list"):
+        interop.plot_loss_curves([1.0, 2.0])

@@ -117,7 +117,7 @@ def test_init_refuses_bad_arguments(kwargs, error, match):
 
 
 def test_init_refuses_a_non_tree_and_a_tree_with_adapters():
-    with pytest.raises(TypeError, match="params must be a model's tree, got Tensor"):
+    with pytest.raises(TypeError, match=r"params must be a model's parameter tree .*got Tensor"):
         lora.init(jr.key(1), torch.zeros(3, 3))
     lp = lora.init(jr.key(1), tiny_gpt().init(jr.key(0)), rank=2)
     with pytest.raises(ValueError, match=r"blocks.0.attn.qkv already has adapters"):
@@ -322,3 +322,56 @@ def test_stack_names_sets_without_adapters_or_that_differ():
 def test_init_names_a_bad_key(key):
     with pytest.raises(TypeError, match=r"lora.init: key must be a fnllm.random key"):
         lora.init(key, tiny_gpt().init(jr.key(0)), rank=2)
+
+
+@pytest.mark.parametrize("fn", [lora.merge, lora.adapters, lambda p: lora.init(jr.key(0), p)])
+@pytest.mark.parametrize("params", [[1, 2], {"a": "b"}, None, "params"])
+def test_every_entry_point_refuses_a_non_tree(fn, params):
+    with pytest.raises(TypeError, match=r"lora\.\w+: params must be a model's parameter tree"):
+        fn(params)
+
+
+def test_save_refuses_what_would_be_silently_wrong(tmp_path):
+    gpt = tiny_gpt()
+    base = gpt.init(jr.key(0))
+    lp = lora.init(jr.key(1), base, rank=2)
+    # the "lora" strategy of a model on a tree without adapters: it would save ln_f alone
+    with pytest.raises(ValueError, match=r"lora.save: strategy 'lora': the tree has no"):
+        lora.save(tmp_path / "a.safetensors", base, gpt)
+    with pytest.raises(TypeError, match="classes must be a list of class names, got 'ab'"):
+        lora.save(tmp_path / "a.safetensors", lp, gpt, classes="ab")
+    with pytest.raises(ValueError, match=r"classes .* the tree has no classifier head"):
+        lora.save(tmp_path / "a.safetensors", lp, gpt, classes=["a", "b"])
+    bad = tree.map(lambda x: x * float("nan"), lp)
+    with pytest.raises(ValueError, match=r"lora.save: blocks.0.attn.proj.lora_a holds nan"):
+        lora.save(tmp_path / "a.safetensors", bad, gpt)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        lora.save(tmp_path, lp, gpt)
+    assert os.listdir(tmp_path) == []  # nothing written by any refused call
+
+
+def test_attach_refuses_nan_sets_and_a_non_bool_check_base(tmp_path):
+    base = tiny_gpt().init(jr.key(0))
+    leaves = lora.adapters(lora.init(jr.key(1), base, rank=2))
+    with pytest.raises(TypeError, match="check_base must be a bool, got 'no'"):
+        lora.attach(base, leaves, check_base="no")
+    bad = {**leaves, "blocks.1.attn.qkv.lora_b": torch.full((48, 2), float("inf"))}
+    with pytest.raises(ValueError, match=r"adapter_set: blocks.1.attn.qkv.lora_b holds inf"):
+        lora.attach(base, bad)
+    with pytest.raises(TypeError, match=r"adapter_set: expected a \{path: tensor\} mapping"):
+        lora.attach(base, list(leaves.items()))
+
+
+def test_per_row_sets_that_do_not_match_the_batch_are_refused_not_broadcast():
+    gpt = tiny_gpt()
+    base = gpt.init(jr.key(0))
+    sets = lora.stack([lora.init(jr.key(i), base, rank=2) for i in (1, 2)])
+    picked = lora.pick(sets, torch.tensor([1, 0, 1]))
+    with pytest.raises(
+        ValueError, match=r"adapter: 3 per-row adapter sets for input \(2, 5, 16\) \(batch 2\)"
+    ):
+        gpt.apply(picked, TOKENS)
+    # the stacked sets themselves (2) with a batch of 1 would broadcast: refused as well
+    with pytest.raises(ValueError, match=r"adapter: 2 per-row adapter sets .*\(batch 1\)"):
+        gpt.apply(sets, TOKENS[:1])
+    assert gpt.apply(lora.pick(sets, torch.tensor([1, 0])), TOKENS).shape == (2, 5, 40)

@@ -52,3 +52,20 @@ def test_metrics_accept_lists_and_numpy():
     assert accuracy([0, 1], np.array([0, 1])) == 1.0
     with pytest.raises(TypeError, match="n_classes"):
         confusion_matrix(torch.tensor([0]), torch.tensor([0]), n_classes=2.0)
+
+
+@pytest.mark.parametrize("metric", [accuracy, macro_f1, confusion_matrix])
+def test_labels_without_a_score_column_and_inf_scores_are_refused(metric):
+    with pytest.raises(ValueError, match=r"labels: class id 5 at 1 .* no column in the \[N, 2\]"):
+        metric(torch.zeros(2, 2), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"predictions: \+inf scores in row 0"):
+        metric(torch.tensor([[float("inf"), float("inf")], [0.0, 1.0]]), torch.tensor([0, 1]))
+    # -inf marks a class that cannot be predicted: allowed, the argmax is still defined
+    assert accuracy(torch.tensor([[-float("inf"), 0.0]]), torch.tensor([1])) == 1.0
+
+
+def test_metrics_of_no_counted_example_are_nan_alike():
+    for pred in (torch.tensor([], dtype=torch.long), torch.tensor([0, 1])):
+        labels = torch.full(pred.shape, -100)
+        a, f = accuracy(pred, labels), macro_f1(pred, labels)
+        assert a != a and f != f  # nan, never an exception or 0

@@ -8,7 +8,7 @@ import torch
 from fnllm import random as jr
 from fnllm.finetune import Classifier
 from fnllm.models import GPT
-from fnllm.preference import preference_batch, reward_loss
+from fnllm.preference import dpo_loss, preference_batch, reward_loss, with_reference
 
 
 def _enc(s):
@@ -109,3 +109,40 @@ def test_preference_batch_names_bad_arguments(records, kwargs, error, match):
 def test_reward_loss_refuses_a_non_finite_margin(margin):
     with pytest.raises(ValueError, match="reward_loss: margin"):
         reward_loss(lambda p, i, m: torch.zeros(i.shape[0]), margin=margin)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"beta": "0.1"}, TypeError, "dpo_loss: beta: expected a number"),
+        ({"beta": True}, TypeError, "dpo_loss: beta: expected a number"),
+        ({"beta": 0.0}, ValueError, "dpo_loss: beta: expected > 0.0"),
+        ({"beta": float("nan")}, ValueError, "dpo_loss: beta: expected a finite number"),
+        ({"label_smoothing": 0.5}, ValueError, r"label_smoothing \(0.5 would leave no gradient"),
+        ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
+        ({"label_smoothing": float("nan")}, ValueError, "label_smoothing"),
+    ],
+)
+def test_dpo_loss_checks_its_numbers_up_front(kwargs, error, match):
+    gpt = GPT(vocab_size=128, n_layer=1, n_head=2, d_model=16, max_len=16)
+    with pytest.raises(error, match=match):
+        dpo_loss(gpt, **kwargs)
+
+
+def test_dpo_and_with_reference_refuse_an_encoder_other_params_and_nan_references():
+    from _tiny import tiny_bert
+
+    from fnllm import tree
+
+    gpt = GPT(vocab_size=128, n_layer=1, n_head=2, d_model=16, max_len=16)
+    params = gpt.init(jr.key(0))
+    with pytest.raises(TypeError, match=r"dpo_loss: model: .* BERT is an encoder"):
+        dpo_loss(tiny_bert())
+    other = GPT(vocab_size=128, n_layer=2, n_head=2, d_model=16, max_len=16).init(jr.key(0))
+    with pytest.raises(KeyError, match=r"with_reference: ref_params: .*blocks\.1"):
+        with_reference(lambda step: BATCH, gpt, other)
+    nan = tree.map(lambda x: x * float("nan"), params)
+    with pytest.raises(ValueError, match=r"with_reference: step 3: .* chosen row 0 as nan"):
+        with_reference(lambda step: BATCH, gpt, nan)(3)
+    with pytest.raises(TypeError, match="dpo_loss: batch must be a dict, got list"):
+        dpo_loss(gpt)(params, {}, [BATCH], None)

@@ -30,7 +30,10 @@ def test_classify_with_nan_params_is_refused_naming_the_prompt():
     [
         ("a", [" x"], {}, TypeError, "not one string"),
         (["a"], " x", {}, TypeError, "not one string"),
-        ([], [" x"], {}, ValueError, "at least one prompt"),
+        ([], [" x"], {}, ValueError, "prompts: empty list"),
+        (["a"], [], {}, ValueError, "answers: empty list"),
+        (None, [" x"], {}, TypeError, "prompts: expected a list of strings, got NoneType"),
+        (["a"], [" x", " y", " x"], {}, ValueError, r"answers\[2\]: ' x' appears twice"),
         (["a"], [""], {}, ValueError, "encodes to no tokens"),
         (["a" * 20], [" x"], {}, ValueError, r"prompts\[0\]: 20 prompt \+ 2 answer tokens"),
         (["a"], [" x"], {"batch_size": 0}, ValueError, "batch_size"),
@@ -76,3 +79,20 @@ def test_shot_accuracy_names_bad_arguments(test, labels, shots, error, match):
 def test_label_logprobs_names_what_encode_returned(encode, prompts, match):
     with pytest.raises(TypeError, match=match):
         label_logprobs(GPT, PARAMS, encode, prompts, [" x"])
+
+
+def test_label_logprobs_refuses_an_encoder_and_a_missing_encode():
+    from _tiny import tiny_bert
+
+    bert = tiny_bert()
+    with pytest.raises(TypeError, match=r"label_logprobs: model: .* BERT is an encoder"):
+        classify(bert, bert.init(jr.key(0)), _enc, ["a"], [" x", " y"])
+    with pytest.raises(TypeError, match="encode: expected a function text -> ids, got NoneType"):
+        classify(GPT, PARAMS, None, ["a"], [" x", " y"])
+
+
+def test_few_shot_refuses_one_example_as_the_pool():
+    from fnllm.prompts import Template, few_shot
+
+    with pytest.raises(TypeError, match="examples: expected a list of example dicts, got dict"):
+        few_shot(jr.key(0), Template(), {"text": "a", "label": "x"}, {"text": "b"}, 1)

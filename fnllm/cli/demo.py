@@ -203,6 +203,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--strategies: {repeated[0]!r} is given twice")
     out = args.out or Path("fnllm-demo")
     _check_out(out, parser)
+    for flag, column in (
+        ("--text-column", args.text_column),
+        ("--label-column", args.label_column),
+    ):
+        if not column.strip():
+            parser.error(f"{flag} must name a column, got {column!r}")
     if args.data is not None and not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
     if args.model_dir is not None and not args.model_dir.is_dir():
@@ -296,11 +302,13 @@ def _demo(
     root = jr.key(args.seed)
     k_split, k_head, k_batch, k_train = jr.split(root, 4)
     total_n, wanted = len(labels), sum(sizes.values())
-    if wanted < total_n:  # stratified subsamples of the wanted sizes, drawn in one go
-        fractions = [n / total_n for n in sizes.values()] + [1 - wanted / total_n]
-        parts = data.stratified_split(k_split, labels, fractions)[:3]
-    else:
-        parts = data.stratified_split(k_split, labels, (0.8, 0.1, 0.1))
+    with warnings.catch_warnings():  # an empty split is refused below, naming the flags
+        warnings.filterwarnings("ignore", message="stratified_split: ")
+        if wanted < total_n:  # stratified subsamples of the wanted sizes, drawn in one go
+            fractions = [n / total_n for n in sizes.values()] + [1 - wanted / total_n]
+            parts = data.stratified_split(k_split, labels, fractions)[:3]
+        else:
+            parts = data.stratified_split(k_split, labels, (0.8, 0.1, 0.1))
     got = {split: min(int(idx.numel()), n) for (split, n), idx in zip(sizes.items(), parts)}
     if min(got.values()) < 1:
         parser.error(

@@ -109,8 +109,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"fnllm pretrain: {cfg.model}, {cfg.steps} steps{ranks}, output in {cfg.out}")
     try:
         summary = pretrain(cfg)
-    except ValueError as err:
-        parser.error(str(err))
+    except ValueError as err:  # name the flag: "n_head 3" -> "--n-head 3"
+        names = "|".join(name for name, *_ in _numbers())
+        parser.error(re.sub(rf"\b({names})\b", lambda m: "--" + m[1].replace("_", "-"), str(err)))
     if not main_rank:
         return 0
     print(

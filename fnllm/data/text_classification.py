@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import warnings
 from collections import Counter
@@ -191,25 +192,41 @@ def stratified_split(
         One sorted int64 index tensor per fraction; together they cover ``0 .. N-1`` once.
 
     Raises:
-        ValueError: fractions not positive or not summing to 1; labels not ``[N]`` ints.
-        TypeError: labels not a tensor (a list is accepted and converted), bool labels, or
-            fractions that are not a sequence of numbers.
+        ValueError: fractions not positive and finite or not summing to 1; labels not
+            ``[N]`` ints.
+
+    Warns:
+        UserWarning: a part comes out empty (too few labels for the fractions); the sizes
+            are named.
+        TypeError: labels not a tensor (a list or numpy array is accepted and converted),
+            bool or string labels, or fractions that are not a sequence of numbers.
     """
-    if isinstance(labels, (list, tuple)):
-        labels = torch.as_tensor(labels)
-    if not isinstance(labels, Tensor):
+    readable = isinstance(labels, (Tensor, Sequence)) or hasattr(labels, "__array__")
+    if isinstance(labels, (str, bytes)) or not readable:
         raise TypeError(
             f"stratified_split: labels must be an int [N] tensor, got {type(labels).__name__}"
         )
+    if not isinstance(labels, Tensor):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"stratified_split: labels must be int class ids (map names to ids first, as "
+                f"read_labelled does), got {type(labels).__name__} that torch cannot read: {err}"
+            ) from None
     if labels.dtype == torch.bool:
         raise TypeError("stratified_split: labels must be int class ids, got a bool tensor")
     if isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence):
         raise TypeError(f"stratified_split: fractions must be a sequence, got {fractions!r}")
     if any(isinstance(f, bool) or not isinstance(f, (int, float)) for f in fractions):
         raise TypeError(f"stratified_split: fractions must be numbers, got {fractions!r}")
-    if not fractions or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+    if (
+        not fractions
+        or not all(math.isfinite(f) and f > 0 for f in fractions)
+        or abs(sum(fractions) - 1) > 1e-6
+    ):
         raise ValueError(
-            f"stratified_split: fractions must be positive and sum to 1, got {fractions}"
+            f"stratified_split: fractions must be positive and finite and sum to 1, got {fractions}"
         )
     if labels.ndim != 1 or labels.is_floating_point():
         raise ValueError(
@@ -218,12 +235,22 @@ def stratified_split(
     parts: list[list[Tensor]] = [[] for _ in fractions]
     for c in torch.unique(labels).tolist():
         members = (labels == c).nonzero()[:, 0]
-        members = members[_shuffle(jr.fold_in(key, c), members.numel())]
+        # ids outside fold_in's [0, 2**32) keep their low 32 bits (any id splits)
+        members = members[_shuffle(jr.fold_in(key, c % 2**32), members.numel())]
         bounds = torch.tensor([0.0, *fractions]).cumsum(0) * members.numel()
         cuts = bounds.round().long().tolist()
         for i in range(len(fractions)):
             parts[i].append(members[cuts[i] : cuts[i + 1]])
-    return tuple(torch.cat(p).sort().values for p in parts)
+    out = tuple(torch.cat(p).sort().values if p else labels.new_zeros(0) for p in parts)
+    empty = [i for i, p in enumerate(out) if p.numel() == 0]
+    if empty:
+        warnings.warn(
+            f"stratified_split: fractions {tuple(fractions)} of {labels.numel()} labels leave "
+            f"part {empty[0]} empty (sizes {[p.numel() for p in out]}); use more examples or "
+            "larger fractions",
+            stacklevel=2,
+        )
+    return out
 
 
 def length_batches(
@@ -311,6 +338,10 @@ def length_batches(
         width = _bucket_width(max(len(r) for r in rows), widths, longest)
         x, n = pad_sequences(rows, pad_id, width=width)
         mask = (torch.arange(x.shape[1]) < n[:, None]).long()
+        negative = ((x < 0) & (mask > 0)).any(-1)
+        if bool(negative.any()):
+            i = int(index[int(negative.nonzero()[0])])
+            raise ValueError(f"length_batches: ids[{i}] holds a negative token id {ids[i]!r:.60}")
         out.append(
             {"input_ids": x, "attention_mask": mask, "labels": labels[index], "index": index}
         )
@@ -341,6 +372,12 @@ def _read_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str
             f"read_labelled: {path}:{line}: bytes that are not UTF-8 ({err.reason} at byte "
             f"{err.start}); re-save the file as UTF-8"
         ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise ValueError(
+            f"read_labelled: {path}:{line}: a NUL byte (a UTF-16 or binary file?); re-save the "
+            "file as UTF-8 text"
+        )
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[tuple[str, Any, Any]] = []
     try:
@@ -348,6 +385,12 @@ def _read_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str
         if header is None:
             raise ValueError(f"read_labelled: {path} is empty (no header row)")
         _check_columns(path, header, text_column, label_column, line=1)
+        for col in (text_column, label_column):
+            if header.count(col) > 1:
+                raise ValueError(
+                    f"read_labelled: {path}:1: the header names column {col!r} "
+                    f"{header.count(col)} times; rename the others"
+                )
         t, lab = header.index(text_column), header.index(label_column)
         start = reader.line_num
         for fields in reader:

@@ -97,6 +97,11 @@ def load_vader(
                 raw = member.read().decode("utf-8")
     except (KeyError, AssertionError, tarfile.TarError) as err:
         raise ValueError(f"load_vader: {path} does not hold {_INNER} -> {_MEMBER}: {err}") from None
+    except (EOFError, OSError, UnicodeDecodeError) as err:  # truncated gzip, bad bytes
+        raise ValueError(
+            f"load_vader: {path} is damaged (truncated download?): {err}; delete it and fetch "
+            f"it again with {_SETUP}"
+        ) from None
     texts, ratings = [], []
     for lineno, line in enumerate(raw.splitlines(), start=1):
         parts = line.split("\t")

@@ -197,8 +197,16 @@ def latest_sharded(directory: str | os.PathLike) -> Path | None:
 
     Returns:
         The folder ``step_<N>.dcp`` with the largest ``N`` that finished writing, or None.
+
+    Raises:
+        TypeError: ``directory`` is not a path.
+        NotADirectoryError: ``directory`` is a file.
     """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"latest_sharded: directory must be a path, got {directory!r:.40}")
     d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"latest_sharded: {d} is a file, not a checkpoint directory")
     if not d.is_dir():
         return None
     found = [

@@ -124,7 +124,11 @@ def rank(group: Any = None) -> int:
 
     Returns:
         The rank, an int.
+
+    Raises:
+        TypeError: ``group`` is neither None nor a process group.
     """
+    _check_group("rank", group)
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
@@ -142,7 +146,11 @@ def world_size(group: Any = None) -> int:
 
     Returns:
         The world size, an int.
+
+    Raises:
+        TypeError: ``group`` is neither None nor a process group.
     """
+    _check_group("world_size", group)
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
@@ -359,6 +367,15 @@ def _all_reduce(
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
 
     return _bucketed(t, op, _bucket_mb(bucket_mb, group), who, divisor=n if mean else None)
+
+
+def _check_group(who: str, group: Any) -> None:
+    """Refuse a ``group`` that is not a process group (a rank number, a name...)."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"{who}: group must be None (the default group) or a torch.distributed "
+            f"ProcessGroup (dist.new_group), got {group!r:.40}"
+        )
 
 
 def _check_leaves(t: Any, who: str) -> None:

@@ -218,7 +218,12 @@ def log(*args: Any, bar: Any = None) -> None:
 
     Returns:
         None.
+
+    Raises:
+        TypeError: ``bar`` is given but has no ``write`` method.
     """
+    if bar is not None and not callable(getattr(bar, "write", None)):
+        raise TypeError(f"log: bar must be a tqdm progress bar (with .write), got {bar!r:.40}")
     if not is_main():
         return
     text = " ".join(str(a) for a in args)

@@ -11,6 +11,7 @@ over ranks, the noise added once).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any, Literal
@@ -94,11 +95,20 @@ def data_parallel(
         The data-parallel loss, with the same signature.
 
     Raises:
-        ValueError: ``bucket_mb`` <= 0. When it runs: the trees differ across ranks, or (on
-            the overlapped path) a leaf got a gradient on some ranks only.
+        TypeError: ``loss_fn`` is not callable; ``bucket_mb`` is not a number.
+        ValueError: ``bucket_mb`` <= 0 or not finite. When it runs: the trees differ across
+            ranks, or (on the overlapped path) a leaf got a gradient on some ranks only.
     """
-    if bucket_mb is not None and not bucket_mb > 0:
-        raise ValueError(f"data_parallel: bucket_mb must be > 0, got {bucket_mb}")
+    if not callable(loss_fn):
+        raise TypeError(
+            f"data_parallel: loss_fn must be a function (trainable, frozen, batch, key) -> "
+            f"loss, got {type(loss_fn).__name__}"
+        )
+    if bucket_mb is not None:
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)):
+            raise TypeError(f"data_parallel: bucket_mb must be a number, got {bucket_mb!r}")
+        if not (math.isfinite(bucket_mb) and bucket_mb > 0):
+            raise ValueError(f"data_parallel: bucket_mb must be > 0, got {bucket_mb}")
     if world_size(group) == 1:
         return loss_fn
     checked: set[Any] = set()
@@ -230,6 +240,12 @@ def shard_data(
         )
     r = _rank_default(rank, group)
     n = world_size if world_size is not None else _world_default(group)
+    try:
+        n, r = _index("world_size", n), _index("rank", r)
+    except TypeError as err:
+        raise TypeError(str(err).replace("shard_batch:", "shard_data:")) from None
+    if n < 1 or not 0 <= r < n:
+        raise ValueError(f"shard_data: rank must be in [0, world_size {n}), got {r}")
 
     def local(step: int) -> Any:
         return shard_batch(batch_of(step), r, n)
@@ -272,7 +288,10 @@ def privatize(
         group: a process group (None: the default group).
 
     Returns:
-        The privatized gradient (no batch dimension), identical on every rank.
+        The privatized gradient (no batch dimension), identical on every rank. A NaN or inf
+        per-example gradient on any rank makes it non-finite on every rank (as
+        :func:`fnllm.grads.privatize`), so that ``fit``'s ``on_nonfinite`` guard sees the
+        same bad step everywhere and skips (or stops) it on all ranks alike.
 
     Raises:
         ValueError: as :func:`fnllm.grads.privatize`; trees that differ across ranks.

@@ -45,11 +45,21 @@ def make_mesh(shape: int | Sequence[int] | None = None, *, device_type: str | No
         A ``torch.distributed.device_mesh.DeviceMesh``.
 
     Raises:
-        ValueError: no process group, a mesh of more than one dimension, or a mesh size that
-            does not equal the world size.
+        TypeError: ``shape`` holds something other than ints.
+        ValueError: a size < 1, an unknown ``device_type``, no process group, a mesh of more
+            than one dimension, or a mesh size that does not equal the world size.
     """
     import torch.distributed as dist
 
+    if shape is not None:
+        given = (shape,) if not isinstance(shape, (list, tuple)) else tuple(shape)
+        for d in given:
+            if isinstance(d, bool) or not isinstance(d, int):
+                raise TypeError(f"make_mesh: shape must hold ints, got {shape!r:.40}")
+            if d < 1:
+                raise ValueError(f"make_mesh: shape must hold sizes >= 1, got {shape!r:.40}")
+    if device_type is not None and device_type not in ("cpu", "cuda"):
+        raise ValueError(f"make_mesh: device_type must be 'cpu' or 'cuda', got {device_type!r}")
     if not dist.is_initialized():
         raise ValueError(
             "make_mesh: no process group; call fnllm.distributed.init() first (under torchrun)"
@@ -166,7 +176,15 @@ def sharded(loss_fn: Callable[..., Any], *, average_loss: bool = True) -> Callab
 
     Returns:
         The loss on sharded trees, with the same signature.
+
+    Raises:
+        TypeError: ``loss_fn`` is not callable.
     """
+    if not callable(loss_fn):
+        raise TypeError(
+            f"sharded: loss_fn must be a function (trainable, frozen, batch, key) -> loss, "
+            f"got {type(loss_fn).__name__}"
+        )
 
     def gather_trainable(x: Any) -> Any:
         if isinstance(x, DTensor):

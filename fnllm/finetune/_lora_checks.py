@@ -65,3 +65,28 @@ def adapter_leaves(
     if not _checks.tracing(s) and not bool(torch.isfinite(s.detach()).all()):
         raise ValueError(f"{where}: {path}.lora_scale is not finite ({s.detach().tolist()})")
     return a, b, s
+
+
+def check_tree(where: str, params: Any) -> None:
+    """Refuse a ``params`` that is not a parameter tree: a dict (or list) holding tensors."""
+    if not isinstance(params, (dict, list, tuple)) or not any(
+        isinstance(x, Tensor) for x in tree.leaves(params)
+    ):
+        raise TypeError(
+            f"{where}: params must be a model's parameter tree (a dict of tensors, as "
+            f"model.init returns), got {type(params).__name__}"
+            + (" without a tensor" if isinstance(params, (dict, list, tuple)) else "")
+        )
+
+
+def refuse_nonfinite(where: str, leaves: Mapping[str, Any]) -> None:
+    """Refuse NaN or inf in floating-point leaves (one host sync per leaf; at save/attach time)."""
+    for path, x in leaves.items():
+        if isinstance(x, Tensor) and x.is_floating_point() and _checks.has_values(x):
+            bad = ~torch.isfinite(x.detach())
+            if bool(bad.any()):
+                at = [int(i) for i in bad.nonzero()[0]]
+                raise ValueError(
+                    f"{where}: {path} holds {float(x.detach()[tuple(at)])} at {at}: the set "
+                    "did not train to finite values (did the loss diverge?)"
+                )

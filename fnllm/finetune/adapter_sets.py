@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from fnllm import nn, tree
+from fnllm.finetune import _lora_checks
 
 __all__ = [
     "AdapterSet",
@@ -96,6 +97,7 @@ def adapters(params: Params) -> dict[str, Tensor]:
     Returns:
         A flat dict of the ``lora_a``, ``lora_b`` and ``lora_scale`` leaves.
     """
+    _lora_checks.check_tree("lora.adapters", params)
     return {p: v for p, v in tree.flatten(params).items() if p.rpartition(".")[2] in _LEAVES}
 
 
@@ -172,13 +174,23 @@ def save(
         classes: the class names (one per output of a classifier's head).
 
     Raises:
-        ValueError: nothing to save, or ``classes`` does not match the head.
-        TypeError: a strategy name without a model.
+        ValueError: nothing to save, a strategy whose globs select nothing (``"lora"`` on a
+            tree without adapters), ``classes`` that do not match the head, or a saved
+            leaf holding NaN or inf (named).
+        TypeError: a strategy name without a model; ``params`` that is no tree; ``classes``
+            that is not a list.
+        IsADirectoryError: ``path`` is a folder.
     """
     from fnllm.io import _safetensors
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"lora.save: path must be a str or os.PathLike, got {type(path).__name__}")
+    _lora_checks.check_tree("lora.save", params)
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"lora.save: {os.fspath(path)} is a directory; give the file to write (e.g. "
+            f"{os.path.join(os.fspath(path), 'adapters.safetensors')})"
+        )
     flat = tree.flatten(params)
     chosen, strategy = _selected(params, flat, model, trainable)
     keep = {p for p in flat if p.rpartition(".")[2] in _LEAVES} | set(chosen)
@@ -192,8 +204,17 @@ def save(
     base_keep = [p[len(prefix) :] for p in keep if p.startswith(prefix)]
     n_classes = _n_classes(params, model)
     if classes is not None:
+        if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+            raise TypeError(
+                f"lora.save: classes must be a list of class names, got {classes!r:.60}"
+            )
         classes = [str(c) for c in classes]
-        if n_classes is not None and len(classes) != n_classes:
+        if n_classes is None:
+            raise ValueError(
+                f"lora.save: classes {classes!r:.60} given, but the tree has no classifier "
+                "head to name (pass model= a Classifier, or leave classes out)"
+            )
+        if len(classes) != n_classes:
             raise ValueError(
                 f"lora.save: {len(classes)} class names for a head with {n_classes} outputs"
             )
@@ -210,6 +231,7 @@ def save(
         "classes": classes,
         "leaves": sorted(keep),
     }
+    _lora_checks.refuse_nonfinite("lora.save", {p: flat[p] for p in sorted(keep)})
     tensors = {p: flat[p].detach().to("cpu").contiguous().clone() for p in sorted(keep)}
     meta = {"fnllm": "lora", MANIFEST_KEY: json.dumps(manifest, sort_keys=True)}
     _safetensors.write_safetensors(os.fspath(path), tensors, meta)
@@ -309,19 +331,25 @@ def attach(params: Params, adapter_set: Mapping[str, Tensor], *, check_base: boo
 
     Raises:
         KeyError: a leaf has no place in ``params`` (an adapter without its linear layer).
-        ValueError: a leaf's shape does not fit, or the fingerprint differs (the message
-            names the leaves that differ).
+        ValueError: a leaf's shape does not fit, the fingerprint differs (the message
+            names the leaves that differ), or a leaf holds NaN or inf.
+        TypeError: ``adapter_set`` is not a mapping, ``check_base`` not a bool.
     """
     if not isinstance(adapter_set, Mapping):
         raise TypeError(
-            f"lora.attach: expected a {{path: tensor}} mapping, got {type(adapter_set).__name__}"
+            "lora.attach: adapter_set: expected a {path: tensor} mapping (lora.load's result), "
+            f"got {type(adapter_set).__name__}"
         )
+    if not isinstance(check_base, bool):
+        raise TypeError(f"lora.attach: check_base must be a bool, got {check_base!r}")
+    _lora_checks.check_tree("lora.attach", params)
     meta = getattr(adapter_set, "manifest", None)
     flat = tree.flatten(params)
     leaves, dropped = _rebase(dict(adapter_set), meta, _is_classifier_tree(params))
     del dropped  # the head of a classifier's set, attached to its bare encoder
     for path, value in leaves.items():
         _check_fits(path, value, flat)
+    _lora_checks.refuse_nonfinite("lora.attach: adapter_set", leaves)
     for layer in sorted({p.rpartition(".")[0] for p in leaves if _is_adapter(p)}):
         missing = [k for k in _LEAVES if f"{layer}.{k}" not in leaves]
         if missing:
@@ -382,6 +410,10 @@ def _selected(
             )
         trainable = strategy(trainable, model)
     if isinstance(trainable, Strategy):
+        try:
+            trainable.check_matches(params)
+        except ValueError as err:
+            raise ValueError(f"lora.save: {err}") from None
         entry: dict[str, Any] = {"name": trainable.name, "globs": list(trainable.globs)}
     elif isinstance(trainable, str):
         entry = {"name": "globs", "globs": [trainable]}

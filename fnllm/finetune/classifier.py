@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-from fnllm import nn, tree
+from fnllm import _checks, nn, tree
 from fnllm import random as jr
 from fnllm.models import ModelConfig, _base
 from fnllm.nn import mean_pool
@@ -339,4 +339,13 @@ class Classifier:
                 "(truncate the texts, e.g. data.encode_texts(max_len=...))"
             )
         # ids, mask and (eagerly) the base's tree, as the base model's own apply checks them
-        return _base.check_inputs(self.base, params["base"], tokens, attention_mask)
+        tokens, mask = _base.check_inputs(self.base, params["base"], tokens, attention_mask)
+        eager = _checks.checks_enabled() and not _checks.tracing(mask)
+        if mask is not None and mask.ndim == 2 and eager:
+            empty = ~mask.any(-1)
+            if bool(empty.any()):
+                raise ValueError(
+                    f"attention_mask: row {int(empty.nonzero()[0])} has no real token, so "
+                    f"{self.pooling!r} pooling has nothing to read (drop empty texts)"
+                )
+        return tokens, mask

@@ -49,7 +49,7 @@ def extract_features(
 
     Raises:
         TypeError: ``model`` or a batch has the wrong type.
-        ValueError: no batches.
+        ValueError: no batches; features that are NaN or inf (batch and row named).
     """
     if isinstance(model, Classifier):
         clf, tree_ = model, params
@@ -72,10 +72,19 @@ def extract_features(
 
     out = []
     with torch.no_grad():
-        for batch in tqdm(batches, desc="features", disable=not progress, leave=False):
+        for i, batch in enumerate(
+            tqdm(batches, desc="features", disable=not progress, leave=False)
+        ):
             ids, mask = _ids_and_mask(batch)
             h = clf.prefix(tree_, ids, clf.n_layer, mask)
-            out.append(clf.features(tree_, h, clf.n_layer, mask))
+            feats = clf.features(tree_, h, clf.n_layer, mask)
+            bad = ~torch.isfinite(feats).all(-1)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"extract_features: batch {i} row {int(bad.nonzero()[0])}: the features "
+                    "hold NaN or inf (do the params hold NaN or inf?)"
+                )
+            out.append(feats)
     if not out:
         raise ValueError("extract_features: batches is empty")
     return torch.cat(out)

@@ -137,8 +137,7 @@ def init(
         raise ValueError(f"lora.init: alpha must be a finite positive number, got {alpha!r}")
     if not isinstance(rslora, bool):
         raise TypeError(f"lora.init: rslora must be a bool, got {rslora!r}")
-    if not isinstance(params, (dict, list, tuple)):
-        raise TypeError(f"lora.init: params must be a model's tree, got {type(params).__name__}")
+    _lora_checks.check_tree("lora.init", params)
     if not isinstance(key, Tensor) or key.dtype not in (torch.int32, torch.int64):
         got = key.dtype if isinstance(key, Tensor) else type(key).__name__
         raise TypeError(f"lora.init: key must be a fnllm.random key, got {got}")
@@ -197,6 +196,8 @@ def merge(params: Params) -> Params:
             or a layer's adapters are incomplete, misshaped or hold a non-finite scale (the
             message names the layer).
     """
+
+    _lora_checks.check_tree("lora.merge", params)
 
     def fold(node: Any, path: str) -> Any:
         if isinstance(node, dict):

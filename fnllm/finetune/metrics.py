@@ -1,7 +1,7 @@
 """Classification metrics on tensors: accuracy, macro-F1 and the confusion matrix.
 
 All three read the same inputs the same way: ``[N]`` integer class ids or ``[N, C]`` float
-scores (argmax taken; NaN scores are refused, since their argmax means nothing), and ``[N]``
+scores (argmax taken; NaN or +inf scores are refused, since their argmax means nothing), and ``[N]``
 integer labels where ``-100`` (the losses' ignore index) marks a position no metric counts.
 """
 
@@ -37,7 +37,7 @@ def confusion_matrix(predictions: Any, labels: Any, n_classes: int | None = None
         An int64 ``[C, C]`` tensor.
 
     Raises:
-        ValueError: shapes differ, NaN scores, or an id is negative (other than a -100
+        ValueError: shapes differ, NaN or +inf scores, or an id is negative (other than a -100
             label) or ``>= n_classes``.
         TypeError: a bool, string or other non-numeric input; ``n_classes`` not an int.
     """
@@ -69,7 +69,8 @@ def accuracy(predictions: Any, labels: Any) -> float:
         A float in ``[0, 1]`` (``nan`` for no counted examples).
 
     Raises:
-        ValueError: shapes differ, NaN scores, or a negative class id other than a -100 label.
+        ValueError: shapes differ, NaN or +inf scores, a negative class id other than a -100 label,
+            or a label with no column in ``[N, C]`` scores.
         TypeError: a bool, string or other non-numeric input.
     """
     pred, true = _check(predictions, labels, "accuracy")
@@ -96,10 +97,13 @@ def macro_f1(predictions: Any, labels: Any) -> float:
         The macro-averaged F1 (``nan`` for no counted examples).
 
     Raises:
-        ValueError: shapes differ, NaN scores, or a negative class id other than a -100 label.
+        ValueError: shapes differ, NaN or +inf scores, a negative class id other than a -100 label,
+            or a label with no column in ``[N, C]`` scores.
         TypeError: a bool, string or other non-numeric input.
     """
     pred, true = _check(predictions, labels, "macro_f1")
+    if not true.numel():
+        return float("nan")
     cm = confusion_matrix(pred, true).double()
     tp = cm.diagonal()
     support = cm.sum(1) + cm.sum(0)
@@ -114,18 +118,21 @@ def _check(predictions: Any, labels: Any, where: str) -> tuple[Tensor, Tensor]:
     """``(predicted ids, labels)`` as int64 CPU ``[N]``, without the ignored positions."""
     pred = _as_tensor(f"{where}: predictions", predictions)
     true = _as_tensor(f"{where}: labels", labels)
+    n_scores = None
     if pred.is_floating_point():
         if pred.ndim != 2:
             raise ValueError(
                 f"{where}: predictions: float scores must be [N, C], got {tuple(pred.shape)}"
             )
-        nan = torch.isnan(pred).any(-1)
+        nan = (torch.isnan(pred) | (pred == float("inf"))).any(-1)
         if bool(nan.any()):
             row = int(nan.nonzero()[0])
+            what = "NaN" if bool(torch.isnan(pred[row]).any()) else "+inf"
             raise ValueError(
-                f"{where}: predictions: NaN scores in row {row} (of {pred.shape[0]}): their "
+                f"{where}: predictions: {what} scores in row {row} (of {pred.shape[0]}): their "
                 "argmax would count as a prediction of class 0"
             )
+        n_scores = pred.shape[-1]
         pred = pred.argmax(-1)
     if true.is_floating_point() or pred.shape != true.shape or true.ndim != 1:
         raise ValueError(
@@ -143,6 +150,12 @@ def _check(predictions: Any, labels: Any, where: str) -> tuple[Tensor, Tensor]:
                 f"{where}: {name}: class id {int(ids[i])} < 0 at {i} (only labels may be "
                 f"{IGNORE_INDEX}, the ignore index)"
             )
+    if n_scores is not None and true.numel() and int(true.max()) >= n_scores:
+        i = int((true >= n_scores).nonzero()[0])
+        raise ValueError(
+            f"{where}: labels: class id {int(true[i])} at {i} (after dropping ignored labels) "
+            f"has no column in the [N, {n_scores}] scores: no prediction could ever match it"
+        )
     return pred, true
 
 

@@ -75,7 +75,8 @@ def predict(
         TypeError: a batch that is not a dict, no ``input_ids`` for ``model.apply``, logits or
             ``index`` that are not tensors.
         ValueError: no batches; indices that repeat, skip a row or disagree with the batch
-            size; labels in some batches only; logits of differing widths.
+            size; labels in some batches only; logits of differing widths; NaN logits
+            (batch and row named).
     """
     if forward is None:
         if not callable(getattr(model, "apply", None)):
@@ -84,6 +85,11 @@ def predict(
                 f"{type(model).__name__}; or pass forward="
             )
         forward = _apply(model)
+    if isinstance(batches, (Mapping, Tensor, str)):
+        raise TypeError(
+            f"predict: batches must be an iterable of batches, got one {type(batches).__name__}"
+            " (wrap it: [batch])"
+        )
     logits, labels, index = [], [], []
     with torch.no_grad():
         for n, batch in enumerate(batches):
@@ -93,6 +99,12 @@ def predict(
             if not isinstance(out, Tensor) or out.ndim != 2:
                 raise TypeError(
                     f"predict: batch {n}: the forward must give [B, C] logits, got {_describe(out)}"
+                )
+            nan = torch.isnan(out).any(-1)
+            if bool(nan.any()):
+                raise ValueError(
+                    f"predict: batch {n} row {int(nan.nonzero()[0])}: NaN logits (do the params "
+                    "hold NaN or inf?)"
                 )
             logits.append(out)
             labels.append(batch.get("labels"))

@@ -70,12 +70,19 @@ class Strategy:
             strategy 'lora': the tree has no '*.lora_a' leaf
         """
         paths = tree.paths(params)
+        adapters = {f"*.{leaf}" for leaf in nn.ADAPTER_TRAINED}
         for glob in self.required:
-            if not any(tree.glob_match(p, glob) for p in paths):
+            if any(tree.glob_match(p, glob) for p in paths):
+                continue
+            if glob in adapters:
                 raise ValueError(
                     f"strategy {self.name!r}: the tree has no {glob!r} leaf (no LoRA adapters: "
                     "call fnllm.finetune.lora.init on it first)"
                 )
+            raise ValueError(
+                f"strategy {self.name!r}: glob {glob!r} matches no leaf of the tree (its paths "
+                f"look like {', '.join(paths[:3])}); nothing would train"
+            )
 
     def __call__(self, path: str, leaf: Any) -> bool:
         """Whether the leaf at ``path`` trains under this strategy."""
@@ -109,9 +116,11 @@ def strategy(name: str | Sequence[str], model: Any) -> Strategy:
         A :class:`Strategy`, usable wherever ``tree.partition`` takes a filter.
 
     Raises:
-        ValueError: an unknown name, ``last:N`` with ``N`` outside ``[1, n_layer]``, or
-            ``bitfit`` on a model without biases.
-        TypeError: ``model`` is not a Classifier or a model config.
+        ValueError: an unknown name, ``last:N`` with ``N`` outside ``[1, n_layer]``,
+            ``bitfit`` on a model without biases or ``head`` on one without a head of its
+            own. Globs that select no leaf are refused when ``tree.partition`` applies them.
+        TypeError: ``model`` is not a Classifier or a model config, or ``name`` is neither a
+            string nor a list of globs.
     """
     if isinstance(model, Classifier):
         prefix, base = "base.", model.base
@@ -123,16 +132,26 @@ def strategy(name: str | Sequence[str], model: Any) -> Strategy:
             f"config), got {type(model).__name__}"
         )
     if not isinstance(name, str):
+        if not isinstance(name, (list, tuple)):
+            raise TypeError(
+                f"strategy: name must be a strategy name or a list of globs, got {name!r}"
+            )
         globs = tuple(name)
-        if not globs or not all(isinstance(g, str) for g in globs):
+        if not globs or not all(isinstance(g, str) and g for g in globs):
             raise ValueError(f"strategy: a glob list must be non-empty strings, got {name!r}")
-        return Strategy("globs", globs)
-    if "*" in name or "." in name:
-        return Strategy(name, (name,))
+        return Strategy("globs", globs, globs)
+    if ("*" in name or "." in name) and not name.startswith("last:"):
+        return Strategy(name, (name,), (name,))
     heads = _heads(model, base, prefix)
     if name == "full":
         return Strategy(name, ("*",))
     if name == "head":
+        if not heads:
+            raise ValueError(
+                f"strategy: 'head' trains the output head, and this {type(base).__name__} has "
+                "none of its own (tied to the token embedding); wrap it in "
+                "fnllm.finetune.Classifier, or choose another strategy"
+            )
         return Strategy(name, heads)
     if name == "bitfit":
         if not any(tree.glob_match(p, "*.bias") for p in base.param_shapes()):

@@ -53,9 +53,15 @@ def init_cache(
         A :class:`KVCache` of zeros with no slot written.
 
     Raises:
-        TypeError: ``model`` is not a decoder. ValueError: a bad size.
+        TypeError: ``model`` is not a decoder, or ``dtype`` is not a floating-point dtype.
+        ValueError: a bad size.
     """
     _check_decoder(model, "init_cache")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"init_cache: dtype must be a floating-point torch.dtype (the params' dtype), "
+            f"got {dtype!r}"
+        )
     return model.init_cache(batch_size, size, dtype=dtype, device=device)
 
 

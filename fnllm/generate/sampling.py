@@ -68,8 +68,7 @@ def next_token(
         TypeError: ``logits`` is not a floating-point tensor.
     """
     _check_sampling(temperature, top_k, top_p)
-    if temperature > 0 and key is None:
-        raise ValueError("key: sampling with temperature > 0 needs a fnllm.random key")
+    _check_key(key, temperature)
     _checks.check_logits("next_token: logits", logits)
     return _choose(key, logits, temperature, top_k, top_p)
 
@@ -270,6 +269,20 @@ def sample(
 # ----------------------------------------------------------------------------- internals
 
 
+def _check_key(key: Any, temperature: Any) -> None:
+    """A key is needed to sample (temperature > 0) and must be a ``fnllm.random`` key."""
+    if key is None:
+        if temperature > 0:
+            raise ValueError("key: sampling with temperature > 0 needs a fnllm.random key")
+        return
+    integer = isinstance(key, Tensor) and not (
+        key.dtype.is_floating_point or key.dtype.is_complex or key.dtype == torch.bool
+    )
+    if not integer or key.shape[-1:] != (2,):
+        got = f"{key.dtype} {tuple(key.shape)}" if isinstance(key, Tensor) else repr(key)
+        raise TypeError(f"key: expected a fnllm.random key (int [2]), got {got:.60}")
+
+
 def _start(
     key: Tensor | None,
     model: Any,
@@ -287,13 +300,19 @@ def _start(
     """Check the arguments of :func:`sample`/:func:`stream` and set up the decode loop."""
     _check_decoder(model, "sample")
     _check_sampling(temperature, top_k, top_p)
-    if temperature > 0 and key is None:
-        raise ValueError("key: sampling with temperature > 0 needs a fnllm.random key")
+    _check_key(key, temperature)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
         raise TypeError(f"max_new_tokens: expected an int, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
     V = model.vocab_size
+    if isinstance(stop_ids, (int, str, bytes, Tensor)) and not (
+        isinstance(stop_ids, Tensor) and stop_ids.ndim == 1
+    ):
+        raise TypeError(
+            f"stop_ids: expected a list of token ids, got {stop_ids!r:.40} (wrap one id: [id])"
+        )
+    stop_ids = [int(i) if isinstance(i, Tensor) and i.numel() == 1 else i for i in stop_ids]
     for name, ids in (("stop_ids", tuple(stop_ids)), ("pad_id", (pad_id,))):
         for i in ids:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < V:

@@ -64,10 +64,26 @@ def train_optax(
 
     Returns:
         An :class:`OptaxRun` with the final parameters as tensors and the per-step losses.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optax transformation, ``batches`` not an
+            iterable, or a batch holds a leaf that is not a tensor (the batch is named).
+        ValueError: no batches.
     """
     jax = _common.jax()
     import optax
 
+    if not callable(getattr(optimizer, "init", None)) or not callable(
+        getattr(optimizer, "update", None)
+    ):
+        raise TypeError(
+            "train_optax: optimizer must be an optax GradientTransformation (init/update), "
+            f"e.g. optax.adam(1e-3), got {type(optimizer).__name__}"
+        )
+    if isinstance(batches, (Mapping, str)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            f"train_optax: batches must be an iterable of batches, got {type(batches).__name__}"
+        )
     loss = as_jax(loss_fn)
 
     @jax.jit
@@ -79,8 +95,12 @@ def train_optax(
     p = to_jax(params)
     state = optimizer.init(p)
     losses = []
-    for batch in batches:
-        p, state, value = step(p, state, to_jax(batch))
+    for n, batch in enumerate(batches):
+        try:
+            jbatch = to_jax(batch)
+        except TypeError as err:
+            raise TypeError(f"train_optax: batch {n}: {err}") from None
+        p, state, value = step(p, state, jbatch)
         losses.append(float(value))
     if not losses:
         raise ValueError("train_optax: batches is empty; nothing was trained")
@@ -111,10 +131,16 @@ def plot_loss_curves(
         The ``matplotlib.figure.Figure`` (drawn with the Agg backend, no display needed).
 
     Raises:
+        TypeError: ``curves`` is not a dict.
         ValueError: ``curves`` is empty or a run has no values.
     """
     from matplotlib.figure import Figure
 
+    if not isinstance(curves, Mapping):
+        raise TypeError(
+            f"curves: expected a {{run name: losses}} dict, got {type(curves).__name__} (one "
+            "run? wrap it: {'run': losses})"
+        )
     if not curves:
         raise ValueError("curves: no runs to plot")
     fig = Figure(figsize=(6, 3.6), dpi=100)

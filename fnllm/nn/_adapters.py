@@ -98,6 +98,12 @@ def adapter_delta(params: dict[str, Any], x: Tensor) -> Tensor:
     scale, x = scale.detach(), x.to(a.dtype)  # runs in the adapter's dtype (float32 LoRA)
     if a.ndim == 2:
         return scale * F.linear(F.linear(x, a), b)
+    if x.ndim < 2 or a.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"adapter: {a.shape[0]} per-row adapter sets for input {tuple(x.shape)} (batch "
+            f"{x.shape[0] if x.ndim else '?'}): stacked sets need one per row; select them "
+            "with lora.pick(sets, index), index holding one set id per row of the batch"
+        )
     h = torch.einsum("b...i,bri->b...r", x, a)
     return scale.reshape(-1, *[1] * (x.ndim - 1)) * torch.einsum("b...r,bor->b...o", h, b)
 
