@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from fnllm import tree
+from fnllm import _quant, tree
 
 __all__ = ["Policy", "checkpoint", "selected"]
 
@@ -78,7 +78,11 @@ def checkpoint(fn: F) -> F:
         if torch.compiler.is_compiling():  # see the module docstring: run as written
             return fn(*args, **kwargs)
         leaves, spec = tree.flatten_spec((args, kwargs))
-        where = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
+        # quantized (NF4/int8) leaves are frozen constants: kept out of the function's
+        # inputs, where functorch would wrap them in plain tensors and lose their type
+        where = [
+            i for i, x in enumerate(leaves) if isinstance(x, Tensor) and not _quant.is_quantized(x)
+        ]
         tensors = [leaves[i] for i in where]
 
         def call(*ts: Tensor) -> Tensor:
