@@ -150,9 +150,10 @@ def plan(
         budget: bytes available; when the plan does not fit, :attr:`MemoryPlan.advice`
             lists the changes that make it fit.
         checkpointing: which blocks the default loss recomputes in the backward pass
-            (the models' ``checkpoint=``, :func:`fnllm.remat.selected`: ``True`` every
-            block, ``k`` every ``k``-th, ``None`` none). A ``loss_fn`` of your own passes
-            ``checkpoint=`` to the model itself.
+            (the models' and ``Classifier.apply``'s ``checkpoint=``,
+            :func:`fnllm.remat.selected`: ``True`` every block, ``k`` every ``k``-th,
+            ``None`` none). A ``loss_fn`` of your own passes ``checkpoint=`` to the model
+            itself.
 
     Returns:
         A :class:`MemoryPlan`.
@@ -304,15 +305,10 @@ def _default_loss(model: Any, checkpointing: Any = None) -> Callable[..., Tensor
 
         return causal
     if hasattr(model, "n_classes") and hasattr(model, "base"):
-        if checkpointing:
-            raise TypeError(
-                "plan: checkpointing= applies to the default loss of a decoder; for a "
-                "classifier pass a loss_fn that checkpoints"
-            )
 
         def classify(trainable: Any, frozen: Any, batch: Any, key: Any) -> Tensor:
             params = tree.combine(trainable, frozen)
-            logits = model.apply(params, batch["input_ids"], key=key)
+            logits = model.apply(params, batch["input_ids"], key=key, checkpoint=checkpointing)
             return losses.classification(logits, batch["labels"])
 
         return classify
@@ -358,7 +354,7 @@ def _advise(
     if dtype == torch.float32:
         half = tree.map(lambda x: x.to(torch.bfloat16), params)
         tried.append(("store the weights in bf16 (tree.cast)", half, strategy, batch, ck))
-    if ck is not True and loss_fn is None and getattr(model, "is_decoder", False):
+    if ck is not True and loss_fn is None:
         what = "recompute every block in the backward (checkpointing=True, apply(checkpoint=))"
         tried.append((what, params, strategy, batch, True))
     smaller = batch // 2

@@ -32,7 +32,8 @@ def _measured(model: Any, strategy: str, batch: int, seq_len: int, checkpoint: A
     state = opt.init(trainable)
     if isinstance(model, finetune.Classifier):
         loss_fn = lambda tr, fr, b, k: losses.classification(
-            model.apply(tree.combine(tr, fr), b["input_ids"], key=k), b["labels"]
+            model.apply(tree.combine(tr, fr), b["input_ids"], key=k, checkpoint=checkpoint),
+            b["labels"],
         )
     else:
         loss_fn = lambda tr, fr, b, k: losses.causal_lm(
@@ -62,7 +63,11 @@ def test_plan_is_within_15_percent_of_the_measured_peak(model: Any, strategy: st
     assert abs(plan.peak - measured) <= 0.15 * measured, (plan.peak, measured)
 
 
-@pytest.mark.parametrize("model", [GPT_SMALL, LLAMA_SMALL], ids=["gpt", "llama"])
+@pytest.mark.parametrize(
+    "model",
+    [GPT_SMALL, LLAMA_SMALL, finetune.Classifier(BERT_SMALL, 2)],
+    ids=["gpt", "llama", "bert-classifier"],
+)
 @pytest.mark.parametrize("checkpointing", [None, True])
 def test_plan_with_checkpointing_is_within_15_percent(model: Any, checkpointing: Any) -> None:
     plan = memory.plan(model, torch.float32, "full", batch=4, seq_len=64,

@@ -106,6 +106,32 @@ def test_checkpointing_lowers_the_activation_memory() -> None:
     assert every < 0.6 * none, (every, none)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_classifier_passes_checkpoint_to_its_base(name: str) -> None:
+    clf = finetune.Classifier(MODELS[name], n_classes=3, pooling="mean")
+    params = clf.init(jr.key(0))
+    labels = torch.tensor([0, 2, 1])
+
+    def loss(policy: Any) -> Any:
+        def f(p: Any, key: torch.Tensor) -> torch.Tensor:
+            logits = clf.apply(p, TOKENS, key=key, checkpoint=policy)
+            return losses.classification(logits, labels)
+
+        return f
+
+    key = jr.key(5)  # dropout on: the recomputation must draw the same masks
+    want = torch.func.grad(loss(None))(params, key)
+    for policy in (True, 2, {1, 3}):
+        _close(torch.func.grad(loss(policy))(params, key), want)
+
+    def peak(policy: Any) -> int:
+        torch.func.grad(loss(policy))(params, key)  # one-off set-up out of the measurement
+        return memory.measure(torch.func.grad(loss(policy)), params, key)[1]
+
+    plain, every = peak(None), peak(True)
+    assert every < plain, (every, plain)
+
+
 def test_selected_refuses_bad_policies() -> None:
     with pytest.raises(ValueError, match="k >= 1"):
         remat.selected(0, 3)
