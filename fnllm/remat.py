@@ -75,8 +75,10 @@ def checkpoint(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # see the module docstring: run as written
-            return fn(*args, **kwargs)
+        if torch.compiler.is_compiling():  # see the module docstring
+            if torch._C._are_functorch_transforms_active():  # a whole-step compile
+                return fn(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
         leaves, spec = tree.flatten_spec((args, kwargs))
         # quantized (NF4/int8) leaves are frozen constants: kept out of the function's
         # inputs, where functorch would wrap them in plain tensors and lose their type
