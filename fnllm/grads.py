@@ -433,9 +433,7 @@ def _hold_quantized(
                 "it: quantized weights are shared by every example, give that argument "
                 "in_dims None"
             )
-    return tuple(
-        tree.map(lambda x: _Held(x) if _quant.is_quantized(x) else x, a) for a in args
-    )
+    return tuple(tree.map(lambda x: _Held(x) if _quant.is_quantized(x) else x, a) for a in args)
 
 
 def _release(args: tuple[Any, ...]) -> tuple[Any, ...]:

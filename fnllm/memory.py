@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fnllm import _checks, _quant, losses, nn, optim, remat, tree
 from fnllm import random as jr
 
-__all__ = ["MemoryPlan", "measure", "plan"]
+__all__ = ["MemoryPlan", "measure", "nbytes", "plan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,9 @@ def plan(
             :class:`~fnllm.finetune.Classifier` (trained on class labels); any other model
             needs ``loss_fn``.
         params_or_dtype: a parameter tree (its shapes and dtypes are used, never its values;
-            LoRA adapters included) or a floating dtype to init the model in.
+            LoRA adapters included) or a floating dtype to init the model in (adapters that
+            ``"lora"`` adds stay float32 on a bf16 or float16 base, as mixed precision
+            trains them).
         strategy: a :func:`fnllm.finetune.strategy` name (``"full"``, ``"head"``,
             ``"last:N"``, ``"bitfit"``, ``"lora"``) or any ``tree.partition`` filter.
             ``"lora"`` on a tree without adapters adds them (:func:`fnllm.finetune.lora.init`
@@ -254,6 +256,26 @@ def measure(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int
     return result, tracker.peak
 
 
+def nbytes(params: Any) -> int:
+    """The bytes a tree of tensors holds: each distinct storage once, a quantized leaf
+    (:func:`fnllm.io.quantize`) by the tensors it stores.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import memory
+        >>> w = torch.zeros(4, 4)
+        >>> memory.nbytes({"a": w, "b": w, "c": torch.zeros(2, dtype=torch.bfloat16)})
+        68
+
+    Args:
+        params: any tree (other leaves count nothing).
+
+    Returns:
+        The number of bytes.
+    """
+    return _nbytes(params)
+
+
 # ----------------------------------------------------------------------------- internals
 
 
@@ -345,13 +367,16 @@ def _meta_params(model: Any, dtype: torch.dtype, lora_rank: int | None) -> Any:
     if not dtype.is_floating_point:
         raise TypeError(f"plan: dtype must be floating, got {dtype}")
     for m in (model, getattr(model, "base", None)):
-        if hasattr(m, "param_shapes"):
-            m.param_shapes()
+        shapes = getattr(m, "param_shapes", None)
+        if callable(shapes):
+            shapes()
     key = jr.key(0).to("meta")
-    params = tree.map(lambda x: x.to(dtype), model.init(key))
-    if lora_rank is not None:
+    params = model.init(key)
+    if lora_rank is not None:  # float32 adapters on a base in ``dtype`` (the models' policy)
         params = finetune.lora.init(key, params, rank=lora_rank, model=model)
-    return params
+    return tree.map(
+        lambda p, x: x if nn.is_adapter_leaf(p) else x.to(dtype), params, with_path=True
+    )
 
 
 def _quantized(params: Any, quantize: Any) -> Any:

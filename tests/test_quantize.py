@@ -110,7 +110,7 @@ def test_per_example_gradients_on_a_quantized_base_equal_a_loop_of_single_ones(
             torch.testing.assert_close(tree.flatten(got)[p][i], v, msg=p)
             torch.testing.assert_close(tree.flatten(chunked)[p][i], v, msg=p)
     # accumulate carries the quantized leaves through grad_and_value the same way
-    total, g_acc = grads.accumulate(loss, micro_batches=2, in_dims=(None, None, 0))(tr, fr, TOKENS)
+    _, g_acc = grads.accumulate(loss, micro_batches=2, in_dims=(None, None, 0))(tr, fr, TOKENS)
     g_full = torch.func.grad(lambda t: loss(t, fr, TOKENS))(tr)
     for p, v in tree.flatten(g_full).items():
         torch.testing.assert_close(tree.flatten(g_acc)[p], v, msg=p)
