@@ -372,11 +372,12 @@ def _meta_params(model: Any, dtype: torch.dtype, lora_rank: int | None) -> Any:
             shapes()
     key = jr.key(0).to("meta")
     params = model.init(key)
-    if lora_rank is not None:  # float32 adapters on a base in ``dtype`` (the models' policy)
-        params = finetune.lora.init(key, params, rank=lora_rank, model=model)
-    return tree.map(
-        lambda p, x: x if nn.is_adapter_leaf(p) else x.to(dtype), params, with_path=True
-    )
+    if lora_rank is None:
+        return tree.map(lambda x: x.to(dtype), params)
+    # float32 adapters on a base in ``dtype``: what LoRA trains stays float32 (mixed precision)
+    params = finetune.lora.init(key, params, rank=lora_rank, model=model)
+    trainable, frozen = tree.partition(params, finetune.strategy("lora", model))
+    return tree.combine(trainable, tree.map(lambda x: x.to(dtype), frozen))
 
 
 def _quantized(params: Any, quantize: Any) -> Any:
