@@ -60,3 +60,13 @@ def _box(x: float, y: float, color: str) -> Any:
     from matplotlib.patches import FancyBboxPatch
 
     return FancyBboxPatch((x, y), 0.9, 0.8, boxstyle="round,pad=0.02", fc=color, ec="white")
+
+
+#: The parts of a memory plan, bottom to top, and their colours (Okabe-Ito).
+_PLAN_PARTS = (
+    ("weights_frozen", "weights (frozen)", "#bbbbbb"),
+    ("weights_trainable", "weights (trainable)", "#0072b2"),
+    ("gradients", "gradients", "#56b4e9"),
+    ("optimizer", "optimizer state", "#009e73"),
+    ("activations", "activations", "#e69f00"),
+)

@@ -46,6 +46,22 @@ def is_quantized(x: Any) -> bool:
     return kind_of(x) is not None
 
 
+def hidden_by_transform(x: Any) -> bool:
+    """Whether ``x`` is a quantized leaf that ``torch.func.grad``/``vmap`` wrapped in a plain
+    tensor (passed to the transformed function as an argument): the type is lost and
+    torchao's ops fail, so the caller names the problem instead."""
+    if (
+        "torchao" not in sys.modules
+        or type(x) is not Tensor
+        or torch.compiler.is_compiling()
+        or not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    ):
+        return False
+    while torch._C._functorch.is_functorch_wrapped_tensor(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return kind_of(x) is not None
+
+
 def kind_of(x: Any) -> str | None:
     """``"nf4"``, ``"int8"`` or ``None`` for a leaf."""
     if not isinstance(x, Tensor) or type(x) is Tensor or "torchao" not in sys.modules:
@@ -97,7 +113,11 @@ class _Frozen:
 
 class _QuantizedLinear(torch.autograd.Function):
     """``x W^T`` with a frozen quantized ``W``: the dense weight is rebuilt in forward and
-    again in backward, never kept, so a training step holds the quantized bytes only."""
+    again in backward, never kept, so a training step holds the quantized bytes only.
+    Under ``vmap`` (per-example gradients) functorch runs the same forward and backward on
+    the batched input (``generate_vmap_rule``); the weight is shared by every example."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, frozen: _Frozen) -> Tensor:

@@ -10,6 +10,11 @@ below the lowest trainable one.
 ``loss_fn`` as a batch of one (its batch dimension kept, size 1), so the very loss used for
 training gives the per-example gradients. The batched argument is the last positional one
 unless ``in_dims`` says otherwise (``in_dims`` follows :func:`torch.func.vmap`).
+
+A quantized frozen base (:func:`fnllm.io.quantize`: torchao NF4/int8 leaves) works in every
+transform here: its leaves reach ``loss_fn`` as they are, as if closed over, because
+``torch.func.grad`` would otherwise wrap them in a plain tensor that has lost the quantized type.
+They must sit in a frozen, unbatched argument (a named ValueError says so otherwise).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from fnllm import _checks, _tree_ops, tree
+from fnllm import _checks, _quant, _tree_ops, tree
 from fnllm import random as jr
 
 __all__ = [
@@ -101,11 +106,12 @@ def per_example(
     def per_ex(*args: Any) -> Any:
         dims = _resolve_in_dims(in_dims, len(args), "per_example")
         _check_differentiated(args, argnums, "per_example")
+        args = _hold_quantized(args, dims, argnums, "per_example")
 
         def single(*example: Any) -> Any:
             if keep_batch_dim:
                 example = tuple(_unsqueeze(a, d) for a, d in zip(example, dims))
-            return loss_fn(*example)
+            return loss_fn(*_release(example))
 
         batched = torch.func.vmap(
             torch.func.grad(single, argnums=argnums, has_aux=has_aux), in_dims=dims
@@ -302,11 +308,14 @@ def accumulate(
     _checks.check_int("accumulate: micro_batches", micro_batches)
     if micro_batches < 1:
         raise ValueError(f"accumulate: micro_batches must be >= 1, got {micro_batches}")
-    grad_fn = torch.func.grad_and_value(loss_fn, argnums=argnums, has_aux=has_aux)
+    grad_fn = torch.func.grad_and_value(
+        lambda *a: loss_fn(*_release(a)), argnums=argnums, has_aux=has_aux
+    )
 
     def accumulated(*args: Any) -> Any:
         dims = _resolve_in_dims(in_dims, len(args), "accumulate")
         _check_differentiated(args, argnums, "accumulate")
+        args = _hold_quantized(args, dims, argnums, "accumulate")
         size = _batch_size(args, dims, "accumulate")
         if micro_batches > size:
             raise ValueError(
@@ -391,6 +400,45 @@ def _check_differentiated(args: tuple[Any, ...], argnums: Argnums, who: str) -> 
                 f"{who}: argument {n} (differentiated) holds no tensor; "
                 "did the partition filter match no parameter?"
             )
+
+
+class _Held:
+    """A quantized leaf carried past ``torch.func.grad``/``vmap`` as a non-tensor (which they
+    leave alone) and put back, unwrapped, inside the transformed function."""
+
+    __slots__ = ("leaf",)
+
+    def __init__(self, leaf: torch.Tensor) -> None:
+        self.leaf = leaf
+
+
+def _hold_quantized(
+    args: tuple[Any, ...], dims: tuple[Any, ...], argnums: Argnums, who: str
+) -> tuple[Any, ...]:
+    """``args`` with each quantized leaf held in a :class:`_Held` (a frozen constant)."""
+    if not any(_quant.is_quantized(x) for x in tree.leaves(args)):
+        return args
+    nums = {n % len(args) for n in ((argnums,) if isinstance(argnums, int) else argnums)}
+    for i, (a, d) in enumerate(zip(args, dims)):
+        if i in nums and any(_quant.is_quantized(x) for x in tree.leaves(a)):
+            raise ValueError(
+                f"{who}: argument {i} is differentiated but holds quantized (NF4/int8) "
+                "weights, which are frozen and get no gradient: split the tree with "
+                "tree.partition(params, finetune.strategy('lora', model)) and pass the "
+                "quantized half as a frozen argument, or io.dequantize(params) to train them"
+            )
+        if any(_quant.is_quantized(x) and dd is not None for x, dd in _leaves_with_dims(a, d)):
+            raise ValueError(
+                f"{who}: argument {i} holds quantized (NF4/int8) weights but in_dims batches "
+                "it: quantized weights are shared by every example, give that argument "
+                "in_dims None"
+            )
+    return tuple(tree.map(lambda x: _Held(x) if _quant.is_quantized(x) else x, a) for a in args)
+
+
+def _release(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Undo :func:`_hold_quantized` (inside the transforms)."""
+    return tuple(tree.map(lambda x: x.leaf if isinstance(x, _Held) else x, a) for a in args)
 
 
 def _unsqueeze(x: Any, d: Any) -> Any:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,10 +31,10 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fnllm import _checks, losses, nn, optim, remat, tree
+from fnllm import _checks, _quant, losses, nn, optim, remat, tree
 from fnllm import random as jr
 
-__all__ = ["MemoryPlan", "measure", "plan"]
+__all__ = ["MemoryPlan", "measure", "nbytes", "plan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +113,14 @@ def plan(
     loss_fn: Callable[..., Tensor] | None = None,
     budget: int | float | None = None,
     checkpointing: Any = None,
+    quantize: tuple[str | Sequence[str], str] | None = None,
 ) -> MemoryPlan:
     """Predict the peak memory of one train step of ``model``, before anything runs.
 
     The step runs on fake tensors (``torch._subclasses.FakeTensorMode``: shapes, dtypes and
     the CPU's kernel choices, no data), so this is fast and allocates nothing, even for a
-    model far larger than the machine's memory.
+    model far larger than the machine's memory (a Qwen2-0.5B-shaped LoRA step plans in a few
+    CPU seconds: the parameters are made on the ``meta`` device, not drawn).
 
     Example:
         >>> import torch
@@ -135,7 +137,9 @@ def plan(
             :class:`~fnllm.finetune.Classifier` (trained on class labels); any other model
             needs ``loss_fn``.
         params_or_dtype: a parameter tree (its shapes and dtypes are used, never its values;
-            LoRA adapters included) or a floating dtype to init the model in.
+            LoRA adapters included) or a floating dtype to init the model in (adapters that
+            ``"lora"`` adds stay float32 on a bf16 or float16 base, as mixed precision
+            trains them).
         strategy: a :func:`fnllm.finetune.strategy` name (``"full"``, ``"head"``,
             ``"last:N"``, ``"bitfit"``, ``"lora"``) or any ``tree.partition`` filter.
             ``"lora"`` on a tree without adapters adds them (:func:`fnllm.finetune.lora.init`
@@ -150,9 +154,13 @@ def plan(
         budget: bytes available; when the plan does not fit, :attr:`MemoryPlan.advice`
             lists the changes that make it fit.
         checkpointing: which blocks the default loss recomputes in the backward pass
-            (the models' ``checkpoint=``, :func:`fnllm.remat.selected`: ``True`` every
-            block, ``k`` every ``k``-th, ``None`` none). A ``loss_fn`` of your own passes
-            ``checkpoint=`` to the model itself.
+            (the models' and ``Classifier.apply``'s ``checkpoint=``,
+            :func:`fnllm.remat.selected`: ``True`` every block, ``k`` every ``k``-th,
+            ``None`` none). A ``loss_fn`` of your own passes ``checkpoint=`` to the model
+            itself.
+        quantize: ``(globs, kind)``: plan a quantized frozen base, as
+            ``io.quantize(params, globs, kind)`` would make it (``kind`` ``"nf4"`` or
+            ``"int8"``, e.g. ``("blocks.*", "nf4")``), without quantizing real weights.
 
     Returns:
         A :class:`MemoryPlan`.
@@ -175,10 +183,19 @@ def plan(
     remat.selected(checkpointing, n_layer)  # a bad policy fails here, named
     step_loss = loss_fn if loss_fn is not None else _default_loss(model, checkpointing)
     filt = finetune.strategy(strategy, model) if isinstance(strategy, str) else strategy
+    add_lora = strategy == "lora"
+    if isinstance(params_or_dtype, torch.dtype):  # made on meta, out of the fake mode: fast
+        meta = _meta_params(model, params_or_dtype, lora_rank if add_lora else None)
+        add_lora = False
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-        params = _fake_params(model, params_or_dtype, fake)
-        if strategy == "lora" and not any(nn.is_adapter_leaf(p) for p in tree.paths(params)):
+        if isinstance(params_or_dtype, torch.dtype):
+            params = tree.map(lambda m: torch.empty(m.shape, dtype=m.dtype), meta)
+        else:
+            params = _fake_params(params_or_dtype, fake)
+        if add_lora and not any(nn.is_adapter_leaf(p) for p in tree.paths(params)):
             params = finetune.lora.init(jr.key(0), params, rank=lora_rank, model=model)
+        if quantize is not None:
+            params = _quantized(params, quantize)
         trainable, frozen = tree.partition(params, filt)
         data = {
             "input_ids": torch.zeros(batch, seq_len, dtype=torch.long),
@@ -186,6 +203,8 @@ def plan(
         }
         result = _plan_step(step_loss, opt, trainable, frozen, data)
     dtypes = sorted({str(x.dtype).removeprefix("torch.") for x in tree.leaves(params)})
+    if quantize is not None:
+        dtypes.append(quantize[1])
     settings = {
         "strategy": strategy if isinstance(strategy, str) else "custom",
         "batch": batch,
@@ -194,12 +213,14 @@ def plan(
         "trainable": tree.count(trainable),
         "frozen": tree.count(frozen),
         "checkpointing": checkpointing,
+        "quantize": quantize,
     }
     out = dataclasses.replace(result, settings=settings)
     if budget is not None and not out.fits(budget):
         advice = _advise(
-            model, params, strategy, batch, seq_len, opt, loss_fn, budget, checkpointing
-        )
+            model, params_or_dtype, strategy, batch, seq_len, opt, loss_fn, budget,
+            checkpointing, quantize, lora_rank,
+        )  # fmt: skip
         out = dataclasses.replace(out, advice=advice)
     return out
 
@@ -233,6 +254,26 @@ def measure(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int
     with _Tracker() as tracker:
         result = fn(*args, **kwargs)
     return result, tracker.peak
+
+
+def nbytes(params: Any) -> int:
+    """The bytes a tree of tensors holds: each distinct storage once, a quantized leaf
+    (:func:`fnllm.io.quantize`) by the tensors it stores.
+
+    Example:
+        >>> import torch
+        >>> from fnllm import memory
+        >>> w = torch.zeros(4, 4)
+        >>> memory.nbytes({"a": w, "b": w, "c": torch.zeros(2, dtype=torch.bfloat16)})
+        68
+
+    Args:
+        params: any tree (other leaves count nothing).
+
+    Returns:
+        The number of bytes.
+    """
+    return _nbytes(params)
 
 
 # ----------------------------------------------------------------------------- internals
@@ -304,15 +345,10 @@ def _default_loss(model: Any, checkpointing: Any = None) -> Callable[..., Tensor
 
         return causal
     if hasattr(model, "n_classes") and hasattr(model, "base"):
-        if checkpointing:
-            raise TypeError(
-                "plan: checkpointing= applies to the default loss of a decoder; for a "
-                "classifier pass a loss_fn that checkpoints"
-            )
 
         def classify(trainable: Any, frozen: Any, batch: Any, key: Any) -> Tensor:
             params = tree.combine(trainable, frozen)
-            logits = model.apply(params, batch["input_ids"], key=key)
+            logits = model.apply(params, batch["input_ids"], key=key, checkpoint=checkpointing)
             return losses.classification(logits, batch["labels"])
 
         return classify
@@ -322,13 +358,38 @@ def _default_loss(model: Any, checkpointing: Any = None) -> Callable[..., Tensor
     )
 
 
-def _fake_params(model: Any, params_or_dtype: Any, fake: FakeTensorMode) -> Any:
-    """The parameters as fake tensors: shapes, dtypes and devices, no data."""
-    if isinstance(params_or_dtype, torch.dtype):
-        if not params_or_dtype.is_floating_point:
-            raise TypeError(f"plan: dtype must be floating, got {params_or_dtype}")
-        params = model.init(jr.key(0))
-        return tree.map(lambda x: x.to(params_or_dtype), params)
+def _meta_params(model: Any, dtype: torch.dtype, lora_rank: int | None) -> Any:
+    """``model.init`` (and LoRA adapters) on the ``meta`` device: shapes and dtypes only.
+    Meta kernels skip the fake mode's bookkeeping, which made drawing a 0.5B model's random
+    weights take about a minute; the model's layout cache is filled here for the same reason."""
+    from fnllm import finetune
+
+    if not dtype.is_floating_point:
+        raise TypeError(f"plan: dtype must be floating, got {dtype}")
+    for m in (model, getattr(model, "base", None)):
+        shapes = getattr(m, "param_shapes", None)
+        if callable(shapes):
+            shapes()
+    key = jr.key(0).to("meta")
+    params = model.init(key)
+    if lora_rank is None:
+        return tree.map(lambda x: x.to(dtype), params)
+    # float32 adapters on a base in ``dtype``: what LoRA trains stays float32 (mixed precision)
+    params = finetune.lora.init(key, params, rank=lora_rank, model=model)
+    trainable, frozen = tree.partition(params, finetune.strategy("lora", model))
+    return tree.combine(trainable, tree.map(lambda x: x.to(dtype), frozen))
+
+
+def _quantized(params: Any, quantize: Any) -> Any:
+    from fnllm import io
+
+    if not isinstance(quantize, tuple) or len(quantize) != 2:
+        raise TypeError(f"plan: quantize must be a pair (globs, kind), got {quantize!r}")
+    return io.quantize(params, quantize[0], quantize[1])
+
+
+def _fake_params(params_or_dtype: Any, fake: FakeTensorMode) -> Any:
+    """A parameter tree as fake tensors: shapes, dtypes and devices, no data."""
     leaves = tree.leaves(params_or_dtype)
     if not leaves or not all(isinstance(x, Tensor) for x in leaves):
         raise TypeError(
@@ -348,17 +409,21 @@ def _advise(
     loss_fn: Any,
     budget: float,
     checkpointing: Any = None,
+    quantize: Any = None,
+    lora_rank: int = 8,
 ) -> tuple[str, ...]:
     """Changes that bring the plan under ``budget``, each with its predicted peak."""
     ck = checkpointing
     tried: list[tuple[str, Any, Any, int, Any]] = []
     if strategy != "lora":
         tried.append(("finetune with LoRA (strategy='lora')", params, "lora", batch, ck))
-    dtype = tree.leaves(params)[0].dtype
+    dtype = params if isinstance(params, torch.dtype) else tree.leaves(params)[0].dtype
     if dtype == torch.float32:
-        half = tree.map(lambda x: x.to(torch.bfloat16), params)
+        half: Any = torch.bfloat16
+        if not isinstance(params, torch.dtype):
+            half = tree.map(lambda x: x.to(torch.bfloat16), params)
         tried.append(("store the weights in bf16 (tree.cast)", half, strategy, batch, ck))
-    if ck is not True and loss_fn is None and getattr(model, "is_decoder", False):
+    if ck is not True and loss_fn is None:
         what = "recompute every block in the backward (checkpointing=True, apply(checkpoint=))"
         tried.append((what, params, strategy, batch, True))
     smaller = batch // 2
@@ -369,8 +434,9 @@ def _advise(
     out = []
     for what, p, s, b, c in tried:
         candidate = plan(
-            model, p, s, batch=b, seq_len=seq_len, optimizer=opt, loss_fn=loss_fn, checkpointing=c
-        )
+            model, p, s, batch=b, seq_len=seq_len, optimizer=opt, loss_fn=loss_fn,
+            checkpointing=c, quantize=quantize, lora_rank=lora_rank,
+        )  # fmt: skip
         if candidate.fits(budget):
             out.append(f"{what}: peak {_mib(candidate.peak)} MiB")
     if not out:
@@ -382,7 +448,10 @@ def _nbytes(node: Any) -> int:
     seen: set[int] = set()
     total = 0
     for x in tree.leaves(node):
-        if isinstance(x, Tensor):
+        if _quant.is_quantized(x):  # NF4/int8: the tensors it stores
+            _, inner, _ = _quant.encode(x)
+            total += _nbytes(list(inner.values()))
+        elif isinstance(x, Tensor):
             s = x.untyped_storage()
             if s._cdata not in seen:
                 seen.add(s._cdata)

@@ -11,6 +11,7 @@ functions are safe in tests, on servers and at docs-build time. Save a figure wi
 - :func:`partition_tree`: a parameter tree drawn as a tree, trainable vs frozen.
 - :func:`per_example_norms`: per-example gradient norms, with the clipping threshold.
 - :func:`ratio_bars`: benchmark ratios as bars, with goal lines.
+- :func:`memory_plans`: :func:`fnllm.memory.plan` results as stacked bars, part by part.
 - :func:`finetune_results`: ``fnllm demo``'s ``results.json``: accuracy against trainable
   parameters, and each row's training loss over its own training.
 - :func:`to_html`: a figure as a self-contained ``<img>`` tag (inline PNG).
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 
 from fnllm import tree as _tree
 from fnllm._figure_parts import (
+    _PLAN_PARTS,
     _box,
     _figure,
     _moving_average,
@@ -44,6 +46,7 @@ __all__ = [
     "finetune_results",
     "loss_curve",
     "masking",
+    "memory_plans",
     "partition_tree",
     "per_example_norms",
     "ratio_bars",
@@ -489,6 +492,54 @@ def ratio_bars(
     ax.set_xlabel("ratio (black tick: goal; orange bar: goal missed)")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def memory_plans(
+    plans: Mapping[str, Any], *, budget: float | None = None, title: str = "peak memory by part"
+) -> Figure:
+    """Draw memory plans (:class:`fnllm.memory.MemoryPlan`) as stacked bars, one per
+    configuration, with an optional budget line; the legend sits outside the bars.
+
+    Example:
+        >>> from fnllm import memory, plot
+        >>> p = memory.MemoryPlan(weights_trainable=1, weights_frozen=2**30, optimizer=2,
+        ...                       gradients=1, activations=2**31, settings={})
+        >>> fig = plot.memory_plans({"bf16": p}, budget=4 * 2**30)
+        >>> round(sum(float(b.get_width()) for b in fig.axes[0].patches), 2)   # GiB
+        3.0
+
+    Args:
+        plans: configuration name -> plan (anything with the plan's five byte counts).
+        budget: bytes available, drawn as a vertical line.
+        title: the title of the figure.
+
+    Returns:
+        The figure (bars in GiB).
+
+    Raises:
+        ValueError: ``plans`` is empty.
+    """
+    if not plans:
+        raise ValueError("plans: nothing to draw")
+    names = list(plans)
+    fig, ax = _figure(7.5, 0.42 * len(names) + 1.3)
+    ys = list(range(len(names)))[::-1]
+    left = [0.0] * len(names)
+    for attr, label, color in _PLAN_PARTS:
+        widths = [getattr(plans[n], attr) / 2**30 for n in names]
+        ax.barh(ys, widths, left=left, color=color, height=0.6, label=label)
+        left = [a + w for a, w in zip(left, widths)]
+    for y, total in zip(ys, left):
+        ax.text(total, y, f" {total:.1f}", va="center", fontsize=9)
+    if budget is not None:
+        ax.axvline(budget / 2**30, color="black", linestyle="--", linewidth=1, label="budget")
+    ax.set_yticks(ys, names, fontsize=9)
+    ax.set_xlabel("GiB")
+    ax.set_xlim(0, max([*left, (budget or 0) / 2**30]) * 1.15)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 

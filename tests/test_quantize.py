@@ -18,7 +18,7 @@ pytest.importorskip("torchao")
 from torchao.quantization import Int8Tensor, NF4Tensor
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
 
-from fnllm import _quant, finetune, io, losses, nn, optim, train, tree
+from fnllm import _quant, finetune, grads, io, losses, nn, optim, train, tree
 from fnllm import random as jr
 from fnllm.finetune import lora
 from fnllm.models import Llama
@@ -86,6 +86,51 @@ def test_gradients_through_a_quantized_base_equal_the_dense_ones() -> None:
     g_dense = torch.func.grad(lambda t: loss(t, fr_dense))(tr)
     for p, v in tree.flatten(g).items():
         torch.testing.assert_close(v, tree.flatten(g_dense)[p], msg=p)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("checkpoint", [None, True])
+def test_per_example_gradients_on_a_quantized_base_equal_a_loop_of_single_ones(
+    kind, checkpoint
+) -> None:
+    model = _llama()
+    q = lora.init(jr.key(1), io.quantize(model.init(jr.key(0)), "blocks", kind), 4, model=model)
+    tr, fr = tree.partition(q, finetune.strategy("lora", model))
+    tr = tree.map(lambda x: x + 0.01, tr)  # B != 0: gradients reach both A and B
+
+    def loss(t, f, x):
+        logits = model.apply(tree.combine(t, f), x, checkpoint=checkpoint)
+        return losses.causal_lm(logits, x)
+
+    got = grads.per_example(loss, in_dims=(None, None, 0))(tr, fr, TOKENS)
+    chunked = grads.per_example(loss, in_dims=(None, None, 0), chunk_size=1)(tr, fr, TOKENS)
+    for i in range(TOKENS.shape[0]):
+        one = torch.func.grad(lambda t, i=i: loss(t, fr, TOKENS[i : i + 1]))(tr)
+        for p, v in tree.flatten(one).items():
+            torch.testing.assert_close(tree.flatten(got)[p][i], v, msg=p)
+            torch.testing.assert_close(tree.flatten(chunked)[p][i], v, msg=p)
+    # accumulate carries the quantized leaves through grad_and_value the same way
+    _, g_acc = grads.accumulate(loss, micro_batches=2, in_dims=(None, None, 0))(tr, fr, TOKENS)
+    g_full = torch.func.grad(lambda t: loss(t, fr, TOKENS))(tr)
+    for p, v in tree.flatten(g_full).items():
+        torch.testing.assert_close(tree.flatten(g_acc)[p], v, msg=p)
+
+
+def test_quantized_leaves_in_the_wrong_argument_are_named() -> None:
+    model = _llama()
+    q = lora.init(jr.key(1), io.quantize(model.init(jr.key(0)), "blocks", "nf4"), 4, model=model)
+    tr, fr = tree.partition(q, finetune.strategy("lora", model))
+
+    def loss(t, f, x):
+        return losses.causal_lm(model.apply(tree.combine(t, f), x), x)
+
+    with pytest.raises(ValueError, match="differentiated but holds quantized"):
+        grads.per_example(loss, argnums=(0, 1), in_dims=(None, None, 0))(tr, fr, TOKENS)
+    with pytest.raises(ValueError, match="in_dims batches it"):
+        grads.per_example(loss, in_dims=(None, 0, 0))(tr, fr, TOKENS)
+    # plain torch.func.grad with the quantized tree as an argument wraps (and so hides) it
+    with pytest.raises(ValueError, match="close over the frozen tree"):
+        torch.func.grad(loss)(tr, fr, TOKENS)
 
 
 # ----------------------------------------------------------------------------- training

@@ -89,6 +89,51 @@ def test_a_compiled_step_equals_the_eager_one() -> None:
     _close(got, want)
 
 
+def test_a_compiled_forward_keeps_the_checkpointing_memory_saving() -> None:
+    # compile={"regional": True} compiles the forward only; autograd runs outside, so
+    # remat hands the blocks to torch.utils.checkpoint and AOTAutograd recomputes them
+    model = GPT(vocab_size=64, n_layer=4, n_head=4, d_model=64, max_len=128, dropout=0.1)
+    params = model.init(jr.key(0))
+    tokens = torch.randint(0, 64, (4, 128), generator=torch.Generator().manual_seed(1))
+
+    def saved_and_grads(policy: Any, compiled: bool) -> tuple[int, Any]:
+        def loss(p: Any) -> torch.Tensor:
+            logits = model.apply(p, tokens, key=jr.key(3), checkpoint=policy)
+            return losses.causal_lm(logits, tokens)
+
+        f = torch.compile(loss, backend="aot_eager", fullgraph=True) if compiled else loss
+        leaves, spec = tree.flatten_spec(params)
+        inputs = [x.detach().requires_grad_() for x in leaves]
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = f(tree.unflatten_spec(spec, inputs))
+        return sum(saved), torch.autograd.grad(out, inputs)
+
+    plain, want = saved_and_grads(None, False)
+    compiled_plain, _ = saved_and_grads(None, True)
+    compiled_remat, got = saved_and_grads(True, True)
+    _close(got, want)  # dropout on: the recomputation draws the same masks
+    assert compiled_remat < compiled_plain / 5, (compiled_remat, compiled_plain, plain)
+
+    def loss_fn(tr: Any, fr: Any, tokens: torch.Tensor, key: Any) -> torch.Tensor:
+        logits = model.apply(tree.combine(tr, fr), tokens, key=key, checkpoint=True)
+        return losses.causal_lm(logits, tokens)
+
+    opt = optim.sgd(0.1)
+    tr, fr = tree.partition(params, "blocks.*")
+    eager = train.make_step(loss_fn, opt, compile=False)
+    regional = train.make_step(loss_fn, opt, compile={"regional": True, "backend": "aot_eager"})
+    want_tr, _, m1 = eager(tr, fr, opt.init(tr), tokens, jr.key(3))
+    got_tr, _, m2 = regional(tr, fr, opt.init(tr), tokens, jr.key(3))
+    torch.testing.assert_close(m2["loss"], m1["loss"])
+    _close(got_tr, want_tr)
+
+
 def test_checkpointing_lowers_the_activation_memory() -> None:
     model = GPT(vocab_size=64, n_layer=6, n_head=4, d_model=64, max_len=128)
     params = model.init(jr.key(0))
@@ -104,6 +149,32 @@ def test_checkpointing_lowers_the_activation_memory() -> None:
     none, every_other, every = peak(None), peak(2), peak(True)
     assert every < every_other < none, (every, every_other, none)
     assert every < 0.6 * none, (every, none)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_classifier_passes_checkpoint_to_its_base(name: str) -> None:
+    clf = finetune.Classifier(MODELS[name], n_classes=3, pooling="mean")
+    params = clf.init(jr.key(0))
+    labels = torch.tensor([0, 2, 1])
+
+    def loss(policy: Any) -> Any:
+        def f(p: Any, key: torch.Tensor) -> torch.Tensor:
+            logits = clf.apply(p, TOKENS, key=key, checkpoint=policy)
+            return losses.classification(logits, labels)
+
+        return f
+
+    key = jr.key(5)  # dropout on: the recomputation must draw the same masks
+    want = torch.func.grad(loss(None))(params, key)
+    for policy in (True, 2, {1, 3}):
+        _close(torch.func.grad(loss(policy))(params, key), want)
+
+    def peak(policy: Any) -> int:
+        torch.func.grad(loss(policy))(params, key)  # one-off set-up out of the measurement
+        return memory.measure(torch.func.grad(loss(policy)), params, key)[1]
+
+    plain, every = peak(None), peak(True)
+    assert every < plain, (every, plain)
 
 
 def test_selected_refuses_bad_policies() -> None:

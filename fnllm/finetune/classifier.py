@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-from fnllm import _checks, nn, tree
+from fnllm import _checks, nn, remat, tree
 from fnllm import random as jr
 from fnllm.models import ModelConfig, _base
 from fnllm.nn import mean_pool
@@ -176,6 +176,8 @@ class Classifier:
         tokens: Tensor,
         attention_mask: Tensor | None = None,
         key: Tensor | None = None,
+        *,
+        checkpoint: remat.Policy = None,
     ) -> Tensor:
         """Class logits ``[B, n_classes]`` for token ids ``[B, T]``.
 
@@ -196,13 +198,17 @@ class Classifier:
             tokens: int ids ``[B, T]`` with ``T <= base.max_len``.
             attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding; ``None``: no padding.
             key: a ``fnllm.random`` key to enable the base's dropout; ``None`` = eval.
+            checkpoint: which of the base's blocks recompute their activations in the
+                backward pass instead of keeping them (:func:`fnllm.remat.selected`: ``True``
+                every block, ``k`` every ``k``-th, a set of indices, ``None`` none); same
+                values and gradients, less memory.
 
         Returns:
             ``[B, n_classes]`` float logits.
         """
         k1, k2 = (None, None) if key is None else tuple(jr.split(key))
         hidden = self.prefix(params, tokens, 0, attention_mask, key=k1)
-        return self.apply_from(params, hidden, 0, attention_mask, key=k2)
+        return self.apply_from(params, hidden, 0, attention_mask, key=k2, checkpoint=checkpoint)
 
     def prefix(
         self,
@@ -255,6 +261,8 @@ class Classifier:
         layer: int,
         attention_mask: Tensor | None = None,
         key: Tensor | None = None,
+        *,
+        checkpoint: remat.Policy = None,
     ) -> Tensor:
         """Finish a forward from ``hidden = prefix(params, tokens, layer)``: logits ``[B, C]``.
 
@@ -264,7 +272,8 @@ class Classifier:
         Returns:
             ``[B, n_classes]`` logits.
         """
-        return nn.linear(params["head"], self.features(params, hidden, layer, attention_mask, key))
+        feats = self.features(params, hidden, layer, attention_mask, key, checkpoint=checkpoint)
+        return nn.linear(params["head"], feats)
 
     def features(
         self,
@@ -273,6 +282,8 @@ class Classifier:
         layer: int,
         attention_mask: Tensor | None = None,
         key: Tensor | None = None,
+        *,
+        checkpoint: remat.Policy = None,
     ) -> Tensor:
         """The pooled ``[B, D]`` vector the head reads, from hidden states at ``layer``.
 
@@ -299,6 +310,8 @@ class Classifier:
             layer: the block to resume at (``n_layer``: pool ``hidden`` directly).
             attention_mask: the ``[B, T]`` keep-mask used for the prefix, or ``None``.
             key: a ``fnllm.random`` key for dropout; ``None`` = eval.
+            checkpoint: which blocks (counted from block 0) recompute their activations in
+                the backward pass (:func:`fnllm.remat.selected`), as in :meth:`apply`.
 
         Returns:
             ``[B, D]`` pooled features.
@@ -307,8 +320,9 @@ class Classifier:
             raise ValueError(f"layer: {layer} is outside [0, n_layer={self.n_layer}]")
         base = params["base"]
         x = self.base.apply_blocks(
-            base, hidden, attention_mask=attention_mask, start=layer, key=key
-        )
+            base, hidden, attention_mask=attention_mask, start=layer, key=key,
+            checkpoint=checkpoint,
+        )  # fmt: skip
         x = self.base.finish(base, x)
         if self.pooling == "mean":
             if attention_mask is None:

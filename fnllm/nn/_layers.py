@@ -97,6 +97,13 @@ def linear(params: Params, x: Tensor) -> Tensor:
     x_w = x.to(weight.dtype)
     if _quant.is_quantized(weight):  # a frozen NF4/int8 base (fnllm.io.quantize)
         y = _quant.linear(x_w, weight, bias)
+    elif _quant.hidden_by_transform(weight):
+        raise ValueError(
+            "linear: a quantized (NF4/int8) weight reached a torch.func transform as an "
+            "argument, which wraps it in a plain tensor: close over the frozen tree "
+            "(torch.func.grad(lambda t: loss(t, frozen))), use fnllm.grads.per_example / "
+            "accumulate (they carry quantized leaves through), or io.dequantize it first"
+        )
     else:
         y = F.linear(x_w, weight, bias)
     if has_adapter(params):  # an adapter (fnllm.nn._adapters); W stays untouched

@@ -300,7 +300,16 @@ def _threefry(k0: Tensor, k1: Tensor, x0: Tensor | None, x1: Tensor) -> tuple[Te
     Works on int64 holding uint32 values. The first word is left unmasked between rounds
     (its high bits never reach the low 32 bits: it is only added to and xor-ed), the second
     is masked after each round because it is rotated.
+
+    On the ``meta`` device (shapes only, e.g. ``init`` for :func:`fnllm.memory.plan`) the
+    words have no values to compute: the result is two empty tensors of the right shape,
+    without the ~100 Python-level meta kernels of the rounds.
     """
+    if k0.device.type == "meta" or x1.device.type == "meta":
+        extra = () if x0 is None else (x0.shape,)
+        shape = torch.broadcast_shapes(k0.shape, k1.shape, x1.shape, *extra)
+        out = torch.empty(shape, dtype=torch.int64, device="meta")
+        return out, out
     ks = (k0, k1, k0 ^ k1 ^ _PARITY)
     x0 = ks[0] if x0 is None else x0 + ks[0]
     x1 = (x1 + ks[1]) & _MASK
