@@ -20,16 +20,20 @@ and the median [min, max] of the paired ratios.
    (CUDA: ``max_memory_allocated``, weights included; CPU: the peak of the tensors a step
    allocates on top of what was live before it, from the profiler's memory events). Peak
    memory does not depend on the machine's load: ``--sections lora --runs 1`` measures it.
-3. Greedy decoding, prompt 32, 64 new tokens, batch 1 and 8: fnllm's cached forward with a
-   compiled decode step (``generate.sample`` where it takes a Llama, else the same loop
-   written here) against ``generate(cache_implementation="static")``; outputs checked token
-   for token. Goal: >= 1.5x tokens/s at batch 1.
+3. Greedy decoding, prompt 32, 64 new tokens, batch 1 and 8 (``--batches``): fnllm's cached
+   forward with a compiled decode step (``generate.sample`` where it takes a Llama, else the
+   same loop written here) against ``generate(cache_implementation="static")``; outputs
+   checked token for token. ``generate.sample`` decodes from ``Llama.decode_params`` (fused
+   q/k/v and gate/up, rotary tables); ``--decode-before`` adds rows that decode from the
+   plain tree instead (the code before that change), in the same process.
+   Goal: >= 1.5x tokens/s at batch 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
@@ -91,8 +95,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     hf = _twin(model, params).to(device).eval()
     decode_rows = []
-    for b in (1, 8):
-        decode_rows.append(_decode(model, params, hf, b, device, timing, runs, compile_))
+    variants = [(model, "")] + ([(_PlainDecode(**_fields(model)), ", plain tree")]
+                                if args.decode_before else [])  # fmt: skip
+    for b in (int(n) for n in args.batches.split(",")):
+        for m, tag in variants:
+            row = _decode(m, params, hf, b, device, timing, runs, compile_)
+            decode_rows.append([row[0] + tag, *row[1:]])
     print_table(decode_rows, header=("greedy decode", "fnllm tok/s", "HF tok/s", "speed-up",
                                      "fnllm path"),
                 title=f"{name} greedy decoding, prompt {PROMPT}, {NEW} new tokens")  # fmt: skip
@@ -107,12 +115,30 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=int, default=0, help="timed runs per comparison")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    p.add_argument("--batches", default="1,8", help="decode batch sizes, comma-separated")
+    p.add_argument(
+        "--decode-before",
+        action="store_true",
+        help="also decode from the plain tree (no Llama.decode_params)",
+    )
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="time with the wall clock or with this process's CPU time")  # fmt: skip
     g = p.add_mutually_exclusive_group()
     g.add_argument("--compile", dest="compile", action="store_true", default=None)
     g.add_argument("--no-compile", dest="compile", action="store_false")
     return p.parse_args(argv)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlainDecode(Llama):
+    """A Llama that decodes from the user's tree as it is (``--decode-before``)."""
+
+    def decode_params(self, params: Any) -> Any:
+        return params
+
+
+def _fields(model: Llama) -> dict[str, Any]:
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init}
 
 
 def _twin(model: Llama, params: Any) -> torch.nn.Module:

@@ -225,6 +225,71 @@ def test_cached_forward_in_place_matches_the_pure_one():
     assert c2.keys[1] is empty.keys[1] and int(empty.length) == 6
 
 
+@settings(max_examples=20, deadline=None)
+@given(testing.llama_configs(max_len=12), st.integers(0, 2**16), st.booleans())
+def test_decode_params_give_the_cached_forward_of_params(model, seed, column_major):
+    """The decode tree (fused q/k/v and gate/up, rotary tables) runs the same cached forward
+    as the user's tree, within float32 rounding, and leaves that tree as it was."""
+    model = dataclasses.replace(model, dropout=0.0)
+    params = noisy(model, seed % 7)
+    if column_major:  # the layout generate gives every matrix on a CPU
+        params = tree.map(lambda w: w.t().contiguous().t() if w.ndim == 2 else w, params)
+    before = tree.map(torch.clone, params)
+    fused = model.decode_params(params)
+    attn, mlp = fused["blocks"][0]["attn"], fused["blocks"][0]["mlp"]
+    assert sorted(attn) == ["o", "qkv"] and sorted(mlp) == ["down", "gate_up"]
+    assert ("bias" in attn["qkv"]) == model.qkv_bias
+    if column_major and model.d_model > 1:
+        assert attn["qkv"]["weight"].stride(0) == 1
+    T = model.max_len
+    tokens = random.randint(random.key(seed), (2, T), 0, model.vocab_size)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[1, : T // 2] = False  # a left-padded row
+    cut = max(1, T - 2)
+    outs = []
+    for tree_ in (params, fused):
+        cache = model.init_cache(2, T)
+        x1, cache = model.apply_cached(tree_, tokens[:, :cut], mask[:, :cut], cache)
+        x2, cache = model.apply_cached(tree_, tokens[:, cut:], mask[:, cut:], cache)
+        outs.append(model.logits(tree_, torch.cat([x1, x2], dim=1)))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    testing.assert_trees_equal(params, before)
+
+
+def test_decode_params_keep_layers_with_an_adapter_or_a_bias_mismatch():
+    from fnllm.finetune import lora
+
+    model = tiny()
+    params = lora.init(random.key(1), model.init(random.key(0)), rank=2, targets=["*.attn.q"])
+    fused = model.decode_params(params)["blocks"][0]
+    assert sorted(fused["attn"]) == ["k", "o", "q", "v"]  # q has an adapter: no fusion
+    assert sorted(fused["mlp"]) == ["down", "gate_up"]
+    odd = model.init(random.key(0))
+    odd["blocks"][0]["attn"]["k"]["bias"] = torch.zeros(8)  # only k has a bias
+    assert sorted(model.decode_params(odd)["blocks"][0]["attn"]) == ["k", "o", "q", "v"]
+
+
+def test_compiled_sampling_is_one_graph_without_recompiles_and_equals_eager():
+    """generate.sample(compile=True) on a Llama: the decode tree compiles to one graph,
+    reused by every step and by a second call (another max_new_tokens), with eager's tokens."""
+    from torch._dynamo.utils import counters
+
+    from fnllm import generate
+
+    model = tiny()
+    params = noisy(model, 8)
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    torch._dynamo.reset()
+    counters.clear()
+    for n in (6, 9):
+        eager = generate.sample(None, model, params, prompts, n, temperature=0)
+        compiled = generate.sample(None, model, params, prompts, n, temperature=0, compile=True)
+        assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    assert not counters["recompiles"]
+
+
 def test_right_padding_leaves_real_positions_unchanged():
     model = tiny()
     params, tokens = noisy(model, 6), random.randint(random.key(7), (2, 10), 0, 40)

@@ -385,7 +385,7 @@ def _generate(
             first = model.logits(params, x[:, -1])
             _checks.check_logits("generate: the logits after the prompts", first)
             out[:, 0] = _choose(keys[0], first, *how)
-            decode_params = _decode_layout(params)
+            decode_params = model.decode_params(_decode_layout(params))
         for i in range(n):
             if i:
                 with torch.no_grad():

@@ -373,6 +373,11 @@ class ModelConfig:
         """Next-token logits ``[..., V]`` from final hidden states ``[..., D]`` (decoders)."""
         raise TypeError(self._not_decoder("logits"))
 
+    def decode_params(self, params: Params) -> Params:
+        """The tree a decode loop reads instead of ``params`` (same results; by default
+        ``params`` itself). Llama fuses each block's projections into fewer matmuls."""
+        return params
+
     def kv_shape(self) -> tuple[int, int]:
         """``(n_kv_head, head_dim)`` of one layer's cached keys and values."""
         n_head = self.n_head
@@ -464,7 +469,8 @@ class ModelConfig:
         step = _cache.begin(cache, attention_mask, inplace=inplace)
         x = self._embed_at(params, tokens, step.positions)
         impl: nn.Impl = "math" if tokens.shape[1] == 1 else "auto"  # one query: no flash set-up
-        fwd = Forward(None, 0.0, impl, step.positions, self._extras(step.positions, x.dtype), step)
+        extra = self._extras(step.positions, x.dtype, params)
+        fwd = Forward(None, 0.0, impl, step.positions, extra, step)
         keys, values = [], []
         for p, k_cache, v_cache in zip(params["blocks"], cache.keys, cache.values):
             x, (k_cache, v_cache) = self._block(p, x, None, fwd, (k_cache, v_cache))
@@ -489,9 +495,10 @@ class ModelConfig:
             f"as Llama; {kind} is an encoder: it has no next-token head or KV cache)"
         )
 
-    def _extras(self, positions: Tensor, dtype: torch.dtype) -> Any:
+    def _extras(self, positions: Tensor, dtype: torch.dtype, params: Params | None = None) -> Any:
         """Per-forward values every block reads, made once from the token positions
-        (Llama: the rotary cos/sin tables); ``None`` by default."""
+        (Llama: the rotary cos/sin tables, read from ``params`` when a decode tree holds
+        them); ``None`` by default."""
         return None
 
     def _block(

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, NamedTuple, cast
 import torch
 from torch import Tensor
 
-from fnllm import nn, remat
+from fnllm import _quant, nn, remat
 from fnllm import random as jr
 from fnllm.models import _base, _cache
 from fnllm.models._base import Params
@@ -355,9 +355,12 @@ class Llama(_base.ModelConfig):
         """
         h = nn.rms_norm(p["attn_norm"], x, eps=self.norm_eps)
         attn = p["attn"]
-        q = _heads(nn.linear(attn["q"], h), self.n_head)
-        k = _heads(nn.linear(attn["k"], h), self._n_kv)
-        v = _heads(nn.linear(attn["v"], h), self._n_kv)
+        if "qkv" in attn:  # q, k and v as one matrix (decode_params)
+            n_q, n_kv = self.n_head * self._hd, self._n_kv * self._hd
+            q, k, v = nn.linear(attn["qkv"], h).split((n_q, n_kv, n_kv), dim=-1)
+        else:
+            q, k, v = (nn.linear(attn[name], h) for name in "qkv")
+        q, k, v = _heads(q, self.n_head), _heads(k, self._n_kv), _heads(v, self._n_kv)
         if fwd.extra is None:
             positions = torch.arange(x.shape[-2], device=x.device)
             cos, sin = self._extras(positions, x.dtype)
@@ -375,8 +378,14 @@ class Llama(_base.ModelConfig):
         x = x + nn.swiglu(p["mlp"], nn.rms_norm(p["mlp_norm"], x, eps=self.norm_eps))
         return x if kv is None else (x, kv)
 
-    def _extras(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The rotary ``(cos, sin)`` tables ``[..., T, head_dim]`` of the token positions."""
+    def _extras(
+        self, positions: Tensor, dtype: torch.dtype, params: Params | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The rotary ``(cos, sin)`` tables ``[..., T, head_dim]`` of the token positions:
+        rows of a decode tree's ``rope`` tables (:meth:`decode_params`), else computed."""
+        rope = params.get("rope") if params is not None else None
+        if rope is not None:  # a lookup: compiled, cos and sin are not recomputed per use
+            return rope["cos"][positions].to(dtype), rope["sin"][positions].to(dtype)
         inv_freq = self._inv_freq(positions.device)
         return nn.rotary_tables(positions, inv_freq, dtype=dtype)
 
@@ -415,6 +424,72 @@ class Llama(_base.ModelConfig):
     def kv_shape(self) -> tuple[int, int]:
         """``(n_kv_head, head_dim)`` of one layer's cached keys and values."""
         return self._n_kv, self._hd
+
+    def decode_params(self, params: Params) -> Params:
+        """A tree for decoding: each block's ``q``, ``k``, ``v`` as one ``qkv`` layer,
+        ``gate``, ``up`` as one ``gate_up``, and the rotary tables of every position
+        (``rope``: ``cos``, ``sin`` ``[max_len, head_dim]``, float32). A new tree; ``params``
+        is left as it is. Only :meth:`apply_cached` reads it (``apply`` checks params against
+        :meth:`init`'s layout).
+
+        Why: compiled, a decode step computed the rotary angles' cos and sin inside the
+        attention's loop over the cache slots (inductor inlines them into the reduction),
+        once per slot and layer; rows of a table are a plain load.
+
+        A decode step multiplies one row per sequence by every matrix: two matmuls in place
+        of five read the same weights with less overhead. The results equal the unfused
+        ones (each output is the same dot product). Layers with an adapter or a quantized
+        weight, and blocks whose three layers disagree on bias, stay as they are. The fused
+        weight keeps its parts' memory layout (column-major parts give a column-major one).
+
+        Example:
+            >>> import torch
+            >>> from fnllm import random
+            >>> from fnllm.models import Llama
+            >>> llama = Llama(vocab_size=32, n_layer=1, n_head=4, n_kv_head=2, d_model=16,
+            ...               d_ff=32, max_len=16)
+            >>> params = llama.init(random.key(0))
+            >>> fused = llama.decode_params(params)
+            >>> sorted(fused["blocks"][0]["attn"]), sorted(fused["blocks"][0]["mlp"])
+            (['o', 'qkv'], ['down', 'gate_up'])
+            >>> tokens, ones = torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool)
+            >>> x, _ = llama.apply_cached(fused, tokens, ones, llama.init_cache(1, 8))
+            >>> y, _ = llama.apply_cached(params, tokens, ones, llama.init_cache(1, 8))
+            >>> torch.allclose(x, y, atol=1e-6)
+            True
+        """
+        blocks = [
+            {**p, "attn": _fused(p["attn"], ("q", "k", "v"), "qkv"),
+             "mlp": _fused(p["mlp"], ("gate", "up"), "gate_up")}
+            for p in params["blocks"]
+        ]  # fmt: skip
+        weight = params["norm"]["weight"]
+        cos, sin = self._extras(torch.arange(self.max_len, device=weight.device), torch.float32)
+        return {**params, "blocks": blocks, "rope": {"cos": cos, "sin": sin}}
+
+
+def _fused(layers: Params, names: tuple[str, ...], into: str) -> Params:
+    """``layers`` with the plain linear layers ``names`` stacked (along ``out``) into one,
+    ``into``; unchanged when one is not a plain float weight (and bias) or biases differ."""
+    parts: list[Any] = [layers.get(n) for n in names]
+    plain = all(
+        isinstance(p, dict) and set(p) <= {"weight", "bias"}
+        and isinstance(p.get("weight"), Tensor) and not _quant.is_quantized(p["weight"])
+        and p["weight"].ndim == 2 for p in parts
+    )  # fmt: skip
+    if not plain or len({"bias" in p for p in parts}) != 1:
+        return layers
+    fused = {"weight": _stack_rows([p["weight"] for p in parts])}
+    if "bias" in parts[0]:
+        fused["bias"] = torch.cat([p["bias"] for p in parts])
+    return {**{k: v for k, v in layers.items() if k not in names}, into: fused}
+
+
+def _stack_rows(ws: list[Tensor]) -> Tensor:
+    """Matrices ``[out_i, in]`` stacked to ``[sum out_i, in]``, column-major if they all are."""
+    if all(w.stride(0) == 1 and w.shape[0] > 1 for w in ws):
+        return torch.cat([w.t() for w in ws], dim=1).t()
+    return torch.cat(ws)
 
 
 def _heads(y: Tensor, n: int) -> Tensor:

@@ -123,10 +123,14 @@ def swiglu(params: Params, x: Tensor) -> Tensor:
         torch.Size([2, 3, 4])
 
     Args:
-        params: ``{"gate": ..., "up": ..., "down": ...}`` from :func:`init_swiglu`.
+        params: ``{"gate": ..., "up": ..., "down": ...}`` from :func:`init_swiglu`; or
+            ``{"gate_up": ..., "down": ...}`` with the gate's rows above the up's.
         x: input ``[..., d_model]``.
 
     Returns:
         ``[..., d_model]``.
     """
+    if "gate_up" in params:  # gate and up as one matrix (Llama.decode_params)
+        gate, up = linear(params["gate_up"], x).chunk(2, dim=-1)
+        return linear(params["down"], F.silu(gate) * up)
     return linear(params["down"], F.silu(linear(params["gate"], x)) * linear(params["up"], x))
