@@ -288,7 +288,7 @@ def test_compile_auto_does_not_compile_short_runs(monkeypatch):
     assert chosen == [False]
     cpu = {"w": torch.zeros(2)}
     assert _run.choose_compile("auto", 999, cpu) is False
-    assert _run.choose_compile("auto", 1000, cpu) is True
+    assert _run.choose_compile("auto", 1000, cpu) == {"regional": True}
     assert _run.choose_compile(True, 1, cpu) is True
     assert _run.choose_compile({"backend": "eager"}, 1, cpu) == {"backend": "eager"}
     meta = {"w": torch.zeros(2, device="meta")}  # a device type without a rule: eager

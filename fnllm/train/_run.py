@@ -33,10 +33,10 @@ AUTOCAST = {
 _LEGACY = ("checkpoint_dir", "checkpoint_every", "keep")
 
 # compile="auto": the fewest steps a run must take for compiling to pay off, per device type
-# (docs/performance.md, "Compile or not"). CPU: a cold compile takes 30 s quiet to minutes
-# under load; the compiled step saved 0-8% on GPT tiny and 60% on MiniLM shapes (break-even
-# about 100 steps there, thousands or never for GPT tiny). H100: it saves 8-18 ms a step (GPT
-# tiny, GPT-2 small), repaying a ~40 s compile after 2,200-5,100 steps.
+# (docs/performance.md, "Compile or not"); "auto" compiles regionally. CPU, MiniLM shapes with
+# dropout: the regional compile costs about 80 CPU s cold and saves about 10% of an eager step
+# (a few hundred steps to break even; GPT tiny saves 0-8%, thousands of steps). H100: a whole
+# step saves 8-18 ms (GPT tiny, GPT-2 small), repaying a ~40 s compile after 2,200-5,100 steps.
 AUTO_COMPILE_MIN_STEPS = {"cpu": 1000, "cuda": 2000}
 
 
@@ -239,13 +239,20 @@ def autocast_dtype(autocast: Any) -> torch.dtype | None:
 
 
 def choose_compile(compile: Any, steps: int, trainable: Any) -> bool | Mapping[str, Any]:
-    """``compile="auto"``: compile only where the run is long enough to repay it."""
+    """``compile="auto"``: compile only where the run is long enough to repay it.
+
+    When it compiles, it compiles regionally (``{"regional": True}``): one block graph for all
+    layers, a cold compile of about a minute instead of many on the CPU, and a warm start from
+    the compile caches in seconds (``docs/performance.md``, "Regional compilation").
+    """
     if compile != "auto":
         return compile
     device = next(
         (x.device.type for x in tree.leaves(trainable) if isinstance(x, torch.Tensor)), "cpu"
     )
-    return steps >= AUTO_COMPILE_MIN_STEPS.get(device, math.inf)
+    if steps >= AUTO_COMPILE_MIN_STEPS.get(device, math.inf):
+        return {"regional": True}
+    return False
 
 
 def open_folder(ckpt: Checkpointing | None, resume: bool) -> None:

@@ -115,10 +115,14 @@ def fit(
 
     Compiling: ``compile="auto"`` (the default) compiles the step only where the run is long
     enough to repay the compile time: runs of 1,000 steps or more on the CPU, 2,000 or more on
-    a GPU, else eager (short runs never earn back a compile of 30 s to minutes; see
-    ``docs/performance.md``, "Compile or not", for the measurements). ``True`` or a dict of
-    ``torch.compile`` arguments always compiles. The choice depends on ``steps`` and the device
-    only, so re-running the same call resumes with the same choice; pass ``compile=``
+    a GPU, else eager. When it compiles, it compiles regionally (``{"regional": True}`` of
+    :func:`make_step`: the forward is compiled with one graph for every transformer block,
+    the backward by AOTAutograd, the optimizer update is the eager fused kernel), which
+    compiles in about a minute where the whole step takes many on the CPU and restarts from
+    the compile caches in seconds (``docs/performance.md``, "Compile or not"). ``True``
+    compiles the whole step into one graph, a dict of ``torch.compile`` arguments too (add
+    ``"regional": True`` for the regional form). The choice depends on ``steps`` and the
+    device only, so re-running the same call resumes with the same choice; pass ``compile=``
     explicitly to resume with another ``steps``.
 
     Example:
