@@ -531,7 +531,9 @@ def memory_plans(
         ax.barh(ys, widths, left=left, color=color, height=0.6, label=label)
         left = [a + w for a, w in zip(left, widths)]
     for y, total in zip(ys, left):
-        ax.text(total, y, f" {total:.1f}", va="center", fontsize=9)
+        # a white box keeps the total readable where it crosses the budget line
+        box = {"facecolor": "white", "edgecolor": "none", "pad": 0.5}
+        ax.text(total, y, f" {total:.1f}", va="center", fontsize=9, zorder=4, bbox=box)
     if budget is not None:
         ax.axvline(budget / 2**30, color="black", linestyle="--", linewidth=1, label="budget")
     ax.set_yticks(ys, names, fontsize=9)
