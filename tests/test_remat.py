@@ -75,6 +75,15 @@ def test_a_compiled_step_equals_the_eager_one() -> None:
     model = GPT(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_len=16, dropout=0.1)
     params = model.init(jr.key(0))
 
+    _assert_checkpointed_step_equals_eager(model, params, TOKENS, {"backend": "aot_eager"})
+
+
+def _assert_checkpointed_step_equals_eager(
+    model: Any, params: Any, tokens: torch.Tensor, compile: dict[str, Any]
+) -> None:
+    """One SGD step of a checkpointed model's LM loss, compiled (fullgraph: a graph break
+    raises) against eager: equal loss and equal new params."""
+
     def loss_fn(tr: Any, fr: Any, tokens: torch.Tensor, key: Any) -> torch.Tensor:
         logits = model.apply(tree.combine(tr, fr), tokens, key=key, checkpoint=True)
         return losses.causal_lm(logits, tokens)
@@ -82,9 +91,9 @@ def test_a_compiled_step_equals_the_eager_one() -> None:
     opt = optim.sgd(0.1)
     tr, fr = tree.partition(params, "blocks.*")
     eager = train.make_step(loss_fn, opt, compile=False)
-    compiled = train.make_step(loss_fn, opt, compile={"backend": "aot_eager"})  # fullgraph
-    want, _, m1 = eager(tr, fr, opt.init(tr), TOKENS, jr.key(3))
-    got, _, m2 = compiled(tr, fr, opt.init(tr), TOKENS, jr.key(3))  # a graph break raises
+    compiled = train.make_step(loss_fn, opt, compile=compile)
+    want, _, m1 = eager(tr, fr, opt.init(tr), tokens, jr.key(3))
+    got, _, m2 = compiled(tr, fr, opt.init(tr), tokens, jr.key(3))
     torch.testing.assert_close(m2["loss"], m1["loss"])
     _close(got, want)
 
@@ -119,19 +128,8 @@ def test_a_compiled_forward_keeps_the_checkpointing_memory_saving() -> None:
     compiled_remat, got = saved_and_grads(True, True)
     _close(got, want)  # dropout on: the recomputation draws the same masks
     assert compiled_remat < compiled_plain / 5, (compiled_remat, compiled_plain, plain)
-
-    def loss_fn(tr: Any, fr: Any, tokens: torch.Tensor, key: Any) -> torch.Tensor:
-        logits = model.apply(tree.combine(tr, fr), tokens, key=key, checkpoint=True)
-        return losses.causal_lm(logits, tokens)
-
-    opt = optim.sgd(0.1)
-    tr, fr = tree.partition(params, "blocks.*")
-    eager = train.make_step(loss_fn, opt, compile=False)
-    regional = train.make_step(loss_fn, opt, compile={"regional": True, "backend": "aot_eager"})
-    want_tr, _, m1 = eager(tr, fr, opt.init(tr), tokens, jr.key(3))
-    got_tr, _, m2 = regional(tr, fr, opt.init(tr), tokens, jr.key(3))
-    torch.testing.assert_close(m2["loss"], m1["loss"])
-    _close(got_tr, want_tr)
+    regional = {"regional": True, "backend": "aot_eager"}
+    _assert_checkpointed_step_equals_eager(model, params, tokens, regional)
 
 
 def test_checkpointing_lowers_the_activation_memory() -> None:
