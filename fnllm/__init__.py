@@ -15,6 +15,8 @@ Example:
     torch.Size([1, 8, 64])
 """
 
+import importlib as _importlib
+
 from fnllm import (
     data,
     finetune,
@@ -42,7 +44,9 @@ __all__ = [
     "data",
     "distributed",
     "finetune",
+    "generate",
     "grads",
+    "instruct",
     "interop",
     "io",
     "losses",
@@ -50,6 +54,9 @@ __all__ = [
     "models",
     "nn",
     "optim",
+    "plot",
+    "preference",
+    "prompts",
     "random",
     "remat",
     "train",
@@ -57,10 +64,17 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    """``fnllm.distributed`` is imported on first use (it loads DTensor and DCP, ~1 s)."""
-    if name == "distributed":
-        import fnllm.distributed
+# imported on first use: distributed loads DTensor and DCP (~1 s), plot loads matplotlib, and
+# the others pull in the generation and tokenizer stack; ``fnllm.generate`` works either way
+_ON_DEMAND = ("distributed", "generate", "instruct", "plot", "preference", "prompts")
 
-        return fnllm.distributed
+
+def __getattr__(name: str) -> object:
+    """Import the submodules of ``_ON_DEMAND`` on first use (``fnllm.generate.sample``)."""
+    if name in _ON_DEMAND:
+        return _importlib.import_module(f"fnllm.{name}")
     raise AttributeError(f"module 'fnllm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_ON_DEMAND})

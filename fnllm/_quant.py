@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fnllm import _cpu16
+
 KINDS = ("nf4", "int8")
 #: What to install when torchao is missing.
 EXTRA_HINT = "install the 'quant' extra: pip install 'fnllm[quant]' (torchao>=0.18,<0.19)"
@@ -121,7 +123,8 @@ class _QuantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, frozen: _Frozen) -> Tensor:
-        return F.linear(x, dequantize(frozen.weight, x.dtype))
+        w = dequantize(frozen.weight, x.dtype)
+        return _cpu16.matmul_t(x, w) if _cpu16.upcasts(x, w) else F.linear(x, w)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -129,7 +132,8 @@ class _QuantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad @ dequantize(ctx.frozen.weight, grad.dtype), None
+        w = dequantize(ctx.frozen.weight, grad.dtype)
+        return (_cpu16.matmul(grad, w) if _cpu16.upcasts(grad, w) else grad @ w), None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from fnllm import generate, io, losses, random, tree
+from fnllm import _cpu16, generate, io, losses, random, tree
 from fnllm.finetune import lora
 from fnllm.models import Llama
 
@@ -138,7 +138,10 @@ def test_from_hf_reads_sharded_checkpoints(tmp_path):
     assert _maxdiff(model.apply(params, tokens), ref, mask) <= TOL
 
 
-def test_from_hf_reads_bf16_weights(tmp_path):
+def test_from_hf_reads_bf16_weights(tmp_path, monkeypatch):
+    # PyTorch's own 16-bit CPU kernels, as transformers runs them (on a CPU without bf16
+    # units fnllm multiplies in float32 instead: the next test)
+    monkeypatch.setattr(_cpu16, "_native_units", lambda dtype: True)
     _hf("llama", 9).to(torch.bfloat16).save_pretrained(tmp_path)
     # Loaded, not cast: `.to(bfloat16)` would also round transformers' rotary frequencies.
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
@@ -153,6 +156,23 @@ def test_from_hf_reads_bf16_weights(tmp_path):
     assert _maxdiff(out.float(), ref.float(), mask) <= TOL  # the same bf16 arithmetic
     _, params32 = io.from_hf(tmp_path, dtype=torch.float32)
     assert _maxdiff(model.apply(params32, tokens, attention_mask=mask), ref32, mask) <= TOL
+
+
+def test_bf16_in_float32_on_a_cpu_without_bf16_units_is_closer_to_float32(tmp_path, monkeypatch):
+    monkeypatch.setattr(_cpu16, "_native_units", lambda dtype: False)
+    _hf("llama", 9).to(torch.bfloat16).save_pretrained(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    model, params = io.from_hf(tmp_path)
+    tokens, mask = _batch(10, "right")
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=mask).logits.float()  # bf16 kernels
+        ref32 = hf.float()(tokens, attention_mask=mask).logits
+    out = model.apply(params, tokens, attention_mask=mask)
+    assert out.dtype == torch.bfloat16
+    # each product rounded once from float32: no farther from the float32 model than
+    # bf16 kernels are, and within a few bf16 steps of them
+    assert _maxdiff(out.float(), ref32, mask) <= 1.05 * _maxdiff(ref, ref32, mask)
+    assert _maxdiff(out.float(), ref, mask) <= 0.1
 
 
 # ----------------------------------------------------------------------------- decoding

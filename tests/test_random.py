@@ -594,6 +594,7 @@ def test_fast_eager_draws_match_jax(shape: tuple, monkeypatch: pytest.MonkeyPatc
     assert_same(
         fr.uniform(k, shape, minval=-2.0, maxval=5.0), jr.uniform(jk, shape, minval=-2, maxval=5)
     )
+    assert_same(fr.normal(k, shape, torch.bfloat16), jr.normal(jk, shape, jnp.bfloat16))
     assert {"bits", "unit"} <= set(_fast._FAST_CACHE)  # the core did run
 
 
@@ -613,8 +614,10 @@ def test_fast_core_equals_the_op_path_at_the_threshold(monkeypatch: pytest.Monke
         lambda k: fr.bits(k, (70, 80)),
         lambda k: fr.uniform(k, (70, 80)),
         lambda k: fr.bernoulli(k, 0.4, (70, 80)),
+        lambda k: fr.normal(k, (70, 80)),  # eager: the core's bits, then the erfinv ops
+        lambda k: fr.uniform(k, (70, 80), torch.float16, minval=-1.0, maxval=2.0),
     ],
-    ids=["bits", "uniform", "bernoulli"],
+    ids=["bits", "uniform", "bernoulli", "normal", "uniform-f16-bounds"],
 )
 def test_large_draws_under_vmap_and_compile_equal_eager(f) -> None:
     keys = fr.split(fr.key(4), 3)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,25 @@ def test_every_extra_is_documented_on_the_install_page() -> None:
     page = (ROOT / "docs" / "install.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| `(\w+)` \|", page, flags=re.M))
     assert set(PYPROJECT["project"]["optional-dependencies"]) <= documented, documented
+
+
+def test_every_public_module_is_an_attribute_of_the_package() -> None:
+    # a fresh interpreter: `import fnllm` alone, then fnllm.<module> for each name in __all__;
+    # the heavy ones are imported on first use, not by `import fnllm`
+    code = (
+        "import sys, fnllm\n"
+        "late = [n for n in fnllm._ON_DEMAND if f'fnllm.{n}' in sys.modules]\n"
+        "assert not late, late\n"
+        "for n in fnllm.__all__:\n"
+        "    assert getattr(fnllm, n) is not None, n\n"
+        "assert fnllm.generate.sample and fnllm.plot.memory_plans\n"
+        "assert set(fnllm._ON_DEMAND) <= set(dir(fnllm))\n"
+        "try:\n"
+        "    fnllm.no_such_module\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_module' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fnllm import nn, remat, tree
+from fnllm import _cpu16, nn, remat, tree
 from fnllm import random as jr
 from fnllm.models import _cache
 from fnllm.models._cache import CacheStep, KVCache
@@ -145,7 +145,10 @@ def lm_logits(params: Params, x: Tensor, tie_head: bool) -> Tensor:
     """A decoder's next-token logits: ``x`` times the token embedding (tied) or ``head``; the
     stream is cast to the head's dtype (a float32 head on a bf16 stream gives float32)."""
     head = params["embed"]["tokens"]["weight"] if tie_head else params["head"]["weight"]
-    return F.linear(x.to(head.dtype), head)
+    x = x.to(head.dtype)
+    if _cpu16.upcasts(x, head):  # a 16-bit head on a CPU without 16-bit units: in float32
+        return _cpu16.linear(x, head, None)
+    return F.linear(x, head)
 
 
 def batched(*xs: Tensor | None) -> list[Any]:

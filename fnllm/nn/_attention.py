@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fnllm import _checks
+from fnllm import _checks, _cpu16
 from fnllm import random as jr
 from fnllm._checks import checks_enabled, in_vmap
 from fnllm.nn._layers import Impl, Params, dropout, init_linear, linear
@@ -247,6 +247,11 @@ def _attend(
         causal = False
     if impl == "sdpa":
         gqa = k.shape[-3] != q.shape[-3]  # grouped-query attention: fewer key/value heads
+        if _cpu16.upcasts(q, k):  # 16-bit on a CPU without 16-bit units: float32 is faster
+            y = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, enable_gqa=gqa
+            )
+            return y.to(q.dtype)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
         )

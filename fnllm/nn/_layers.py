@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fnllm import _quant
+from fnllm import _cpu16, _quant
 from fnllm import random as jr
 from fnllm._checks import check_ids, check_int, check_number, checks_enabled
 from fnllm.nn._adapters import adapter_delta, has_adapter
@@ -75,6 +75,10 @@ def linear(params: Params, x: Tensor) -> Tensor:
         ``[..., out]``, in the weight's dtype: ``x`` is cast to it first, so a bf16 base
         layer runs in bf16 whatever the input. A LoRA adapter on the layer runs in its own
         dtype (float32 adapters stay float32 on a bf16 base) and its output is cast back.
+        On a CPU without bf16/fp16 matrix units (no AVX512-BF16 or AMX) a 16-bit product is
+        computed in float32, a block of the weight at a time, and rounded back: the same
+        values up to the order of the sums, several times faster than PyTorch's 16-bit CPU
+        kernels there, and nothing more kept for the backward pass.
 
     Raises:
         ValueError: the width of ``x`` is not the weight's ``in``, or the bias is not ``[out]``.
@@ -104,6 +108,8 @@ def linear(params: Params, x: Tensor) -> Tensor:
             "(torch.func.grad(lambda t: loss(t, frozen))), use fnllm.grads.per_example / "
             "accumulate (they carry quantized leaves through), or io.dequantize it first"
         )
+    elif _cpu16.upcasts(x_w, weight):  # 16-bit on a CPU without 16-bit units: in float32
+        y = _cpu16.linear(x_w, weight, bias)
     else:
         y = F.linear(x_w, weight, bias)
     if has_adapter(params):  # an adapter (fnllm.nn._adapters); W stays untouched

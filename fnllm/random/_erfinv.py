@@ -40,11 +40,13 @@ def _erfinv_f32(x: Tensor) -> Tensor:
         torch.tensor(_ERFINV_LARGE[0], dtype=f32, device=x.device),
     )
     for a, b in zip(_ERFINV_SMALL[1:], _ERFINV_LARGE[1:]):
-        c = torch.where(
-            small,
-            torch.tensor(a, dtype=f32, device=x.device),
-            torch.tensor(b, dtype=f32, device=x.device),
-        ).to(torch.float64)
+        # each coefficient rounded to float32 and held exactly in float64: one select, no cast
+        c = torch.where(small, _f32_in_f64(a, x.device), _f32_in_f64(b, x.device))
         p = (p.to(torch.float64) * w + c).to(f32)
     out = p * x
     return torch.where(x.abs() == 1.0, x * torch.finfo(f32).max, out)
+
+
+def _f32_in_f64(v: float, device: torch.device) -> Tensor:
+    """``v`` rounded to float32, as a float64 scalar tensor (exact: a float32 fits a float64)."""
+    return torch.tensor(v, dtype=torch.float32, device=device).to(torch.float64)

@@ -436,7 +436,10 @@ def _unit_floats(
         x0, x1 = _threefry(k0, k1, *_counters(shape, device))
         m = (x0 << 20) | (x1 >> 12)
         return m.to(torch.float64) * 2.0**-52
-    b = _random_bits32(k0, k1, shape, device)
+    # eager and large: the native kernel's bits (the same bits; None where the ops must run)
+    b = _fast_draw("bits", torch.stack((k0, k1)), shape)
+    if b is None:
+        b = _random_bits32(k0, k1, shape, device)
     if dtype == torch.float32:
         return (b >> 9).to(torch.float32) * 2.0**-23
     if dtype == torch.float16:
