@@ -26,6 +26,9 @@ load average is printed before and after: on a shared machine the absolute times
     .venv/bin/python -m benchmarks.compile_cost --threads 2      # the full table (hours cold)
     .venv/bin/python -m benchmarks.compile_cost --workloads minilm-0.1 --cells eager
     .venv/bin/python -m benchmarks.compile_cost --regional   # fnllm: compile={"regional": True}
+    .venv/bin/python -m benchmarks.compile_cost --regional --device cuda   # the GPU check
+    .venv/bin/python -m benchmarks.compile_cost --regional --profile --repeats 1 \
+        --workloads minilm-0.1 --cells eager,cold --libs fnllm    # where a step's time goes
 """
 
 from __future__ import annotations
@@ -61,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         "--regional", action="store_true",
         help='fnllm compiles with make_step(compile={"regional": True}): forward regions',
     )  # fmt: skip
+    p.add_argument(
+        "--profile", action="store_true",
+        help="after the timed steps, profile 2 steps of each cell and print the top ops",
+    )  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu or cuda (each cell's device)")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print JSON
     args = p.parse_args(argv)
     if args.cell:
@@ -103,6 +111,8 @@ def _spawn(lib: str, name: str, cell: str, tmp: str, args: argparse.Namespace) -
     cmd += ["--threads", str(args.threads), "--steps", str(args.steps)]
     cmd += ["--quick"] if args.quick else []
     cmd += ["--regional"] if args.regional else []
+    cmd += ["--profile"] if args.profile else []
+    cmd += ["--device", args.device]
     t0 = time.perf_counter()
     try:
         res = subprocess.run(
@@ -112,6 +122,8 @@ def _spawn(lib: str, name: str, cell: str, tmp: str, args: argparse.Namespace) -
         return {"error": f"timeout after {args.timeout:.0f} s"}
     if res.returncode != 0:
         return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
+    if args.profile:  # the cell's profile table, printed above its JSON line
+        print("\n".join(res.stdout.strip().splitlines()[:-1]))
     out = json.loads(res.stdout.strip().splitlines()[-1])
     out["process_s"] = time.perf_counter() - t0
     return out
@@ -182,7 +194,7 @@ def _run_cell(spec: str, args: argparse.Namespace) -> dict[str, float]:
     compile: Any = cell != "eager"
     if lib == "fnllm" and compile and args.regional:
         compile = {"regional": True}
-    step = (_fnllm_step if lib == "fnllm" else _hf_step)(s, compile=compile)
+    step = (_fnllm_step if lib == "fnllm" else _hf_step)(s, compile=compile, device=args.device)
     t0 = time.perf_counter()
     step(0)
     first_s = time.perf_counter() - t0
@@ -193,10 +205,18 @@ def _run_cell(spec: str, args: argparse.Namespace) -> dict[str, float]:
         t0 = time.perf_counter()
         step(i + 1)
         times.append((time.perf_counter() - t0) * 1e3)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(2):
+                step(args.steps + 1 + i)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        print(f"{lib} {name} {cell}: 2 profiled steps\n{table}")
     return {"first_s": first_s, "step_ms": statistics.median(times)}
 
 
-def _fnllm_step(s: dict[str, Any], compile: Any) -> Any:
+def _fnllm_step(s: dict[str, Any], compile: Any, device: str = "cpu") -> Any:
     import torch
 
     from fnllm import losses, optim, train, tree
@@ -205,15 +225,15 @@ def _fnllm_step(s: dict[str, Any], compile: Any) -> Any:
     from fnllm.models import BERT, GPT
 
     b, t = s["batch"]
-    tokens = jr.randint(jr.key(1), (b, t), 0, s["vocab"])
+    tokens = jr.randint(jr.key(1, device=device), (b, t), 0, s["vocab"])
     if s["kind"] == "bert":
         base = BERT(
             vocab_size=s["vocab"], n_layer=s["layers"], n_head=s["heads"], d_model=s["d"],
             d_ff=s["ff"], max_len=512, dropout=s["dropout"],
         )  # fmt: skip
         clf = Classifier(base, n_classes=2, pooling="mean")
-        params = clf.init(jr.key(0))
-        labels = jr.randint(jr.key(2), (b,), 0, 2)
+        params = clf.init(jr.key(0, device=device))
+        labels = jr.randint(jr.key(2, device=device), (b,), 0, 2)
 
         def loss_fn(tr: Any, fr: Any, batch: Any, key: Any) -> torch.Tensor:
             return losses.cross_entropy(clf.apply(tree.combine(tr, fr), batch, key=key), labels)
@@ -223,7 +243,7 @@ def _fnllm_step(s: dict[str, Any], compile: Any) -> Any:
             vocab_size=s["vocab"], n_layer=s["layers"], n_head=s["heads"], d_model=s["d"],
             max_len=1024, dropout=s["dropout"],
         )  # fmt: skip
-        params = gpt.init(jr.key(0))
+        params = gpt.init(jr.key(0, device=device))
 
         def loss_fn(tr: Any, fr: Any, batch: Any, key: Any) -> torch.Tensor:
             return losses.causal_lm(gpt.apply(tree.combine(tr, fr), batch, key=key), batch)
@@ -231,7 +251,7 @@ def _fnllm_step(s: dict[str, Any], compile: Any) -> Any:
     opt = optim.adamw(1e-5)
     train_step = train.make_step(loss_fn, opt, compile=compile)
     state = {"params": params, "opt": opt.init(params)}
-    key = jr.key(3)
+    key = jr.key(3, device=device)
 
     def step(i: int) -> None:
         tr, st, metrics = train_step(
@@ -243,13 +263,13 @@ def _fnllm_step(s: dict[str, Any], compile: Any) -> Any:
     return step
 
 
-def _hf_step(s: dict[str, Any], compile: bool) -> Any:
+def _hf_step(s: dict[str, Any], compile: bool, device: str = "cpu") -> Any:
     import torch
     import transformers
 
     torch.manual_seed(0)
     b, t = s["batch"]
-    tokens = torch.randint(0, s["vocab"], (b, t))
+    tokens = torch.randint(0, s["vocab"], (b, t), device=device)
     p = s["dropout"]
     if s["kind"] == "bert":
         cfg = transformers.BertConfig(
@@ -258,7 +278,7 @@ def _hf_step(s: dict[str, Any], compile: bool) -> Any:
             hidden_dropout_prob=p, attention_probs_dropout_prob=p,
         )  # fmt: skip
         model = transformers.BertForSequenceClassification(cfg)
-        labels = torch.randint(0, 2, (b,))
+        labels = torch.randint(0, 2, (b,), device=device)
     else:
         cfg = transformers.GPT2Config(
             vocab_size=s["vocab"], n_embd=s["d"], n_layer=s["layers"], n_head=s["heads"],
@@ -267,7 +287,7 @@ def _hf_step(s: dict[str, Any], compile: bool) -> Any:
         )  # fmt: skip
         model = transformers.GPT2LMHeadModel(cfg)
         labels = tokens
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     forward = torch.compile(model) if compile else model
 

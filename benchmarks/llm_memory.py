@@ -1,8 +1,9 @@
 """LLM finetuning memory: a bf16 and an NF4 frozen base with LoRA, fnllm against `peft`.
 
 Run: ``.venv/bin/python -m benchmarks.llm_memory [--quick] [--runs N] [--threads T]``;
-``--peaks-only`` counts the peaks without the timed rows (on a CPU a bf16 step of the full
-model takes minutes), ``--layers N`` keeps N of the blocks at full widths and vocabulary.
+``--peaks-only`` counts the peaks without the timed rows, ``--layers N`` keeps N of the blocks
+at full widths, ``--vocab V`` shrinks the vocabulary, ``--sides`` picks the sides to build (on
+a CPU without bf16 units a `peft` bf16 step of even 2 full-width blocks takes over ten minutes).
 
 Workload: a Qwen2-0.5B-shaped Llama with random weights (24 layers, d 896, 14 heads, 2
 key/value heads, d_ff 4864, vocab 151936, q/k/v biases, tied embeddings), batch 4 x 512, LoRA
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,9 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     model, (batch, seq) = (QUICK, (2, 32)) if args.quick else (QWEN2_05B, (4, 512))
     if args.layers:
         model = dataclasses.replace(model, n_layer=args.layers)
+    if args.vocab:
+        model = dataclasses.replace(model, vocab_size=args.vocab)
     runs = args.runs or (3 if args.quick else 5)
     name = "quick" if args.quick else "qwen2-0.5b"
     name += f", {model.n_layer} layers" if args.layers else ""
+    name += f", vocab {model.vocab_size}" if args.vocab else ""
     print(f"{name}: batch {batch} x {seq}, threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, load {load_average()}")  # fmt: skip
     params = tree.cast(model.init(jr.key(0)), torch.bfloat16)
@@ -81,42 +86,52 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         io.to_hf(model, params, folder, config_overrides={
             "eos_token_id": None, "bos_token_id": None, "pad_token_id": None})  # fmt: skip
-        sides = {
-            "fnllm bf16": _fnllm_step(model, params, tokens),
-            "peft bf16": _peft_step(folder, tokens, four_bit=False),
-            "fnllm nf4": _fnllm_step(model, io.quantize(params, "blocks.*", "nf4"), tokens),
-            "fnllm bf16 ckpt": _fnllm_step(model, params, tokens, checkpoint=True),
+        makers = {
+            "fnllm bf16": lambda: _fnllm_step(model, params, tokens),
+            "peft bf16": lambda: _peft_step(folder, tokens, four_bit=False),
+            "fnllm nf4": lambda: _fnllm_step(model, io.quantize(params, "blocks.*", "nf4"), tokens),
+            "fnllm bf16 ckpt": lambda: _fnllm_step(model, params, tokens, checkpoint=True),
+            "peft+bnb nf4": lambda: _peft_step(folder, tokens, four_bit=True),
         }
-        try:
-            sides["peft+bnb nf4"] = _peft_step(folder, tokens, four_bit=True)
-        except Exception as e:  # print why the peer does not run, keep the rest
-            print(f"peft + bitsandbytes 4-bit does not run here: {type(e).__name__}: {e}")
+        sides = {}
+        for k in args.sides.split(",") if args.sides else makers:
+            try:
+                sides[k] = makers[k]()
+            except Exception as e:  # print why a side does not run (bitsandbytes), keep the rest
+                print(f"{k} does not run here: {type(e).__name__}: {e}")
         peaks = {k: _peak(k, side) for k, side in sides.items()}
         timed = not args.peaks_only
-        if timed:
-            c = compare(sides["fnllm bf16"]["step"], sides["peft bf16"]["step"], warmup=1,
-                        runs=runs)  # fmt: skip
-            ck = compare(sides["fnllm bf16 ckpt"]["step"], sides["fnllm bf16"]["step"],
-                         warmup=1, runs=runs)  # fmt: skip
+
+        def timing(a: str, b: str) -> Any:
+            if not timed or a not in sides or b not in sides:
+                return None
+            return compare(sides[a]["step"], sides[b]["step"], warmup=1, runs=runs)
+
+        c = timing("fnllm bf16", "peft bf16")
+        ck = timing("fnllm bf16 ckpt", "fnllm bf16")
     total = {k: sum(v) / MIB for k, v in peaks.items()}
+    act = {k: v[1] / MIB for k, v in peaks.items()}
 
-    def row(what: str, a: str, b: str, goal: str) -> list[Any]:
-        return [what, a, total[a], b, total[b], total[a] / total[b], goal]
+    def row(what: str, a: str, b: str, goal: str, of: dict[str, float] = total) -> list[Any]:
+        return [what, a, of[a], b, of[b], of[a] / of[b], goal]
 
-    rows = [row("peak MiB, bf16 base", "fnllm bf16", "peft bf16", "<= 1.0"),
-            row("peak MiB, NF4 base", "fnllm nf4", "fnllm bf16", "<= 0.6")]  # fmt: skip
-    if "peft+bnb nf4" in total:
-        rows.append(row("peak MiB, NF4 base", "fnllm nf4", "peft+bnb nf4", "<= 1.0"))
-    if timed:
+    rows = []
+    pairs = (("peak MiB, bf16 base", "fnllm bf16", "peft bf16", "<= 1.0"),
+             ("peak MiB, NF4 base", "fnllm nf4", "fnllm bf16", "<= 0.6"),
+             ("peak MiB, NF4 base", "fnllm nf4", "peft+bnb nf4", "<= 1.0"))  # fmt: skip
+    for what, a, b, goal in pairs:
+        if a in total and b in total:
+            rows.append(row(what, a, b, goal))
+    if c is not None:
         rows.append(["step ms, bf16 base", "fnllm bf16", c.a.median, "peft bf16", c.b.median,
                      c.ratio, "<= 0.9"])  # fmt: skip
-    act = {k: peaks[k][1] / MIB for k in ("fnllm bf16 ckpt", "fnllm bf16")}
-    rows.append(["step MiB, checkpointing", "fnllm bf16 ckpt", act["fnllm bf16 ckpt"],
-                 "fnllm bf16", act["fnllm bf16"], act["fnllm bf16 ckpt"] / act["fnllm bf16"],
-                 "<= 0.33"])  # fmt: skip
-    if timed:
+    if "fnllm bf16 ckpt" in act and "fnllm bf16" in act:
+        rows.append(row("step MiB, checkpointing", "fnllm bf16 ckpt", "fnllm bf16", "<= 0.33", act))
+    if ck is not None:
         rows.append(["step ms, checkpointing", "fnllm bf16 ckpt", ck.a.median, "fnllm bf16",
                      ck.b.median, ck.ratio, "<= 1.35"])  # fmt: skip
+    for k, (resident, step) in peaks.items():  # for fits across --layers (peaks are linear)
+        print(f"PEAK {name} | {k} | resident {resident} | step {step} | total {resident + step}")
     title = f"{name}: LoRA r={RANK} on every block linear, batch {batch} x {seq}"
     header = ("row", "fnllm", "value", "against", "value", "ratio", "goal")
     print_table(rows, header=header, title=title)
@@ -129,6 +144,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     p.add_argument("--layers", type=int, default=0,
                    help="blocks of the model (0: all); the widths and vocabulary stay")  # fmt: skip
+    p.add_argument("--vocab", type=int, default=0,
+                   help="vocabulary size (0: the model's)")  # fmt: skip
+    p.add_argument("--sides", default="",
+                   help="comma-separated sides to build (default: all five)")  # fmt: skip
     p.add_argument("--peaks-only", action="store_true",
                    help="count the peaks (independent of load), skip the timed rows")  # fmt: skip
     return p.parse_args(argv)
@@ -210,10 +229,12 @@ def _peft_step(folder: str, tokens: torch.Tensor, *, four_bit: bool) -> dict[str
 def _peak(name: str, side: dict[str, Any]) -> tuple[int, int]:
     """``(bytes held by parameters and optimizer state, peak bytes one step allocates)``."""
     first = float(side["step"]())  # the first step makes the optimizer state
+    t0 = time.perf_counter()
     loss, transient = memory.measure(side["step"])
+    seconds = time.perf_counter() - t0  # one step, counted (a rough time: not interleaved)
     resident = _held_bytes(side["held"]())
-    print(f"{name:>13}: loss {first:.4f} -> {float(loss):.4f}; resident "
-          f"{resident / MIB:9.1f} MiB + step {transient / MIB:9.1f} MiB")  # fmt: skip
+    print(f"{name:>13}: loss {first:.4f} -> {float(loss):.4f}; resident {resident / MIB:9.1f} "
+          f"MiB + step {transient / MIB:9.1f} MiB; {seconds:.1f} s")  # fmt: skip
     return resident, transient
 
 

@@ -287,12 +287,16 @@ def test_compile_auto_does_not_compile_short_runs(monkeypatch):
               progress=False)  # fmt: skip
     assert chosen == [False]
     cpu = {"w": torch.zeros(2)}
-    assert _run.choose_compile("auto", 999, cpu) is False
-    assert _run.choose_compile("auto", 1000, cpu) == {"regional": True}
+    # the CPU never repays a compile (docs/performance.md, "Compile or not"): eager at any length
+    assert _run.choose_compile("auto", 10**9, cpu) is False
     assert _run.choose_compile(True, 1, cpu) is True
     assert _run.choose_compile({"backend": "eager"}, 1, cpu) == {"backend": "eager"}
-    meta = {"w": torch.zeros(2, device="meta")}  # a device type without a rule: eager
+    assert _run.AUTO_COMPILE_MIN_STEPS == {"cuda": 2000}
+    meta = {"w": torch.zeros(2, device="meta")}  # a device type with a threshold (as cuda has)
     assert _run.choose_compile("auto", 10**9, meta) is False
+    monkeypatch.setitem(_run.AUTO_COMPILE_MIN_STEPS, "meta", 1000)
+    assert _run.choose_compile("auto", 999, meta) is False
+    assert _run.choose_compile("auto", 1000, meta) == {"regional": True}
 
 
 def test_clipping_uses_optims_global_norm_rule():

@@ -33,11 +33,12 @@ AUTOCAST = {
 _LEGACY = ("checkpoint_dir", "checkpoint_every", "keep")
 
 # compile="auto": the fewest steps a run must take for compiling to pay off, per device type
-# (docs/performance.md, "Compile or not"); "auto" compiles regionally. CPU, MiniLM shapes with
-# dropout: the regional compile costs about 80 CPU s cold and saves about 10% of an eager step
-# (a few hundred steps to break even; GPT tiny saves 0-8%, thousands of steps). H100: a whole
-# step saves 8-18 ms (GPT tiny, GPT-2 small), repaying a ~40 s compile after 2,200-5,100 steps.
-AUTO_COMPILE_MIN_STEPS = {"cpu": 1000, "cuda": 2000}
+# (docs/performance.md, "Compile or not"); "auto" compiles regionally. The CPU is absent: on the
+# 2-core AVX2 machine there, quiet, full size, the regional compiled step took 1.24x fnllm's
+# eager step (MiniLM, dropout 0.1), 0.95x without dropout, 1.01x on GPT-2 small: matrix
+# products are ~4/5 of a step either way, so a compile is never repaid. H100: a whole step
+# saves 8-18 ms (GPT tiny, GPT-2 small), repaying a ~40 s compile after 2,200-5,100 steps.
+AUTO_COMPILE_MIN_STEPS = {"cuda": 2000}
 
 
 class Runner:
@@ -241,9 +242,10 @@ def autocast_dtype(autocast: Any) -> torch.dtype | None:
 def choose_compile(compile: Any, steps: int, trainable: Any) -> bool | Mapping[str, Any]:
     """``compile="auto"``: compile only where the run is long enough to repay it.
 
-    When it compiles, it compiles regionally (``{"regional": True}``): one block graph for all
-    layers, a cold compile of about a minute instead of many on the CPU, and a warm start from
-    the compile caches in seconds (``docs/performance.md``, "Regional compilation").
+    On a GPU, from 2,000 steps, it compiles regionally (``{"regional": True}``): one block graph
+    for all layers, a cold compile of about a minute instead of many, and a warm start from the
+    compile caches in seconds. On the CPU it stays eager: measured at full size, a compiled step
+    is not faster than the eager one there (``docs/performance.md``, "Compile or not").
     """
     if compile != "auto":
         return compile

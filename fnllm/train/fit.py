@@ -113,13 +113,14 @@ def fit(
     run that finds newer checkpoints than its own in the folder stops instead of pruning them.
     Temp files of saves killed mid-write are removed when the run starts.
 
-    Compiling: ``compile="auto"`` (the default) compiles the step only where the run is long
-    enough to repay the compile time: runs of 1,000 steps or more on the CPU, 2,000 or more on
-    a GPU, else eager. When it compiles, it compiles regionally (``{"regional": True}`` of
-    :func:`make_step`: the forward is compiled with one graph for every transformer block,
-    the backward by AOTAutograd, the optimizer update is the eager fused kernel), which
-    compiles in about a minute where the whole step takes many on the CPU and restarts from
-    the compile caches in seconds (``docs/performance.md``, "Compile or not"). ``True``
+    Compiling: ``compile="auto"`` (the default) compiles the step only where compiling is
+    repaid: runs of 2,000 steps or more on a GPU; on the CPU never (measured at full size
+    there, a compiled step is no faster than the eager one: matrix products are most of it).
+    When it compiles, it compiles regionally (``{"regional": True}`` of :func:`make_step`: the
+    forward is compiled with one graph for every transformer block, the backward by
+    AOTAutograd, the optimizer update is the eager fused kernel), which compiles in under a
+    minute where the whole step takes many, and restarts from the compile caches in seconds
+    (``docs/performance.md``, "Compile or not"). ``True``
     compiles the whole step into one graph, a dict of ``torch.compile`` arguments too (add
     ``"regional": True`` for the regional form). The choice depends on ``steps`` and the
     device only, so re-running the same call resumes with the same choice; pass ``compile=``
