@@ -12,8 +12,11 @@ dtype. A product of two 16-bit values is exact in float32 and the sums accumulat
 as oneDNN's 16-bit kernels do, so the result is the 16-bit product up to the order of the sums.
 What the backward pass keeps is what ``F.linear`` keeps: the 16-bit weight, and the 16-bit input
 only where the weight takes a gradient. SDPA attention on 16-bit queries, keys and values runs
-on float32 copies the same way (one thread, ``[1, 14, 512, 64]`` causal, forward and backward:
-bfloat16 322 ms, float32 57 ms); its backward keeps those float32 copies.
+on float32 copies the same way where no gradient flows through it (decoding, evaluation; one
+thread, ``[1, 14, 512, 64]`` causal, forward and backward: bfloat16 322 ms, float32 57 ms); in
+training it keeps PyTorch's 16-bit kernel, whose backward keeps half the bytes that float32
+copies would (measured: a LoRA step's peak 0.8% above `peft`'s with the copies, 1.8% below
+without).
 """
 
 from __future__ import annotations

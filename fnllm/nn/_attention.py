@@ -247,7 +247,10 @@ def _attend(
         causal = False
     if impl == "sdpa":
         gqa = k.shape[-3] != q.shape[-3]  # grouped-query attention: fewer key/value heads
-        if _cpu16.upcasts(q, k):  # 16-bit on a CPU without 16-bit units: float32 is faster
+        if _cpu16.upcasts(q, k) and not (q.requires_grad or k.requires_grad or v.requires_grad):
+            # 16-bit on a CPU without 16-bit units, nothing to keep for a backward pass
+            # (decoding, evaluation): float32 is faster. With a backward pass it stays 16-bit,
+            # whose kernel keeps half the bytes float32 copies would.
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, enable_gqa=gqa
             )
