@@ -63,11 +63,15 @@ QUICK = Llama(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff
 RANK, ALPHA, LR = 16, 32.0, 1e-4
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIB = 2**20
+SIDES = ("fnllm bf16", "peft bf16", "fnllm nf4", "fnllm bf16 ckpt", "peft+bnb nf4")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Build both sides, measure their peaks, time the bf16 steps; print the table."""
     args = _parse(argv)
+    unknown = [k for k in args.sides.split(",") if k and k not in SIDES] if args.sides else []
+    if unknown:
+        raise SystemExit(f"--sides: unknown {unknown}; expected some of {list(SIDES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, (batch, seq) = (QUICK, (2, 32)) if args.quick else (QWEN2_05B, (4, 512))
